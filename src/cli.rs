@@ -1,0 +1,146 @@
+//! Command-line interface: clap definitions and dispatch to the stages. Parsing only;
+//! the work lives in the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use clap::{Args, Parser, Subcommand};
+use saepipe::report::ProgressMode;
+
+/// From a Hugging Face language model to a Pareto sweep of sparse autoencoders.
+#[derive(Debug, Parser)]
+#[command(name = "saepipe", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    #[command(flatten)]
+    pub global: GlobalArgs,
+}
+
+/// Options every command takes.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// More log output (-v debug, -vv trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only warnings and errors.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// How to show progress.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto, global = true)]
+    pub progress: ProgressMode,
+}
+
+/// The stages and tools.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run every stage of a pipeline (download, capture, train, evaluate); resumable.
+    Run(PipelineArgs),
+    /// Fetch model and dataset files into the hub cache.
+    Download(PipelineArgs),
+    /// Capture hookpoint activations to Parquet.
+    Capture(PipelineArgs),
+    /// Train one or all SAE grid points.
+    Train(TrainArgs),
+    /// Evaluate trained SAEs: metrics, Pareto frontier, plot.
+    Evaluate(PipelineArgs),
+    /// Show schema, metadata and a summary of any file saepipe writes.
+    Inspect {
+        /// A Parquet activation set, an SAE folder or a metrics file.
+        path: PathBuf,
+    },
+    /// Run a model on a prompt and write hookpoint activations (and logits) to safetensors.
+    Trace(TraceArgs),
+    /// Measure throughput and peak memory.
+    Bench {
+        /// What to measure: forward, capture, train.
+        what: String,
+        /// Extra arguments for that benchmark.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// A pipeline file and its overrides.
+#[derive(Debug, Args)]
+pub struct PipelineArgs {
+    /// The pipeline file (pipelines/*.toml).
+    pub pipeline: PathBuf,
+    /// Override any key of the pipeline file: --set train.batch_tokens=8192.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Use the hub cache only; never touch the network.
+    #[arg(long, env = "HF_HUB_OFFLINE")]
+    pub offline: bool,
+    /// Overwrite outputs made with a different config.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `saepipe train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Train only this grid point.
+    #[arg(long)]
+    pub point: Option<String>,
+}
+
+/// `saepipe trace`.
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// The model: a hub repo (org/name[@revision]), local:<dir> or gguf:<file>.
+    pub model: String,
+    /// The prompt, tokenised with the model's tokenizer.
+    #[arg(long, conflicts_with = "token_ids", required_unless_present = "token_ids")]
+    pub text: Option<String>,
+    /// Token ids, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub token_ids: Option<Vec<u32>>,
+    /// Hookpoints to record, comma-separated (blocks.1.hook_mlp_out,...).
+    #[arg(long, value_delimiter = ',')]
+    pub hookpoints: Vec<String>,
+    /// Also write the logits.
+    #[arg(long)]
+    pub logits: bool,
+    /// Output safetensors file.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Use the hub cache only.
+    #[arg(long, env = "HF_HUB_OFFLINE")]
+    pub offline: bool,
+}
+
+/// Parse the command line, set up logging and run the command.
+pub fn run() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    init_logging(&cli.global);
+    match cli.command {
+        Command::Run(_) => bail!("`saepipe run` is not implemented yet"),
+        Command::Download(_) => bail!("`saepipe download` is not implemented yet"),
+        Command::Capture(_) => bail!("`saepipe capture` is not implemented yet"),
+        Command::Train(_) => bail!("`saepipe train` is not implemented yet"),
+        Command::Evaluate(_) => bail!("`saepipe evaluate` is not implemented yet"),
+        Command::Inspect { .. } => bail!("`saepipe inspect` is not implemented yet"),
+        Command::Trace(_) => bail!("`saepipe trace` is not implemented yet"),
+        Command::Bench { .. } => bail!("`saepipe bench` is not implemented yet"),
+    }
+}
+
+fn init_logging(g: &GlobalArgs) {
+    use tracing_subscriber::EnvFilter;
+    let default = match (g.quiet, g.verbose) {
+        (true, _) => "warn",
+        (false, 0) => "saepipe=info",
+        (false, 1) => "saepipe=debug",
+        (false, _) => "saepipe=trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

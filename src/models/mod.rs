@@ -1,0 +1,81 @@
+//! Hookable transformer forward passes, written in candle.
+//!
+//! Implements `../shared/specs/pipeline.md` §3 and §5. One file per Hugging Face
+//! `model_type` family: [`gpt_neox`] (Pythia) and [`llama`] (llama, smollm3; SmolLM2 GGUF).
+//! Every model exposes the six sites of [`hooks::Site`] at every layer through
+//! [`HookedModel::forward_hooked`], can replace any of them, and stops after the deepest
+//! block a caller needs.
+
+pub mod hooks;
+
+use candle_core::{Device, Tensor};
+
+pub use hooks::{Hookpoint, HookpointError, Hooks, NoHooks, Recorder, Replace, Site};
+
+/// What a loaded model is.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ModelInfo {
+    /// The Hugging Face `model_type` (`gpt_neox`, `llama`, `smollm3`).
+    pub model_type: String,
+    /// Number of transformer blocks.
+    pub n_layers: usize,
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Vocabulary size (rows of the unembedding).
+    pub vocab_size: usize,
+    /// BOS token id, when the config or tokenizer names one.
+    pub bos_token_id: Option<u32>,
+    /// EOS token id(s), when the config or tokenizer names them.
+    pub eos_token_ids: Vec<u32>,
+    /// PAD token id, when known.
+    pub pad_token_id: Option<u32>,
+}
+
+/// A transformer whose forward pass reports its hook sites.
+///
+/// `&self` and no KV cache: capture and CE-loss evaluation only need full-context
+/// forwards, so one model can be shared between threads.
+pub trait HookedModel: Send + Sync {
+    /// Shape and special tokens of the model.
+    fn info(&self) -> &ModelInfo;
+
+    /// The sites this architecture exposes (every model here exposes all six; the
+    /// doc comment of each model file says what each means there).
+    fn sites(&self) -> &'static [Site] {
+        &Site::ALL
+    }
+
+    /// The device the weights live on.
+    fn device(&self) -> &Device;
+
+    /// Run the model on `ids` of shape `(batch, seq)` (u32), visiting every hookpoint
+    /// `hooks` wants. With `stop_after = Some(l)` the pass ends after block `l` and returns
+    /// `None`; otherwise it runs to the end and returns the logits `(batch, seq, vocab)`
+    /// in f32.
+    fn forward_hooked(
+        &self,
+        ids: &Tensor,
+        hooks: &mut dyn Hooks,
+        stop_after: Option<usize>,
+    ) -> candle_core::Result<Option<Tensor>>;
+
+    /// Check that `hp` exists in this model, with an error that names the fix.
+    fn check_hookpoint(&self, hp: Hookpoint) -> Result<(), HookpointError> {
+        let info = self.info();
+        if hp.layer >= info.n_layers {
+            return Err(HookpointError::LayerOutOfRange {
+                hookpoint: hp.to_string(),
+                layer: hp.layer,
+                n_layers: info.n_layers,
+            });
+        }
+        if !self.sites().contains(&hp.site) {
+            return Err(HookpointError::SiteUnavailable {
+                hookpoint: hp.to_string(),
+                site: hp.site.to_string(),
+                model_type: info.model_type.clone(),
+            });
+        }
+        Ok(())
+    }
+}
