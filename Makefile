@@ -8,7 +8,7 @@ GGUF         := data/models/SmolLM2-135M-Instruct.Q4_1.gguf
 REF_PYTHON   ?= .venv-ref/bin/python
 SAEPIPE      := target/release/saepipe
 
-.PHONY: all build release fmt lint test test-gpu fixtures fixtures-gguf sweep smoke bench all-checks clean-runs
+.PHONY: all build release fmt lint test test-gpu fixtures fixtures-gguf sweep smoke bench all-checks clean-runs corpus
 
 all: build
 
@@ -44,7 +44,7 @@ fixtures: $(GGUF)
 	$(REF_PYTHON) tests/fixtures/gen_golden.py
 
 ## The default sweep (pipeline.md §6): real SmolLM2-135M, local corpus, the paper grid.
-sweep: release $(GGUF)
+sweep: release $(GGUF) $(CORPUS)
 	$(SAEPIPE) run $(PIPELINE)
 
 ## A tiny end-to-end run, for a quick look.
@@ -58,3 +58,9 @@ bench: release $(GGUF)
 	$(SAEPIPE) bench train
 
 all-checks: lint test
+
+## The local English corpus of the default pipeline (Python's own docs; see the script).
+CORPUS := data/corpus/pydoc_topics.jsonl
+corpus: $(CORPUS)
+$(CORPUS):
+	$(PYTHON) scripts/make_corpus.py data/corpus
