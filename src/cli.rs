@@ -94,7 +94,11 @@ pub struct TraceArgs {
     /// The model: a hub repo (org/name[@revision]), local:<dir> or gguf:<file>.
     pub model: String,
     /// The prompt, tokenised with the model's tokenizer.
-    #[arg(long, conflicts_with = "token_ids", required_unless_present = "token_ids")]
+    #[arg(
+        long,
+        conflicts_with = "token_ids",
+        required_unless_present = "token_ids"
+    )]
     pub text: Option<String>,
     /// Token ids, comma-separated.
     #[arg(long, value_delimiter = ',')]
@@ -123,7 +127,10 @@ pub fn run() -> Result<ExitCode> {
         Command::Capture(_) => bail!("`saepipe capture` is not implemented yet"),
         Command::Train(_) => bail!("`saepipe train` is not implemented yet"),
         Command::Evaluate(_) => bail!("`saepipe evaluate` is not implemented yet"),
-        Command::Inspect { .. } => bail!("`saepipe inspect` is not implemented yet"),
+        Command::Inspect { path } => {
+            print!("{}", saepipe::inspect::inspect(&path)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Trace(_) => bail!("`saepipe trace` is not implemented yet"),
         Command::Bench { .. } => bail!("`saepipe bench` is not implemented yet"),
     }
