@@ -129,7 +129,8 @@ fn stop_after_gives_the_same_activations_and_no_logits() {
         m.forward_hooked(&ids(), &mut full, None).unwrap();
         let mut early = Recorder::new(hps);
         assert_eq!(early.deepest_layer(), Some(1));
-        let out = m.forward_hooked(&ids(), &mut early, early.deepest_layer()).unwrap();
+        let stop = early.deepest_layer();
+        let out = m.forward_hooked(&ids(), &mut early, stop).unwrap();
         assert!(out.is_none(), "{name}: stopped pass returned logits");
         for hp in hps {
             assert_eq!(max_abs_diff(&full.acts[&hp], &early.acts[&hp]), 0.0, "{name} {hp}");

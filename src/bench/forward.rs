@@ -127,8 +127,9 @@ pub fn run(a: &ForwardArgs) -> Result<Vec<Row>, BenchError> {
     Ok(rows)
 }
 
-/// Run the Python reference once per depth. It must print a JSON object with
-/// `tokens_per_s` (and optionally `ms_per_pass`) as its last stdout line.
+/// Run the Python reference once per depth, with the same shape and thread count. The
+/// script (benches/reference/forward_tps.py) prints `transformers_tokens_per_s=<float> ...`
+/// as its last line.
 fn reference_rows(
     a: &ForwardArgs,
     py: &std::path::Path,
@@ -136,15 +137,11 @@ fn reference_rows(
     stop: usize,
     n_layers: usize,
 ) -> Result<Vec<Row>, BenchError> {
-    let model_arg = match source {
-        ModelSource::Gguf(p) => vec!["--gguf".to_string(), p.display().to_string()],
-        ModelSource::Local(p) => vec!["--model-dir".to_string(), p.display().to_string()],
-        ModelSource::Hub { .. } => {
-            return Err(BenchError::Reference {
-                cmd: py.display().to_string(),
-                detail: "the reference benchmark needs a local: or gguf: model".into(),
-            })
-        }
+    let ModelSource::Gguf(gguf) = source else {
+        return Err(BenchError::Reference {
+            cmd: py.display().to_string(),
+            detail: "the reference benchmark loads gguf: models only".into(),
+        });
     };
     let mut rows = Vec::new();
     for (depth, stop_arg) in [
@@ -153,9 +150,11 @@ fn reference_rows(
     ] {
         let mut cmd = Command::new(py);
         cmd.arg(&a.reference_script)
-            .args(&model_arg)
+            .arg("--gguf")
+            .arg(gguf)
             .args(["--batch", &a.batch.to_string(), "--seq", &a.seq.to_string()])
-            .args(["--iters", &a.iters.to_string()]);
+            .args(["--repeats", &a.iters.to_string()])
+            .args(["--threads", &candle_core::utils::get_num_threads().to_string()]);
         if let Some(s) = stop_arg {
             cmd.args(["--stop-layer", &s.to_string()]);
         }
@@ -167,26 +166,21 @@ fn reference_rows(
         let out = cmd.output().map_err(|e| fail(e.to_string()))?;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
-            let tail: String = err.lines().rev().take(5).collect::<Vec<_>>().join(" | ");
-            return Err(fail(format!("exit status {}: {tail}", out.status)));
+            let tail: Vec<&str> = err.lines().rev().take(5).collect();
+            return Err(fail(format!("exit status {}: {}", out.status, tail.join(" | "))));
         }
         let stdout = String::from_utf8_lossy(&out.stdout);
-        let json = stdout
+        let tps = stdout
             .lines()
             .rev()
-            .find_map(|l| serde_json::from_str::<serde_json::Value>(l.trim()).ok())
-            .ok_or_else(|| fail("no JSON line in its output".into()))?;
-        let tps = json
-            .get("tokens_per_s")
-            .and_then(|v| v.as_f64())
-            .ok_or_else(|| fail(format!("no tokens_per_s in {json}")))?;
-        let label = json
-            .get("impl")
-            .and_then(|v| v.as_str())
-            .unwrap_or("transformers (torch)")
-            .to_string();
+            .find_map(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix("transformers_tokens_per_s="))
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+            .ok_or_else(|| fail("no transformers_tokens_per_s=<float> in its output".into()))?;
         rows.push(Row {
-            implementation: label,
+            implementation: "transformers (torch)".into(),
             depth,
             tokens_per_s: tps,
             ms_per_pass: (a.batch * a.seq) as f64 / tps * 1e3,

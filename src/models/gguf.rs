@@ -24,7 +24,7 @@ use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::{Device, Tensor};
-use tokenizers::models::bpe::BPE;
+use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
@@ -375,7 +375,7 @@ pub fn tokenizer_from_content(path: &Path, content: &Content) -> Result<Tokenize
     let alphabet: std::collections::HashSet<char> = spelling.values().copied().collect();
     let tokens = meta.strings("tokenizer.ggml.tokens")?;
     let in_alphabet = |t: &str| t.chars().all(|c| alphabet.contains(&c));
-    let mut vocab: HashMap<String, u32> = HashMap::with_capacity(tokens.len());
+    let mut vocab = Vocab::default();
     for (i, t) in tokens.iter().enumerate() {
         let spelled = if in_alphabet(t) {
             t.to_string()
@@ -438,14 +438,18 @@ pub fn tokenizer_from_content(path: &Path, content: &Content) -> Result<Tokenize
         .filter(|(t, &ty)| ty == 3 && in_alphabet(t))
         .map(|(t, _)| AddedToken::from(t.to_string(), true))
         .collect();
-    tokenizer.add_special_tokens(control);
+    tokenizer
+        .add_special_tokens(control)
+        .map_err(|e| tok_err(format!("special tokens: {e}")))?;
     let user: Vec<AddedToken> = tokens
         .iter()
         .zip(&types)
         .filter(|(_, &ty)| ty == 4)
         .map(|(t, _)| AddedToken::from(t.to_string(), false).normalized(false))
         .collect();
-    tokenizer.add_tokens(user);
+    tokenizer
+        .add_tokens(user)
+        .map_err(|e| tok_err(format!("user-defined tokens: {e}")))?;
     // 5. BOS/EOS added when the file says so (SmolLM2 adds neither).
     let bos = meta.opt_u64("tokenizer.ggml.bos_token_id")?;
     let eos = meta.opt_u64("tokenizer.ggml.eos_token_id")?;

@@ -92,7 +92,7 @@ pub struct GptNeoXConfig {
     pub bos_token_id: Option<u32>,
     /// EOS id(s).
     #[serde(default)]
-    eos_token_id: Option<OneOrMany>,
+    pub eos_token_id: Option<OneOrMany>,
     /// PAD id.
     #[serde(default)]
     pub pad_token_id: Option<u32>,
@@ -120,8 +120,13 @@ impl GptNeoXConfig {
             .unwrap_or(10000.0)
     }
 
-    /// Reject settings this forward pass does not implement, naming the key.
-    pub fn validate(&self, path: &Path) -> Result<Act, ModelError> {
+    /// Reject settings this forward pass does not implement, naming the key and the fix.
+    pub fn validate(&self, path: &Path) -> Result<(), ModelError> {
+        self.checked_act(path).map(|_| ())
+    }
+
+    /// [`Self::validate`], returning the MLP activation.
+    pub(crate) fn checked_act(&self, path: &Path) -> Result<Act, ModelError> {
         let unsupported = |key: &str, value: String, fix: &str| ModelError::UnsupportedConfig {
             path: path.to_path_buf(),
             key: key.into(),
@@ -208,7 +213,7 @@ impl GptNeoX {
     /// Build the model from `cfg` and the checkpoint's tensors (HF names), checking every
     /// shape against the config.
     pub fn new(cfg: &GptNeoXConfig, w: &Weights) -> Result<Self, ModelError> {
-        let act = cfg.validate(w.origin())?;
+        let act = cfg.checked_act(w.origin())?;
         let (d, ff, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
         let eps = cfg.layer_norm_eps;
         let bias = cfg.attention_bias;
@@ -301,7 +306,9 @@ impl GptNeoX {
         }
         let x_rot = candle_nn::rotary_emb::rope(&x.narrow(3, 0, rot)?.contiguous()?, cos, sin)?;
         let x_pass = x.narrow(3, rot, hd - rot)?;
-        Tensor::cat(&[&x_rot, &x_pass], 3)
+        // candle's cat along a non-leading dim may return a strided view; the matmuls need
+        // contiguous operands.
+        Tensor::cat(&[&x_rot, &x_pass], 3)?.contiguous()
     }
 
     /// MLP: `dense_4h_to_h(act(dense_h_to_4h(x)))`.

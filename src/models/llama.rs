@@ -143,8 +143,13 @@ impl LlamaConfig {
         }
     }
 
-    /// Reject settings this forward pass does not implement, naming the key.
-    pub fn validate(&self, path: &Path) -> Result<Act, ModelError> {
+    /// Reject settings this forward pass does not implement, naming the key and the fix.
+    pub fn validate(&self, path: &Path) -> Result<(), ModelError> {
+        self.checked_act(path).map(|_| ())
+    }
+
+    /// [`Self::validate`], returning the MLP activation.
+    pub(crate) fn checked_act(&self, path: &Path) -> Result<Act, ModelError> {
         let unsupported = |key: &str, value: String, fix: &str| ModelError::UnsupportedConfig {
             path: path.to_path_buf(),
             key: key.into(),
@@ -232,7 +237,7 @@ impl Llama {
     /// Build the model from `cfg` and the checkpoint's tensors (HF names), checking every
     /// shape against the config.
     pub fn new(cfg: &LlamaConfig, w: &Weights) -> Result<Self, ModelError> {
-        let act = cfg.validate(w.origin())?;
+        let act = cfg.checked_act(w.origin())?;
         let (d, ff, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim());
         let (nh, nkv) = (cfg.num_attention_heads, cfg.kv_heads());
         let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);

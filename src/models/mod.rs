@@ -19,6 +19,7 @@ use candle_core::{Device, Tensor};
 
 pub use error::{ModelError, SUPPORTED_MODEL_TYPES};
 pub use hooks::{Hookpoint, HookpointError, Hooks, NoHooks, Recorder, Replace, Site};
+pub use nn::{OneOrMany, RopeParameters};
 pub use load::{load_dir, load_gguf, load_source, LoadedModel, ModelSource};
 
 /// The device forward passes run on: the first CUDA GPU when built with the `cuda`

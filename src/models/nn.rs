@@ -203,8 +203,10 @@ pub(crate) fn embed(table: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor>
 /// One or several token ids (`eos_token_id` is either in Hugging Face configs).
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(untagged)]
-pub(crate) enum OneOrMany {
+pub enum OneOrMany {
+    /// A single id.
     One(u32),
+    /// Several ids.
     Many(Vec<u32>),
 }
 
@@ -222,9 +224,12 @@ impl OneOrMany {
 /// transformers ≥ 5 writes RoPE settings under `rope_parameters`; hub checkpoints use the
 /// older top-level keys. Both are read.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
-pub(crate) struct RopeParameters {
+pub struct RopeParameters {
+    /// RoPE base.
     pub rope_theta: Option<f64>,
+    /// `default` for plain RoPE.
     pub rope_type: Option<String>,
+    /// GPT-NeoX: fraction of head dims rotated.
     pub partial_rotary_factor: Option<f64>,
 }
 
@@ -281,7 +286,7 @@ mod tests {
         let s = (q.matmul(&k2.t()?)? * 0.5)?.broadcast_add(&mask)?;
         let p = candle_nn::ops::softmax_last_dim(&s)?;
         let want = p.matmul(&v2)?.transpose(1, 2)?.reshape((b, l, h * d))?;
-        let diff = (ours - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (&ours - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "max diff {diff}");
         // Causality: the first position attends only to itself, so its output is v[.., 0].
         let first = ours.narrow(1, 0, 1)?.reshape((b, h, d))?;

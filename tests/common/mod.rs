@@ -234,7 +234,8 @@ pub fn tiny_tokenizer(dir: &Path) -> PathBuf {
         .expect("invariant: [UNK] is in the vocabulary");
     let mut tok = Tokenizer::new(model);
     tok.with_pre_tokenizer(Some(Whitespace {}));
-    tok.add_special_tokens([AddedToken::from("<s>", true), AddedToken::from("</s>", true)]);
+    tok.add_special_tokens([AddedToken::from("<s>", true), AddedToken::from("</s>", true)])
+        .expect("add special tokens");
     std::fs::create_dir_all(dir).expect("create dir");
     let path = dir.join("tokenizer.json");
     tok.save(&path, true).expect("write tokenizer.json");
