@@ -63,7 +63,7 @@ pub struct TraceSummary {
 pub enum TraceError {
     /// Loading the model failed, or a hookpoint does not exist in it.
     #[error(transparent)]
-    Model(#[from] ModelError),
+    Model(Box<ModelError>),
     /// A hookpoint name does not parse.
     #[error("--hookpoints: {0}")]
     Hookpoint(#[from] HookpointError),
@@ -81,7 +81,9 @@ pub enum TraceError {
     #[error("tokenising --text: {0}")]
     Tokenize(String),
     /// A token id outside the vocabulary.
-    #[error("--token-ids: id {id} is outside the model's vocabulary of {vocab}; ids must be < {vocab}")]
+    #[error(
+        "--token-ids: id {id} is outside the model's vocabulary of {vocab}; ids must be < {vocab}"
+    )]
     TokenOutOfRange { id: u32, vocab: usize },
     /// The forward pass failed.
     #[error("forward pass of {source_name} failed: {source}")]
@@ -96,6 +98,12 @@ pub enum TraceError {
     /// Writing the output failed.
     #[error("{}: cannot write: {detail}", path.display())]
     Write { path: PathBuf, detail: String },
+}
+
+impl From<ModelError> for TraceError {
+    fn from(e: ModelError) -> Self {
+        TraceError::Model(Box::new(e))
+    }
 }
 
 /// Load the model of `req.source` on `device` and trace it.
@@ -134,9 +142,12 @@ pub fn trace_loaded(
     let ids: Vec<u32> = match &req.input {
         TraceInput::TokenIds(ids) => ids.clone(),
         TraceInput::Text(text) => {
-            let tok = loaded.tokenizer.as_ref().ok_or_else(|| TraceError::NoTokenizer {
-                origin: loaded.origin.clone(),
-            })?;
+            let tok = loaded
+                .tokenizer
+                .as_ref()
+                .ok_or_else(|| TraceError::NoTokenizer {
+                    origin: loaded.origin.clone(),
+                })?;
             tok.encode(text.as_str(), true)
                 .map_err(|e| TraceError::Tokenize(e.to_string()))?
                 .get_ids()
@@ -165,12 +176,21 @@ pub fn trace_loaded(
     };
     let input = Tensor::from_vec(ids.clone(), (1, n), model.device()).map_err(fwd_err)?;
     let mut rec = Recorder::new(hps.iter().copied());
-    let stop = if req.logits { None } else { rec.deepest_layer() };
-    let logits = model.forward_hooked(&input, &mut rec, stop).map_err(fwd_err)?;
+    let stop = if req.logits {
+        None
+    } else {
+        rec.deepest_layer()
+    };
+    let logits = model
+        .forward_hooked(&input, &mut rec, stop)
+        .map_err(fwd_err)?;
     // 3. Collect [n, width] f32 tensors in hookpoint order, refusing non-finite values.
     let mut tensors: Vec<(String, RawTensor)> = Vec::new();
     let mut add = |name: String, t: &Tensor| -> Result<(), TraceError> {
-        let t = t.squeeze(0).and_then(|t| t.to_dtype(DType::F32)).map_err(fwd_err)?;
+        let t = t
+            .squeeze(0)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .map_err(fwd_err)?;
         let shape = t.dims().to_vec();
         let data: Vec<f32> = t.flatten_all().and_then(|t| t.to_vec1()).map_err(fwd_err)?;
         ensure_finite(&data, &name, None)?;
@@ -179,7 +199,9 @@ pub fn trace_loaded(
     };
     for hp in hps {
         let t = rec.acts.get(hp).ok_or_else(|| {
-            fwd_err(candle_core::Error::Msg(format!("the forward pass never reached {hp}")))
+            fwd_err(candle_core::Error::Msg(format!(
+                "the forward pass never reached {hp}"
+            )))
         })?;
         add(hp.to_string(), t)?;
     }
@@ -196,7 +218,10 @@ pub fn trace_loaded(
     ));
     // 4. Write atomically, with provenance metadata.
     let mut meta = HashMap::new();
-    meta.insert("saepipe_version".to_string(), env!("CARGO_PKG_VERSION").to_string());
+    meta.insert(
+        "saepipe_version".to_string(),
+        env!("CARGO_PKG_VERSION").to_string(),
+    );
     meta.insert("model".to_string(), source_name.to_string());
     meta.insert("model_type".to_string(), info.model_type.clone());
     if let TraceInput::Text(t) = &req.input {
@@ -204,7 +229,11 @@ pub fn trace_loaded(
     }
     let names: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
     write_safetensors(&req.out, tensors, meta)?;
-    tracing::info!("traced {n} tokens of {source_name}: {} tensors -> {}", names.len(), req.out.display());
+    tracing::info!(
+        "traced {n} tokens of {source_name}: {} tensors -> {}",
+        names.len(),
+        req.out.display()
+    );
     Ok(TraceSummary {
         token_ids: ids,
         tensors: names,

@@ -30,14 +30,25 @@ fn missing_config_json() {
     let dir = TinyModel::gpt_neox(0, true).write(tmp.path());
     std::fs::remove_file(dir.join("config.json")).unwrap();
     let msg = err_of(load_dir(&dir, &Device::Cpu));
-    assert_mentions(&msg, &[&dir.join("config.json").display().to_string(), "not found", "Hugging Face layout"]);
+    assert_mentions(
+        &msg,
+        &[
+            &dir.join("config.json").display().to_string(),
+            "not found",
+            "Hugging Face layout",
+        ],
+    );
 }
 
 #[test]
 fn malformed_config_json() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = TinyModel::llama(0, false).write(tmp.path());
-    std::fs::write(dir.join("config.json"), "{\"model_type\": \"llama\", \"hidden_size\": ").unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        "{\"model_type\": \"llama\", \"hidden_size\": ",
+    )
+    .unwrap();
     let msg = err_of(load_dir(&dir, &Device::Cpu));
     assert_mentions(&msg, &["config.json", "malformed", "fix the file"]);
 }
@@ -59,7 +70,10 @@ fn unknown_model_type() {
     m.config["model_type"] = serde_json::json!("mamba");
     let dir = m.write(tmp.path());
     let msg = err_of(load_dir(&dir, &Device::Cpu));
-    assert_mentions(&msg, &["config.json", "'mamba'", "gpt_neox, llama, smollm3"]);
+    assert_mentions(
+        &msg,
+        &["config.json", "'mamba'", "gpt_neox, llama, smollm3"],
+    );
 }
 
 #[test]
@@ -75,12 +89,18 @@ fn missing_weights_file() {
 fn missing_tensor() {
     let tmp = tempfile::tempdir().unwrap();
     let mut m = TinyModel::gpt_neox(0, true);
-    m.tensors.remove("gpt_neox.layers.1.mlp.dense_4h_to_h.weight");
+    m.tensors
+        .remove("gpt_neox.layers.1.mlp.dense_4h_to_h.weight");
     let dir = m.write(tmp.path());
     let msg = err_of(load_dir(&dir, &Device::Cpu));
     assert_mentions(
         &msg,
-        &["model.safetensors", "'gpt_neox.layers.1.mlp.dense_4h_to_h.weight'", "missing", "config.json"],
+        &[
+            "model.safetensors",
+            "'gpt_neox.layers.1.mlp.dense_4h_to_h.weight'",
+            "missing",
+            "config.json",
+        ],
     );
 }
 
@@ -106,7 +126,13 @@ fn wrong_shaped_tensor() {
     let msg = err_of(load_dir(&dir, &Device::Cpu));
     assert_mentions(
         &msg,
-        &["model.safetensors", "'model.layers.2.self_attn.k_proj.weight'", "[64, 64]", "expected [32, 64]", "config.json"],
+        &[
+            "model.safetensors",
+            "'model.layers.2.self_attn.k_proj.weight'",
+            "[64, 64]",
+            "expected [32, 64]",
+            "config.json",
+        ],
     );
 }
 
@@ -117,7 +143,10 @@ fn unsupported_config_values_name_the_key() {
     m.config["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0});
     let dir = m.write(tmp.path());
     let msg = err_of(load_dir(&dir, &Device::Cpu));
-    assert_mentions(&msg, &["config.json", "rope_scaling", "llama3", "not supported"]);
+    assert_mentions(
+        &msg,
+        &["config.json", "rope_scaling", "llama3", "not supported"],
+    );
 
     let mut m = TinyModel::gpt_neox(0, true);
     m.config["hidden_act"] = serde_json::json!("mish");
@@ -133,9 +162,19 @@ fn hookpoint_layer_out_of_range() {
     let loaded = load_dir(&dir, &Device::Cpu).unwrap();
     let hp: Hookpoint = "blocks.9.hook_mlp_out".parse().unwrap();
     let msg = loaded.check_hookpoints(&[hp]).unwrap_err().to_string();
-    assert_mentions(&msg, &[&dir.display().to_string(), "blocks.9.hook_mlp_out", "4 layers", "0..=3"]);
+    assert_mentions(
+        &msg,
+        &[
+            &dir.display().to_string(),
+            "blocks.9.hook_mlp_out",
+            "4 layers",
+            "0..=3",
+        ],
+    );
     // In range passes.
-    loaded.check_hookpoints(&["blocks.3.hook_resid_post".parse().unwrap()]).unwrap();
+    loaded
+        .check_hookpoints(&["blocks.3.hook_resid_post".parse().unwrap()])
+        .unwrap();
 }
 
 /// A model that exposes only the residual stream, to exercise the site check.
@@ -151,7 +190,12 @@ impl HookedModel for ResidOnly {
     fn device(&self) -> &Device {
         &Device::Cpu
     }
-    fn forward_hooked(&self, _: &Tensor, _: &mut dyn Hooks, _: Option<usize>) -> candle_core::Result<Option<Tensor>> {
+    fn forward_hooked(
+        &self,
+        _: &Tensor,
+        _: &mut dyn Hooks,
+        _: Option<usize>,
+    ) -> candle_core::Result<Option<Tensor>> {
         candle_core::bail!("not used")
     }
 }
@@ -167,8 +211,19 @@ fn hookpoint_site_unavailable() {
         eos_token_ids: vec![],
         pad_token_id: None,
     });
-    let msg = m.check_hookpoint("blocks.1.hook_mlp_out".parse().unwrap()).unwrap_err().to_string();
-    assert_mentions(&msg, &["blocks.1.hook_mlp_out", "mlp_out", "resid_only", "use one of: resid_pre, resid_post"]);
+    let msg = m
+        .check_hookpoint("blocks.1.hook_mlp_out".parse().unwrap())
+        .unwrap_err()
+        .to_string();
+    assert_mentions(
+        &msg,
+        &[
+            "blocks.1.hook_mlp_out",
+            "mlp_out",
+            "resid_only",
+            "use one of: resid_pre, resid_post",
+        ],
+    );
 }
 
 fn write_gguf(path: &Path, arch: &str) {
@@ -177,7 +232,12 @@ fn write_gguf(path: &Path, arch: &str) {
     let q = QTensor::quantize(&t, GgmlDType::F32).unwrap();
     let arch = gguf_file::Value::String(arch.to_string());
     let mut f = std::fs::File::create(path).unwrap();
-    gguf_file::write(&mut f, &[("general.architecture", &arch)], &[("token_embd.weight", &q)]).unwrap();
+    gguf_file::write(
+        &mut f,
+        &[("general.architecture", &arch)],
+        &[("token_embd.weight", &q)],
+    )
+    .unwrap();
 }
 
 #[test]
@@ -186,7 +246,15 @@ fn gguf_of_unsupported_architecture() {
     let path = tmp.path().join("mamba.gguf");
     write_gguf(&path, "mamba");
     let msg = err_of(load_gguf(&path, &Device::Cpu));
-    assert_mentions(&msg, &[&path.display().to_string(), "'mamba'", "llama", "local:<dir>"]);
+    assert_mentions(
+        &msg,
+        &[
+            &path.display().to_string(),
+            "'mamba'",
+            "llama",
+            "local:<dir>",
+        ],
+    );
 }
 
 #[test]
@@ -195,7 +263,14 @@ fn gguf_missing_metadata_names_the_key() {
     let path = tmp.path().join("bare.gguf");
     write_gguf(&path, "llama");
     let msg = err_of(load_gguf(&path, &Device::Cpu));
-    assert_mentions(&msg, &[&path.display().to_string(), "llama.attention.head_count", "missing"]);
+    assert_mentions(
+        &msg,
+        &[
+            &path.display().to_string(),
+            "llama.attention.head_count",
+            "missing",
+        ],
+    );
 }
 
 #[test]
@@ -204,7 +279,14 @@ fn not_a_gguf_file() {
     let path = tmp.path().join("junk.gguf");
     std::fs::write(&path, b"this is not a gguf file at all").unwrap();
     let msg = err_of(load_gguf(&path, &Device::Cpu));
-    assert_mentions(&msg, &[&path.display().to_string(), "not a readable GGUF", "download it again"]);
+    assert_mentions(
+        &msg,
+        &[
+            &path.display().to_string(),
+            "not a readable GGUF",
+            "download it again",
+        ],
+    );
     let msg = err_of(load_gguf(&tmp.path().join("absent.gguf"), &Device::Cpu));
     assert_mentions(&msg, &["absent.gguf", "not found"]);
 }
@@ -226,9 +308,13 @@ fn bad_forward_inputs_are_errors() {
     let dir = common::tiny_gpt_neox(tmp.path(), 0);
     let m = load_dir(&dir, &Device::Cpu).unwrap().model;
     let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap();
-    let e = m.forward_hooked(&ids, &mut saepipe::models::NoHooks, Some(3)).unwrap_err();
+    let e = m
+        .forward_hooked(&ids, &mut saepipe::models::NoHooks, Some(3))
+        .unwrap_err();
     assert!(e.to_string().contains("3 layers"), "{e}");
     let bad = Tensor::new(&[[1u32, 500]], &Device::Cpu).unwrap();
-    let e = m.forward_hooked(&bad, &mut saepipe::models::NoHooks, None).unwrap_err();
+    let e = m
+        .forward_hooked(&bad, &mut saepipe::models::NoHooks, None)
+        .unwrap_err();
     assert!(e.to_string().contains("token id 500"), "{e}");
 }

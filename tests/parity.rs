@@ -18,7 +18,9 @@ use saepipe::models::{load_dir, load_gguf, HookedModel, Hookpoint, Recorder};
 const REL_TOL: f32 = 1e-4;
 
 fn golden_dir(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/golden")
+        .join(name)
 }
 
 fn load_acts(path: &Path) -> HashMap<String, Tensor> {
@@ -33,7 +35,14 @@ fn load_acts(path: &Path) -> HashMap<String, Tensor> {
 
 /// Max |a|.
 fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    t.abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Run `model` on the golden `input_ids`, recording every hookpoint in `acts`, and compare
@@ -111,7 +120,11 @@ fn candle_smollm3_last_logits(dir: &Path, ids: &Tensor) -> Tensor {
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     // SAFETY: test-owned file, not modified while mapped.
     let vb = unsafe {
-        candle_nn::VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu)
+        candle_nn::VarBuilder::from_mmaped_safetensors(
+            &[dir.join("model.safetensors")],
+            DType::F32,
+            &Device::Cpu,
+        )
     }
     .unwrap();
     let mut m = ModelForCausalLM::new(&cfg, vb).unwrap();
@@ -153,7 +166,14 @@ fn smollm3_logits_match_candle_transformers_on_generated_checkpoint() {
     // the list transformers would derive (interval 4: layer 3 is NoPE).
     m.config["no_rope_layers"] = serde_json::json!([1, 1, 1, 0]);
     m.write(tmp.path());
-    let ids = Tensor::new(&[[5u32, 9, 17, 3, 60, 2, 100, 7], [1, 44, 45, 46, 47, 48, 49, 50]], &Device::Cpu).unwrap();
+    let ids = Tensor::new(
+        &[
+            [5u32, 9, 17, 3, 60, 2, 100, 7],
+            [1, 44, 45, 46, 47, 48, 49, 50],
+        ],
+        &Device::Cpu,
+    )
+    .unwrap();
     smollm3_cross_check(tmp.path(), &ids);
 }
 
@@ -170,12 +190,20 @@ fn smollm2_gguf_matches_transformers() {
     let acts = load_acts(&dir.join("acts.safetensors"));
     let loaded = load_gguf(&gguf, &Device::Cpu).unwrap_or_else(|e| panic!("{e}"));
     // 1. Our tokenizer, rebuilt from the GGUF metadata, gives the golden ids.
-    let prompt = std::fs::read_to_string(dir.join("prompt.txt")).expect("prompt.txt beside the golden acts");
+    let prompt =
+        std::fs::read_to_string(dir.join("prompt.txt")).expect("prompt.txt beside the golden acts");
     let tok = loaded.tokenizer.as_ref().expect("GGUF tokenizer");
-    let ours: Vec<u32> = tok.encode(prompt.as_str(), true).unwrap().get_ids().to_vec();
+    let ours: Vec<u32> = tok
+        .encode(prompt.as_str(), true)
+        .unwrap()
+        .get_ids()
+        .to_vec();
     let golden = acts["input_ids"].to_dtype(DType::U32).unwrap();
     let golden_row: Vec<u32> = golden.get(0).unwrap().to_vec1().unwrap();
-    assert_eq!(ours, golden_row, "tokenizer rebuilt from the GGUF disagrees with transformers on prompt.txt");
+    assert_eq!(
+        ours, golden_row,
+        "tokenizer rebuilt from the GGUF disagrees with transformers on prompt.txt"
+    );
     // 2. Activations and logits.
     compare(loaded.model.as_ref(), &acts, "smollm2_gguf");
 }

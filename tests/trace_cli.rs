@@ -19,17 +19,32 @@ fn trace_writes_named_hookpoints_logits_and_ids() {
     let st = saepipe()
         .args(["trace", &format!("local:{}", dir.display())])
         .args(["--token-ids", "1,5,9,40,2"])
-        .args(["--hookpoints", "blocks.2.hook_mlp_out,blocks.0.hook_resid_mid"])
+        .args([
+            "--hookpoints",
+            "blocks.2.hook_mlp_out,blocks.0.hook_resid_mid",
+        ])
         .arg("--logits")
         .arg("--out")
         .arg(&out)
         .output()
         .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let t = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
     let mut keys: Vec<_> = t.keys().cloned().collect();
     keys.sort();
-    assert_eq!(keys, ["blocks.0.hook_resid_mid", "blocks.2.hook_mlp_out", "logits", "token_ids"]);
+    assert_eq!(
+        keys,
+        [
+            "blocks.0.hook_resid_mid",
+            "blocks.2.hook_mlp_out",
+            "logits",
+            "token_ids"
+        ]
+    );
     assert_eq!(t["blocks.2.hook_mlp_out"].dims(), &[5, 64]);
     assert_eq!(t["blocks.2.hook_mlp_out"].dtype(), DType::F32);
     assert_eq!(t["logits"].dims(), &[5, common::TINY_VOCAB]);
@@ -42,7 +57,10 @@ fn trace_writes_named_hookpoints_logits_and_ids() {
     let ids = Tensor::new(&[[1u32, 5, 9, 40, 2]], &Device::Cpu).unwrap();
     m.forward_hooked(&ids, &mut rec, None).unwrap();
     let want = rec.acts[&hp].squeeze(0).unwrap();
-    assert_eq!(common::max_abs_diff(&want, &t["blocks.2.hook_mlp_out"]), 0.0);
+    assert_eq!(
+        common::max_abs_diff(&want, &t["blocks.2.hook_mlp_out"]),
+        0.0
+    );
     assert!(!out.with_extension("safetensors.tmp").exists());
 }
 
@@ -59,11 +77,18 @@ fn trace_tokenises_text_with_the_model_tokenizer() {
         .arg(&out)
         .output()
         .unwrap();
-    assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
     let t = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
     let ids = t["token_ids"].to_vec1::<u32>().unwrap();
     assert_eq!(ids.len(), 10);
-    assert!(ids.iter().all(|&i| i != 0), "words fell back to [UNK]: {ids:?}");
+    assert!(
+        ids.iter().all(|&i| i != 0),
+        "words fell back to [UNK]: {ids:?}"
+    );
     assert_eq!(t["blocks.1.hook_resid_post"].dims(), &[10, 64]);
     assert!(!t.contains_key("logits"));
 }
@@ -75,12 +100,26 @@ fn trace_errors_name_the_fix() {
     let src = format!("local:{}", dir.display());
     let out = tmp.path().join("x.safetensors");
     let run = |extra: &[&str]| {
-        let o = saepipe().args(["trace", &src]).args(extra).arg("--out").arg(&out).output().unwrap();
+        let o = saepipe()
+            .args(["trace", &src])
+            .args(extra)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
         assert_eq!(o.status.code(), Some(1), "{extra:?}");
         String::from_utf8_lossy(&o.stderr).to_string()
     };
-    let e = run(&["--token-ids", "1,2", "--hookpoints", "blocks.7.hook_mlp_out"]);
-    assert!(e.contains("blocks.7.hook_mlp_out") && e.contains("0..=2"), "{e}");
+    let e = run(&[
+        "--token-ids",
+        "1,2",
+        "--hookpoints",
+        "blocks.7.hook_mlp_out",
+    ]);
+    assert!(
+        e.contains("blocks.7.hook_mlp_out") && e.contains("0..=2"),
+        "{e}"
+    );
     let e = run(&["--token-ids", "1,999", "--logits"]);
     assert!(e.contains("999") && e.contains("vocabulary"), "{e}");
     let e = run(&["--token-ids", "1,2", "--hookpoints", "blocks.1.mlp_out"]);
@@ -89,7 +128,14 @@ fn trace_errors_name_the_fix() {
     assert!(e.contains("nothing to trace"), "{e}");
     assert!(!out.exists());
     let o = saepipe()
-        .args(["trace", "EleutherAI/pythia-70m", "--token-ids", "1", "--logits", "--out"])
+        .args([
+            "trace",
+            "EleutherAI/pythia-70m",
+            "--token-ids",
+            "1",
+            "--logits",
+            "--out",
+        ])
         .arg(&out)
         .output()
         .unwrap();

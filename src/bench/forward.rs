@@ -23,7 +23,10 @@ use crate::models::{HookedModel, ModelSource, NoHooks};
 
 /// Arguments of `saepipe bench forward`.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "saepipe bench forward", about = "Forward-pass tokens/s and peak RSS")]
+#[command(
+    name = "saepipe bench forward",
+    about = "Forward-pass tokens/s and peak RSS"
+)]
 pub struct ForwardArgs {
     /// The model: local:<dir> or gguf:<file>.
     #[arg(long)]
@@ -154,7 +157,10 @@ fn reference_rows(
             .arg(gguf)
             .args(["--batch", &a.batch.to_string(), "--seq", &a.seq.to_string()])
             .args(["--repeats", &a.iters.to_string()])
-            .args(["--threads", &candle_core::utils::get_num_threads().to_string()]);
+            .args([
+                "--threads",
+                &candle_core::utils::get_num_threads().to_string(),
+            ]);
         if let Some(s) = stop_arg {
             cmd.args(["--stop-layer", &s.to_string()]);
         }
@@ -167,7 +173,11 @@ fn reference_rows(
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr);
             let tail: Vec<&str> = err.lines().rev().take(5).collect();
-            return Err(fail(format!("exit status {}: {}", out.status, tail.join(" | "))));
+            return Err(fail(format!(
+                "exit status {}: {}",
+                out.status,
+                tail.join(" | ")
+            )));
         }
         let stdout = String::from_utf8_lossy(&out.stdout);
         let tps = stdout
@@ -208,7 +218,10 @@ pub fn print_table(a: &ForwardArgs, rows: &[Row]) {
         );
     }
     match peak_rss_bytes() {
-        Some(b) => println!("peak RSS (saepipe): {:.0} MiB", b as f64 / (1024.0 * 1024.0)),
+        Some(b) => println!(
+            "peak RSS (saepipe): {:.0} MiB",
+            b as f64 / (1024.0 * 1024.0)
+        ),
         None => println!("peak RSS (saepipe): unavailable on this platform"),
     }
 }

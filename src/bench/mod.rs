@@ -17,13 +17,19 @@ pub enum BenchError {
     Usage(String),
     /// The model could not be loaded.
     #[error(transparent)]
-    Model(#[from] crate::models::ModelError),
+    Model(Box<crate::models::ModelError>),
     /// A forward pass failed.
     #[error("forward pass failed: {0}")]
     Candle(#[from] candle_core::Error),
     /// The reference Python benchmark failed.
     #[error("reference benchmark ({cmd}) failed: {detail}")]
     Reference { cmd: String, detail: String },
+}
+
+impl From<crate::models::ModelError> for BenchError {
+    fn from(e: crate::models::ModelError) -> Self {
+        BenchError::Model(Box::new(e))
+    }
 }
 
 /// Run benchmark `what` with its command-line `args`, printing its table to stdout.

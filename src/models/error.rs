@@ -25,14 +25,16 @@ pub enum ModelError {
 
     /// `config.json` is not valid JSON, or a field has the wrong type.
     #[error(
-        "{}: malformed config.json: {source}; fix the file, or copy config.json again from \
-         the model's hub repository",
+        "{}: malformed config.json: {source}{context}; fix the file, or copy config.json again \
+         from the model's hub repository",
         path.display()
     )]
     ConfigMalformed {
         path: PathBuf,
         #[source]
         source: serde_json::Error,
+        /// The offending line, quoted (` (line 5: "hidden_size": "wide",)`), when known.
+        context: String,
     },
 
     /// `model_type` names an architecture we have no forward pass for.
@@ -180,6 +182,22 @@ pub enum ModelError {
 }
 
 impl ModelError {
+    /// A [`ModelError::ConfigMalformed`] for `path`, quoting the line of `text` the JSON
+    /// error points at.
+    pub(crate) fn malformed_config(path: &Path, text: &str, source: serde_json::Error) -> Self {
+        let context = text
+            .lines()
+            .nth(source.line().saturating_sub(1))
+            .filter(|_| source.line() > 0)
+            .map(|l| format!(" (line {}: {})", source.line(), l.trim()))
+            .unwrap_or_default();
+        ModelError::ConfigMalformed {
+            path: path.to_path_buf(),
+            source,
+            context,
+        }
+    }
+
     /// Wrap a candle error that happened while building the model from `path`.
     pub(crate) fn candle(path: &Path) -> impl FnOnce(candle_core::Error) -> ModelError + '_ {
         move |source| ModelError::Candle {

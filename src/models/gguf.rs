@@ -205,8 +205,12 @@ fn llama_config(path: &Path, content: &Content) -> Result<LlamaConfig, ModelErro
             fix: "llama-3.1-style RoPE frequency scaling is not implemented".into(),
         });
     }
-    let head_dim = meta.opt_u64("llama.attention.key_length")?.map(|n| n as usize);
-    let rope_dim = meta.opt_u64("llama.rope.dimension_count")?.map(|n| n as usize);
+    let head_dim = meta
+        .opt_u64("llama.attention.key_length")?
+        .map(|n| n as usize);
+    let rope_dim = meta
+        .opt_u64("llama.rope.dimension_count")?
+        .map(|n| n as usize);
     let hd = head_dim.unwrap_or(d / n_heads.max(1));
     if let Some(r) = rope_dim {
         if r != hd {
@@ -225,7 +229,9 @@ fn llama_config(path: &Path, content: &Content) -> Result<LlamaConfig, ModelErro
         intermediate_size: meta.usize("llama.feed_forward_length")?,
         num_hidden_layers: meta.usize("llama.block_count")?,
         num_attention_heads: n_heads,
-        num_key_value_heads: meta.opt_u64("llama.attention.head_count_kv")?.map(|n| n as usize),
+        num_key_value_heads: meta
+            .opt_u64("llama.attention.head_count_kv")?
+            .map(|n| n as usize),
         head_dim,
         hidden_act: "silu".into(),
         rms_norm_eps: meta
@@ -241,11 +247,15 @@ fn llama_config(path: &Path, content: &Content) -> Result<LlamaConfig, ModelErro
         no_rope_layers: None,
         no_rope_layer_interval: None,
         use_sliding_window: None,
-        bos_token_id: meta.opt_u64("tokenizer.ggml.bos_token_id")?.map(|n| n as u32),
+        bos_token_id: meta
+            .opt_u64("tokenizer.ggml.bos_token_id")?
+            .map(|n| n as u32),
         eos_token_id: meta
             .opt_u64("tokenizer.ggml.eos_token_id")?
             .map(|n| super::nn::OneOrMany::One(n as u32)),
-        pad_token_id: meta.opt_u64("tokenizer.ggml.padding_token_id")?.map(|n| n as u32),
+        pad_token_id: meta
+            .opt_u64("tokenizer.ggml.padding_token_id")?
+            .map(|n| n as u32),
     })
 }
 
@@ -391,7 +401,11 @@ pub fn tokenizer_from_content(path: &Path, content: &Content) -> Result<Tokenize
         .map(|m| {
             m.split_once(' ')
                 .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| tok_err(format!("merge '{m}' is not two tokens separated by a space")))
+                .ok_or_else(|| {
+                    tok_err(format!(
+                        "merge '{m}' is not two tokens separated by a space"
+                    ))
+                })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let bpe = BPE::builder()
@@ -400,7 +414,9 @@ pub fn tokenizer_from_content(path: &Path, content: &Content) -> Result<Tokenize
         .map_err(|e| tok_err(format!("invalid BPE vocabulary/merges: {e}")))?;
     let mut tokenizer = Tokenizer::new(bpe);
     // 3. Pre-tokenizer by llama.cpp's `tokenizer.ggml.pre`.
-    let byte_level = ByteLevel::default().add_prefix_space(false).trim_offsets(true);
+    let byte_level = ByteLevel::default()
+        .add_prefix_space(false)
+        .trim_offsets(true);
     let pre = meta.opt_str("tokenizer.ggml.pre")?.unwrap_or("default");
     let pre_tok: PreTokenizerWrapper = match pre {
         "smollm" => Sequence::new(vec![
@@ -453,10 +469,18 @@ pub fn tokenizer_from_content(path: &Path, content: &Content) -> Result<Tokenize
     // 5. BOS/EOS added when the file says so (SmolLM2 adds neither).
     let bos = meta.opt_u64("tokenizer.ggml.bos_token_id")?;
     let eos = meta.opt_u64("tokenizer.ggml.eos_token_id")?;
-    let add_bos = meta.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
-    let add_eos = meta.opt_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
+    let add_bos = meta
+        .opt_bool("tokenizer.ggml.add_bos_token")?
+        .unwrap_or(false);
+    let add_eos = meta
+        .opt_bool("tokenizer.ggml.add_eos_token")?
+        .unwrap_or(false);
     let special = |id: Option<u64>, what: &str| -> Result<(String, u32), ModelError> {
-        let id = id.ok_or_else(|| tok_err(format!("add_{what}_token is set but {what}_token_id is missing")))?;
+        let id = id.ok_or_else(|| {
+            tok_err(format!(
+                "add_{what}_token is set but {what}_token_id is missing"
+            ))
+        })?;
         let t = tokens
             .get(id as usize)
             .ok_or_else(|| tok_err(format!("{what}_token_id {id} is outside the vocabulary")))?;
@@ -493,9 +517,18 @@ mod tests {
 
     #[test]
     fn maps_llama_cpp_names() {
-        assert_eq!(hf_name("blk.3.attn_q.weight").as_deref(), Some("model.layers.3.self_attn.q_proj.weight"));
-        assert_eq!(hf_name("blk.0.ffn_norm.weight").as_deref(), Some("model.layers.0.post_attention_layernorm.weight"));
-        assert_eq!(hf_name("token_embd.weight").as_deref(), Some("model.embed_tokens.weight"));
+        assert_eq!(
+            hf_name("blk.3.attn_q.weight").as_deref(),
+            Some("model.layers.3.self_attn.q_proj.weight")
+        );
+        assert_eq!(
+            hf_name("blk.0.ffn_norm.weight").as_deref(),
+            Some("model.layers.0.post_attention_layernorm.weight")
+        );
+        assert_eq!(
+            hf_name("token_embd.weight").as_deref(),
+            Some("model.embed_tokens.weight")
+        );
         assert_eq!(hf_name("rope_freqs.weight"), None);
     }
 
@@ -503,7 +536,8 @@ mod tests {
     fn unpermute_inverts_llama_cpp_permute() -> candle_core::Result<()> {
         // llama.cpp: w.reshape(n_head, 2, hd/2, in).swapaxes(1, 2).reshape(w.shape)
         let (nh, hd, inp) = (3, 4, 5);
-        let w = Tensor::arange(0f32, (nh * hd * inp) as f32, &Device::Cpu)?.reshape((nh * hd, inp))?;
+        let w =
+            Tensor::arange(0f32, (nh * hd * inp) as f32, &Device::Cpu)?.reshape((nh * hd, inp))?;
         let permuted = w
             .reshape((nh, 2, hd / 2, inp))?
             .transpose(1, 2)?

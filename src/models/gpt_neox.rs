@@ -108,7 +108,10 @@ impl GptNeoXConfig {
     pub fn rot_dim(&self) -> usize {
         let pct = self
             .rotary_pct
-            .or(self.rope_parameters.as_ref().and_then(|p| p.partial_rotary_factor))
+            .or(self
+                .rope_parameters
+                .as_ref()
+                .and_then(|p| p.partial_rotary_factor))
             .unwrap_or(0.25);
         (self.head_dim() as f64 * pct) as usize
     }
@@ -133,7 +136,9 @@ impl GptNeoXConfig {
             value,
             fix: fix.into(),
         };
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(unsupported(
                 "num_attention_heads",
                 self.num_attention_heads.to_string(),
@@ -141,9 +146,13 @@ impl GptNeoXConfig {
             ));
         }
         if self.num_hidden_layers == 0 {
-            return Err(unsupported("num_hidden_layers", "0".into(), "need at least one layer"));
+            return Err(unsupported(
+                "num_hidden_layers",
+                "0".into(),
+                "need at least one layer",
+            ));
         }
-        if self.rot_dim() % 2 != 0 {
+        if !self.rot_dim().is_multiple_of(2) {
             return Err(unsupported(
                 "rotary_pct",
                 format!("{:?}", self.rotary_pct),
@@ -229,7 +238,13 @@ impl GptNeoX {
                     d,
                     eps,
                 )?,
-                query_key_value: nn::linear(w, &format!("{p}.attention.query_key_value"), d, 3 * d, bias)?,
+                query_key_value: nn::linear(
+                    w,
+                    &format!("{p}.attention.query_key_value"),
+                    d,
+                    3 * d,
+                    bias,
+                )?,
                 dense: nn::linear(w, &format!("{p}.attention.dense"), d, d, bias)?,
                 dense_h_to_4h: nn::linear(w, &format!("{p}.mlp.dense_h_to_4h"), d, ff, true)?,
                 dense_4h_to_h: nn::linear(w, &format!("{p}.mlp.dense_4h_to_h"), ff, d, true)?,
@@ -295,7 +310,11 @@ impl GptNeoX {
     }
 
     /// Rotate-half RoPE over the first `rot_dim` dims of `x: (b, nh, l, hd)`; contiguous out.
-    fn partial_rope(&self, x: &Tensor, (cos, sin): &(Tensor, Tensor)) -> candle_core::Result<Tensor> {
+    fn partial_rope(
+        &self,
+        x: &Tensor,
+        (cos, sin): &(Tensor, Tensor),
+    ) -> candle_core::Result<Tensor> {
         let rot = self.rope.rot_dim;
         let hd = self.head_dim;
         if rot == 0 {
@@ -350,10 +369,18 @@ impl HookedModel for GptNeoX {
             let hp = |site| Hookpoint::new(i, site);
             let resid_pre = nn::visit(hooks, hp(Site::ResidPre), x)?;
             let h = blk.input_layernorm.forward(&resid_pre)?;
-            let attn_out = nn::visit(hooks, hp(Site::AttnOut), self.attention(blk, &h, &rope, &mask)?)?;
+            let attn_out = nn::visit(
+                hooks,
+                hp(Site::AttnOut),
+                self.attention(blk, &h, &rope, &mask)?,
+            )?;
             let resid_mid = nn::visit(hooks, hp(Site::ResidMid), (&resid_pre + &attn_out)?)?;
             // Parallel: the MLP reads resid_pre, not resid_mid (see the module docs).
-            let mlp_src = if self.parallel { &resid_pre } else { &resid_mid };
+            let mlp_src = if self.parallel {
+                &resid_pre
+            } else {
+                &resid_mid
+            };
             let mlp_in = nn::visit(
                 hooks,
                 hp(Site::MlpIn),

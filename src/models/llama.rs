@@ -123,7 +123,11 @@ impl LlamaConfig {
     pub fn rope_theta(&self) -> f64 {
         self.rope_theta
             .or(self.rope_parameters.as_ref().and_then(|p| p.rope_theta))
-            .unwrap_or(if self.is_smollm3() { 2_000_000.0 } else { 10_000.0 })
+            .unwrap_or(if self.is_smollm3() {
+                2_000_000.0
+            } else {
+                10_000.0
+            })
     }
 
     /// Whether `lm_head` shares `embed_tokens`.
@@ -139,7 +143,7 @@ impl LlamaConfig {
         }
         match &self.no_rope_layers {
             Some(v) => v.get(i).is_none_or(|&x| x != 0),
-            None => (i + 1) % self.no_rope_layer_interval.unwrap_or(4).max(1) != 0,
+            None => !(i + 1).is_multiple_of(self.no_rope_layer_interval.unwrap_or(4).max(1)),
         }
     }
 
@@ -165,9 +169,13 @@ impl LlamaConfig {
             ));
         }
         if self.num_hidden_layers == 0 {
-            return Err(unsupported("num_hidden_layers", "0".into(), "need at least one layer"));
+            return Err(unsupported(
+                "num_hidden_layers",
+                "0".into(),
+                "need at least one layer",
+            ));
         }
-        if self.head_dim() == 0 || self.head_dim() % 2 != 0 {
+        if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
             return Err(unsupported(
                 "head_dim",
                 self.head_dim().to_string(),
@@ -302,8 +310,14 @@ impl Llama {
         let hd = self.head_dim;
         // 1. Projections, viewed per head: (b, l, heads, hd).
         let q = blk.q_proj.forward(h)?.reshape((b, l, self.n_heads, hd))?;
-        let k = blk.k_proj.forward(h)?.reshape((b, l, self.n_kv_heads, hd))?;
-        let v = blk.v_proj.forward(h)?.reshape((b, l, self.n_kv_heads, hd))?;
+        let k = blk
+            .k_proj
+            .forward(h)?
+            .reshape((b, l, self.n_kv_heads, hd))?;
+        let v = blk
+            .v_proj
+            .forward(h)?
+            .reshape((b, l, self.n_kv_heads, hd))?;
         // 2. RoPE in the (b, l, heads, hd) layout (skipped on SmolLM3 NoPE layers).
         let (q, k) = if blk.rope {
             let (cos, sin) = rope;
@@ -364,7 +378,11 @@ impl HookedModel for Llama {
             let hp = |site| Hookpoint::new(i, site);
             let resid_pre = nn::visit(hooks, hp(Site::ResidPre), x)?;
             let h = candle_nn::ops::rms_norm(&resid_pre, &blk.input_layernorm, self.eps)?;
-            let attn_out = nn::visit(hooks, hp(Site::AttnOut), self.attention(blk, &h, &rope, &mask)?)?;
+            let attn_out = nn::visit(
+                hooks,
+                hp(Site::AttnOut),
+                self.attention(blk, &h, &rope, &mask)?,
+            )?;
             let resid_mid = nn::visit(hooks, hp(Site::ResidMid), (&resid_pre + &attn_out)?)?;
             let mlp_in = nn::visit(
                 hooks,

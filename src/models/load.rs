@@ -135,43 +135,37 @@ pub fn load_source(source: &ModelSource, device: &Device) -> Result<LoadedModel,
     }
 }
 
-/// Read and parse `dir/config.json` into its JSON value and `model_type`.
-pub fn read_config(dir: &Path) -> Result<(PathBuf, serde_json::Value, String), ModelError> {
+/// Read `dir/config.json`: its path, text and `model_type` (`"(missing)"` when absent).
+pub fn read_config(dir: &Path) -> Result<(PathBuf, String, String), ModelError> {
     let path = dir.join("config.json");
     if !path.is_file() {
         return Err(ModelError::ConfigMissing { path });
     }
     let text = std::fs::read_to_string(&path).map_err(ModelError::io(&path))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|source| ModelError::ConfigMalformed {
-            path: path.clone(),
-            source,
-        })?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|source| ModelError::malformed_config(&path, &text, source))?;
     let model_type = match json.get("model_type") {
         Some(serde_json::Value::String(s)) => s.clone(),
         Some(other) => other.to_string(),
         None => "(missing)".to_string(),
     };
-    Ok((path, json, model_type))
+    Ok((path, text, model_type))
 }
 
 /// Open a Hugging Face layout directory: `config.json`, `model.safetensors` (or a sharded
 /// index) in f32/f16/bf16, and `tokenizer.json` when present.
 pub fn load_dir(dir: &Path, device: &Device) -> Result<LoadedModel, ModelError> {
-    let (config_path, json, model_type) = read_config(dir)?;
-    let malformed = |source| ModelError::ConfigMalformed {
-        path: config_path.clone(),
-        source,
-    };
+    let (config_path, text, model_type) = read_config(dir)?;
+    let malformed = |source| ModelError::malformed_config(&config_path, &text, source);
     let model: Box<dyn HookedModel> = match model_type.as_str() {
         "gpt_neox" => {
-            let cfg: GptNeoXConfig = serde_json::from_value(json).map_err(malformed)?;
+            let cfg: GptNeoXConfig = serde_json::from_str(&text).map_err(malformed)?;
             cfg.validate(&config_path)?;
             let w = super::weights::Weights::from_dir(dir, &model_type, device)?;
             Box::new(GptNeoX::new(&cfg, &w)?)
         }
         "llama" | "smollm3" => {
-            let cfg: LlamaConfig = serde_json::from_value(json).map_err(malformed)?;
+            let cfg: LlamaConfig = serde_json::from_str(&text).map_err(malformed)?;
             cfg.validate(&config_path)?;
             let w = super::weights::Weights::from_dir(dir, &model_type, device)?;
             Box::new(Llama::new(&cfg, &w)?)

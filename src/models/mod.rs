@@ -19,8 +19,8 @@ use candle_core::{Device, Tensor};
 
 pub use error::{ModelError, SUPPORTED_MODEL_TYPES};
 pub use hooks::{Hookpoint, HookpointError, Hooks, NoHooks, Recorder, Replace, Site};
-pub use nn::{OneOrMany, RopeParameters};
 pub use load::{load_dir, load_gguf, load_source, LoadedModel, ModelSource};
+pub use nn::{OneOrMany, RopeParameters};
 
 /// The device forward passes run on: the first CUDA GPU when built with the `cuda`
 /// feature and one is present, else the CPU.

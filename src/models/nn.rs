@@ -100,7 +100,8 @@ pub(crate) fn attention(
     let q = (q * scale)?.reshape((b, kv, g * l, d))?;
     let scores = q.matmul(&k.t()?)?;
     // 2. Causal mask and softmax over keys: (b, h, l, l).
-    let probs = candle_nn::ops::softmax_last_dim(&scores.reshape((b, h, l, l))?.broadcast_add(mask)?)?;
+    let probs =
+        candle_nn::ops::softmax_last_dim(&scores.reshape((b, h, l, l))?.broadcast_add(mask)?)?;
     // 3. Weighted values: (b, kv, g·l, l) × (b, kv, l, d) -> (b, h, l, d).
     let out = probs.reshape((b, kv, g * l, l))?.matmul(v)?;
     // 4. Heads back next to each other: (b, l, h·d).
@@ -148,7 +149,11 @@ impl Act {
 
 /// Visit hookpoint `hp` with activation `x` if `hooks` wants it; a replacement (which
 /// must have `x`'s shape) takes `x`'s place for the rest of the forward pass.
-pub(crate) fn visit(hooks: &mut dyn Hooks, hp: Hookpoint, x: Tensor) -> candle_core::Result<Tensor> {
+pub(crate) fn visit(
+    hooks: &mut dyn Hooks,
+    hp: Hookpoint,
+    x: Tensor,
+) -> candle_core::Result<Tensor> {
     if !hooks.wants(hp) {
         return Ok(x);
     }
@@ -279,7 +284,9 @@ mod tests {
         let ours = attention(&q, &k, &v, &mask, 0.5)?;
         // Reference: repeat each kv head h/kv times, plain per-head attention.
         let rep = |t: &Tensor| -> candle_core::Result<Tensor> {
-            let parts: Vec<Tensor> = (0..h).map(|i| t.narrow(1, i / (h / kv), 1)).collect::<candle_core::Result<_>>()?;
+            let parts: Vec<Tensor> = (0..h)
+                .map(|i| t.narrow(1, i / (h / kv), 1))
+                .collect::<candle_core::Result<_>>()?;
             Tensor::cat(&parts, 1)
         };
         let (k2, v2) = (rep(&k)?, rep(&v)?);

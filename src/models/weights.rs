@@ -65,12 +65,11 @@ impl Weights {
             }
             // SAFETY: the file is mapped read-only; like every safetensors reader we rely on
             // nobody truncating the file while the model is loaded.
-            let st = unsafe { MmapedSafetensors::new(&path) }.map_err(|e| {
-                ModelError::Safetensors {
+            let st =
+                unsafe { MmapedSafetensors::new(&path) }.map_err(|e| ModelError::Safetensors {
                     path: path.clone(),
                     detail: e.to_string(),
-                }
-            })?;
+                })?;
             for (name, _) in st.tensors() {
                 index.insert(name, i);
             }

@@ -74,7 +74,10 @@ impl TinyModel {
         });
         let mut i = Init::new(seed);
         let mut t = BTreeMap::new();
-        t.insert("gpt_neox.embed_in.weight".into(), i.normal(&[v, d], 0.0, 1.0));
+        t.insert(
+            "gpt_neox.embed_in.weight".into(),
+            i.normal(&[v, d], 0.0, 1.0),
+        );
         for l in 0..layers {
             let p = format!("gpt_neox.layers.{l}");
             for ln in ["input_layernorm", "post_attention_layernorm"] {
@@ -87,13 +90,25 @@ impl TinyModel {
                 ("mlp.dense_h_to_4h", ff, d),
                 ("mlp.dense_4h_to_h", d, ff),
             ] {
-                t.insert(format!("{p}.{name}.weight"), i.normal(&[o, inp], 0.0, 1.0 / (inp as f32).sqrt()));
+                t.insert(
+                    format!("{p}.{name}.weight"),
+                    i.normal(&[o, inp], 0.0, 1.0 / (inp as f32).sqrt()),
+                );
                 t.insert(format!("{p}.{name}.bias"), i.normal(&[o], 0.0, 0.05));
             }
         }
-        t.insert("gpt_neox.final_layer_norm.weight".into(), i.normal(&[d], 1.0, 0.1));
-        t.insert("gpt_neox.final_layer_norm.bias".into(), i.normal(&[d], 0.0, 0.1));
-        t.insert("embed_out.weight".into(), i.normal(&[v, d], 0.0, 1.0 / (d as f32).sqrt()));
+        t.insert(
+            "gpt_neox.final_layer_norm.weight".into(),
+            i.normal(&[d], 1.0, 0.1),
+        );
+        t.insert(
+            "gpt_neox.final_layer_norm.bias".into(),
+            i.normal(&[d], 0.0, 0.1),
+        );
+        t.insert(
+            "embed_out.weight".into(),
+            i.normal(&[v, d], 0.0, 1.0 / (d as f32).sqrt()),
+        );
         Self { config, tensors: t }
     }
 
@@ -130,11 +145,20 @@ impl TinyModel {
         }
         let mut i = Init::new(seed);
         let mut t = BTreeMap::new();
-        t.insert("model.embed_tokens.weight".into(), i.normal(&[v, d], 0.0, 1.0));
+        t.insert(
+            "model.embed_tokens.weight".into(),
+            i.normal(&[v, d], 0.0, 1.0),
+        );
         for l in 0..layers {
             let p = format!("model.layers.{l}");
-            t.insert(format!("{p}.input_layernorm.weight"), i.normal(&[d], 1.0, 0.1));
-            t.insert(format!("{p}.post_attention_layernorm.weight"), i.normal(&[d], 1.0, 0.1));
+            t.insert(
+                format!("{p}.input_layernorm.weight"),
+                i.normal(&[d], 1.0, 0.1),
+            );
+            t.insert(
+                format!("{p}.post_attention_layernorm.weight"),
+                i.normal(&[d], 1.0, 0.1),
+            );
             for (name, o, inp) in [
                 ("self_attn.q_proj", h * hd, d),
                 ("self_attn.k_proj", kv * hd, d),
@@ -144,7 +168,10 @@ impl TinyModel {
                 ("mlp.up_proj", ff, d),
                 ("mlp.down_proj", d, ff),
             ] {
-                t.insert(format!("{p}.{name}.weight"), i.normal(&[o, inp], 0.0, 1.0 / (inp as f32).sqrt()));
+                t.insert(
+                    format!("{p}.{name}.weight"),
+                    i.normal(&[o, inp], 0.0, 1.0 / (inp as f32).sqrt()),
+                );
             }
         }
         t.insert("model.norm.weight".into(), i.normal(&[d], 1.0, 0.1));
@@ -199,7 +226,13 @@ pub fn tiny_words() -> Vec<String> {
         number sound no most people my over know water than call first who may down side been now \
         find any new work part take get place made live where after back little only round man \
         year came show every good me give our under name very through just form";
-    let mut words: Vec<String> = vec!["[UNK]".into(), "<s>".into(), "</s>".into(), ".".into(), ",".into()];
+    let mut words: Vec<String> = vec![
+        "[UNK]".into(),
+        "<s>".into(),
+        "</s>".into(),
+        ".".into(),
+        ",".into(),
+    ];
     for w in base.split_whitespace() {
         if words.len() == TINY_VOCAB {
             break;
@@ -234,8 +267,11 @@ pub fn tiny_tokenizer(dir: &Path) -> PathBuf {
         .expect("invariant: [UNK] is in the vocabulary");
     let mut tok = Tokenizer::new(model);
     tok.with_pre_tokenizer(Some(Whitespace {}));
-    tok.add_special_tokens([AddedToken::from("<s>", true), AddedToken::from("</s>", true)])
-        .expect("add special tokens");
+    tok.add_special_tokens([
+        AddedToken::from("<s>", true),
+        AddedToken::from("</s>", true),
+    ])
+    .expect("add special tokens");
     std::fs::create_dir_all(dir).expect("create dir");
     let path = dir.join("tokenizer.json");
     tok.save(&path, true).expect("write tokenizer.json");
@@ -251,7 +287,9 @@ pub fn tiny_corpus() -> Vec<String> {
         .map(|_| {
             use rand::Rng;
             let n = rng.random_range(5..15);
-            let mut s: Vec<&str> = (0..n).map(|_| content[rng.random_range(0..content.len())].as_str()).collect();
+            let mut s: Vec<&str> = (0..n)
+                .map(|_| content[rng.random_range(0..content.len())].as_str())
+                .collect();
             s.push(".");
             s.join(" ")
         })
