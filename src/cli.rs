@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use saepipe::report::ProgressMode;
 
@@ -131,9 +131,43 @@ pub fn run() -> Result<ExitCode> {
             print!("{}", saepipe::inspect::inspect(&path)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Trace(_) => bail!("`saepipe trace` is not implemented yet"),
-        Command::Bench { .. } => bail!("`saepipe bench` is not implemented yet"),
+        Command::Trace(args) => trace(args),
+        Command::Bench { what, args } => {
+            saepipe::bench::run(&what, &args).with_context(|| format!("saepipe bench {what}"))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// `saepipe trace`: parse the arguments into a [`saepipe::trace::TraceRequest`] and run it.
+fn trace(a: TraceArgs) -> Result<ExitCode> {
+    use saepipe::models::ModelSource;
+    use saepipe::trace::{TraceInput, TraceRequest};
+    let source: ModelSource = a.model.parse()?;
+    // Hub sources are resolved to a snapshot directory by the hub code (hubconfig); until
+    // that is wired in here, load_source answers them with a clear error.
+    let _ = a.offline;
+    let input = match (a.text, a.token_ids) {
+        (Some(t), None) => TraceInput::Text(t),
+        (None, Some(ids)) => TraceInput::TokenIds(ids),
+        _ => bail!("give exactly one of --text or --token-ids"),
+    };
+    let req = TraceRequest {
+        source,
+        input,
+        hookpoints: a.hookpoints,
+        logits: a.logits,
+        out: a.out,
+    };
+    let summary = saepipe::trace::trace(&req, &saepipe::models::default_device())
+        .with_context(|| format!("tracing {}", a.model))?;
+    eprintln!(
+        "wrote {} ({} tokens: {})",
+        summary.out.display(),
+        summary.token_ids.len(),
+        summary.tensors.join(", ")
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn init_logging(g: &GlobalArgs) {

@@ -22,3 +22,4 @@ pub mod fsutil;
 pub mod inspect;
 pub mod models;
 pub mod report;
+pub mod trace;

@@ -12,7 +12,8 @@ use clap::Parser;
 
 use crate::capture::{capture, ActDtype, CaptureSpec, WriterSettings};
 use crate::data::{DocSplit, PackSpec, TextSource};
-use crate::models::{HookedModel, Hookpoint};
+use super::BenchError;
+use crate::models::{HookedModel, Hookpoint, ModelSource};
 use crate::report::Silent;
 
 /// Arguments of `saepipe bench capture`.
@@ -139,39 +140,41 @@ pub fn render(results: &[CaseResult]) -> String {
     s
 }
 
-/// `saepipe bench capture [args]`: the parent spawns one child per case; a child
-/// (`--one`) loads the model, runs its case and prints one JSON line.
-pub fn main(
-    raw: &[String],
-    load: impl Fn(&str) -> anyhow::Result<(Box<dyn HookedModel>, Arc<tokenizers::Tokenizer>)>,
-) -> anyhow::Result<String> {
-    let args = BenchCaptureArgs::try_parse_from(
-        std::iter::once("saepipe bench capture".to_string()).chain(raw.iter().cloned()),
-    )?;
+/// Load a model and its tokenizer from a source string (`local:<dir>`, `gguf:<file>`).
+pub fn load_model(source: &str) -> Result<(Box<dyn HookedModel>, Arc<tokenizers::Tokenizer>), BenchError> {
+    let src: ModelSource = source.parse()?;
+    let loaded = crate::models::load_source(&src, &crate::models::default_device())?;
+    let tok = loaded
+        .tokenizer
+        .ok_or_else(|| BenchError::Capture(format!("{source}: no tokenizer found next to the model")))?;
+    Ok((loaded.model, Arc::new(tok)))
+}
+
+/// `saepipe bench capture [args]`: the parent spawns one child per case and prints the
+/// table; a child (`--one`) loads the model, runs its case and prints one JSON line.
+pub fn run_cli(raw: &[String]) -> Result<(), BenchError> {
+    let argv = std::iter::once("saepipe bench capture".to_string()).chain(raw.iter().cloned());
+    let args = BenchCaptureArgs::try_parse_from(argv).map_err(|e| BenchError::Usage(e.to_string()))?;
+    let err = |e: &dyn std::fmt::Display| BenchError::Capture(e.to_string());
     let out = match &args.out {
         Some(o) => o.clone(),
         None => std::env::temp_dir().join(format!("saepipe-bench-capture-{}", std::process::id())),
     };
     if args.one {
-        let (model, tok) = load(&args.model)?;
-        let r = run_case(
-            model.as_ref(),
-            tok,
-            &args,
-            &out,
-            args.tokens[0],
-            parse_dtype(&args.dtype[0])?,
-        )?;
-        return Ok(serde_json::to_string(&r)?);
+        let (model, tok) = load_model(&args.model)?;
+        let dtype = parse_dtype(&args.dtype[0]).map_err(|e| err(&e))?;
+        let r = run_case(model.as_ref(), tok, &args, &out, args.tokens[0], dtype).map_err(|e| err(&e))?;
+        println!("{}", serde_json::to_string(&r).map_err(|e| err(&e))?);
+        return Ok(());
     }
-    let exe = std::env::current_exe()?;
+    let exe = std::env::current_exe().map_err(|e| err(&e))?;
     let mut results = Vec::new();
     for dt in &args.dtype {
-        parse_dtype(dt)?;
+        parse_dtype(dt).map_err(|e| err(&e))?;
         for &n in &args.tokens {
             let case_out = out.join(format!("{dt}-{n}"));
             let mut cmd = std::process::Command::new(&exe);
-            cmd.args(["bench", "capture", "--one", "--model", &args.model])
+            cmd.args(["-q", "bench", "capture", "--one", "--model", &args.model])
                 .args(["--tokens", &n.to_string(), "--dtype", dt])
                 .args(["--context-len", &args.context_len.to_string()])
                 .args(["--batch-size", &args.batch_size.to_string()])
@@ -183,15 +186,16 @@ pub fn main(
             if let Some(h) = &args.hookpoint {
                 cmd.args(["--hookpoint", h]);
             }
-            let o = cmd.output()?;
+            let o = cmd.output().map_err(|e| err(&e))?;
             if !o.status.success() {
-                anyhow::bail!(
-                    "bench case {dt}/{n} failed: {}",
+                return Err(BenchError::Capture(format!(
+                    "case {dt}/{n} failed: {}",
                     String::from_utf8_lossy(&o.stderr)
-                );
+                )));
             }
-            let line = String::from_utf8_lossy(&o.stdout);
-            let r: CaseResult = serde_json::from_str(line.trim())?;
+            let stdout = String::from_utf8_lossy(&o.stdout);
+            let line = stdout.lines().last().unwrap_or("");
+            let r: CaseResult = serde_json::from_str(line.trim()).map_err(|e| err(&e))?;
             let _ = std::fs::remove_dir_all(&case_out);
             results.push(r);
         }
@@ -199,5 +203,6 @@ pub fn main(
     if args.out.is_none() {
         let _ = std::fs::remove_dir_all(&out);
     }
-    Ok(render(&results))
+    print!("{}", render(&results));
+    Ok(())
 }
