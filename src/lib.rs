@@ -14,7 +14,9 @@
 //!
 //! The contract users see is `../shared/specs/pipeline.md`.
 
+pub mod config;
 pub mod error;
 pub mod fsutil;
+pub mod hub;
 pub mod models;
 pub mod report;
