@@ -76,6 +76,31 @@ pub struct PipelineArgs {
     /// Overwrite outputs made with a different config.
     #[arg(long)]
     pub force: bool,
+    /// Hub cache folder (default: HF_HUB_CACHE, else HF_HOME/hub, else
+    /// ~/.cache/huggingface/hub).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl PipelineArgs {
+    /// Load and validate the pipeline file with the `--set` overrides (and `--offline`).
+    pub fn load(&self) -> Result<saepipe::config::Pipeline> {
+        let mut sets = self.set.clone();
+        if self.offline {
+            sets.push("run.offline=true".to_string());
+        }
+        Ok(saepipe::config::load(&self.pipeline, &sets)?)
+    }
+
+    /// Hub options from the environment, the pipeline and the flags.
+    pub fn hub_options(&self, pipeline: &saepipe::config::Pipeline) -> saepipe::hub::HubOptions {
+        let mut opts = saepipe::hub::HubOptions::from_env();
+        if let Some(dir) = &self.cache_dir {
+            opts.cache_dir = dir.clone();
+        }
+        opts.offline |= self.offline || pipeline.config.run.offline;
+        opts
+    }
 }
 
 /// `saepipe train`.
@@ -123,8 +148,44 @@ pub fn run() -> Result<ExitCode> {
     init_logging(&cli.global);
     match cli.command {
         Command::Run(_) => bail!("`saepipe run` is not implemented yet"),
-        Command::Download(_) => bail!("`saepipe download` is not implemented yet"),
-        Command::Capture(_) => bail!("`saepipe capture` is not implemented yet"),
+        Command::Download(args) => {
+            let pipeline = args.load()?;
+            let opts = args.hub_options(&pipeline);
+            let reporter = saepipe::report::reporter(cli.global.progress);
+            let m =
+                saepipe::hub::download(&pipeline, &opts, reporter.as_ref()).with_context(|| {
+                    format!(
+                        "downloading the model and dataset of {}",
+                        args.pipeline.display()
+                    )
+                })?;
+            tracing::info!(
+                model = %m.model.path.display(),
+                dataset_files = m.dataset.files.len(),
+                manifest = %pipeline.run_dir().join(saepipe::hub::MANIFEST_FILE).display(),
+                "download done"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Capture(args) => {
+            let pipeline = args.load()?;
+            let opts = args.hub_options(&pipeline);
+            let reporter = saepipe::report::reporter(cli.global.progress);
+            let sums = saepipe::capture::stage::run_stage(&pipeline, &opts, args.force, reporter.as_ref())
+                .with_context(|| format!("saepipe capture {}", args.pipeline.display()))?;
+            for s in sums {
+                tracing::info!(
+                    hookpoint = %s.hookpoint,
+                    split = s.split.name(),
+                    tokens = s.n_tokens,
+                    bytes = s.bytes,
+                    dir = %s.dir.display(),
+                    "{}",
+                    if s.skipped { "already captured" } else { "captured" }
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Train(_) => bail!("`saepipe train` is not implemented yet"),
         Command::Evaluate(_) => bail!("`saepipe evaluate` is not implemented yet"),
         Command::Inspect { path } => {

@@ -16,9 +16,11 @@
 
 pub mod bench;
 pub mod capture;
+pub mod config;
 pub mod data;
 pub mod error;
 pub mod fsutil;
+pub mod hub;
 pub mod inspect;
 pub mod models;
 pub mod report;

@@ -21,6 +21,7 @@
 pub mod manifest;
 pub mod reader;
 pub mod schema;
+pub mod stage;
 pub mod writer;
 
 #[cfg(test)]
