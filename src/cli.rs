@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use saepipe::report::ProgressMode;
 
@@ -76,6 +76,31 @@ pub struct PipelineArgs {
     /// Overwrite outputs made with a different config.
     #[arg(long)]
     pub force: bool,
+    /// Hub cache folder (default: HF_HUB_CACHE, else HF_HOME/hub, else
+    /// ~/.cache/huggingface/hub).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl PipelineArgs {
+    /// Load and validate the pipeline file with the `--set` overrides (and `--offline`).
+    pub fn load(&self) -> Result<saepipe::config::Pipeline> {
+        let mut sets = self.set.clone();
+        if self.offline {
+            sets.push("run.offline=true".to_string());
+        }
+        Ok(saepipe::config::load(&self.pipeline, &sets)?)
+    }
+
+    /// Hub options from the environment, the pipeline and the flags.
+    pub fn hub_options(&self, pipeline: &saepipe::config::Pipeline) -> saepipe::hub::HubOptions {
+        let mut opts = saepipe::hub::HubOptions::from_env();
+        if let Some(dir) = &self.cache_dir {
+            opts.cache_dir = dir.clone();
+        }
+        opts.offline |= self.offline || pipeline.config.run.offline;
+        opts
+    }
 }
 
 /// `saepipe train`.
@@ -94,7 +119,11 @@ pub struct TraceArgs {
     /// The model: a hub repo (org/name[@revision]), local:<dir> or gguf:<file>.
     pub model: String,
     /// The prompt, tokenised with the model's tokenizer.
-    #[arg(long, conflicts_with = "token_ids", required_unless_present = "token_ids")]
+    #[arg(
+        long,
+        conflicts_with = "token_ids",
+        required_unless_present = "token_ids"
+    )]
     pub text: Option<String>,
     /// Token ids, comma-separated.
     #[arg(long, value_delimiter = ',')]
@@ -119,14 +148,87 @@ pub fn run() -> Result<ExitCode> {
     init_logging(&cli.global);
     match cli.command {
         Command::Run(_) => bail!("`saepipe run` is not implemented yet"),
-        Command::Download(_) => bail!("`saepipe download` is not implemented yet"),
-        Command::Capture(_) => bail!("`saepipe capture` is not implemented yet"),
+        Command::Download(args) => {
+            let pipeline = args.load()?;
+            let opts = args.hub_options(&pipeline);
+            let reporter = saepipe::report::reporter(cli.global.progress);
+            let m =
+                saepipe::hub::download(&pipeline, &opts, reporter.as_ref()).with_context(|| {
+                    format!(
+                        "downloading the model and dataset of {}",
+                        args.pipeline.display()
+                    )
+                })?;
+            tracing::info!(
+                model = %m.model.path.display(),
+                dataset_files = m.dataset.files.len(),
+                manifest = %pipeline.run_dir().join(saepipe::hub::MANIFEST_FILE).display(),
+                "download done"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Capture(args) => {
+            let pipeline = args.load()?;
+            let opts = args.hub_options(&pipeline);
+            let reporter = saepipe::report::reporter(cli.global.progress);
+            let sums = saepipe::capture::stage::run_stage(&pipeline, &opts, args.force, reporter.as_ref())
+                .with_context(|| format!("saepipe capture {}", args.pipeline.display()))?;
+            for s in sums {
+                tracing::info!(
+                    hookpoint = %s.hookpoint,
+                    split = s.split.name(),
+                    tokens = s.n_tokens,
+                    bytes = s.bytes,
+                    dir = %s.dir.display(),
+                    "{}",
+                    if s.skipped { "already captured" } else { "captured" }
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Train(_) => bail!("`saepipe train` is not implemented yet"),
         Command::Evaluate(_) => bail!("`saepipe evaluate` is not implemented yet"),
-        Command::Inspect { .. } => bail!("`saepipe inspect` is not implemented yet"),
-        Command::Trace(_) => bail!("`saepipe trace` is not implemented yet"),
-        Command::Bench { .. } => bail!("`saepipe bench` is not implemented yet"),
+        Command::Inspect { path } => {
+            print!("{}", saepipe::inspect::inspect(&path)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Trace(args) => trace(args),
+        Command::Bench { what, args } => {
+            saepipe::bench::run(&what, &args).with_context(|| format!("saepipe bench {what}"))?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// `saepipe trace`: parse the arguments into a [`saepipe::trace::TraceRequest`] and run it.
+fn trace(a: TraceArgs) -> Result<ExitCode> {
+    use saepipe::models::ModelSource;
+    use saepipe::trace::{TraceInput, TraceRequest};
+    let source: ModelSource = a.model.parse()?;
+    // Hub sources are resolved to a snapshot directory by the hub code (hubconfig); until
+    // that is wired in here, load_source answers them with a clear error.
+    let _ = a.offline;
+    let input = match (a.text, a.token_ids) {
+        (Some(t), None) => TraceInput::Text(t),
+        (None, Some(ids)) => TraceInput::TokenIds(ids),
+        _ => bail!("give exactly one of --text or --token-ids"),
+    };
+    let req = TraceRequest {
+        source,
+        input,
+        hookpoints: a.hookpoints,
+        logits: a.logits,
+        out: a.out,
+    };
+    let summary = saepipe::trace::trace(&req, &saepipe::models::default_device())
+        .with_context(|| format!("tracing {}", a.model))?;
+    eprintln!(
+        "wrote {} ({} tokens: {})",
+        summary.out.display(),
+        summary.token_ids.len(),
+        summary.tensors.join(", ")
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn init_logging(g: &GlobalArgs) {

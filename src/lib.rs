@@ -14,7 +14,14 @@
 //!
 //! The contract users see is `../shared/specs/pipeline.md`.
 
+pub mod bench;
+pub mod capture;
+pub mod config;
+pub mod data;
 pub mod error;
 pub mod fsutil;
+pub mod hub;
+pub mod inspect;
 pub mod models;
 pub mod report;
+pub mod trace;

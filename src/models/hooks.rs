@@ -96,17 +96,19 @@ pub enum HookpointError {
          mlp_out, resid_post"
     )]
     UnknownSite(String),
-    #[error("hookpoint {hookpoint}: layer {layer} is out of range; this model has {n_layers} layers (0..={max})", max = n_layers.saturating_sub(1))]
+    #[error("hookpoint {hookpoint}: layer {layer} is out of range; this model has {n_layers} layers, so use a layer in 0..={max}", max = n_layers.saturating_sub(1))]
     LayerOutOfRange {
         hookpoint: String,
         layer: usize,
         n_layers: usize,
     },
-    #[error("hookpoint {hookpoint}: site {site} is not available for {model_type}")]
+    #[error("hookpoint {hookpoint}: site {site} is not available for {model_type}; use one of: {available}")]
     SiteUnavailable {
         hookpoint: String,
         site: String,
         model_type: String,
+        /// The sites this model does expose, comma-separated.
+        available: String,
     },
 }
 

@@ -6,11 +6,33 @@
 //! [`HookedModel::forward_hooked`], can replace any of them, and stops after the deepest
 //! block a caller needs.
 
+pub mod error;
+pub mod gguf;
+pub mod gpt_neox;
 pub mod hooks;
+pub mod llama;
+pub mod load;
+pub(crate) mod nn;
+pub mod weights;
 
 use candle_core::{Device, Tensor};
 
+pub use error::{ModelError, SUPPORTED_MODEL_TYPES};
 pub use hooks::{Hookpoint, HookpointError, Hooks, NoHooks, Recorder, Replace, Site};
+pub use load::{load_dir, load_gguf, load_source, LoadedModel, ModelSource};
+pub use nn::{OneOrMany, RopeParameters};
+
+/// The device forward passes run on: the first CUDA GPU when built with the `cuda`
+/// feature and one is present, else the CPU.
+pub fn default_device() -> Device {
+    #[cfg(feature = "cuda")]
+    {
+        if let Ok(d) = Device::cuda_if_available(0) {
+            return d;
+        }
+    }
+    Device::Cpu
+}
 
 /// What a loaded model is.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -48,6 +70,12 @@ pub trait HookedModel: Send + Sync {
     /// The device the weights live on.
     fn device(&self) -> &Device;
 
+    /// The context length the model was trained for (`max_position_embeddings`), when
+    /// known; longer inputs still run but are out of distribution.
+    fn max_positions(&self) -> Option<usize> {
+        None
+    }
+
     /// Run the model on `ids` of shape `(batch, seq)` (u32), visiting every hookpoint
     /// `hooks` wants. With `stop_after = Some(l)` the pass ends after block `l` and returns
     /// `None`; otherwise it runs to the end and returns the logits `(batch, seq, vocab)`
@@ -74,6 +102,12 @@ pub trait HookedModel: Send + Sync {
                 hookpoint: hp.to_string(),
                 site: hp.site.to_string(),
                 model_type: info.model_type.clone(),
+                available: self
+                    .sites()
+                    .iter()
+                    .map(|s| s.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
             });
         }
         Ok(())

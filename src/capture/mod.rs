@@ -1,0 +1,684 @@
+//! Capture: text → token windows → one hooked forward pass per batch → one Parquet
+//! activation set per (hookpoint, split).
+//!
+//! Implements `../shared/specs/pipeline.md` §1 (resumable, refuses a changed config unless
+//! `--force`), §3 (stop after the deepest requested block; BOS/EOS/pad positions
+//! excluded by default) and §4 (layout, schema, metadata, bounded memory).
+//!
+//! Layout: `<out>/<hookpoint>/part-NNNNN.parquet + manifest.json` for the training split
+//! and `<out>/<hookpoint>/eval/…` for the held-out split.
+//!
+//! Decision: shard `i` of a split holds windows `[i·W, (i+1)·W)` of that split's window
+//! stream (`W = shard_windows`), batches never straddle shards, and the budget is exact
+//! (the window that reaches it keeps only the positions it needs). Shards are therefore a
+//! function of the config alone: a killed capture redoes at most the shard in flight, and
+//! the result equals an uninterrupted run byte for byte.
+//! Decision: the config hash covers everything that determines one hookpoint's bytes
+//! (model, revision, tokenizer hash, data, packing, split, budgets, shard size, batch
+//! size, dtype, writer settings, exclusion policy) and not the other hookpoints, so adding
+//! a hookpoint to a pipeline does not invalidate the ones already captured.
+
+pub mod manifest;
+pub mod reader;
+pub mod schema;
+pub mod stage;
+pub mod writer;
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+pub(crate) mod toy;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use tokenizers::Tokenizer;
+
+use crate::data::{
+    special_token_ids, tokenizer_sha256, DataError, DocSplit, PackSpec, SpecialIds, Split,
+    TextSource, Window, WindowStream,
+};
+use crate::error::{ensure_finite, NumericError};
+use crate::models::{HookedModel, Hookpoint, HookpointError, Recorder};
+use crate::report::Reporter;
+pub use manifest::{shard_name, Manifest, ShardInfo, MANIFEST};
+pub use schema::{ActDtype, ActMeta};
+pub use writer::{ActCompression, Rows, ShardWriter, WriterSettings};
+
+/// Why a capture (or reading its output) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// File system error on `path`.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or folder.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Parquet/Arrow error on `path`.
+    #[error("{path}: {msg}")]
+    Parquet {
+        /// The file.
+        path: PathBuf,
+        /// The library's message.
+        msg: String,
+    },
+    /// A manifest that cannot be read.
+    #[error("{path}: unreadable manifest ({msg}); delete it and re-run capture with --force")]
+    BadManifest {
+        /// The manifest file.
+        path: PathBuf,
+        /// What is wrong.
+        msg: String,
+    },
+    /// Existing output was made with a different config.
+    #[error("{path} was captured with config hash {found}, but this config hashes to {expected}; refusing to mix outputs: re-run with --force to overwrite it, or change run.name")]
+    ConfigChanged {
+        /// The file or folder holding the other capture.
+        path: PathBuf,
+        /// Its config hash.
+        found: String,
+        /// Ours.
+        expected: String,
+    },
+    /// The corpus ran out before the budget was reached.
+    #[error("the corpus ({source_desc}) yields only {have} {split} tokens after packing and exclusions, but the budget asks for {need}; lower data.n_tokens / data.n_eval_tokens or add text")]
+    CorpusTooSmall {
+        /// `train` or `eval`.
+        split: &'static str,
+        /// Tokens available.
+        have: u64,
+        /// Tokens asked for.
+        need: u64,
+        /// The dataset description.
+        source_desc: String,
+    },
+    /// A shard's metadata disagrees with what the reader expects.
+    #[error(
+        "{path}: {key} is {found}, expected {expected}; this shard belongs to another capture"
+    )]
+    SchemaMismatch {
+        /// The shard.
+        path: PathBuf,
+        /// The metadata key (hookpoint, d_model, model_revision, …).
+        key: String,
+        /// What the caller expects.
+        expected: String,
+        /// What the file says.
+        found: String,
+    },
+    /// A file that is not an activation shard, or is damaged.
+    #[error("{path}: not a readable activation shard ({msg}); it may be truncated or corrupt: delete it and re-run capture")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        msg: String,
+    },
+    /// An invalid capture request.
+    #[error("invalid capture settings: {0}")]
+    BadSpec(String),
+    /// Reading the dataset failed.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// A requested hookpoint does not exist in the model.
+    #[error(transparent)]
+    Hookpoint(#[from] HookpointError),
+    /// The forward pass failed.
+    #[error("forward pass: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// A NaN or infinity in the activations.
+    #[error(transparent)]
+    NonFinite(#[from] NumericError),
+}
+
+impl CaptureError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        CaptureError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+    pub(crate) fn parquet(path: &Path, e: impl std::fmt::Display) -> Self {
+        CaptureError::Parquet {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        }
+    }
+}
+
+/// Everything a capture needs besides the model and tokenizer.
+#[derive(Debug, Clone)]
+pub struct CaptureSpec {
+    /// `data/<run>/activations`.
+    pub out_dir: PathBuf,
+    /// Model source as written in the pipeline (hub repo, `local:<dir>`, `gguf:<file>`).
+    pub model_repo: String,
+    /// Model revision (commit sha for hub repos).
+    pub model_revision: String,
+    /// Hookpoints to capture, all from the same forward passes.
+    pub hookpoints: Vec<Hookpoint>,
+    /// The text.
+    pub source: TextSource,
+    /// Windows.
+    pub pack: PackSpec,
+    /// The seeded document split.
+    pub split: DocSplit,
+    /// Training tokens to keep (exact).
+    pub n_tokens: u64,
+    /// Held-out tokens to keep (exact; 0 = no eval set).
+    pub n_eval_tokens: u64,
+    /// Windows per forward pass.
+    pub batch_size: usize,
+    /// Windows per shard.
+    pub shard_windows: usize,
+    /// Stored value type.
+    pub dtype: ActDtype,
+    /// Parquet writer settings.
+    pub writer: WriterSettings,
+    /// Skip positions holding BOS/EOS/pad/special tokens.
+    pub exclude_special_tokens: bool,
+    /// Overwrite outputs of a different config.
+    pub force: bool,
+}
+
+/// What the hash of one hookpoint's capture covers.
+#[derive(Serialize)]
+struct HashInput<'a> {
+    model_repo: &'a str,
+    model_revision: &'a str,
+    hookpoint: String,
+    d_model: usize,
+    tokenizer_sha256: &'a str,
+    source: &'a TextSource,
+    pack: &'a PackSpec,
+    seed: u64,
+    eval_fraction: f64,
+    n_tokens: u64,
+    n_eval_tokens: u64,
+    batch_size: usize,
+    shard_windows: usize,
+    dtype: ActDtype,
+    writer: &'a WriterSettings,
+    excluded_token_ids: &'a [u32],
+}
+
+/// The result of one activation set.
+#[derive(Debug, Clone)]
+pub struct SetSummary {
+    /// Hookpoint.
+    pub hookpoint: Hookpoint,
+    /// Split.
+    pub split: Split,
+    /// The set's folder.
+    pub dir: PathBuf,
+    /// Rows written.
+    pub n_tokens: u64,
+    /// Bytes on disk (shards).
+    pub bytes: u64,
+    /// It was already complete; nothing was done.
+    pub skipped: bool,
+}
+
+/// The folder of one activation set.
+pub fn set_dir(out_dir: &Path, hp: Hookpoint, split: Split) -> PathBuf {
+    let d = out_dir.join(hp.to_string());
+    match split {
+        Split::Train => d,
+        Split::Eval => d.join("eval"),
+    }
+}
+
+/// Rough bytes per captured token on disk for `d_model` and `dtype` (no compression).
+pub fn bytes_per_token(d_model: usize, dtype: ActDtype) -> u64 {
+    (d_model * dtype.size() + 16) as u64
+}
+
+/// Human-readable byte count.
+pub fn human_bytes(b: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", units[u])
+}
+
+struct SetState {
+    hp: Hookpoint,
+    dir: PathBuf,
+    meta: ActMeta,
+    done: bool,
+    /// Shards found on disk from an interrupted run of the same config: index → (rows, bytes).
+    existing: BTreeMap<usize, (u64, u64)>,
+    shards: Vec<ShardInfo>,
+    bytes: u64,
+}
+
+/// Capture every hookpoint of `spec` from `model`, resuming whatever a previous run of
+/// the same config left, and return one summary per activation set.
+pub fn capture(
+    model: &dyn HookedModel,
+    tokenizer: Arc<Tokenizer>,
+    spec: &CaptureSpec,
+    reporter: &dyn Reporter,
+) -> Result<Vec<SetSummary>, CaptureError> {
+    if spec.hookpoints.is_empty() {
+        return Err(CaptureError::BadSpec(
+            "no hookpoints to capture; set capture.hookpoints".into(),
+        ));
+    }
+    if spec.batch_size == 0 || spec.shard_windows == 0 || spec.n_tokens == 0 {
+        return Err(CaptureError::BadSpec(
+            "batch_size, shard_windows and n_tokens must be positive".into(),
+        ));
+    }
+    for hp in &spec.hookpoints {
+        model.check_hookpoint(*hp)?;
+    }
+    let info = model.info().clone();
+    let d_model = info.d_model;
+    let special = SpecialIds {
+        bos: info.bos_token_id,
+        eos: info.eos_token_ids.first().copied(),
+        pad: info.pad_token_id,
+    };
+    let excluded = if spec.exclude_special_tokens {
+        special_token_ids(&tokenizer, special, &info.eos_token_ids)
+    } else {
+        Vec::new()
+    };
+    let tok_sha = tokenizer_sha256(&tokenizer);
+    let packing = serde_json::to_string(&spec.pack).unwrap_or_default();
+
+    let mut hookpoints = spec.hookpoints.clone();
+    hookpoints.sort();
+    hookpoints.dedup();
+
+    let mut out = Vec::new();
+    for (split, budget) in [
+        (Split::Train, spec.n_tokens),
+        (Split::Eval, spec.n_eval_tokens),
+    ] {
+        if budget == 0 {
+            continue;
+        }
+        let mut sets = Vec::new();
+        for &hp in &hookpoints {
+            let hash_input = HashInput {
+                model_repo: &spec.model_repo,
+                model_revision: &spec.model_revision,
+                hookpoint: hp.to_string(),
+                d_model,
+                tokenizer_sha256: &tok_sha,
+                source: &spec.source,
+                pack: &spec.pack,
+                seed: spec.split.seed,
+                eval_fraction: spec.split.eval_fraction,
+                n_tokens: spec.n_tokens,
+                n_eval_tokens: spec.n_eval_tokens,
+                batch_size: spec.batch_size,
+                shard_windows: spec.shard_windows,
+                dtype: spec.dtype,
+                writer: &spec.writer,
+                excluded_token_ids: &excluded,
+            };
+            let json = serde_json::to_vec(&hash_input).unwrap_or_default();
+            let config_hash = hex::encode(&Sha256::digest(&json)[..8]);
+            let meta = ActMeta {
+                saepipe_version: env!("CARGO_PKG_VERSION").to_string(),
+                model_repo: spec.model_repo.clone(),
+                model_revision: spec.model_revision.clone(),
+                hookpoint: hp.to_string(),
+                d_model,
+                dtype: spec.dtype,
+                context_len: spec.pack.context_len,
+                tokenizer_sha256: tok_sha.clone(),
+                dataset: spec.source.describe(),
+                config_hash,
+                split: split.name().to_string(),
+                exclude_special_tokens: spec.exclude_special_tokens,
+                excluded_token_ids: excluded.clone(),
+                packing: packing.clone(),
+            };
+            let dir = set_dir(&spec.out_dir, hp, split);
+            sets.push(prepare_set(hp, dir, meta, spec.force)?);
+        }
+        let todo = sets.iter().filter(|s| !s.done).count() as u64;
+        if todo > 0 {
+            let bytes = budget * bytes_per_token(d_model, spec.dtype) * todo;
+            reporter.message(&format!(
+                "capture {}: {budget} tokens × {todo} hookpoint(s) of d_model {d_model} ({}) → about {} on disk under {}",
+                split.name(),
+                spec.dtype.name(),
+                human_bytes(bytes),
+                spec.out_dir.display()
+            ));
+            run_split(
+                model, &tokenizer, spec, split, budget, &excluded, special, &mut sets, reporter,
+            )?;
+        }
+        for s in sets {
+            out.push(SetSummary {
+                hookpoint: s.hp,
+                split,
+                n_tokens: budget,
+                bytes: s.bytes,
+                skipped: s.done,
+                dir: s.dir,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Look at what a set folder holds: finished (same hash), partial (same hash: resume),
+/// or another config's output (refuse unless `force`).
+fn prepare_set(
+    hp: Hookpoint,
+    dir: PathBuf,
+    meta: ActMeta,
+    force: bool,
+) -> Result<SetState, CaptureError> {
+    std::fs::create_dir_all(&dir).map_err(|e| CaptureError::io(&dir, e))?;
+    let mut state = SetState {
+        hp,
+        dir: dir.clone(),
+        meta,
+        done: false,
+        existing: BTreeMap::new(),
+        shards: Vec::new(),
+        bytes: 0,
+    };
+    let manifest = match Manifest::read(&dir) {
+        Ok(m) => m,
+        Err(e) if force => {
+            tracing::warn!("{e}; overwriting (--force)");
+            None
+        }
+        Err(e) => return Err(e),
+    };
+    if let Some(m) = manifest {
+        if m.meta.config_hash == state.meta.config_hash {
+            state.done = true;
+            state.bytes = m.shards.iter().map(|s| s.bytes).sum();
+            return Ok(state);
+        }
+        if !force {
+            return Err(CaptureError::ConfigChanged {
+                path: dir.join(MANIFEST),
+                found: m.meta.config_hash,
+                expected: state.meta.config_hash.clone(),
+            });
+        }
+        clear_set(&dir)?;
+        return Ok(state);
+    }
+    for (i, path) in list_parts(&dir)? {
+        match reader::read_shard_meta(&path) {
+            Ok((meta, rows)) if meta.config_hash == state.meta.config_hash => {
+                let bytes = std::fs::metadata(&path)
+                    .map_err(|e| CaptureError::io(&path, e))?
+                    .len();
+                state.existing.insert(i, (rows, bytes));
+            }
+            Ok((meta, _)) if !force => {
+                return Err(CaptureError::ConfigChanged {
+                    path,
+                    found: meta.config_hash,
+                    expected: state.meta.config_hash.clone(),
+                })
+            }
+            Ok(_) => {
+                clear_set(&dir)?;
+                state.existing.clear();
+                break;
+            }
+            Err(e) => {
+                tracing::warn!("{e}; it will be captured again");
+                std::fs::remove_file(&path).map_err(|e| CaptureError::io(&path, e))?;
+            }
+        }
+    }
+    Ok(state)
+}
+
+/// `part-NNNNN.parquet` files of `dir` with their index, sorted; stray `*.tmp` files of
+/// an interrupted run are deleted.
+pub(crate) fn list_parts(dir: &Path) -> Result<Vec<(usize, PathBuf)>, CaptureError> {
+    let mut parts = Vec::new();
+    let rd = std::fs::read_dir(dir).map_err(|e| CaptureError::io(dir, e))?;
+    for entry in rd {
+        let entry = entry.map_err(|e| CaptureError::io(dir, e))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        if name.starts_with("part-") && name.ends_with(".tmp") {
+            std::fs::remove_file(&path).map_err(|e| CaptureError::io(&path, e))?;
+            continue;
+        }
+        if let Some(num) = name
+            .strip_prefix("part-")
+            .and_then(|s| s.strip_suffix(".parquet"))
+        {
+            if let Ok(i) = num.parse::<usize>() {
+                parts.push((i, path));
+            }
+        }
+    }
+    parts.sort();
+    Ok(parts)
+}
+
+/// Delete a set's shards and manifest (not its sub-folders).
+fn clear_set(dir: &Path) -> Result<(), CaptureError> {
+    for (_, p) in list_parts(dir)? {
+        std::fs::remove_file(&p).map_err(|e| CaptureError::io(&p, e))?;
+    }
+    let m = dir.join(MANIFEST);
+    if m.exists() {
+        std::fs::remove_file(&m).map_err(|e| CaptureError::io(&m, e))?;
+    }
+    Ok(())
+}
+
+/// Positions of `w` that are captured: real (not padding) and not excluded.
+fn kept_positions(w: &Window, excluded: &[u32]) -> Vec<usize> {
+    (0..w.n_real)
+        .filter(|&p| excluded.binary_search(&w.ids[p]).is_err())
+        .collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_split(
+    model: &dyn HookedModel,
+    tokenizer: &Arc<Tokenizer>,
+    spec: &CaptureSpec,
+    split: Split,
+    budget: u64,
+    excluded: &[u32],
+    special: SpecialIds,
+    sets: &mut [SetState],
+    reporter: &dyn Reporter,
+) -> Result<(), CaptureError> {
+    let _span = tracing::info_span!("capture", split = split.name()).entered();
+    let started = std::time::Instant::now();
+    let mut stream = WindowStream::new(
+        &spec.source,
+        tokenizer.clone(),
+        &spec.pack,
+        spec.split,
+        split,
+        special,
+    )?;
+    let progress = reporter.start(&format!("capture {}", split.name()), Some(budget));
+    let ctx = spec.pack.context_len;
+    let mut remaining = budget;
+    let mut n_windows = 0u64;
+    let mut computed = 0u64;
+    let mut shard = 0usize;
+    while remaining > 0 {
+        // 1. The shard's windows and the positions each keeps (budget exact).
+        let mut plan: Vec<(Window, Vec<usize>)> = Vec::with_capacity(spec.shard_windows);
+        while plan.len() < spec.shard_windows && remaining > 0 {
+            let w = match stream.next() {
+                Some(w) => w?,
+                None => {
+                    return Err(CaptureError::CorpusTooSmall {
+                        split: split.name(),
+                        have: budget - remaining,
+                        need: budget,
+                        source_desc: spec.source.describe(),
+                    })
+                }
+            };
+            let mut kept = kept_positions(&w, excluded);
+            kept.truncate(remaining.min(kept.len() as u64) as usize);
+            remaining -= kept.len() as u64;
+            plan.push((w, kept));
+        }
+        let rows: u64 = plan.iter().map(|(_, k)| k.len() as u64).sum();
+        let window_start = plan.first().map(|(w, _)| w.index).unwrap_or(n_windows);
+        n_windows += plan.len() as u64;
+        let file = shard_name(shard);
+
+        // 2. Which sets still need this shard (a resumed run skips finished ones).
+        let mut todo = Vec::new();
+        for (si, s) in sets.iter_mut().enumerate() {
+            if s.done {
+                continue;
+            }
+            match s.existing.get(&shard) {
+                Some(&(r, bytes)) if r == rows => {
+                    s.shards.push(ShardInfo {
+                        file: file.clone(),
+                        rows,
+                        window_start,
+                        window_end: n_windows,
+                        bytes,
+                    });
+                    s.bytes += bytes;
+                }
+                _ => todo.push(si),
+            }
+        }
+        if todo.is_empty() {
+            progress.advance(rows);
+            shard += 1;
+            continue;
+        }
+
+        // 3. One forward pass per batch for every set that needs it, stopping after the
+        //    deepest block they need.
+        let mut writers = Vec::new();
+        for &si in &todo {
+            let path = sets[si].dir.join(&file);
+            writers.push(ShardWriter::create(&path, &sets[si].meta, &spec.writer)?);
+        }
+        let wanted: Vec<Hookpoint> = todo.iter().map(|&si| sets[si].hp).collect();
+        let deepest = wanted.iter().map(|hp| hp.layer).max();
+        for batch in plan.chunks(spec.batch_size) {
+            let b = batch.len();
+            let flat: Vec<u32> = batch
+                .iter()
+                .flat_map(|(w, _)| w.ids.iter().copied())
+                .collect();
+            let ids = Tensor::from_vec(flat, (b, ctx), model.device())?; // (b, ctx)
+            let mut rec = Recorder::new(wanted.iter().copied());
+            model.forward_hooked(&ids, &mut rec, deepest)?;
+            for (wi, &si) in todo.iter().enumerate() {
+                let hp = sets[si].hp;
+                let act = rec.acts.get(&hp).ok_or_else(|| {
+                    CaptureError::BadSpec(format!("the model did not report hookpoint {hp}"))
+                })?;
+                let (ab, at, ad) = act.dims3()?; // (b, ctx, d_model)
+                if (ab, at, ad) != (b, ctx, model.info().d_model) {
+                    return Err(CaptureError::BadSpec(format!(
+                        "hookpoint {hp} has shape ({ab}, {at}, {ad}), expected ({b}, {ctx}, {})",
+                        model.info().d_model
+                    )));
+                }
+                let vals = act.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let rows = gather_rows(batch, &vals, ad);
+                ensure_finite(&rows.act, &format!("activations of {hp}"), None)?;
+                writers[wi].write(rows)?;
+            }
+            let kept: u64 = batch.iter().map(|(_, k)| k.len() as u64).sum();
+            computed += kept;
+            progress.advance(kept);
+        }
+        for (w, &si) in writers.into_iter().zip(&todo) {
+            let bytes = w.finish()?;
+            let s = &mut sets[si];
+            s.shards.push(ShardInfo {
+                file: file.clone(),
+                rows,
+                window_start,
+                window_end: n_windows,
+                bytes,
+            });
+            s.bytes += bytes;
+        }
+        shard += 1;
+    }
+    progress.finish();
+
+    // 4. Manifests last: the only completion marker.
+    for s in sets.iter_mut().filter(|s| !s.done) {
+        // Shards beyond the last one (a longer earlier run cannot share our hash, but be safe).
+        for (i, p) in list_parts(&s.dir)? {
+            if i >= shard {
+                std::fs::remove_file(&p).map_err(|e| CaptureError::io(&p, e))?;
+            }
+        }
+        let m = Manifest {
+            format: manifest::FORMAT.to_string(),
+            meta: s.meta.clone(),
+            n_tokens: budget,
+            n_windows,
+            shard_windows: spec.shard_windows as u64,
+            seed: spec.split.seed,
+            eval_fraction: spec.split.eval_fraction,
+            split_method: "document: sha256(seed_le || text) < eval_fraction * 2^64".into(),
+            shards: std::mem::take(&mut s.shards),
+        };
+        m.write(&s.dir)?;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    tracing::info!(
+        "captured {} {} tokens ({computed} computed, {} resumed) over {n_windows} windows in {secs:.1}s ({:.0} tokens/s)",
+        budget,
+        split.name(),
+        budget - computed,
+        computed as f64 / secs.max(1e-9)
+    );
+    Ok(())
+}
+
+/// Rows of the kept positions of a batch, given its activations `(b, ctx, d)` flattened.
+fn gather_rows(batch: &[(Window, Vec<usize>)], vals: &[f32], d: usize) -> Rows {
+    let n: usize = batch.iter().map(|(_, k)| k.len()).sum();
+    let mut rows = Rows {
+        seq: Vec::with_capacity(n),
+        pos: Vec::with_capacity(n),
+        token_id: Vec::with_capacity(n),
+        act: Vec::with_capacity(n * d),
+    };
+    for (bi, (w, kept)) in batch.iter().enumerate() {
+        let ctx = w.ids.len();
+        for &p in kept {
+            rows.seq.push(w.index);
+            rows.pos.push(p as u32);
+            rows.token_id.push(w.ids[p]);
+            let off = (bi * ctx + p) * d;
+            rows.act.extend_from_slice(&vals[off..off + d]);
+        }
+    }
+    rows
+}

@@ -1,0 +1,142 @@
+//! The `saepipe capture <pipeline.toml>` stage: resolve the model and dataset (hub.rs),
+//! load the model (models), turn `[data]`/`[capture]` into a [`CaptureSpec`], capture.
+//!
+//! Implements `../shared/specs/pipeline.md` §1 (`saepipe capture`) and §4 (outputs under
+//! `data/<run>/activations/`, the resolved config next to them).
+//!
+//! Decision: `model_revision` in the metadata is the hub commit for hub models; for
+//! `local:`/`gguf:` sources, which have none, it is `sha256:` + a fingerprint of the model
+//! files (names, sizes and their first and last 64 KiB), so that activations of two
+//! different local checkpoints are never mixed by the reader.
+
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+
+use super::{capture, ActDtype, CaptureSpec, SetSummary, WriterSettings};
+use crate::config::Pipeline;
+use crate::data::{DocSplit, PackSpec, Packing, TextSource};
+use crate::hub::{HubOptions, ResolvedModel};
+use crate::models::ModelSource;
+use crate::report::Reporter;
+
+/// The `activations` folder of a run.
+pub fn activations_dir(pipeline: &Pipeline) -> std::path::PathBuf {
+    pipeline.run_dir().join("activations")
+}
+
+/// A content fingerprint of local model files (see the module doc).
+pub fn fingerprint_files(files: &[std::path::PathBuf]) -> Result<String> {
+    let mut h = Sha256::new();
+    let mut files = files.to_vec();
+    files.sort();
+    for f in &files {
+        let mut file = std::fs::File::open(f).with_context(|| format!("reading {}", f.display()))?;
+        let len = file.metadata()?.len();
+        h.update(f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        h.update(len.to_le_bytes());
+        let mut buf = vec![0u8; 65_536.min(len as usize)];
+        file.read_exact(&mut buf)?;
+        h.update(&buf);
+        if len > 65_536 {
+            file.seek(SeekFrom::End(-(buf.len() as i64)))?;
+            file.read_exact(&mut buf)?;
+            h.update(&buf);
+        }
+    }
+    Ok(format!("sha256:{}", &hex::encode(h.finalize())[..16]))
+}
+
+fn revision_of(resolved: &ResolvedModel) -> Result<String> {
+    if let Some(c) = resolved.commit.clone().or_else(|| resolved.revision.clone()) {
+        return Ok(c);
+    }
+    fingerprint_files(&resolved.files)
+}
+
+/// The capture spec of a pipeline, with the dataset files already resolved.
+pub fn spec_from_pipeline(
+    pipeline: &Pipeline,
+    model_revision: String,
+    files: &[std::path::PathBuf],
+    force: bool,
+) -> CaptureSpec {
+    let c = &pipeline.config;
+    let d = &c.data;
+    let mut source = TextSource::new(files.iter().map(|p| p.display().to_string()));
+    source.text_field = d.text_column.clone();
+    source.txt_unit = d.txt_unit;
+    CaptureSpec {
+        out_dir: activations_dir(pipeline),
+        model_repo: c.model.source.clone(),
+        model_revision,
+        hookpoints: c.capture.hookpoints.clone(),
+        source,
+        pack: PackSpec {
+            context_len: d.context_len,
+            prepend_bos: d.prepend_bos,
+            packing: if d.concat_docs { Packing::Concat } else { Packing::Truncate },
+            separator: d.separator,
+        },
+        split: DocSplit {
+            seed: d.split_seed,
+            eval_fraction: d.eval_fraction,
+        },
+        n_tokens: d.n_tokens,
+        n_eval_tokens: d.eval_tokens,
+        batch_size: c.capture.batch_size,
+        shard_windows: ((c.capture.shard_tokens / d.context_len.max(1) as u64).max(1)) as usize,
+        dtype: match c.capture.dtype {
+            crate::config::ActDtype::F32 => ActDtype::F32,
+            crate::config::ActDtype::F16 => ActDtype::F16,
+        },
+        writer: WriterSettings {
+            row_group_rows: c.capture.row_group_rows,
+            compression: c.capture.compression,
+            ..WriterSettings::default()
+        },
+        exclude_special_tokens: c.capture.exclude_special_tokens,
+        force,
+    }
+}
+
+/// Run the capture stage of `pipeline`.
+pub fn run_stage(
+    pipeline: &Pipeline,
+    opts: &HubOptions,
+    force: bool,
+    reporter: &dyn Reporter,
+) -> Result<Vec<SetSummary>> {
+    let c = &pipeline.config;
+    let resolved = crate::hub::resolve_model(&pipeline.model_source(), opts, reporter)
+        .with_context(|| format!("resolving model {}", c.model.source))?;
+    let dataset = crate::hub::resolve_dataset(&c.data, opts, reporter)
+        .context("resolving the dataset of [data]")?;
+    let src = if resolved.kind == "gguf" {
+        ModelSource::Gguf(resolved.path.clone())
+    } else {
+        ModelSource::Local(resolved.path.clone())
+    };
+    let loaded = crate::models::load_source(&src, &crate::models::default_device())
+        .with_context(|| format!("loading model {}", c.model.source))?;
+    let tokenizer = loaded.tokenizer.with_context(|| {
+        format!("{}: no tokenizer found (tokenizer.json next to the weights)", resolved.path.display())
+    })?;
+    let revision = revision_of(&resolved)?;
+    let spec = spec_from_pipeline(pipeline, revision, &dataset.files, force);
+    let hps: Vec<String> = spec.hookpoints.iter().map(|h| h.to_string()).collect();
+    let sums = capture(loaded.model.as_ref(), Arc::new(tokenizer), &spec, reporter).with_context(|| {
+        format!("capturing {} from {}@{}", hps.join(", "), c.model.source, spec.model_revision)
+    })?;
+    write_resolved(pipeline, &pipeline.run_dir())?;
+    Ok(sums)
+}
+
+fn write_resolved(pipeline: &Pipeline, run_dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    pipeline.write_resolved(run_dir)?;
+    Ok(())
+}

@@ -1,0 +1,430 @@
+//! The sections of a pipeline file (`pipelines/*.toml`), one struct per `[section]`.
+//!
+//! Implements `../shared/specs/pipeline.md` §2 and STYLE.md §2.6. Every field says its
+//! unit and default; model-specific fields (source, context length, budgets, hookpoints)
+//! have no default.
+//!
+//! Decision: the section structs do not carry `#[serde(deny_unknown_fields)]`; unknown
+//! keys are still errors, but they are collected by [`super::load`] (with `serde_ignored`)
+//! so that every unknown key in a file is reported at once instead of only the first.
+//! Always build a [`super::Pipeline`] through `load`, never with `toml::from_str` alone.
+//! The small enums and the optimizer variants do deny unknown fields.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::arch::ArchConfig;
+use crate::models::Hookpoint;
+
+/// A whole pipeline file after defaults: what `config.resolved.toml` holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PipelineConfig {
+    /// `[run]`: name, seed, output folder.
+    pub run: RunConfig,
+    /// `[model]`: which language model.
+    pub model: ModelConfig,
+    /// `[data]`: which text, how it becomes token windows, and how many tokens.
+    pub data: DataConfig,
+    /// `[capture]`: which hookpoints and how activations are stored.
+    pub capture: CaptureConfig,
+    /// `[train]`: optimiser, schedules and budgets of SAE training. Optional section.
+    #[serde(default)]
+    pub train: TrainConfig,
+    /// `[sae]`: width and architecture of the SAE (the base point of the grid).
+    pub sae: SaeConfig,
+    /// `[eval]`: evaluation budgets. Optional section.
+    #[serde(default)]
+    pub eval: EvalConfig,
+    /// `[sweep]`: grid axes, `"dotted.key" = [values...]`; the grid is their Cartesian
+    /// product. Optional section; empty means a single point (the file itself).
+    #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
+    pub sweep: toml::Table,
+}
+
+/// `[run]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunConfig {
+    /// Name of the run; outputs go to `<data_dir>/<name>/`. Letters, digits, `.`, `_`,
+    /// `-` only. Required.
+    pub name: String,
+    /// Master seed (SAE init, shuffling when `data.shuffle_seed` is unset). Default 0.
+    #[serde(default)]
+    pub seed: u64,
+    /// Folder that holds every run's outputs, relative to the working directory.
+    /// Default `"data"`.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Resolve hub files from the local hub cache only, never the network (same as
+    /// `--offline` or `HF_HUB_OFFLINE=1`). Default false.
+    #[serde(default)]
+    pub offline: bool,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("data")
+}
+
+/// Floating-point type of model weights and compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    /// 32-bit float.
+    #[default]
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// The CPU.
+    #[default]
+    Cpu,
+    /// The first CUDA GPU (needs the `cuda` feature).
+    Cuda,
+}
+
+/// `[model]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    /// The model: a hub repo id `"org/name"`, `"local:<dir>"` (a Hugging Face layout
+    /// folder: config.json, tokenizer.json, model.safetensors or a sharded index) or
+    /// `"gguf:<file>"` (a llama-family GGUF). Paths are relative to the working
+    /// directory. Required.
+    pub source: String,
+    /// Pinned revision of a hub repo: a commit sha (preferred) or a tag. Required for hub
+    /// sources; moving branches (`main`, `master`) are refused. Ignored for local/gguf.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// Weight and compute dtype. Default `"f32"`.
+    #[serde(default)]
+    pub dtype: Dtype,
+    /// Device. Default `"cpu"`.
+    #[serde(default)]
+    pub device: DeviceKind,
+}
+
+/// `[data]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataConfig {
+    /// Hub dataset repo id `"org/name"`. Absent: `files` are local paths.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    /// Pinned revision of the dataset repo (commit sha or tag). Required with `repo`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// Text files: with `repo`, file names or globs inside the repo (globs list the repo
+    /// through the hub API); without, local paths or globs relative to the working
+    /// directory. Extensions `.txt` (documents per `txt_unit`), `.jsonl`, `.parquet`.
+    /// Required, non-empty.
+    pub files: Vec<String>,
+    /// Column (jsonl key / Parquet column) holding the text. Default `"text"`.
+    #[serde(default = "default_text_column")]
+    pub text_column: String,
+    /// Tokens per sequence (window), BOS included. Required.
+    pub context_len: usize,
+    /// Training budget: tokens to capture for training. Required.
+    pub n_tokens: u64,
+    /// Held-out budget: tokens captured separately for evaluation. Default 0.
+    #[serde(default)]
+    pub eval_tokens: u64,
+    /// Put the tokenizer's BOS token at the start of every window. Default true.
+    #[serde(default = "yes")]
+    pub prepend_bos: bool,
+    /// Concatenate documents (each followed by `separator`) and cut the stream into
+    /// windows; false: one window per document, truncated to `context_len`, shorter ones
+    /// right-padded with the padding never captured. Default true.
+    #[serde(default = "yes")]
+    pub concat_docs: bool,
+    /// Token after each document when concatenating: `"eos"`, `"bos"` or `"none"`.
+    /// Default `"eos"`.
+    #[serde(default)]
+    pub separator: crate::data::Separator,
+    /// How a `.txt` file becomes documents: `"paragraph"` (blank-line separated, the
+    /// default) or `"file"`.
+    #[serde(default)]
+    pub txt_unit: crate::data::TxtUnit,
+    /// Expected share of documents held out for evaluation (the `eval_tokens` come from
+    /// them), chosen by a seeded hash of each document's text; in [0, 1). Default 0.1.
+    #[serde(default = "default_eval_fraction")]
+    pub eval_fraction: f64,
+    /// Seed of the held-out split hash. Default 0.
+    #[serde(default)]
+    pub split_seed: u64,
+    /// Seed for shuffling documents before windowing. Absent: file order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shuffle_seed: Option<u64>,
+}
+
+fn default_eval_fraction() -> f64 {
+    0.1
+}
+
+fn default_text_column() -> String {
+    "text".to_string()
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Stored dtype of captured activations (Arrow has no bf16).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ActDtype {
+    /// Float32.
+    #[default]
+    F32,
+    /// Float16.
+    F16,
+}
+
+/// `[capture]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaptureConfig {
+    /// Hookpoints to capture, `blocks.{L}.hook_{site}`. Required, non-empty, no repeats.
+    pub hookpoints: Vec<Hookpoint>,
+    /// Sequences per forward pass. Default 8.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Stored activation dtype. Default `"f32"`.
+    #[serde(default)]
+    pub dtype: ActDtype,
+    /// Drop positions holding BOS/EOS/pad tokens (their norms are extreme). Default true.
+    #[serde(default = "yes")]
+    pub exclude_special_tokens: bool,
+    /// Rows (tokens) per Parquet row group. Default 8192.
+    #[serde(default = "default_row_group_rows")]
+    pub row_group_rows: usize,
+    /// Tokens of context per shard file: shard i holds windows [i·W, (i+1)·W) with
+    /// W = max(1, shard_tokens / data.context_len). The unit of resume. Default 65536.
+    #[serde(default = "default_shard_tokens")]
+    pub shard_tokens: u64,
+    /// Parquet compression of the shards: `"none"` (default; floats barely compress),
+    /// `"snappy"` or `"zstd"`.
+    #[serde(default)]
+    pub compression: crate::capture::ActCompression,
+}
+
+fn default_shard_tokens() -> u64 {
+    65_536
+}
+
+fn default_batch_size() -> usize {
+    8
+}
+
+fn default_row_group_rows() -> usize {
+    8192
+}
+
+/// The optimiser of SAE training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum OptimizerConfig {
+    /// Adam.
+    Adam {
+        /// Learning rate (peak, after warmup). Required.
+        lr: f64,
+        /// First-moment decay. Default 0.9.
+        #[serde(default = "default_beta1")]
+        beta1: f64,
+        /// Second-moment decay. Default 0.999.
+        #[serde(default = "default_beta2")]
+        beta2: f64,
+        /// Denominator epsilon. Default 1e-8.
+        #[serde(default = "default_eps")]
+        eps: f64,
+    },
+    /// AdamW (decoupled weight decay).
+    Adamw {
+        /// Learning rate (peak, after warmup). Required.
+        lr: f64,
+        /// First-moment decay. Default 0.9.
+        #[serde(default = "default_beta1")]
+        beta1: f64,
+        /// Second-moment decay. Default 0.999.
+        #[serde(default = "default_beta2")]
+        beta2: f64,
+        /// Denominator epsilon. Default 1e-8.
+        #[serde(default = "default_eps")]
+        eps: f64,
+        /// Decoupled weight decay per step (× lr). Default 0.
+        #[serde(default)]
+        weight_decay: f64,
+    },
+}
+
+impl OptimizerConfig {
+    /// The peak learning rate.
+    pub fn lr(&self) -> f64 {
+        match self {
+            OptimizerConfig::Adam { lr, .. } | OptimizerConfig::Adamw { lr, .. } => *lr,
+        }
+    }
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        OptimizerConfig::Adam {
+            lr: 2e-4,
+            beta1: default_beta1(),
+            beta2: default_beta2(),
+            eps: default_eps(),
+        }
+    }
+}
+
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.999
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+
+/// Learning-rate decay after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LrDecay {
+    /// Constant.
+    #[default]
+    None,
+    /// Linear to 0 over the last `lr_decay_steps` steps.
+    Linear,
+    /// Cosine to 0 over the last `lr_decay_steps` steps.
+    Cosine,
+}
+
+/// How the decoder bias is initialised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BDecInit {
+    /// Geometric median of a sample of activations (Weiszfeld).
+    #[default]
+    GeometricMedian,
+    /// Mean of a sample of activations.
+    Mean,
+    /// Zeros.
+    Zeros,
+}
+
+/// `[train]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Optimiser table, `{ kind = "adam", lr = 2e-4, beta1 = 0.9, beta2 = 0.999 }`.
+    /// Default Adam, lr 2e-4.
+    #[serde(default)]
+    pub optimizer: OptimizerConfig,
+    /// Linear LR warmup from 0, in optimiser steps. Default 0.
+    #[serde(default)]
+    pub lr_warmup_steps: u64,
+    /// LR decay shape after warmup. Default `"none"`.
+    #[serde(default)]
+    pub lr_decay: LrDecay,
+    /// Steps over which the LR decays to 0 at the end of training. Absent: the last 20%
+    /// of steps (the April update).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lr_decay_steps: Option<u64>,
+    /// Tokens per optimiser step. Default 4096.
+    #[serde(default = "default_batch_tokens")]
+    pub batch_tokens: usize,
+    /// Training tokens per SAE (may exceed the captured `data.n_tokens`: more epochs).
+    /// Absent: `data.n_tokens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_tokens: Option<u64>,
+    /// Linear warmup of the sparsity coefficient from 0, in optimiser steps. Default 0.
+    #[serde(default)]
+    pub l1_warmup_steps: u64,
+    /// Global gradient-norm clip. Absent: no clipping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_clip: Option<f64>,
+    /// A latent is dead when it has not fired for this many training tokens. Default
+    /// 10,000,000.
+    #[serde(default = "default_dead_after_tokens")]
+    pub dead_after_tokens: u64,
+    /// Decoder-bias initialisation. Default `"geometric_median"`.
+    #[serde(default)]
+    pub b_dec_init: BDecInit,
+    /// Scale inputs so that E‖x‖ = √d_in during training; folded into the weights on
+    /// export. Default false.
+    #[serde(default)]
+    pub scale_inputs: bool,
+    /// Write a checkpoint every this many training tokens. Absent: only at the end.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_every: Option<u64>,
+}
+
+fn default_batch_tokens() -> usize {
+    4096
+}
+fn default_dead_after_tokens() -> u64 {
+    10_000_000
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        toml::Table::new()
+            .try_into()
+            .expect("invariant: every TrainConfig field has a default")
+    }
+}
+
+/// `[sae]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SaeConfig {
+    /// Latents per input dimension: d_sae = expansion_factor × d_model. Exactly one of
+    /// `expansion_factor` and `d_sae` is required.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expansion_factor: Option<usize>,
+    /// Number of latents, directly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub d_sae: Option<usize>,
+    /// Architecture: a table with `kind` plus that variant's hyperparameters. Required.
+    pub arch: ArchConfig,
+}
+
+impl SaeConfig {
+    /// The number of latents for an input of width `d_in`.
+    pub fn d_sae(&self, d_in: usize) -> usize {
+        match (self.d_sae, self.expansion_factor) {
+            (Some(d), _) => d,
+            (None, Some(x)) => x * d_in,
+            (None, None) => d_in,
+        }
+    }
+}
+
+/// `[eval]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalConfig {
+    /// Evaluation tokens per SAE, at most `data.eval_tokens`. Absent: all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_tokens: Option<u64>,
+    /// A latent counts as dead in the metrics when it has not fired in this many of the
+    /// last evaluation tokens. Absent: all evaluation tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_window_tokens: Option<u64>,
+    /// Sequences on which the CE-loss delta (SAE spliced in) is measured. Default 16.
+    #[serde(default = "default_ce_sequences")]
+    pub ce_sequences: usize,
+}
+
+fn default_ce_sequences() -> usize {
+    16
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        toml::Table::new()
+            .try_into()
+            .expect("invariant: every EvalConfig field has a default")
+    }
+}

@@ -1,0 +1,516 @@
+//! Whole-file checks: sections, hookpoint names, then the semantic rules (ranges, pinned
+//! revisions, exactly-one-of, cross-section budgets). Every problem goes into one list.
+//!
+//! Decision: a hub revision must be pinned; the moving branches `main`/`master` are
+//! refused, anything else (a commit sha or a tag such as Pythia's `step143000`) accepted.
+//! Decision: local paths are not checked for existence here (a pipeline may be loaded
+//! before `saepipe download` or on another machine); `hub::resolve_*` checks them.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use toml::{Table, Value};
+
+use super::parse::{self, join, suggest, Problems};
+use super::schema::*;
+use crate::models::Hookpoint;
+
+/// Where the model comes from, parsed from `model.source` (+ `model.revision`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ModelSource {
+    /// A Hugging Face hub repo at a pinned revision.
+    Hub {
+        /// `org/name`.
+        repo: String,
+        /// Commit sha or tag.
+        revision: String,
+    },
+    /// A local folder in Hugging Face layout.
+    Local {
+        /// The folder.
+        dir: PathBuf,
+    },
+    /// A llama-family GGUF file.
+    Gguf {
+        /// The file.
+        file: PathBuf,
+    },
+}
+
+const SECTIONS: [&str; 8] = [
+    "run", "model", "data", "capture", "train", "sae", "eval", "sweep",
+];
+const REQUIRED: [&str; 5] = ["run", "model", "data", "capture", "sae"];
+const DATA_EXTENSIONS: [&str; 3] = ["txt", "jsonl", "parquet"];
+
+/// Parse `model.source`; the error is the message for key `model.source`/`model.revision`.
+pub fn model_source(m: &ModelConfig) -> Result<ModelSource, (&'static str, String)> {
+    let s = m.source.trim();
+    if let Some(dir) = s.strip_prefix("local:") {
+        if dir.is_empty() {
+            return Err((
+                "model.source",
+                "local: needs a folder, e.g. local:models/tiny".into(),
+            ));
+        }
+        return Ok(ModelSource::Local { dir: dir.into() });
+    }
+    if let Some(file) = s.strip_prefix("gguf:") {
+        if file.is_empty() {
+            return Err((
+                "model.source",
+                "gguf: needs a file, e.g. gguf:models/m.gguf".into(),
+            ));
+        }
+        return Ok(ModelSource::Gguf { file: file.into() });
+    }
+    if let Err(e) = check_repo_id(s) {
+        return Err((
+            "model.source",
+            format!("{e}; expected a hub repo id \"org/name\", \"local:<dir>\" or \"gguf:<file>\""),
+        ));
+    }
+    let revision =
+        pinned_revision(m.revision.as_deref(), s, "model").map_err(|e| ("model.revision", e))?;
+    Ok(ModelSource::Hub {
+        repo: s.to_string(),
+        revision,
+    })
+}
+
+/// A hub repo id: `name` or `org/name`, letters, digits, `-`, `_`, `.`.
+fn check_repo_id(s: &str) -> Result<(), String> {
+    let ok_part = |p: &str| {
+        !p.is_empty()
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && !p.starts_with('.')
+    };
+    let parts: Vec<&str> = s.split('/').collect();
+    if s.is_empty() {
+        return Err("empty".into());
+    }
+    if parts.len() > 2 || !parts.iter().all(|p| ok_part(p)) {
+        return Err(format!("'{s}' is not a hub repo id"));
+    }
+    Ok(())
+}
+
+fn pinned_revision(rev: Option<&str>, repo: &str, section: &str) -> Result<String, String> {
+    match rev.map(str::trim) {
+        None | Some("") => Err(format!(
+            "required for hub repo {repo}: pin a commit sha (or tag) so that runs are reproducible, e.g. {section}.revision = \"<40-hex commit>\""
+        )),
+        Some(r @ ("main" | "master")) => Err(format!(
+            "'{r}' is a moving branch; pin a commit sha (or tag) of {repo}"
+        )),
+        Some(r) => Ok(r.to_string()),
+    }
+}
+
+/// Check a whole raw file; `Some` when every section could be built (semantic problems
+/// may still have been recorded in `probs`).
+pub fn check(mut raw: Table, probs: &mut Problems) -> Option<PipelineConfig> {
+    for key in raw.keys() {
+        if !SECTIONS.contains(&key.as_str()) {
+            probs.add(
+                key.clone(),
+                format!("unknown section{}", suggest(key, &SECTIONS)),
+            );
+        }
+    }
+    for s in REQUIRED {
+        if !raw.contains_key(s) {
+            probs.add(s, format!("required section [{s}] is missing"));
+        }
+    }
+    precheck_hookpoints(&mut raw, probs);
+    let mut take = |name: &str| {
+        raw.remove(name)
+            .unwrap_or_else(|| Value::Table(Table::new()))
+    };
+    let section_value = |name: &str, v: Value, probs: &mut Problems| -> Option<Value> {
+        match v {
+            Value::Table(_) => Some(v),
+            other => {
+                probs.add(
+                    name,
+                    format!("must be a table ([{name}]), not a {}", other.type_str()),
+                );
+                None
+            }
+        }
+    };
+    macro_rules! sec {
+        ($name:literal, $t:ty) => {{
+            let v = take($name);
+            let present =
+                REQUIRED.contains(&$name) && !probs.has($name) || !REQUIRED.contains(&$name);
+            section_value($name, v, probs)
+                .filter(|_| present)
+                .and_then(|v| parse::section::<$t>($name, v, probs))
+        }};
+    }
+    let run = sec!("run", RunConfig);
+    let model = sec!("model", ModelConfig);
+    let data = sec!("data", DataConfig);
+    let capture = sec!("capture", CaptureConfig);
+    let train = sec!("train", TrainConfig);
+    let sae = sec!("sae", SaeConfig);
+    let eval = sec!("eval", EvalConfig);
+    let sweep = sec!("sweep", Table);
+
+    if let Some(r) = &run {
+        check_run(r, probs);
+    }
+    if let Some(m) = &model {
+        if let Err((key, msg)) = model_source(m) {
+            probs.add(key, msg);
+        }
+    }
+    if let Some(d) = &data {
+        check_data(d, probs);
+    }
+    if let Some(c) = &capture {
+        check_capture(c, probs);
+    }
+    if let Some(t) = &train {
+        check_train(t, probs);
+    }
+    if let Some(s) = &sae {
+        check_sae(s, probs);
+    }
+    if let Some(e) = &eval {
+        positive_opt(probs, "eval.eval_tokens", e.eval_tokens);
+        positive_opt(probs, "eval.dead_window_tokens", e.dead_window_tokens);
+    }
+    if let Some(s) = &sweep {
+        check_sweep(s, probs);
+    }
+    let config = PipelineConfig {
+        run: run?,
+        model: model?,
+        data: data?,
+        capture: capture?,
+        train: train?,
+        sae: sae?,
+        eval: eval?,
+        sweep: sweep?,
+    };
+    // Cross-section rules.
+    if let Some(e) = config.eval.eval_tokens {
+        if e > config.data.eval_tokens {
+            probs.add(
+                "eval.eval_tokens",
+                format!(
+                    "{e} is more than the {} held-out tokens captured (data.eval_tokens)",
+                    config.data.eval_tokens
+                ),
+            );
+        }
+    }
+    let train_tokens = config.train.train_tokens.unwrap_or(config.data.n_tokens);
+    if train_tokens < config.train.batch_tokens as u64 {
+        probs.add(
+            "train.batch_tokens",
+            format!(
+                "{} is more than the {train_tokens} training tokens",
+                config.train.batch_tokens
+            ),
+        );
+    }
+    Some(config)
+}
+
+/// Parse each hookpoint name, report each bad one with its index, and drop them so the
+/// typed parse of `[capture]` sees only good names.
+fn precheck_hookpoints(raw: &mut Table, probs: &mut Problems) {
+    let Some(Value::Array(items)) = raw
+        .get_mut("capture")
+        .and_then(|c| c.as_table_mut())
+        .and_then(|c| c.get_mut("hookpoints"))
+    else {
+        return;
+    };
+    let mut seen = BTreeSet::new();
+    let mut keep = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let key = format!("capture.hookpoints[{i}]");
+        match item.as_str().map(str::parse::<Hookpoint>) {
+            None => probs.add(key, format!("must be a string, not a {}", item.type_str())),
+            Some(Err(e)) => probs.add(key, e.to_string()),
+            Some(Ok(hp)) => {
+                if !seen.insert(hp) {
+                    probs.add(key, format!("{hp} is listed twice"));
+                }
+                keep.push(item.clone());
+            }
+        }
+    }
+    *items = keep;
+}
+
+fn positive(probs: &mut Problems, key: &str, v: u64) {
+    if v == 0 {
+        probs.add(key, "must be > 0");
+    }
+}
+
+fn positive_opt(probs: &mut Problems, key: &str, v: Option<u64>) {
+    if let Some(v) = v {
+        positive(probs, key, v);
+    }
+}
+
+fn check_run(r: &RunConfig, probs: &mut Problems) {
+    let ok = !r.name.is_empty()
+        && r.name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && !r.name.starts_with('.');
+    if !ok {
+        probs.add(
+            "run.name",
+            format!(
+                "'{}' cannot name a folder; use letters, digits, '-', '_' and '.'",
+                r.name
+            ),
+        );
+    }
+}
+
+fn check_data(d: &DataConfig, probs: &mut Problems) {
+    match (&d.repo, &d.revision) {
+        (Some(repo), rev) => {
+            if let Err(e) = check_repo_id(repo) {
+                probs.add(
+                    "data.repo",
+                    format!("{e}; expected a hub dataset repo id \"org/name\""),
+                );
+            } else if let Err(e) = pinned_revision(rev.as_deref(), repo, "data") {
+                probs.add("data.revision", e);
+            }
+        }
+        (None, Some(_)) => probs.add(
+            "data.revision",
+            "only used with a hub dataset (data.repo); local files have no revision",
+        ),
+        (None, None) => {}
+    }
+    if d.files.is_empty() {
+        probs.add("data.files", "must list at least one file or glob");
+    }
+    for (i, f) in d.files.iter().enumerate() {
+        let key = format!("data.files[{i}]");
+        if f.trim().is_empty() {
+            probs.add(key, "empty file name");
+            continue;
+        }
+        if let Err(e) = glob::Pattern::new(f) {
+            probs.add(key, format!("'{f}' is not a valid glob: {e}"));
+            continue;
+        }
+        let ext = f.rsplit_once('.').map(|(_, e)| e).unwrap_or("");
+        let wild = ext.contains(['*', '?', '[']);
+        if !wild && !DATA_EXTENSIONS.contains(&ext) {
+            probs.add(
+                key,
+                format!("'{f}': text is read from .txt, .jsonl or .parquet files"),
+            );
+        }
+    }
+    if d.text_column.is_empty() {
+        probs.add("data.text_column", "must not be empty");
+    }
+    let min_len = if d.prepend_bos { 2 } else { 1 };
+    if d.context_len < min_len {
+        probs.add(
+            "data.context_len",
+            format!(
+                "must be >= {min_len} (tokens per window{})",
+                if d.prepend_bos { ", BOS included" } else { "" }
+            ),
+        );
+    }
+    positive(probs, "data.n_tokens", d.n_tokens);
+    if !(0.0..1.0).contains(&d.eval_fraction) {
+        probs.add("data.eval_fraction", "must be in [0, 1)");
+    } else if d.eval_tokens > 0 && d.eval_fraction == 0.0 {
+        probs.add(
+            "data.eval_fraction",
+            "is 0, so no document is held out for the data.eval_tokens; set it > 0 (e.g. 0.1) or eval_tokens = 0",
+        );
+    }
+}
+
+fn check_capture(c: &CaptureConfig, probs: &mut Problems) {
+    if c.hookpoints.is_empty()
+        && !probs
+            .0
+            .iter()
+            .any(|p| p.key.starts_with("capture.hookpoints"))
+    {
+        probs.add(
+            "capture.hookpoints",
+            "must list at least one hookpoint, e.g. \"blocks.3.hook_mlp_out\"",
+        );
+    }
+    positive(probs, "capture.batch_size", c.batch_size as u64);
+    positive(probs, "capture.row_group_rows", c.row_group_rows as u64);
+    positive(probs, "capture.shard_tokens", c.shard_tokens);
+}
+
+fn check_train(t: &TrainConfig, probs: &mut Problems) {
+    let (lr, betas, eps) = match &t.optimizer {
+        OptimizerConfig::Adam {
+            lr,
+            beta1,
+            beta2,
+            eps,
+        }
+        | OptimizerConfig::Adamw {
+            lr,
+            beta1,
+            beta2,
+            eps,
+            ..
+        } => (*lr, [*beta1, *beta2], *eps),
+    };
+    if !(lr.is_finite() && lr > 0.0) {
+        probs.add(
+            "train.optimizer.lr",
+            format!("{lr} must be a finite number > 0"),
+        );
+    }
+    for (name, b) in ["beta1", "beta2"].iter().zip(betas) {
+        if !(0.0..1.0).contains(&b) {
+            probs.add(
+                format!("train.optimizer.{name}"),
+                format!("{b} must be in [0, 1)"),
+            );
+        }
+    }
+    if !(eps.is_finite() && eps > 0.0) {
+        probs.add(
+            "train.optimizer.eps",
+            format!("{eps} must be a finite number > 0"),
+        );
+    }
+    if let OptimizerConfig::Adamw { weight_decay, .. } = t.optimizer {
+        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
+            probs.add(
+                "train.optimizer.weight_decay",
+                "must be a finite number >= 0",
+            );
+        }
+    }
+    positive(probs, "train.batch_tokens", t.batch_tokens as u64);
+    positive_opt(probs, "train.train_tokens", t.train_tokens);
+    positive_opt(probs, "train.lr_decay_steps", t.lr_decay_steps);
+    positive_opt(probs, "train.checkpoint_every", t.checkpoint_every);
+    positive(probs, "train.dead_after_tokens", t.dead_after_tokens);
+    if let Some(c) = t.grad_clip {
+        if !(c.is_finite() && c > 0.0) {
+            probs.add(
+                "train.grad_clip",
+                format!("{c} must be a finite number > 0 (leave it out for no clipping)"),
+            );
+        }
+    }
+}
+
+fn check_sae(s: &SaeConfig, probs: &mut Problems) {
+    match (s.expansion_factor, s.d_sae) {
+        (Some(_), Some(_)) => probs.add("sae", "set expansion_factor or d_sae, not both"),
+        (None, None) => probs.add(
+            "sae",
+            "set expansion_factor (latents per input dimension) or d_sae",
+        ),
+        (Some(0), _) => probs.add("sae.expansion_factor", "must be > 0"),
+        (_, Some(0)) => probs.add("sae.d_sae", "must be > 0"),
+        _ => {}
+    }
+}
+
+fn check_sweep(s: &Table, probs: &mut Problems) {
+    for (key, v) in s {
+        let k = format!("sweep.\"{key}\"");
+        match v {
+            Value::Array(a) if a.is_empty() => probs.add(k, "needs at least one value"),
+            Value::Array(_) => {}
+            other => probs.add(
+                k,
+                format!("must be an array of values, not a {}", other.type_str()),
+            ),
+        }
+        match super::overrides::parse_key(key) {
+            Ok(path) if path.first().map(String::as_str) == Some("sweep") => {
+                probs.add(join("sweep", key), "cannot sweep the sweep table")
+            }
+            Ok(path) if !SECTIONS.contains(&path[0].as_str()) => probs.add(
+                format!("sweep.\"{key}\""),
+                format!(
+                    "'{}' is not a section{}",
+                    path[0],
+                    suggest(&path[0], &SECTIONS)
+                ),
+            ),
+            Ok(_) => {}
+            Err(e) => probs.add(format!("sweep.\"{key}\""), e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(source: &str, revision: Option<&str>) -> ModelConfig {
+        ModelConfig {
+            source: source.into(),
+            revision: revision.map(Into::into),
+            dtype: Dtype::F32,
+            device: DeviceKind::Cpu,
+        }
+    }
+
+    #[test]
+    fn model_sources_parse_or_name_the_key() {
+        assert_eq!(
+            model_source(&m("local:models/tiny", None)),
+            Ok(ModelSource::Local {
+                dir: "models/tiny".into()
+            })
+        );
+        assert_eq!(
+            model_source(&m("gguf:a/b.gguf", None)),
+            Ok(ModelSource::Gguf {
+                file: "a/b.gguf".into()
+            })
+        );
+        assert_eq!(
+            model_source(&m("EleutherAI/pythia-70m", Some("abc123"))),
+            Ok(ModelSource::Hub {
+                repo: "EleutherAI/pythia-70m".into(),
+                revision: "abc123".into()
+            })
+        );
+        assert_eq!(
+            model_source(&m("org/name", None)).unwrap_err().0,
+            "model.revision"
+        );
+        assert!(model_source(&m("org/name", Some("main")))
+            .unwrap_err()
+            .1
+            .contains("moving branch"));
+        assert_eq!(
+            model_source(&m("a/b/c", Some("x"))).unwrap_err().0,
+            "model.source"
+        );
+        assert_eq!(
+            model_source(&m("local:", None)).unwrap_err().0,
+            "model.source"
+        );
+    }
+}

@@ -1,0 +1,242 @@
+//! Opening a model: `local:<dir>` (Hugging Face layout) and `gguf:<file>` sources.
+//!
+//! Implements `../shared/specs/pipeline.md` §5. `config.json`'s `model_type` picks the model
+//! file ([`super::gpt_neox`] or [`super::llama`]); the weights come through
+//! [`super::weights::Weights`], converted to f32 at load.
+//!
+//! Decision: hub sources (`org/name[@rev]`) are not opened here; the download stage resolves
+//! them to a snapshot directory, which is then opened with [`load_dir`]. [`load_source`]
+//! answers a hub source with [`ModelError::HubSource`] so callers say what to do.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use candle_core::Device;
+use tokenizers::Tokenizer;
+
+use super::error::ModelError;
+use super::gpt_neox::{GptNeoX, GptNeoXConfig};
+use super::hooks::Hookpoint;
+use super::llama::{Llama, LlamaConfig};
+use super::HookedModel;
+
+/// Where a model comes from (pipeline.md §2, `model.repo`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A Hugging Face layout directory.
+    Local(PathBuf),
+    /// A llama-family GGUF file.
+    Gguf(PathBuf),
+    /// A hub repository, optionally pinned: `org/name[@revision]`.
+    Hub {
+        /// `org/name`.
+        repo: String,
+        /// Branch, tag or commit.
+        revision: Option<String>,
+    },
+}
+
+impl FromStr for ModelSource {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(dir) = s.strip_prefix("local:") {
+            if dir.is_empty() {
+                return Err(ModelError::BadSource(s.to_string()));
+            }
+            return Ok(ModelSource::Local(PathBuf::from(dir)));
+        }
+        if let Some(file) = s.strip_prefix("gguf:") {
+            if file.is_empty() {
+                return Err(ModelError::BadSource(s.to_string()));
+            }
+            return Ok(ModelSource::Gguf(PathBuf::from(file)));
+        }
+        let (repo, revision) = match s.split_once('@') {
+            Some((r, rev)) if !rev.is_empty() => (r, Some(rev.to_string())),
+            Some(_) => return Err(ModelError::BadSource(s.to_string())),
+            None => (s, None),
+        };
+        let parts: Vec<&str> = repo.split('/').collect();
+        if parts.len() == 2 && parts.iter().all(|p| !p.is_empty() && !p.contains(':')) {
+            Ok(ModelSource::Hub {
+                repo: repo.to_string(),
+                revision,
+            })
+        } else {
+            Err(ModelError::BadSource(s.to_string()))
+        }
+    }
+}
+
+impl std::fmt::Display for ModelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModelSource::Local(p) => write!(f, "local:{}", p.display()),
+            ModelSource::Gguf(p) => write!(f, "gguf:{}", p.display()),
+            ModelSource::Hub {
+                repo,
+                revision: Some(r),
+            } => write!(f, "{repo}@{r}"),
+            ModelSource::Hub {
+                repo,
+                revision: None,
+            } => f.write_str(repo),
+        }
+    }
+}
+
+/// A model ready to run, with its tokenizer when one was found.
+pub struct LoadedModel {
+    /// The forward pass.
+    pub model: Box<dyn HookedModel>,
+    /// `tokenizer.json` of a local directory, or the tokenizer rebuilt from a GGUF.
+    pub tokenizer: Option<Tokenizer>,
+    /// The directory or file the model was loaded from.
+    pub origin: PathBuf,
+    /// The file the tokenizer came from (`tokenizer.json`, or the GGUF itself).
+    pub tokenizer_path: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel")
+            .field("info", self.model.info())
+            .field("origin", &self.origin)
+            .field("tokenizer_path", &self.tokenizer_path)
+            .finish()
+    }
+}
+
+impl LoadedModel {
+    /// Check that every hookpoint exists in this model; the error names the model's origin
+    /// and the fix.
+    pub fn check_hookpoints(&self, hps: &[Hookpoint]) -> Result<(), ModelError> {
+        for &hp in hps {
+            self.model
+                .check_hookpoint(hp)
+                .map_err(|source| ModelError::Hookpoint {
+                    path: self.origin.clone(),
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+}
+
+/// Open any local source; hub sources are answered with [`ModelError::HubSource`] (they
+/// must be resolved to a snapshot directory by the download stage first).
+pub fn load_source(source: &ModelSource, device: &Device) -> Result<LoadedModel, ModelError> {
+    match source {
+        ModelSource::Local(dir) => load_dir(dir, device),
+        ModelSource::Gguf(file) => load_gguf(file, device),
+        ModelSource::Hub { .. } => Err(ModelError::HubSource {
+            repo: source.to_string(),
+        }),
+    }
+}
+
+/// Read `dir/config.json`: its path, text and `model_type` (`"(missing)"` when absent).
+pub fn read_config(dir: &Path) -> Result<(PathBuf, String, String), ModelError> {
+    let path = dir.join("config.json");
+    if !path.is_file() {
+        return Err(ModelError::ConfigMissing { path });
+    }
+    let text = std::fs::read_to_string(&path).map_err(ModelError::io(&path))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|source| ModelError::malformed_config(&path, &text, source))?;
+    let model_type = match json.get("model_type") {
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+        None => "(missing)".to_string(),
+    };
+    Ok((path, text, model_type))
+}
+
+/// Open a Hugging Face layout directory: `config.json`, `model.safetensors` (or a sharded
+/// index) in f32/f16/bf16, and `tokenizer.json` when present.
+pub fn load_dir(dir: &Path, device: &Device) -> Result<LoadedModel, ModelError> {
+    let (config_path, text, model_type) = read_config(dir)?;
+    let malformed = |source| ModelError::malformed_config(&config_path, &text, source);
+    let model: Box<dyn HookedModel> = match model_type.as_str() {
+        "gpt_neox" => {
+            let cfg: GptNeoXConfig = serde_json::from_str(&text).map_err(malformed)?;
+            cfg.validate(&config_path)?;
+            let w = super::weights::Weights::from_dir(dir, &model_type, device)?;
+            Box::new(GptNeoX::new(&cfg, &w)?)
+        }
+        "llama" | "smollm3" => {
+            let cfg: LlamaConfig = serde_json::from_str(&text).map_err(malformed)?;
+            cfg.validate(&config_path)?;
+            let w = super::weights::Weights::from_dir(dir, &model_type, device)?;
+            Box::new(Llama::new(&cfg, &w)?)
+        }
+        _ => {
+            return Err(ModelError::UnknownModelType {
+                path: config_path,
+                model_type,
+            })
+        }
+    };
+    let tok_path = dir.join("tokenizer.json");
+    let (tokenizer, tokenizer_path) = if tok_path.is_file() {
+        let t = Tokenizer::from_file(&tok_path).map_err(|e| ModelError::Tokenizer {
+            path: tok_path.clone(),
+            detail: e.to_string(),
+        })?;
+        (Some(t), Some(tok_path))
+    } else {
+        tracing::debug!("{}: no tokenizer.json", dir.display());
+        (None, None)
+    };
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        origin: dir.to_path_buf(),
+        tokenizer_path,
+    })
+}
+
+/// Open a llama-family GGUF: weights dequantised to f32, q/k un-permuted, tokenizer
+/// rebuilt from the metadata.
+pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel, ModelError> {
+    if !path.is_file() {
+        return Err(ModelError::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "GGUF file not found"),
+        });
+    }
+    let (model, tokenizer) = super::gguf::load_llama(path, device)?;
+    Ok(LoadedModel {
+        model: Box::new(model),
+        tokenizer: Some(tokenizer),
+        origin: path.to_path_buf(),
+        tokenizer_path: Some(path.to_path_buf()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sources() {
+        assert_eq!(
+            "local:/m".parse::<ModelSource>().unwrap(),
+            ModelSource::Local("/m".into())
+        );
+        assert_eq!(
+            "gguf:a.gguf".parse::<ModelSource>().unwrap(),
+            ModelSource::Gguf("a.gguf".into())
+        );
+        assert_eq!(
+            "EleutherAI/pythia-70m@abc".parse::<ModelSource>().unwrap(),
+            ModelSource::Hub {
+                repo: "EleutherAI/pythia-70m".into(),
+                revision: Some("abc".into())
+            }
+        );
+        for bad in ["local:", "pythia", "a/b/c", "a/b@", "http://x/y"] {
+            assert!(bad.parse::<ModelSource>().is_err(), "{bad}");
+        }
+    }
+}
