@@ -14,7 +14,13 @@
 //!
 //! The contract users see is `../shared/specs/pipeline.md`.
 
+pub mod bench;
 pub mod error;
 pub mod fsutil;
+pub mod metrics;
 pub mod models;
 pub mod report;
+pub mod rng;
+pub mod sae;
+pub mod synthetic;
+pub mod train;
