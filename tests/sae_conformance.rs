@@ -93,18 +93,18 @@ fn loss_falls_and_invariants_hold_after_every_update() {
     for arch in ArchConfig::examples() {
         let mut src = InMemorySource::new(data(4096, 3), D);
         let mut t = Trainer::new(cfg(60), &arch, F, &mut src).unwrap();
-        let mut mses = Vec::new();
+        let mut losses = Vec::new();
         for _ in 0..60 {
             let r = t.step(&mut src).unwrap();
             assert!(r.loss.is_finite() && r.terms.iter().all(|t| t.1.is_finite()));
-            mses.push(r.terms.iter().find(|t| t.0 == "mse").unwrap().1);
+            losses.push(r.loss);
             if let Err(e) = t.sae().check_invariants() {
                 panic!("{} after step {}: {e}", arch.kind(), r.step);
             }
         }
-        let first: f64 = mses[..5].iter().sum::<f64>() / 5.0;
-        let last: f64 = mses[55..].iter().sum::<f64>() / 5.0;
-        assert!(last < 0.8 * first, "{}: mse {first} -> {last}", arch.kind());
+        let first: f64 = losses[..5].iter().sum::<f64>() / 5.0;
+        let last: f64 = losses[55..].iter().sum::<f64>() / 5.0;
+        assert!(last < 0.8 * first, "{}: loss {first} -> {last}", arch.kind());
     }
 }
 
@@ -112,7 +112,10 @@ fn loss_falls_and_invariants_hold_after_every_update() {
 fn trained_l0(arch: &ArchConfig, factor: f32) -> f64 {
     let arch = arch.with_sparsity(factor);
     let mut src = InMemorySource::new(data(8192, 4), D);
-    let mut t = Trainer::new(cfg(150), &arch, F, &mut src).unwrap();
+    // JumpReLU's log-thresholds move at most ~lr per Adam step; give them a larger lr so a
+    // short run can show the effect of λ.
+    let lr = if arch.kind() == "jumprelu" { 3e-2 } else { 3e-3 };
+    let mut t = Trainer::new(TrainConfig { lr: Some(lr), ..cfg(150) }, &arch, F, &mut src).unwrap();
     t.run(&mut src, None, &Silent, None).unwrap();
     let x: Vec<f32> = data(1000, 99).iter().map(|v| v * t.scale()).collect();
     let mut ws = Workspace::default();
@@ -124,6 +127,7 @@ fn trained_l0(arch: &ArchConfig, factor: f32) -> f64 {
 fn l0_responds_monotonically_to_the_sparsity_knob() {
     for arch in ArchConfig::examples() {
         let l0s: Vec<f64> = [0.25, 1.0, 4.0].iter().map(|&f| trained_l0(&arch, f)).collect();
+        eprintln!("{}: L0 at sparsity x0.25, x1, x4 = {l0s:?}", arch.kind());
         assert!(l0s[0] >= l0s[1] && l0s[1] >= l0s[2] && l0s[0] > l0s[2], "{}: L0 at sparsity x0.25, x1, x4 = {l0s:?}", arch.kind());
     }
 }
@@ -207,7 +211,8 @@ fn bad_inputs_give_clear_errors() {
 fn batchtopk_preset_dead_latents_get_auxk_and_threshold_is_set() {
     let arch = ArchConfig::examples()[2].clone();
     let mut src = InMemorySource::new(data(2048, 6), D);
-    let mut t = Trainer::new(TrainConfig { dead_after_tokens: 0, ..cfg(3) }, &arch, F, &mut src).unwrap();
+    // 8 tokens x k = 4 is fewer activations than 48 latents: some stay dead after step 1.
+    let mut t = Trainer::new(TrainConfig { dead_after_tokens: 0, batch_tokens: 8, total_tokens: 80, ..cfg(3) }, &arch, F, &mut src).unwrap();
     let r = t.step(&mut src).unwrap();
     assert_eq!(r.l0, 4.0, "BatchTopK keeps exactly B·k in training");
     let r = t.step(&mut src).unwrap();

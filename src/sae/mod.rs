@@ -251,7 +251,12 @@ impl ArchConfig {
     /// One small default per variant; drives the conformance suite.
     pub fn examples() -> Vec<ArchConfig> {
         vec![
-            ArchConfig::ReluL1(relu_l1::Config::default()),
+            // λ = 1: the default 5 is tuned for d_in in the thousands (E‖x‖ = √d); at the
+            // examples' tiny widths it would switch every latent off.
+            ArchConfig::ReluL1(relu_l1::Config {
+                l1_coefficient: 1.0,
+                ..relu_l1::Config::default()
+            }),
             ArchConfig::TopK(topk::Config { k: 4, ..topk::Config::default() }),
             ArchConfig::BatchTopK(batchtopk::Config { k: 4, ..batchtopk::Config::default() }),
             ArchConfig::JumpRelu(jumprelu::Config::default()),
