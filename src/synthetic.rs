@@ -67,12 +67,14 @@ impl SyntheticData {
         let d = self.cfg.d;
         let p = (self.cfg.mean_active / self.cfg.n_features as f32).clamp(0.0, 1.0) as f64;
         let mut out = vec![0.0f32; n * d];
-        out.par_chunks_mut(256 * d).enumerate().for_each(|(blk, chunk)| {
-            let mut rng = Rng::new(seed.wrapping_mul(0x9E37_79B9).wrapping_add(blk as u64));
-            for row in chunk.chunks_mut(d) {
-                self.sample_row(&mut rng, p, row);
-            }
-        });
+        out.par_chunks_mut(256 * d)
+            .enumerate()
+            .for_each(|(blk, chunk)| {
+                let mut rng = Rng::new(seed.wrapping_mul(0x9E37_79B9).wrapping_add(blk as u64));
+                for row in chunk.chunks_mut(d) {
+                    self.sample_row(&mut rng, p, row);
+                }
+            });
         out
     }
 
@@ -85,7 +87,11 @@ impl SyntheticData {
             if p <= 0.0 {
                 break;
             }
-            let skip = if p >= 1.0 { 0 } else { (rng.uniform().max(1e-300).ln() / lnq).floor() as usize };
+            let skip = if p >= 1.0 {
+                0
+            } else {
+                (rng.uniform().max(1e-300).ln() / lnq).floor() as usize
+            };
             j += skip;
             if j >= self.cfg.n_features {
                 break;
@@ -108,7 +114,10 @@ impl SyntheticData {
 /// Mean max cosine similarity: for each true feature (row of `truth: [F_true, d]`), the best
 /// `|cos|` with any row of `learned: [F, d]`, averaged over true features.
 pub fn mmcs(truth: &[f32], learned: &[f32], d: usize) -> f64 {
-    let norms: Vec<f32> = learned.chunks(d).map(|r| dot(r, r).sqrt().max(1e-12)).collect();
+    let norms: Vec<f32> = learned
+        .chunks(d)
+        .map(|r| dot(r, r).sqrt().max(1e-12))
+        .collect();
     let best: Vec<f64> = truth
         .par_chunks(d)
         .map(|t| {
@@ -129,7 +138,10 @@ mod tests {
 
     #[test]
     fn sparsity_and_determinism() {
-        let s = SyntheticData::new(SyntheticConfig { noise: 0.0, ..Default::default() });
+        let s = SyntheticData::new(SyntheticConfig {
+            noise: 0.0,
+            ..Default::default()
+        });
         let a = s.sample(2000, 3);
         assert_eq!(a, s.sample(2000, 3));
         assert_ne!(a, s.sample(2000, 4));

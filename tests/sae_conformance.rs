@@ -38,7 +38,14 @@ fn cfg(steps: u64) -> TrainConfig {
 }
 
 fn bits(ps: &[Param]) -> Vec<(String, Vec<u32>)> {
-    ps.iter().map(|p| (p.name.to_string(), p.data.iter().map(|v| v.to_bits()).collect())).collect()
+    ps.iter()
+        .map(|p| {
+            (
+                p.name.to_string(),
+                p.data.iter().map(|v| v.to_bits()).collect(),
+            )
+        })
+        .collect()
 }
 
 #[test]
@@ -49,7 +56,13 @@ fn shapes_and_encode_decode() {
         assert_eq!(sae.arch(), arch.kind());
         assert_eq!(sae.config(), arch);
         for p in sae.params() {
-            assert_eq!(p.data.len(), p.shape.iter().product::<usize>(), "{} {}", arch.kind(), p.name);
+            assert_eq!(
+                p.data.len(),
+                p.shape.iter().product::<usize>(),
+                "{} {}",
+                arch.kind(),
+                p.name
+            );
         }
         for name in ["W_enc", "W_dec"] {
             let p = sae.params().iter().find(|p| p.name == name).unwrap();
@@ -104,7 +117,11 @@ fn loss_falls_and_invariants_hold_after_every_update() {
         }
         let first: f64 = losses[..5].iter().sum::<f64>() / 5.0;
         let last: f64 = losses[55..].iter().sum::<f64>() / 5.0;
-        assert!(last < 0.8 * first, "{}: loss {first} -> {last}", arch.kind());
+        assert!(
+            last < 0.8 * first,
+            "{}: loss {first} -> {last}",
+            arch.kind()
+        );
     }
 }
 
@@ -114,8 +131,21 @@ fn trained_l0(arch: &ArchConfig, factor: f32) -> f64 {
     let mut src = InMemorySource::new(data(8192, 4), D);
     // JumpReLU's log-thresholds move at most ~lr per Adam step; give them a larger lr so a
     // short run can show the effect of λ.
-    let lr = if arch.kind() == "jumprelu" { 3e-2 } else { 3e-3 };
-    let mut t = Trainer::new(TrainConfig { lr: Some(lr), ..cfg(150) }, &arch, F, &mut src).unwrap();
+    let lr = if arch.kind() == "jumprelu" {
+        3e-2
+    } else {
+        3e-3
+    };
+    let mut t = Trainer::new(
+        TrainConfig {
+            lr: Some(lr),
+            ..cfg(150)
+        },
+        &arch,
+        F,
+        &mut src,
+    )
+    .unwrap();
     t.run(&mut src, None, &Silent, None).unwrap();
     let x: Vec<f32> = data(1000, 99).iter().map(|v| v * t.scale()).collect();
     let mut ws = Workspace::default();
@@ -126,9 +156,16 @@ fn trained_l0(arch: &ArchConfig, factor: f32) -> f64 {
 #[test]
 fn l0_responds_monotonically_to_the_sparsity_knob() {
     for arch in ArchConfig::examples() {
-        let l0s: Vec<f64> = [0.25, 1.0, 4.0].iter().map(|&f| trained_l0(&arch, f)).collect();
+        let l0s: Vec<f64> = [0.25, 1.0, 4.0]
+            .iter()
+            .map(|&f| trained_l0(&arch, f))
+            .collect();
         eprintln!("{}: L0 at sparsity x0.25, x1, x4 = {l0s:?}", arch.kind());
-        assert!(l0s[0] >= l0s[1] && l0s[1] >= l0s[2] && l0s[0] > l0s[2], "{}: L0 at sparsity x0.25, x1, x4 = {l0s:?}", arch.kind());
+        assert!(
+            l0s[0] >= l0s[1] && l0s[1] >= l0s[2] && l0s[0] > l0s[2],
+            "{}: L0 at sparsity x0.25, x1, x4 = {l0s:?}",
+            arch.kind()
+        );
     }
 }
 
@@ -136,7 +173,10 @@ fn l0_responds_monotonically_to_the_sparsity_knob() {
 fn checkpoint_roundtrip_and_resume_are_bit_exact() {
     let dir = tempfile::tempdir().unwrap();
     for arch in ArchConfig::examples() {
-        let c = TrainConfig { checkpoint_every: 4, ..cfg(10) };
+        let c = TrainConfig {
+            checkpoint_every: 4,
+            ..cfg(10)
+        };
         // uninterrupted
         let mut src = InMemorySource::new(data(700, 5), D); // not a multiple of the batch: wraps
         let mut full = Trainer::new(c.clone(), &arch, F, &mut src).unwrap();
@@ -151,13 +191,23 @@ fn checkpoint_roundtrip_and_resume_are_bit_exact() {
         // save -> load is bit-exact
         let mut src2 = InMemorySource::new(data(700, 5), D);
         let reloaded = Trainer::resume(&ck, c.clone(), &arch, &mut src2).unwrap();
-        assert_eq!(bits(reloaded.sae().params()), bits(first.sae().params()), "{}", arch.kind());
+        assert_eq!(
+            bits(reloaded.sae().params()),
+            bits(first.sae().params()),
+            "{}",
+            arch.kind()
+        );
         drop(first);
         let mut src = InMemorySource::new(data(700, 5), D);
         let mut resumed = Trainer::resume(&ck, c.clone(), &arch, &mut src).unwrap();
         assert_eq!(resumed.step_count(), 4);
         resumed.run(&mut src, Some(&out), &Silent, None).unwrap();
-        assert_eq!(bits(resumed.sae().params()), bits(full.sae().params()), "{}: resumed != uninterrupted", arch.kind());
+        assert_eq!(
+            bits(resumed.sae().params()),
+            bits(full.sae().params()),
+            "{}: resumed != uninterrupted",
+            arch.kind()
+        );
         assert_eq!(resumed.log(), full.log(), "{}", arch.kind());
     }
 }
@@ -174,10 +224,23 @@ fn bad_inputs_give_clear_errors() {
     assert!(e.to_string().contains("all zeros"), "{e}");
     // nonsensical widths and k
     assert!(topk.build(D, 0, 0).is_err());
-    let big_k = ArchConfig::TopK(saepipe::sae::topk::Config { k: F + 1, ..Default::default() });
+    let big_k = ArchConfig::TopK(saepipe::sae::topk::Config {
+        k: F + 1,
+        ..Default::default()
+    });
     let e = big_k.build(D, F, 0).err().unwrap();
     assert!(e.to_string().contains("k = 49"), "{e}");
-    let e = Trainer::new(TrainConfig { batch_tokens: 0, ..cfg(2) }, &topk, F, &mut InMemorySource::new(data(64, 1), D)).err().unwrap();
+    let e = Trainer::new(
+        TrainConfig {
+            batch_tokens: 0,
+            ..cfg(2)
+        },
+        &topk,
+        F,
+        &mut InMemorySource::new(data(64, 1), D),
+    )
+    .err()
+    .unwrap();
     assert!(e.to_string().contains("batch_tokens"), "{e}");
     // input width that does not match the SAE
     let sae = topk.build(D, F, 0).unwrap();
@@ -191,17 +254,54 @@ fn bad_inputs_give_clear_errors() {
     t.run(&mut src, Some(dir.path()), &Silent, None).unwrap();
     let ck = dir.path().join(saepipe::train::CHECKPOINT_FILE);
     let relu = ArchConfig::examples()[0].clone();
-    let e = Trainer::resume(&ck, cfg(2), &relu, &mut InMemorySource::new(data(512, 1), D)).err().unwrap();
-    assert!(e.to_string().contains("topk") && e.to_string().contains("relu_l1"), "{e}");
-    let e = Trainer::resume(&ck, cfg(2), &topk, &mut InMemorySource::new(vec![1.0; 8 * 10], 8)).err().unwrap();
-    assert!(matches!(e, TrainError::Width { expected: 16, found: 8 }), "{e}");
-    let e = Trainer::resume(&dir.path().join("nope"), cfg(2), &topk, &mut src).err().unwrap();
+    let e = Trainer::resume(
+        &ck,
+        cfg(2),
+        &relu,
+        &mut InMemorySource::new(data(512, 1), D),
+    )
+    .err()
+    .unwrap();
+    assert!(
+        e.to_string().contains("topk") && e.to_string().contains("relu_l1"),
+        "{e}"
+    );
+    let e = Trainer::resume(
+        &ck,
+        cfg(2),
+        &topk,
+        &mut InMemorySource::new(vec![1.0; 8 * 10], 8),
+    )
+    .err()
+    .unwrap();
+    assert!(
+        matches!(
+            e,
+            TrainError::Width {
+                expected: 16,
+                found: 8
+            }
+        ),
+        "{e}"
+    );
+    let e = Trainer::resume(&dir.path().join("nope"), cfg(2), &topk, &mut src)
+        .err()
+        .unwrap();
     assert!(e.to_string().contains("nope"), "{e}");
     // a NaN in the data stops training naming the step and the variant
     let mut bad = data(512, 1);
     bad[300 * D] = f32::NAN;
     let mut src = InMemorySource::new(bad, D);
-    let mut t = Trainer::new(TrainConfig { init_tokens: 64, ..cfg(4) }, &topk, F, &mut src).unwrap();
+    let mut t = Trainer::new(
+        TrainConfig {
+            init_tokens: 64,
+            ..cfg(4)
+        },
+        &topk,
+        F,
+        &mut src,
+    )
+    .unwrap();
     let e = t.run(&mut src, None, &Silent, None).unwrap_err();
     let msg = e.to_string();
     assert!(msg.contains("topk") && msg.contains("step 2"), "{msg}");
@@ -212,12 +312,33 @@ fn batchtopk_preset_dead_latents_get_auxk_and_threshold_is_set() {
     let arch = ArchConfig::examples()[2].clone();
     let mut src = InMemorySource::new(data(2048, 6), D);
     // 8 tokens x k = 4 is fewer activations than 48 latents: some stay dead after step 1.
-    let mut t = Trainer::new(TrainConfig { dead_after_tokens: 0, batch_tokens: 8, total_tokens: 80, ..cfg(3) }, &arch, F, &mut src).unwrap();
+    let mut t = Trainer::new(
+        TrainConfig {
+            dead_after_tokens: 0,
+            batch_tokens: 8,
+            total_tokens: 80,
+            ..cfg(3)
+        },
+        &arch,
+        F,
+        &mut src,
+    )
+    .unwrap();
     let r = t.step(&mut src).unwrap();
     assert_eq!(r.l0, 4.0, "BatchTopK keeps exactly B·k in training");
     let r = t.step(&mut src).unwrap();
-    assert!(r.terms.iter().any(|(k, v)| *k == "auxk" && *v > 0.0), "{:?}", r.terms);
-    let th = t.sae().params().iter().find(|p| p.name == "threshold").unwrap().data[0];
+    assert!(
+        r.terms.iter().any(|(k, v)| *k == "auxk" && *v > 0.0),
+        "{:?}",
+        r.terms
+    );
+    let th = t
+        .sae()
+        .params()
+        .iter()
+        .find(|p| p.name == "threshold")
+        .unwrap()
+        .data[0];
     assert!(th > 0.0);
     let _ = BDecInit::Zero;
 }

@@ -20,9 +20,18 @@ fn write_io(path: &std::path::Path, x: &[f32], feats: &[f32], recon: &[f32], n: 
     let b = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
     let (bx, bf, br) = (b(x), b(feats), b(recon));
     let t = vec![
-        ("x".to_string(), TensorView::new(Dtype::F32, vec![n, D], &bx).unwrap()),
-        ("feats".to_string(), TensorView::new(Dtype::F32, vec![n, F], &bf).unwrap()),
-        ("recon".to_string(), TensorView::new(Dtype::F32, vec![n, D], &br).unwrap()),
+        (
+            "x".to_string(),
+            TensorView::new(Dtype::F32, vec![n, D], &bx).unwrap(),
+        ),
+        (
+            "feats".to_string(),
+            TensorView::new(Dtype::F32, vec![n, F], &bf).unwrap(),
+        ),
+        (
+            "recon".to_string(),
+            TensorView::new(Dtype::F32, vec![n, D], &br).unwrap(),
+        ),
     ];
     std::fs::write(path, safetensors::serialize(t, None).unwrap()).unwrap();
 }
@@ -40,7 +49,12 @@ fn export_reproduces_the_trained_sae_on_raw_activations() {
         seed: 3,
     });
     // raw activations with an offset and a non-unit scale, so folding matters
-    let raw: Vec<f32> = synth.sample(2048, 1).iter().enumerate().map(|(i, v)| 7.0 * v + 0.5 * ((i % D) as f32 - 8.0)).collect();
+    let raw: Vec<f32> = synth
+        .sample(2048, 1)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| 7.0 * v + 0.5 * ((i % D) as f32 - 8.0))
+        .collect();
     for arch in ArchConfig::examples() {
         let cfg = TrainConfig {
             batch_tokens: 128,
@@ -55,7 +69,10 @@ fn export_reproduces_the_trained_sae_on_raw_activations() {
         let mut src = InMemorySource::new(raw.clone(), D);
         let mut t = Trainer::new(cfg, &arch, F, &mut src).unwrap();
         t.run(&mut src, None, &Silent, None).unwrap();
-        let dir = interop.as_ref().map(|d| d.join(arch.kind())).unwrap_or_else(|| tmp.path().join(arch.kind()));
+        let dir = interop
+            .as_ref()
+            .map(|d| d.join(arch.kind()))
+            .unwrap_or_else(|| tmp.path().join(arch.kind()));
         let meta = ExportMeta {
             model_name: "synthetic".into(),
             hook_name: "blocks.0.hook_resid_post".into(),
@@ -63,16 +80,24 @@ fn export_reproduces_the_trained_sae_on_raw_activations() {
             dataset_path: "synthetic".into(),
         };
         t.export(&dir, &meta).unwrap();
-        let cfg_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("cfg.json")).unwrap()).unwrap();
+        let cfg_json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("cfg.json")).unwrap()).unwrap();
         assert!(cfg_json["metadata"]["sae_lens_version"].as_str().unwrap() >= "6.0.0");
         assert_eq!(cfg_json["normalize_activations"], "none");
         assert_eq!(cfg_json["d_in"], D);
-        assert_eq!(cfg_json["metadata"]["hook_name"], "blocks.0.hook_resid_post");
+        assert_eq!(
+            cfg_json["metadata"]["hook_name"],
+            "blocks.0.hook_resid_post"
+        );
         let loaded = LoadedSae::load(&dir).unwrap();
         // unit-norm decoder rows
         for r in loaded.t.w_dec.chunks(D) {
             let n: f32 = r.iter().map(|v| v * v).sum::<f32>().sqrt();
-            assert!((n - 1.0).abs() < 1e-5, "{}: decoder row norm {n}", arch.kind());
+            assert!(
+                (n - 1.0).abs() < 1e-5,
+                "{}: decoder row norm {n}",
+                arch.kind()
+            );
         }
         // same reconstruction on raw inputs as the training model on scaled inputs
         let n = 200;
@@ -88,10 +113,19 @@ fn export_reproduces_the_trained_sae_on_raw_activations() {
         let codes = ws2.codes.clone();
         let mut rec = Vec::new();
         loaded.decode(&codes, &mut rec, &mut ws2);
-        assert_eq!(codes.idx, train_codes.idx, "{}: active sets differ", arch.kind());
+        assert_eq!(
+            codes.idx,
+            train_codes.idx,
+            "{}: active sets differ",
+            arch.kind()
+        );
         for (a, b) in rec.iter().zip(&rec_train) {
             let b = b / t.scale();
-            assert!((a - b).abs() < 1e-3 * (1.0 + b.abs()), "{}: {a} vs {b}", arch.kind());
+            assert!(
+                (a - b).abs() < 1e-3 * (1.0 + b.abs()),
+                "{}: {a} vs {b}",
+                arch.kind()
+            );
         }
         if interop.is_some() {
             write_io(&dir.join("io.safetensors"), x, &codes.to_dense(F), &rec, n);

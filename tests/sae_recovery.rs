@@ -21,7 +21,10 @@ fn topk_recovers_sparse_ground_truth() {
         seed: 11,
     });
     let mut src = InMemorySource::new(synth.sample(1 << 16, 5), 32);
-    let arch = ArchConfig::TopK(topk::Config { k: 4, ..Default::default() });
+    let arch = ArchConfig::TopK(topk::Config {
+        k: 4,
+        ..Default::default()
+    });
     let cfg = TrainConfig {
         batch_tokens: 256,
         total_tokens: 1500 * 256,

@@ -34,7 +34,10 @@ pub enum BenchError {
 
 /// Options of `saepipe bench train`.
 #[derive(Debug, Parser)]
-#[command(name = "saepipe bench train", about = "SAE training throughput per variant")]
+#[command(
+    name = "saepipe bench train",
+    about = "SAE training throughput per variant"
+)]
 pub struct BenchTrainArgs {
     /// Input width.
     #[arg(long, default_value_t = 2048)]
@@ -55,7 +58,11 @@ pub struct BenchTrainArgs {
     #[arg(long, default_value_t = 1)]
     pub warmup: u64,
     /// Variants to run (comma-separated kinds).
-    #[arg(long, value_delimiter = ',', default_value = "topk,batchtopk,relu_l1,jumprelu,gated")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "topk,batchtopk,relu_l1,jumprelu,gated"
+    )]
     pub variants: Vec<String>,
     /// Python interpreter with torch: also run the PyTorch reference and compare.
     #[arg(long)]
@@ -94,11 +101,21 @@ fn loadavg() -> String {
 fn arch_for(kind: &str, k: usize) -> Result<ArchConfig, BenchError> {
     Ok(match kind {
         "relu_l1" => ArchConfig::ReluL1(relu_l1::Config::default()),
-        "topk" => ArchConfig::TopK(topk::Config { k, ..Default::default() }),
-        "batchtopk" => ArchConfig::BatchTopK(batchtopk::Config { k, ..Default::default() }),
+        "topk" => ArchConfig::TopK(topk::Config {
+            k,
+            ..Default::default()
+        }),
+        "batchtopk" => ArchConfig::BatchTopK(batchtopk::Config {
+            k,
+            ..Default::default()
+        }),
         "jumprelu" => ArchConfig::JumpRelu(jumprelu::Config::default()),
         "gated" => ArchConfig::Gated(gated::Config::default()),
-        other => return Err(BenchError::Args(format!("unknown variant `{other}` (relu_l1, topk, batchtopk, jumprelu, gated)"))),
+        other => {
+            return Err(BenchError::Args(format!(
+                "unknown variant `{other}` (relu_l1, topk, batchtopk, jumprelu, gated)"
+            )))
+        }
     })
 }
 
@@ -106,31 +123,68 @@ fn reference(a: &BenchTrainArgs, py: &PathBuf, variant: &str) -> Result<f64, Ben
     let out = std::process::Command::new(py)
         .arg(&a.reference_script)
         .args(["--variant", variant])
-        .args(["--d-in", &a.d_in.to_string(), "--d-sae", &a.d_sae.to_string()])
+        .args([
+            "--d-in",
+            &a.d_in.to_string(),
+            "--d-sae",
+            &a.d_sae.to_string(),
+        ])
         .args(["--batch", &a.batch.to_string(), "--k", &a.k.to_string()])
-        .args(["--steps", &a.steps.to_string(), "--warmup", &a.warmup.to_string()])
+        .args([
+            "--steps",
+            &a.steps.to_string(),
+            "--warmup",
+            &a.warmup.to_string(),
+        ])
         .args(["--threads", &a.reference_threads.to_string()])
         .output()
         .map_err(|e| BenchError::Reference(format!("{}: {e}", py.display())))?;
     if !out.status.success() {
-        return Err(BenchError::Reference(String::from_utf8_lossy(&out.stderr).into_owned()));
+        return Err(BenchError::Reference(
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
     }
     let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().rev().find(|l| l.trim_start().starts_with('{')).ok_or_else(|| BenchError::Reference(format!("no JSON line in output: {text}")))?;
-    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| BenchError::Reference(e.to_string()))?;
-    v["tokens_per_s"].as_f64().ok_or_else(|| BenchError::Reference(format!("no tokens_per_s in {line}")))
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .ok_or_else(|| BenchError::Reference(format!("no JSON line in output: {text}")))?;
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| BenchError::Reference(e.to_string()))?;
+    v["tokens_per_s"]
+        .as_f64()
+        .ok_or_else(|| BenchError::Reference(format!("no tokens_per_s in {line}")))
 }
 
 /// Shift the per-latent bias uniformly (bisection) until the inference L0 on `x` is about `target`.
 fn calibrate_l0(tr: &mut Trainer, x: &[f32], d: usize, target: f64) -> Result<(), BenchError> {
     let n = x.len() / d;
     let xs: Vec<f32> = x.iter().map(|v| v * tr.scale()).collect();
-    let name = if tr.sae().params().iter().any(|p| p.name == "b_gate") { "b_gate" } else { "b_enc" };
-    let base = tr.sae().params().iter().find(|p| p.name == name).map(|p| p.data.clone()).ok_or_else(|| BenchError::Args(format!("no {name} to calibrate")))?;
+    let name = if tr.sae().params().iter().any(|p| p.name == "b_gate") {
+        "b_gate"
+    } else {
+        "b_enc"
+    };
+    let base = tr
+        .sae()
+        .params()
+        .iter()
+        .find(|p| p.name == name)
+        .map(|p| p.data.clone())
+        .ok_or_else(|| BenchError::Args(format!("no {name} to calibrate")))?;
     let mut ws = crate::sae::Workspace::default();
     let mut l0_at = |tr: &mut Trainer, shift: f32| -> Result<f64, BenchError> {
-        if let Some(p) = tr.sae_mut().params_mut().iter_mut().find(|p| p.name == name) {
-            p.data.iter_mut().zip(&base).for_each(|(v, b)| *v = b - shift);
+        if let Some(p) = tr
+            .sae_mut()
+            .params_mut()
+            .iter_mut()
+            .find(|p| p.name == name)
+        {
+            p.data
+                .iter_mut()
+                .zip(&base)
+                .for_each(|(v, b)| *v = b - shift);
         }
         tr.sae().encode(&xs, n, &mut ws).map_err(TrainError::from)?;
         Ok(ws.codes.nnz() as f64 / n as f64)
@@ -154,7 +208,10 @@ fn calibrate_l0(tr: &mut Trainer, x: &[f32], d: usize, target: f64) -> Result<()
 
 /// Run the benchmark with command-line `args` (after `bench train`); returns the table.
 pub fn run(args: &[String]) -> Result<String, BenchError> {
-    let a = BenchTrainArgs::try_parse_from(std::iter::once("bench-train".to_string()).chain(args.iter().cloned())).map_err(|e| BenchError::Args(e.to_string()))?;
+    let a = BenchTrainArgs::try_parse_from(
+        std::iter::once("bench-train".to_string()).chain(args.iter().cloned()),
+    )
+    .map_err(|e| BenchError::Args(e.to_string()))?;
     let mut table = format!(
         "SAE training throughput: d_in={} d_sae={} batch={} k={} steps={} (+{} warm-up), rayon threads={}, load avg at start {}\n",
         a.d_in,
@@ -195,7 +252,12 @@ pub fn run(args: &[String]) -> Result<String, BenchError> {
         let mut src = InMemorySource::new(data.clone(), a.d_in);
         let mut tr = Trainer::new(cfg, &arch, a.d_sae, &mut src)?;
         if a.start_l0 > 0.0 && !kind.contains("topk") {
-            calibrate_l0(&mut tr, &data[..512.min(a.batch) * a.d_in], a.d_in, a.start_l0)?;
+            calibrate_l0(
+                &mut tr,
+                &data[..512.min(a.batch) * a.d_in],
+                a.d_in,
+                a.start_l0,
+            )?;
         }
         let mut l0 = 0.0;
         for _ in 0..a.warmup {
@@ -209,7 +271,11 @@ pub fn run(args: &[String]) -> Result<String, BenchError> {
         let tps = (a.steps as usize * a.batch) as f64 / secs;
         let rss = peak_rss_mib().map_or("?".into(), |m| format!("{m:.0} MiB"));
         drop(tr);
-        let ref_kind = if kind.contains("topk") { "topk" } else { "relu_l1" };
+        let ref_kind = if kind.contains("topk") {
+            "topk"
+        } else {
+            "relu_l1"
+        };
         let torch = match &a.reference_python {
             Some(py) => match ref_cache.iter().find(|(k, _)| k == ref_kind) {
                 Some((_, v)) => Some(*v),

@@ -63,7 +63,9 @@ impl ReconStats {
     /// Pooled total sum of squares about the mean.
     pub fn sst(&self) -> f64 {
         let n = self.n.max(1) as f64;
-        (0..self.d).map(|j| self.sum_sq[j] - self.sum_x[j] * self.sum_x[j] / n).sum()
+        (0..self.d)
+            .map(|j| self.sum_sq[j] - self.sum_x[j] * self.sum_x[j] / n)
+            .sum()
     }
     /// Fraction of variance unexplained, `SSE/SST`.
     pub fn fvu(&self) -> f64 {
@@ -127,7 +129,8 @@ impl SparsityStats {
     /// Fraction of latents firing on more than `tau` of the tokens.
     pub fn dense_frac(&self, tau: f64) -> f64 {
         let n = self.n.max(1) as f64;
-        self.fires.iter().filter(|&&c| c as f64 / n > tau).count() as f64 / self.fires.len().max(1) as f64
+        self.fires.iter().filter(|&&c| c as f64 / n > tau).count() as f64
+            / self.fires.len().max(1) as f64
     }
     /// Per-latent firing counts.
     pub fn fires(&self) -> &[u64] {

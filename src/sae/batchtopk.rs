@@ -17,8 +17,12 @@
 use serde::{Deserialize, Serialize};
 
 use super::common::{self as c, Workspace};
-use super::topk::{dead_list, push_aux, topk_backward, topk_export, topk_params, B_DEC, B_ENC, W_ENC};
-use super::{check_width, ArchConfig, ExportParts, Fold, Param, Sae, SaeError, StepInput, StepOutput};
+use super::topk::{
+    dead_list, push_aux, topk_backward, topk_export, topk_params, B_DEC, B_ENC, W_ENC,
+};
+use super::{
+    check_width, ArchConfig, ExportParts, Fold, Param, Sae, SaeError, StepInput, StepOutput,
+};
 use crate::rng::Rng;
 
 /// Variant name.
@@ -116,13 +120,31 @@ impl Sae for BatchTopK {
         let p = &self.params;
         let th = self.threshold().max(0.0);
         c::prepare_input(x, self.d, Some(&p[B_DEC].data), &mut ws.xt);
-        c::encode_collect(ws, n, self.d, &p[W_ENC].data, self.f, Some(&p[B_ENC].data), |_, row, buf| {
-            buf.main.extend(row.iter().enumerate().filter(|(_, &v)| v > th).map(|(i, &v)| (i as u32, v)));
-        });
+        c::encode_collect(
+            ws,
+            n,
+            self.d,
+            &p[W_ENC].data,
+            self.f,
+            Some(&p[B_ENC].data),
+            |_, row, buf| {
+                buf.main.extend(
+                    row.iter()
+                        .enumerate()
+                        .filter(|(_, &v)| v > th)
+                        .map(|(i, &v)| (i as u32, v)),
+                );
+            },
+        );
         Ok(())
     }
 
-    fn forward_backward(&mut self, input: &StepInput, grads: &mut [Vec<f32>], ws: &mut Workspace) -> Result<StepOutput, SaeError> {
+    fn forward_backward(
+        &mut self,
+        input: &StepInput,
+        grads: &mut [Vec<f32>],
+        ws: &mut Workspace,
+    ) -> Result<StepOutput, SaeError> {
         let (d, f, n) = (self.d, self.f, input.n);
         check_width(ARCH, d, input.x, n)?;
         let (k, alpha) = (self.cfg.k, self.cfg.aux_coefficient);
@@ -132,19 +154,27 @@ impl Sae for BatchTopK {
         let p = &self.params;
         // 1. candidates: per token the `cap` largest positive activations, plus AuxK
         c::prepare_input(input.x, d, Some(&p[B_DEC].data), &mut ws.xt);
-        c::encode_collect(ws, n, d, &p[W_ENC].data, f, Some(&p[B_ENC].data), |_, row, buf| {
-            let s = buf.main.len();
-            c::topk_select(row, cap, &mut buf.scratch, &mut buf.main);
-            let mut w = s;
-            for r in s..buf.main.len() {
-                if buf.main[r].1 > 0.0 {
-                    buf.main[w] = buf.main[r];
-                    w += 1;
+        c::encode_collect(
+            ws,
+            n,
+            d,
+            &p[W_ENC].data,
+            f,
+            Some(&p[B_ENC].data),
+            |_, row, buf| {
+                let s = buf.main.len();
+                c::topk_select(row, cap, &mut buf.scratch, &mut buf.main);
+                let mut w = s;
+                for r in s..buf.main.len() {
+                    if buf.main[r].1 > 0.0 {
+                        buf.main[w] = buf.main[r];
+                        w += 1;
+                    }
                 }
-            }
-            buf.main.truncate(w);
-            push_aux(row, &dead, k_aux, buf);
-        });
+                buf.main.truncate(w);
+                push_aux(row, &dead, k_aux, buf);
+            },
+        );
         // 2. batch-wide selection of the B·k largest candidates (ties: token, then latent order)
         let keep = n * k;
         let codes = &mut ws.codes;
@@ -153,7 +183,9 @@ impl Sae for BatchTopK {
         if codes.nnz() > keep {
             self.sel.clear();
             self.sel.extend_from_slice(&codes.val);
-            let (_, tau, _) = self.sel.select_nth_unstable_by(keep - 1, |a, b| b.total_cmp(a));
+            let (_, tau, _) = self
+                .sel
+                .select_nth_unstable_by(keep - 1, |a, b| b.total_cmp(a));
             let tau = *tau;
             let mut ties = keep - codes.val.iter().filter(|&&v| v > tau).count();
             let mut w = 0;
@@ -163,10 +195,11 @@ impl Sae for BatchTopK {
                 let mut kept_here = 0;
                 for e in start..end {
                     let v = codes.val[e];
-                    let take = v > tau || (v == tau && ties > 0 && {
-                        ties -= 1;
-                        true
-                    });
+                    let take = v > tau
+                        || (v == tau && ties > 0 && {
+                            ties -= 1;
+                            true
+                        });
                     if take {
                         codes.idx[w] = codes.idx[e];
                         codes.val[w] = v;
@@ -205,7 +238,11 @@ impl Sae for BatchTopK {
 
     fn export_parts(&self) -> ExportParts {
         let mut e = topk_export(&self.params, "jumprelu");
-        e.per_latent.push(("threshold", vec![self.threshold().max(0.0); self.f], Fold::ByDecoderNorm));
+        e.per_latent.push((
+            "threshold",
+            vec![self.threshold().max(0.0); self.f],
+            Fold::ByDecoderNorm,
+        ));
         e
     }
 }

@@ -148,7 +148,15 @@ pub fn zero(v: &mut [f32]) {
 
 /// `out[b, i] = Σ_j x[b, j]·w[i, j] + bias[i]` for `x: [c, d]`, `w: [f, d]`,
 /// `out: [c, f]`, using the multi-threaded `gemm` crate.
-pub fn gemm_xwt(x: &[f32], c: usize, d: usize, w: &[f32], f: usize, bias: Option<&[f32]>, out: &mut [f32]) {
+pub fn gemm_xwt(
+    x: &[f32],
+    c: usize,
+    d: usize,
+    w: &[f32],
+    f: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
     assert_eq!(x.len(), c * d, "invariant: callers size x as [c, d]");
     assert_eq!(w.len(), f * d, "invariant: callers size w as [f, d]");
     assert_eq!(out.len(), c * f, "invariant: callers size out as [c, f]");
@@ -243,8 +251,15 @@ fn gemm_aw(a: &[f32], c: usize, f: usize, w: &[f32], d: usize, out: &mut [f32]) 
 /// 2. `row_fn(token, pre_row, buf)` pushes that token's main and aux entries.
 ///
 /// Entries are appended to `ws.codes` (main) and `ws.aux` (aux) in token order.
-pub fn encode_collect<F>(ws: &mut Workspace, n: usize, d: usize, w: &[f32], f: usize, bias: Option<&[f32]>, row_fn: F)
-where
+pub fn encode_collect<F>(
+    ws: &mut Workspace,
+    n: usize,
+    d: usize,
+    w: &[f32],
+    f: usize,
+    bias: Option<&[f32]>,
+    row_fn: F,
+) where
     F: Fn(usize, &[f32], &mut TaskBuf) + Sync,
 {
     ws.codes.clear();
@@ -308,7 +323,12 @@ fn better(a: (f32, u32), b: (f32, u32)) -> std::cmp::Ordering {
 /// Selection, not a sort: a candidate buffer of at most `2k` entries with a running
 /// threshold; when it fills, an introselect keeps the best `k` and raises the threshold.
 /// Expected cost `O(F)` comparisons. Equal to [`topk_naive`] as a set (tested).
-pub fn topk_select(row: &[f32], k: usize, scratch: &mut Vec<(f32, u32)>, out: &mut Vec<(u32, f32)>) {
+pub fn topk_select(
+    row: &[f32],
+    k: usize,
+    scratch: &mut Vec<(f32, u32)>,
+    out: &mut Vec<(u32, f32)>,
+) {
     let k = k.min(row.len());
     if k == 0 {
         return;
@@ -345,7 +365,11 @@ pub fn topk_select(row: &[f32], k: usize, scratch: &mut Vec<(f32, u32)>, out: &m
 
 /// Reference top-k by full sort (tests and the property suite).
 pub fn topk_naive(row: &[f32], k: usize) -> Vec<(u32, f32)> {
-    let mut all: Vec<(f32, u32)> = row.iter().enumerate().map(|(i, &v)| (v, i as u32)).collect();
+    let mut all: Vec<(f32, u32)> = row
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (v, i as u32))
+        .collect();
     all.sort_by(|a, b| better(*a, *b));
     all.truncate(k.min(row.len()));
     all.into_iter().map(|(v, i)| (i, v)).collect()
@@ -370,7 +394,15 @@ fn densify(codes: &Codes, vals: &[f32], lo: usize, hi: usize, f: usize, out: &mu
 
 /// Sparse decode: `out[b] = bias + Σ_{(i,v) ∈ codes[b]} v·w[i]`, `out: [n, d]`.
 /// With `bias = None` the bias is zero (AuxK reconstructs the residual without `b_dec`).
-pub fn decode(ws_dense: &mut Scratch, codes: &Codes, w: &[f32], d: usize, f: usize, bias: Option<&[f32]>, out: &mut Vec<f32>) {
+pub fn decode(
+    ws_dense: &mut Scratch,
+    codes: &Codes,
+    w: &[f32],
+    d: usize,
+    f: usize,
+    bias: Option<&[f32]>,
+    out: &mut Vec<f32>,
+) {
     let n = codes.n();
     resize(out, n * d);
     if density(codes, f) > DENSE_FALLBACK && n > 0 {
@@ -403,7 +435,15 @@ pub fn decode(ws_dense: &mut Scratch, codes: &Codes, w: &[f32], d: usize, f: usi
 }
 
 /// Per-entry dot products `out[e] = w[idx[e]] · v[token(e)]` (e.g. `G_{b,i} = d_i·g_b`).
-pub fn entry_dots(ws_dense: &mut Scratch, codes: &Codes, w: &[f32], d: usize, f: usize, v: &[f32], out: &mut Vec<f32>) {
+pub fn entry_dots(
+    ws_dense: &mut Scratch,
+    codes: &Codes,
+    w: &[f32],
+    d: usize,
+    f: usize,
+    v: &[f32],
+    out: &mut Vec<f32>,
+) {
     let n = codes.n();
     resize(out, codes.nnz());
     if density(codes, f) > DENSE_FALLBACK && n > 0 {
@@ -412,7 +452,15 @@ pub fn entry_dots(ws_dense: &mut Scratch, codes: &Codes, w: &[f32], d: usize, f:
         while lo < n {
             let hi = (lo + CHUNK).min(n);
             resize(&mut ws_dense.dense2, (hi - lo) * f);
-            gemm_xwt(&v[lo * d..hi * d], hi - lo, d, w, f, None, &mut ws_dense.dense2);
+            gemm_xwt(
+                &v[lo * d..hi * d],
+                hi - lo,
+                d,
+                w,
+                f,
+                None,
+                &mut ws_dense.dense2,
+            );
             let g = &ws_dense.dense2;
             let (s, e) = (codes.indptr[lo], codes.indptr[hi]);
             let ip = &codes.indptr;
@@ -449,7 +497,15 @@ pub fn entry_dots(ws_dense: &mut Scratch, codes: &Codes, w: &[f32], d: usize, f:
 /// the sparse outer-product accumulation of §8 (decoder rows with `v = g`, encoder rows
 /// with `v = x̃`). The codes are transposed CSR→CSC so that each rayon task owns a range
 /// of latents and writes its rows without atomics.
-pub fn accumulate_rows(ws: &mut Scratch, codes: &Codes, coef: &[f32], v: &[f32], d: usize, f: usize, out: &mut [f32]) {
+pub fn accumulate_rows(
+    ws: &mut Scratch,
+    codes: &Codes,
+    coef: &[f32],
+    v: &[f32],
+    d: usize,
+    f: usize,
+    out: &mut [f32],
+) {
     let n = codes.n();
     if n == 0 || codes.nnz() == 0 {
         return;
@@ -478,12 +534,13 @@ pub fn accumulate_rows(ws: &mut Scratch, codes: &Codes, coef: &[f32], v: &[f32],
     ws.csc_tok.resize(codes.nnz(), 0);
     ws.csc_coef.resize(codes.nnz(), 0.0);
     for b in 0..n {
-        for e in codes.indptr[b]..codes.indptr[b + 1] {
-            let i = codes.idx[e] as usize;
+        let (s, e) = (codes.indptr[b], codes.indptr[b + 1]);
+        for (&i, &cf) in codes.idx[s..e].iter().zip(&coef[s..e]) {
+            let i = i as usize;
             let p = ws.fill[i];
             ws.fill[i] += 1;
             ws.csc_tok[p] = b as u32;
-            ws.csc_coef[p] = coef[e];
+            ws.csc_coef[p] = cf;
         }
     }
     let (ptr, tok, cf) = (&ws.csc_ptr, &ws.csc_tok, &ws.csc_coef);
@@ -579,19 +636,23 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// Euclidean norms of the rows of `w: [f, d]`.
 pub fn row_norms(w: &[f32], d: usize, out: &mut Vec<f32>) {
     resize(out, w.len() / d.max(1));
-    out.par_iter_mut().zip(w.par_chunks(d)).for_each(|(o, r)| *o = dot(r, r).sqrt());
+    out.par_iter_mut()
+        .zip(w.par_chunks(d))
+        .for_each(|(o, r)| *o = dot(r, r).sqrt());
 }
 
 /// Remove from each gradient row its component along the (unit) weight row:
 /// `g_i ← g_i − (g_i·d̂_i) d̂_i` (§1.3 A step 1).
 pub fn project_rows(grad: &mut [f32], w: &[f32], d: usize) {
-    grad.par_chunks_mut(d).zip(w.par_chunks(d)).for_each(|(g, r)| {
-        let nn = dot(r, r);
-        if nn > 0.0 {
-            let c = dot(g, r) / nn;
-            axpy(-c, r, g);
-        }
-    });
+    grad.par_chunks_mut(d)
+        .zip(w.par_chunks(d))
+        .for_each(|(g, r)| {
+            let nn = dot(r, r);
+            if nn > 0.0 {
+                let c = dot(g, r) / nn;
+                axpy(-c, r, g);
+            }
+        });
 }
 
 /// Rescale every row of `w` to unit norm (§1.3 A step 3). Zero rows are left alone.
@@ -618,14 +679,16 @@ pub fn random_rows(rng: &mut Rng, f: usize, d: usize, norm: f32) -> Vec<f32> {
 /// `xt = x − b` row-wise (`sub = Some(b)`) or a plain copy.
 pub fn prepare_input(x: &[f32], d: usize, sub: Option<&[f32]>, xt: &mut Vec<f32>) {
     resize(xt, x.len());
-    xt.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, xx)| match sub {
-        Some(b) => {
-            for ((oo, a), bb) in o.iter_mut().zip(xx).zip(b) {
-                *oo = a - bb;
+    xt.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each(|(o, xx)| match sub {
+            Some(b) => {
+                for ((oo, a), bb) in o.iter_mut().zip(xx).zip(b) {
+                    *oo = a - bb;
+                }
             }
-        }
-        None => o.copy_from_slice(xx),
-    });
+            None => o.copy_from_slice(xx),
+        });
 }
 
 #[cfg(test)]
@@ -670,7 +733,15 @@ mod tests {
         assert!(density(&codes, f) > DENSE_FALLBACK);
         let mut ws = Scratch::default();
         let mut dense_out = vec![0.0; f * d];
-        accumulate_rows(&mut ws, &codes, &codes.val.clone(), &v, d, f, &mut dense_out);
+        accumulate_rows(
+            &mut ws,
+            &codes,
+            &codes.val.clone(),
+            &v,
+            d,
+            f,
+            &mut dense_out,
+        );
         let mut want = vec![0.0f32; f * d];
         for b in 0..n {
             let (ix, vs) = codes.row(b);
@@ -686,10 +757,11 @@ mod tests {
         let mut g = Vec::new();
         entry_dots(&mut ws, &codes, &w, d, f, &v, &mut g);
         for b in 0..n {
-            for e in codes.indptr[b]..codes.indptr[b + 1] {
-                let i = codes.idx[e] as usize;
+            let (s, e) = (codes.indptr[b], codes.indptr[b + 1]);
+            for (&i, &ge) in codes.idx[s..e].iter().zip(&g[s..e]) {
+                let i = i as usize;
                 let want = dot(&w[i * d..(i + 1) * d], &v[b * d..(b + 1) * d]);
-                assert!((g[e] - want).abs() < 1e-4);
+                assert!((ge - want).abs() < 1e-4);
             }
         }
     }

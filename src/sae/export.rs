@@ -126,7 +126,12 @@ pub fn fold(sae: &dyn Sae, scale: f32) -> Folded {
             w_dec[i * d..(i + 1) * d].iter_mut().for_each(|v| *v /= n);
         }
     }
-    let k = parts.extra_cfg.iter().find(|(k, _)| *k == "k").and_then(|(_, v)| v.as_u64()).map(|v| v as usize);
+    let k = parts
+        .extra_cfg
+        .iter()
+        .find(|(k, _)| *k == "k")
+        .and_then(|(_, v)| v.as_u64())
+        .map(|v| v as usize);
     Folded {
         architecture: parts.architecture.to_string(),
         d_in: d,
@@ -137,7 +142,11 @@ pub fn fold(sae: &dyn Sae, scale: f32) -> Folded {
         per_latent,
         apply_b_dec_to_input: parts.apply_b_dec_to_input,
         k,
-        extra_cfg: parts.extra_cfg.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        extra_cfg: parts
+            .extra_cfg
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
         saepipe_arch: sae.arch().to_string(),
     }
 }
@@ -159,7 +168,12 @@ pub fn transpose(v: &[f32], r: usize, cols: usize) -> Vec<f32> {
 
 /// Write `sae` in SAELens v6 format into `dir` (`cfg.json`, `sae_weights.safetensors`),
 /// each file atomically; `cfg.json` is written last.
-pub fn save_saelens(sae: &dyn Sae, scale: f32, meta: &ExportMeta, dir: &Path) -> Result<Folded, ExportError> {
+pub fn save_saelens(
+    sae: &dyn Sae,
+    scale: f32,
+    meta: &ExportMeta,
+    dir: &Path,
+) -> Result<Folded, ExportError> {
     let folded = fold(sae, scale);
     write_folded(&folded, meta, dir)?;
     Ok(folded)
@@ -171,9 +185,17 @@ pub fn write_folded(fd: &Folded, meta: &ExportMeta, dir: &Path) -> Result<(), Ex
     let w_enc_t = f32_bytes(&transpose(&fd.w_enc, f, d));
     let w_dec = f32_bytes(&fd.w_dec);
     let b_dec = f32_bytes(&fd.b_dec);
-    let per: Vec<(String, Vec<u8>)> = fd.per_latent.iter().map(|(n, v)| (n.clone(), f32_bytes(v))).collect();
+    let per: Vec<(String, Vec<u8>)> = fd
+        .per_latent
+        .iter()
+        .map(|(n, v)| (n.clone(), f32_bytes(v)))
+        .collect();
     let wpath = dir.join(WEIGHTS_FILE);
-    fn mk<'a>(shape: Vec<usize>, data: &'a [u8], path: &Path) -> Result<TensorView<'a>, ExportError> {
+    fn mk<'a>(
+        shape: Vec<usize>,
+        data: &'a [u8],
+        path: &Path,
+    ) -> Result<TensorView<'a>, ExportError> {
         TensorView::new(Dtype::F32, shape, data).map_err(|e| fmt_err(path, e.to_string()))
     }
     let mut tensors: Vec<(String, TensorView)> = vec![
@@ -184,7 +206,8 @@ pub fn write_folded(fd: &Folded, meta: &ExportMeta, dir: &Path) -> Result<(), Ex
     for (n, b) in &per {
         tensors.push((n.clone(), mk(vec![f], b, &wpath)?));
     }
-    let bytes = safetensors::serialize(tensors, None).map_err(|e| fmt_err(&wpath, e.to_string()))?;
+    let bytes =
+        safetensors::serialize(tensors, None).map_err(|e| fmt_err(&wpath, e.to_string()))?;
     let io = |p: &Path| {
         let p = p.to_path_buf();
         move |source| ExportError::Io { path: p, source }
@@ -234,30 +257,73 @@ impl LoadedSae {
     /// Load `dir/cfg.json` and `dir/sae_weights.safetensors`.
     pub fn load(dir: &Path) -> Result<Self, ExportError> {
         let cpath = dir.join(CFG_FILE);
-        let text = std::fs::read_to_string(&cpath).map_err(|source| ExportError::Io { path: cpath.clone(), source })?;
-        let cfg: serde_json::Value = serde_json::from_str(&text).map_err(|e| fmt_err(&cpath, e.to_string()))?;
-        let get_usize = |k: &str| cfg[k].as_u64().map(|v| v as usize).ok_or_else(|| fmt_err(&cpath, format!("missing integer `{k}`")));
+        let text = std::fs::read_to_string(&cpath).map_err(|source| ExportError::Io {
+            path: cpath.clone(),
+            source,
+        })?;
+        let cfg: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| fmt_err(&cpath, e.to_string()))?;
+        let get_usize = |k: &str| {
+            cfg[k]
+                .as_u64()
+                .map(|v| v as usize)
+                .ok_or_else(|| fmt_err(&cpath, format!("missing integer `{k}`")))
+        };
         let (d, f) = (get_usize("d_in")?, get_usize("d_sae")?);
-        let architecture = cfg["architecture"].as_str().ok_or_else(|| fmt_err(&cpath, "missing `architecture`"))?.to_string();
-        if !matches!(architecture.as_str(), "standard" | "topk" | "jumprelu" | "gated") {
+        let architecture = cfg["architecture"]
+            .as_str()
+            .ok_or_else(|| fmt_err(&cpath, "missing `architecture`"))?
+            .to_string();
+        if !matches!(
+            architecture.as_str(),
+            "standard" | "topk" | "jumprelu" | "gated"
+        ) {
             return Err(fmt_err(&cpath, format!("architecture `{architecture}` is not supported (standard, topk, jumprelu, gated)")));
         }
         let version = cfg["metadata"]["sae_lens_version"].as_str().unwrap_or("0");
-        if version.split('.').next().and_then(|m| m.parse::<u32>().ok()).unwrap_or(0) < 6 {
-            return Err(fmt_err(&cpath, format!("metadata.sae_lens_version = {version}; only v6 files are supported")));
+        if version
+            .split('.')
+            .next()
+            .and_then(|m| m.parse::<u32>().ok())
+            .unwrap_or(0)
+            < 6
+        {
+            return Err(fmt_err(
+                &cpath,
+                format!("metadata.sae_lens_version = {version}; only v6 files are supported"),
+            ));
         }
         if cfg["normalize_activations"].as_str().unwrap_or("none") != "none" {
-            return Err(fmt_err(&cpath, "normalize_activations must be \"none\" (scaling folded into the weights)"));
+            return Err(fmt_err(
+                &cpath,
+                "normalize_activations must be \"none\" (scaling folded into the weights)",
+            ));
         }
         let wpath = dir.join(WEIGHTS_FILE);
-        let bytes = std::fs::read(&wpath).map_err(|source| ExportError::Io { path: wpath.clone(), source })?;
-        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| fmt_err(&wpath, e.to_string()))?;
+        let bytes = std::fs::read(&wpath).map_err(|source| ExportError::Io {
+            path: wpath.clone(),
+            source,
+        })?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| fmt_err(&wpath, e.to_string()))?;
         let read = |name: &str, shape: &[usize]| -> Result<Vec<f32>, ExportError> {
-            let t = st.tensor(name).map_err(|e| fmt_err(&wpath, format!("tensor {name}: {e}")))?;
+            let t = st
+                .tensor(name)
+                .map_err(|e| fmt_err(&wpath, format!("tensor {name}: {e}")))?;
             if t.dtype() != Dtype::F32 || t.shape() != shape {
-                return Err(fmt_err(&wpath, format!("tensor {name}: expected F32 {shape:?}, found {:?} {:?}", t.dtype(), t.shape())));
+                return Err(fmt_err(
+                    &wpath,
+                    format!(
+                        "tensor {name}: expected F32 {shape:?}, found {:?} {:?}",
+                        t.dtype(),
+                        t.shape()
+                    ),
+                ));
             }
-            Ok(t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+            Ok(t.data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect())
         };
         let w_enc = transpose(&read("W_enc", &[d, f])?, d, f);
         let w_dec = read("W_dec", &[f, d])?;
@@ -276,7 +342,10 @@ impl LoadedSae {
             return Err(fmt_err(&cpath, "topk needs an integer `k` in 1..=d_sae"));
         }
         Ok(Self {
-            hook_name: cfg["metadata"]["hook_name"].as_str().unwrap_or("").to_string(),
+            hook_name: cfg["metadata"]["hook_name"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
             t: Folded {
                 architecture,
                 d_in: d,
@@ -288,7 +357,10 @@ impl LoadedSae {
                 apply_b_dec_to_input: cfg["apply_b_dec_to_input"].as_bool().unwrap_or(true),
                 k,
                 extra_cfg: vec![],
-                saepipe_arch: cfg["metadata"]["saepipe_arch"].as_str().unwrap_or("").to_string(),
+                saepipe_arch: cfg["metadata"]["saepipe_arch"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
             },
         })
     }
@@ -307,7 +379,12 @@ impl LoadedSae {
     pub fn encode(&self, x: &[f32], n: usize, ws: &mut Workspace) {
         let t = &self.t;
         let (d, f) = (t.d_in, t.d_sae);
-        c::prepare_input(x, d, t.apply_b_dec_to_input.then_some(&t.b_dec[..]), &mut ws.xt);
+        c::prepare_input(
+            x,
+            d,
+            t.apply_b_dec_to_input.then_some(&t.b_dec[..]),
+            &mut ws.xt,
+        );
         match t.architecture.as_str() {
             "gated" => {
                 let (bg, bm, r) = (self.per("b_gate"), self.per("b_mag"), self.per("r_mag"));
@@ -324,36 +401,79 @@ impl LoadedSae {
             }
             "jumprelu" => {
                 let th = self.per("threshold");
-                c::encode_collect(ws, n, d, &t.w_enc, f, Some(self.per("b_enc")), |_, row, buf| {
-                    buf.main.extend(row.iter().zip(th).enumerate().filter(|(_, (&v, &h))| v > h && v > 0.0).map(|(i, (&v, _))| (i as u32, v)));
-                });
+                c::encode_collect(
+                    ws,
+                    n,
+                    d,
+                    &t.w_enc,
+                    f,
+                    Some(self.per("b_enc")),
+                    |_, row, buf| {
+                        buf.main.extend(
+                            row.iter()
+                                .zip(th)
+                                .enumerate()
+                                .filter(|(_, (&v, &h))| v > h && v > 0.0)
+                                .map(|(i, (&v, _))| (i as u32, v)),
+                        );
+                    },
+                );
             }
             "topk" => {
                 let k = t.k.unwrap_or(1);
-                c::encode_collect(ws, n, d, &t.w_enc, f, Some(self.per("b_enc")), |_, row, buf| {
-                    let s = buf.main.len();
-                    c::topk_select(row, k, &mut buf.scratch, &mut buf.main);
-                    let mut w = s;
-                    for r in s..buf.main.len() {
-                        if buf.main[r].1 > 0.0 {
-                            buf.main[w] = buf.main[r];
-                            w += 1;
+                c::encode_collect(
+                    ws,
+                    n,
+                    d,
+                    &t.w_enc,
+                    f,
+                    Some(self.per("b_enc")),
+                    |_, row, buf| {
+                        let s = buf.main.len();
+                        c::topk_select(row, k, &mut buf.scratch, &mut buf.main);
+                        let mut w = s;
+                        for r in s..buf.main.len() {
+                            if buf.main[r].1 > 0.0 {
+                                buf.main[w] = buf.main[r];
+                                w += 1;
+                            }
                         }
-                    }
-                    buf.main.truncate(w);
-                });
+                        buf.main.truncate(w);
+                    },
+                );
             }
             _ => {
-                c::encode_collect(ws, n, d, &t.w_enc, f, Some(self.per("b_enc")), |_, row, buf| {
-                    buf.main.extend(row.iter().enumerate().filter(|(_, &v)| v > 0.0).map(|(i, &v)| (i as u32, v)));
-                });
+                c::encode_collect(
+                    ws,
+                    n,
+                    d,
+                    &t.w_enc,
+                    f,
+                    Some(self.per("b_enc")),
+                    |_, row, buf| {
+                        buf.main.extend(
+                            row.iter()
+                                .enumerate()
+                                .filter(|(_, &v)| v > 0.0)
+                                .map(|(i, &v)| (i as u32, v)),
+                        );
+                    },
+                );
             }
         }
     }
 
     /// Decode codes into raw-space reconstructions `[n, d_in]`.
     pub fn decode(&self, codes: &Codes, out: &mut Vec<f32>, ws: &mut Workspace) {
-        c::decode(&mut ws.scratch, codes, &self.t.w_dec, self.t.d_in, self.t.d_sae, Some(&self.t.b_dec), out);
+        c::decode(
+            &mut ws.scratch,
+            codes,
+            &self.t.w_dec,
+            self.t.d_in,
+            self.t.d_sae,
+            Some(&self.t.b_dec),
+            out,
+        );
     }
 
     /// Tensor names and values as written (for tests).

@@ -20,7 +20,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::common::{self as c, Workspace};
-use super::{check_width, ArchConfig, ExportParts, Fold, Param, Sae, SaeError, StepInput, StepOutput};
+use super::{
+    check_width, ArchConfig, ExportParts, Fold, Param, Sae, SaeError, StepInput, StepOutput,
+};
 use crate::rng::Rng;
 
 /// Variant name.
@@ -36,7 +38,9 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self { l1_coefficient: 1.0 }
+        Self {
+            l1_coefficient: 1.0,
+        }
     }
 }
 
@@ -59,7 +63,7 @@ pub struct Gated {
 impl Gated {
     /// Initialise (§4.3): unit decoder rows, `W_gate = W_decᵀ`, `r_mag = b_gate = b_mag = 0`.
     pub fn new(cfg: Config, d: usize, f: usize, rng: &mut Rng) -> Result<Self, SaeError> {
-        if !(cfg.l1_coefficient >= 0.0) {
+        if cfg.l1_coefficient.is_nan() || cfg.l1_coefficient < 0.0 {
             return Err(SaeError::Config {
                 arch: ARCH,
                 msg: format!("l1_coefficient = {} must be >= 0", cfg.l1_coefficient),
@@ -111,21 +115,34 @@ impl Sae for Gated {
         er.extend(p[R_MAG].data.iter().map(|r| r.exp()));
         let (bg, bm) = (&p[B_GATE].data, &p[B_MAG].data);
         c::prepare_input(x, self.d, Some(&p[B_DEC].data), &mut ws.xt);
-        c::encode_collect(ws, n, self.d, &p[W_GATE].data, self.f, None, |_, row, buf| {
-            for (i, &u) in row.iter().enumerate() {
-                if u + bg[i] > 0.0 {
-                    let m = er[i] * u + bm[i];
-                    if m > 0.0 {
-                        buf.main.push((i as u32, m));
+        c::encode_collect(
+            ws,
+            n,
+            self.d,
+            &p[W_GATE].data,
+            self.f,
+            None,
+            |_, row, buf| {
+                for (i, &u) in row.iter().enumerate() {
+                    if u + bg[i] > 0.0 {
+                        let m = er[i] * u + bm[i];
+                        if m > 0.0 {
+                            buf.main.push((i as u32, m));
+                        }
                     }
                 }
-            }
-        });
+            },
+        );
         ws.lat2 = er;
         Ok(())
     }
 
-    fn forward_backward(&mut self, input: &StepInput, grads: &mut [Vec<f32>], ws: &mut Workspace) -> Result<StepOutput, SaeError> {
+    fn forward_backward(
+        &mut self,
+        input: &StepInput,
+        grads: &mut [Vec<f32>],
+        ws: &mut Workspace,
+    ) -> Result<StepOutput, SaeError> {
         let (d, f, n) = (self.d, self.f, input.n);
         check_width(ARCH, d, input.x, n)?;
         let lambda = self.cfg.l1_coefficient * input.sparsity_scale;
@@ -150,13 +167,45 @@ impl Sae for Gated {
         });
         let w_dec = &p[W_DEC].data;
         // 2. main reconstruction: g = 2(x̂ − x)/B, G = d_i·g on active entries
-        c::decode(&mut ws.scratch, &ws.codes, w_dec, d, f, Some(&p[B_DEC].data), &mut ws.recon);
+        c::decode(
+            &mut ws.scratch,
+            &ws.codes,
+            w_dec,
+            d,
+            f,
+            Some(&p[B_DEC].data),
+            &mut ws.recon,
+        );
         let sse = c::residual(&ws.recon, input.x, d, 2.0 / n as f32, &mut ws.resid);
-        c::entry_dots(&mut ws.scratch, &ws.codes, w_dec, d, f, &ws.resid, &mut ws.gvals);
+        c::entry_dots(
+            &mut ws.scratch,
+            &ws.codes,
+            w_dec,
+            d,
+            f,
+            &ws.resid,
+            &mut ws.gvals,
+        );
         // 3. aux reconstruction through the gate with a frozen decoder: h = 2(x̂_aux − x)/B, A = d_i·h
-        c::decode(&mut ws.scratch, &ws.aux, w_dec, d, f, Some(&p[B_DEC].data), &mut ws.aux_recon);
+        c::decode(
+            &mut ws.scratch,
+            &ws.aux,
+            w_dec,
+            d,
+            f,
+            Some(&p[B_DEC].data),
+            &mut ws.aux_recon,
+        );
         let sse_aux = c::residual(&ws.aux_recon, input.x, d, 2.0 / n as f32, &mut ws.aux_resid);
-        c::entry_dots(&mut ws.scratch, &ws.aux, w_dec, d, f, &ws.aux_resid, &mut ws.aux_gvals);
+        c::entry_dots(
+            &mut ws.scratch,
+            &ws.aux,
+            w_dec,
+            d,
+            f,
+            &ws.aux_resid,
+            &mut ws.aux_gvals,
+        );
         // 4. ∂L/∂u: exp(r)·G on active entries, λ/B + A on open gates
         let lb = lambda / n as f32;
         c::resize(&mut ws.coef, ws.codes.nnz());
@@ -168,8 +217,24 @@ impl Sae for Gated {
             *cf = lb + a;
         }
         // 5. parameter gradients
-        c::accumulate_rows(&mut ws.scratch, &ws.codes, &ws.coef, &ws.xt, d, f, &mut grads[W_GATE]);
-        c::accumulate_rows(&mut ws.scratch, &ws.aux, &ws.aux_coef, &ws.xt, d, f, &mut grads[W_GATE]);
+        c::accumulate_rows(
+            &mut ws.scratch,
+            &ws.codes,
+            &ws.coef,
+            &ws.xt,
+            d,
+            f,
+            &mut grads[W_GATE],
+        );
+        c::accumulate_rows(
+            &mut ws.scratch,
+            &ws.aux,
+            &ws.aux_coef,
+            &ws.xt,
+            d,
+            f,
+            &mut grads[W_GATE],
+        );
         c::scatter_add(&ws.aux, &ws.aux_coef, &mut grads[B_GATE]);
         c::scatter_add(&ws.codes, &ws.gvals, &mut grads[B_MAG]);
         {
@@ -179,7 +244,15 @@ impl Sae for Gated {
                 gr[i as usize] += g * (v - bm[i as usize]);
             }
         }
-        c::accumulate_rows(&mut ws.scratch, &ws.codes, &ws.codes.val, &ws.resid, d, f, &mut grads[W_DEC]);
+        c::accumulate_rows(
+            &mut ws.scratch,
+            &ws.codes,
+            &ws.codes.val,
+            &ws.resid,
+            d,
+            f,
+            &mut grads[W_DEC],
+        );
         c::col_sums(&ws.resid, n, d, &mut grads[B_DEC]);
         c::resize(&mut ws.lat, f);
         ws.lat.fill(0.0);

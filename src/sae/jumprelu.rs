@@ -20,7 +20,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::common::{self as c, Workspace};
-use super::{check_width, ArchConfig, ExportParts, Fold, Param, Sae, SaeError, StepInput, StepOutput};
+use super::{
+    check_width, ArchConfig, ExportParts, Fold, Param, Sae, SaeError, StepInput, StepOutput,
+};
 use crate::rng::Rng;
 
 /// Variant name.
@@ -123,14 +125,33 @@ impl Sae for JumpRelu {
         let mut theta = std::mem::take(&mut ws.lat2);
         Self::thetas(p, &mut theta);
         c::prepare_input(x, self.d, None, &mut ws.xt);
-        c::encode_collect(ws, n, self.d, &p[W_ENC].data, self.f, Some(&p[B_ENC].data), |_, row, buf| {
-            buf.main.extend(row.iter().zip(&theta).enumerate().filter(|(_, (&v, &t))| v > t).map(|(i, (&v, _))| (i as u32, v)));
-        });
+        c::encode_collect(
+            ws,
+            n,
+            self.d,
+            &p[W_ENC].data,
+            self.f,
+            Some(&p[B_ENC].data),
+            |_, row, buf| {
+                buf.main.extend(
+                    row.iter()
+                        .zip(&theta)
+                        .enumerate()
+                        .filter(|(_, (&v, &t))| v > t)
+                        .map(|(i, (&v, _))| (i as u32, v)),
+                );
+            },
+        );
         ws.lat2 = theta;
         Ok(())
     }
 
-    fn forward_backward(&mut self, input: &StepInput, grads: &mut [Vec<f32>], ws: &mut Workspace) -> Result<StepOutput, SaeError> {
+    fn forward_backward(
+        &mut self,
+        input: &StepInput,
+        grads: &mut [Vec<f32>],
+        ws: &mut Workspace,
+    ) -> Result<StepOutput, SaeError> {
         let (d, f, n) = (self.d, self.f, input.n);
         check_width(ARCH, d, input.x, n)?;
         let lambda = self.cfg.l0_coefficient * input.sparsity_scale;
@@ -140,26 +161,74 @@ impl Sae for JumpRelu {
         let theta = &self.theta;
         // 1. π = W_enc x + b_enc; active (π > θ) → codes, band (|π − θ| < ε/2) → aux
         c::prepare_input(input.x, d, None, &mut ws.xt);
-        c::encode_collect(ws, n, d, &p[W_ENC].data, f, Some(&p[B_ENC].data), |_, row, buf| {
-            for (i, (&v, &t)) in row.iter().zip(theta).enumerate() {
-                if v > t {
-                    buf.main.push((i as u32, v));
+        c::encode_collect(
+            ws,
+            n,
+            d,
+            &p[W_ENC].data,
+            f,
+            Some(&p[B_ENC].data),
+            |_, row, buf| {
+                for (i, (&v, &t)) in row.iter().zip(theta).enumerate() {
+                    if v > t {
+                        buf.main.push((i as u32, v));
+                    }
+                    if (v - t).abs() < 0.5 * eps {
+                        buf.aux.push((i as u32, v));
+                    }
                 }
-                if (v - t).abs() < 0.5 * eps {
-                    buf.aux.push((i as u32, v));
-                }
-            }
-        });
+            },
+        );
         // 2. decode, g = 2(x̂ − x)/B, G on active and band entries
-        c::decode(&mut ws.scratch, &ws.codes, &p[W_DEC].data, d, f, Some(&p[B_DEC].data), &mut ws.recon);
+        c::decode(
+            &mut ws.scratch,
+            &ws.codes,
+            &p[W_DEC].data,
+            d,
+            f,
+            Some(&p[B_DEC].data),
+            &mut ws.recon,
+        );
         let sse = c::residual(&ws.recon, input.x, d, 2.0 / n as f32, &mut ws.resid);
-        c::entry_dots(&mut ws.scratch, &ws.codes, &p[W_DEC].data, d, f, &ws.resid, &mut ws.gvals);
-        c::entry_dots(&mut ws.scratch, &ws.aux, &p[W_DEC].data, d, f, &ws.resid, &mut ws.aux_gvals);
+        c::entry_dots(
+            &mut ws.scratch,
+            &ws.codes,
+            &p[W_DEC].data,
+            d,
+            f,
+            &ws.resid,
+            &mut ws.gvals,
+        );
+        c::entry_dots(
+            &mut ws.scratch,
+            &ws.aux,
+            &p[W_DEC].data,
+            d,
+            f,
+            &ws.resid,
+            &mut ws.aux_gvals,
+        );
         // 3. encoder and decoder gradients (exact on active entries)
         let (ge, rest) = grads.split_at_mut(B_ENC);
-        c::accumulate_rows(&mut ws.scratch, &ws.codes, &ws.gvals, &ws.xt, d, f, &mut ge[W_ENC]);
+        c::accumulate_rows(
+            &mut ws.scratch,
+            &ws.codes,
+            &ws.gvals,
+            &ws.xt,
+            d,
+            f,
+            &mut ge[W_ENC],
+        );
         c::scatter_add(&ws.codes, &ws.gvals, &mut rest[0]);
-        c::accumulate_rows(&mut ws.scratch, &ws.codes, &ws.codes.val, &ws.resid, d, f, &mut grads[W_DEC]);
+        c::accumulate_rows(
+            &mut ws.scratch,
+            &ws.codes,
+            &ws.codes.val,
+            &ws.resid,
+            d,
+            f,
+            &mut grads[W_DEC],
+        );
         c::col_sums(&ws.resid, n, d, &mut grads[B_DEC]);
         // 4. threshold STE: ∂L/∂t_i = θ_i Σ_band (1/ε)(−θ_i G − λ/B)
         let lb = lambda / n as f32;
@@ -185,7 +254,10 @@ impl Sae for JumpRelu {
             w_enc: p[W_ENC].data.clone(),
             w_dec: p[W_DEC].data.clone(),
             b_dec: p[B_DEC].data.clone(),
-            per_latent: vec![("b_enc", p[B_ENC].data.clone(), Fold::ByDecoderNorm), ("threshold", theta, Fold::ByDecoderNorm)],
+            per_latent: vec![
+                ("b_enc", p[B_ENC].data.clone(), Fold::ByDecoderNorm),
+                ("threshold", theta, Fold::ByDecoderNorm),
+            ],
             apply_b_dec_to_input: false,
             extra_cfg: vec![],
         }

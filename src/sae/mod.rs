@@ -152,7 +152,12 @@ pub trait Sae: Send + Sync {
     /// into `grads` (same order and sizes as [`Sae::params`]; the caller zeroes them), the
     /// training codes into `ws.codes` and the reconstruction into `ws.recon`.
     /// May update non-trainable state (BatchTopK's threshold).
-    fn forward_backward(&mut self, input: &StepInput, grads: &mut [Vec<f32>], ws: &mut Workspace) -> Result<StepOutput, SaeError>;
+    fn forward_backward(
+        &mut self,
+        input: &StepInput,
+        grads: &mut [Vec<f32>],
+        ws: &mut Workspace,
+    ) -> Result<StepOutput, SaeError>;
     /// Export tensors before folding.
     fn export_parts(&self) -> ExportParts;
 
@@ -160,8 +165,12 @@ pub trait Sae: Send + Sync {
     fn decode(&self, codes: &Codes, out: &mut Vec<f32>, ws: &mut Workspace) {
         let (d, f) = self.dims();
         let p = self.params();
-        let w = &param(p, "W_dec").expect("invariant: every variant has W_dec").data;
-        let b = &param(p, "b_dec").expect("invariant: every variant has b_dec").data;
+        let w = &param(p, "W_dec")
+            .expect("invariant: every variant has W_dec")
+            .data;
+        let b = &param(p, "b_dec")
+            .expect("invariant: every variant has b_dec")
+            .data;
         common::decode(&mut ws.scratch, codes, w, d, f, Some(b), out);
     }
 
@@ -187,12 +196,17 @@ pub trait Sae: Send + Sync {
 }
 
 /// Check that the input width matches.
-pub(crate) fn check_width(arch: &'static str, d_in: usize, x: &[f32], n: usize) -> Result<(), SaeError> {
+pub(crate) fn check_width(
+    arch: &'static str,
+    d_in: usize,
+    x: &[f32],
+    n: usize,
+) -> Result<(), SaeError> {
     if n == 0 || x.len() != n * d_in {
         return Err(SaeError::Shape {
             arch,
             expected: d_in,
-            found: if n == 0 { 0 } else { x.len() / n },
+            found: x.len().checked_div(n).unwrap_or(0),
         });
     }
     Ok(())
@@ -240,10 +254,16 @@ impl ArchConfig {
         }
         let mut rng = crate::rng::Rng::new(seed);
         Ok(match self {
-            ArchConfig::ReluL1(c) => Box::new(relu_l1::ReluL1::new(c.clone(), d_in, d_sae, &mut rng)?),
+            ArchConfig::ReluL1(c) => {
+                Box::new(relu_l1::ReluL1::new(c.clone(), d_in, d_sae, &mut rng)?)
+            }
             ArchConfig::TopK(c) => Box::new(topk::TopK::new(c.clone(), d_in, d_sae, &mut rng)?),
-            ArchConfig::BatchTopK(c) => Box::new(batchtopk::BatchTopK::new(c.clone(), d_in, d_sae, &mut rng)?),
-            ArchConfig::JumpRelu(c) => Box::new(jumprelu::JumpRelu::new(c.clone(), d_in, d_sae, &mut rng)?),
+            ArchConfig::BatchTopK(c) => {
+                Box::new(batchtopk::BatchTopK::new(c.clone(), d_in, d_sae, &mut rng)?)
+            }
+            ArchConfig::JumpRelu(c) => {
+                Box::new(jumprelu::JumpRelu::new(c.clone(), d_in, d_sae, &mut rng)?)
+            }
             ArchConfig::Gated(c) => Box::new(gated::Gated::new(c.clone(), d_in, d_sae, &mut rng)?),
         })
     }
@@ -257,8 +277,14 @@ impl ArchConfig {
                 l1_coefficient: 1.0,
                 ..relu_l1::Config::default()
             }),
-            ArchConfig::TopK(topk::Config { k: 4, ..topk::Config::default() }),
-            ArchConfig::BatchTopK(batchtopk::Config { k: 4, ..batchtopk::Config::default() }),
+            ArchConfig::TopK(topk::Config {
+                k: 4,
+                ..topk::Config::default()
+            }),
+            ArchConfig::BatchTopK(batchtopk::Config {
+                k: 4,
+                ..batchtopk::Config::default()
+            }),
             ArchConfig::JumpRelu(jumprelu::Config::default()),
             ArchConfig::Gated(gated::Config::default()),
         ]
@@ -273,15 +299,20 @@ impl ArchConfig {
                 l1_coefficient: c.l1_coefficient * factor,
                 ..c.clone()
             }),
-            ArchConfig::TopK(c) => ArchConfig::TopK(topk::Config { k: div(c.k), ..c.clone() }),
-            ArchConfig::BatchTopK(c) => ArchConfig::BatchTopK(batchtopk::Config { k: div(c.k), ..c.clone() }),
+            ArchConfig::TopK(c) => ArchConfig::TopK(topk::Config {
+                k: div(c.k),
+                ..c.clone()
+            }),
+            ArchConfig::BatchTopK(c) => ArchConfig::BatchTopK(batchtopk::Config {
+                k: div(c.k),
+                ..c.clone()
+            }),
             ArchConfig::JumpRelu(c) => ArchConfig::JumpRelu(jumprelu::Config {
                 l0_coefficient: c.l0_coefficient * factor,
                 ..c.clone()
             }),
             ArchConfig::Gated(c) => ArchConfig::Gated(gated::Config {
                 l1_coefficient: c.l1_coefficient * factor,
-                ..c.clone()
             }),
         }
     }
@@ -291,7 +322,9 @@ impl ArchConfig {
     pub fn recommended_adam(&self, d_sae: usize) -> (f32, f32, f32) {
         match self {
             ArchConfig::ReluL1(_) => (5e-5, 0.9, 0.999),
-            ArchConfig::TopK(_) | ArchConfig::BatchTopK(_) => (2e-4 / ((d_sae as f32) / 16384.0).sqrt(), 0.9, 0.999),
+            ArchConfig::TopK(_) | ArchConfig::BatchTopK(_) => {
+                (2e-4 / ((d_sae as f32) / 16384.0).sqrt(), 0.9, 0.999)
+            }
             ArchConfig::JumpRelu(_) => (7e-5, 0.0, 0.999),
             ArchConfig::Gated(_) => (3e-4, 0.0, 0.999),
         }

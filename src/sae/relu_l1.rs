@@ -15,7 +15,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::common::{self as c, Workspace};
-use super::{check_width, ArchConfig, ExportParts, Fold, Param, Sae, SaeError, StepInput, StepOutput};
+use super::{
+    check_width, ArchConfig, ExportParts, Fold, Param, Sae, SaeError, StepInput, StepOutput,
+};
 use crate::rng::Rng;
 
 /// Variant name.
@@ -60,7 +62,10 @@ impl ReluL1 {
         if !(cfg.l1_coefficient >= 0.0 && cfg.decoder_init_norm > 0.0) {
             return Err(SaeError::Config {
                 arch: ARCH,
-                msg: format!("l1_coefficient ({}) must be >= 0 and decoder_init_norm ({}) > 0", cfg.l1_coefficient, cfg.decoder_init_norm),
+                msg: format!(
+                    "l1_coefficient ({}) must be >= 0 and decoder_init_norm ({}) > 0",
+                    cfg.l1_coefficient, cfg.decoder_init_norm
+                ),
             });
         }
         let w_dec = c::random_rows(rng, f, d, cfg.decoder_init_norm);
@@ -101,25 +106,65 @@ impl Sae for ReluL1 {
         check_width(ARCH, self.d, x, n)?;
         let p = &self.params;
         c::prepare_input(x, self.d, None, &mut ws.xt);
-        c::encode_collect(ws, n, self.d, &p[W_ENC].data, self.f, Some(&p[B_ENC].data), |_, row, buf| {
-            buf.main.extend(row.iter().enumerate().filter(|(_, &v)| v > 0.0).map(|(i, &v)| (i as u32, v)));
-        });
+        c::encode_collect(
+            ws,
+            n,
+            self.d,
+            &p[W_ENC].data,
+            self.f,
+            Some(&p[B_ENC].data),
+            |_, row, buf| {
+                buf.main.extend(
+                    row.iter()
+                        .enumerate()
+                        .filter(|(_, &v)| v > 0.0)
+                        .map(|(i, &v)| (i as u32, v)),
+                );
+            },
+        );
         Ok(())
     }
 
-    fn forward_backward(&mut self, input: &StepInput, grads: &mut [Vec<f32>], ws: &mut Workspace) -> Result<StepOutput, SaeError> {
+    fn forward_backward(
+        &mut self,
+        input: &StepInput,
+        grads: &mut [Vec<f32>],
+        ws: &mut Workspace,
+    ) -> Result<StepOutput, SaeError> {
         let (d, f, n) = (self.d, self.f, input.n);
         let lambda = self.cfg.l1_coefficient * input.sparsity_scale;
         // 1. f = ReLU(W_enc x + b_enc): [n, d_sae] sparse
         self.encode(input.x, n, ws)?;
         let p = &self.params;
         // 2. x̂ = W_dec f + b_dec: [n, d]; g = 2(x̂ − x)/B
-        c::decode(&mut ws.scratch, &ws.codes, &p[W_DEC].data, d, f, Some(&p[B_DEC].data), &mut ws.recon);
+        c::decode(
+            &mut ws.scratch,
+            &ws.codes,
+            &p[W_DEC].data,
+            d,
+            f,
+            Some(&p[B_DEC].data),
+            &mut ws.recon,
+        );
         let sse = c::residual(&ws.recon, input.x, d, 2.0 / n as f32, &mut ws.resid);
         // 3. penalty Σ f_i ‖d_i‖ and G = d_i·g per active entry
         c::row_norms(&p[W_DEC].data, d, &mut self.norms);
-        let penalty: f64 = ws.codes.idx.iter().zip(&ws.codes.val).map(|(&i, &v)| v as f64 * self.norms[i as usize] as f64).sum();
-        c::entry_dots(&mut ws.scratch, &ws.codes, &p[W_DEC].data, d, f, &ws.resid, &mut ws.gvals);
+        let penalty: f64 = ws
+            .codes
+            .idx
+            .iter()
+            .zip(&ws.codes.val)
+            .map(|(&i, &v)| v as f64 * self.norms[i as usize] as f64)
+            .sum();
+        c::entry_dots(
+            &mut ws.scratch,
+            &ws.codes,
+            &p[W_DEC].data,
+            d,
+            f,
+            &ws.resid,
+            &mut ws.gvals,
+        );
         // 4. δ = ∂L/∂π = G + λ‖d_i‖/B on active entries
         let lb = lambda / n as f32;
         c::resize(&mut ws.coef, ws.codes.nnz());
@@ -128,10 +173,26 @@ impl Sae for ReluL1 {
         }
         // 5. parameter gradients
         let (ge, rest) = grads.split_at_mut(B_ENC);
-        c::accumulate_rows(&mut ws.scratch, &ws.codes, &ws.coef, &ws.xt, d, f, &mut ge[W_ENC]);
+        c::accumulate_rows(
+            &mut ws.scratch,
+            &ws.codes,
+            &ws.coef,
+            &ws.xt,
+            d,
+            f,
+            &mut ge[W_ENC],
+        );
         c::scatter_add(&ws.codes, &ws.coef, &mut rest[0]);
         let gd = &mut grads[W_DEC];
-        c::accumulate_rows(&mut ws.scratch, &ws.codes, &ws.codes.val, &ws.resid, d, f, gd);
+        c::accumulate_rows(
+            &mut ws.scratch,
+            &ws.codes,
+            &ws.codes.val,
+            &ws.resid,
+            d,
+            f,
+            gd,
+        );
         // penalty gradient on the decoder: λ/B (Σ_b f_{b,i}) d_i/‖d_i‖
         c::resize(&mut ws.lat, f);
         ws.lat.fill(0.0);
@@ -139,7 +200,11 @@ impl Sae for ReluL1 {
         for i in 0..f {
             if ws.lat[i] != 0.0 && self.norms[i] > 0.0 {
                 let s = lb * ws.lat[i] / self.norms[i];
-                c::axpy(s, &p[W_DEC].data[i * d..(i + 1) * d], &mut gd[i * d..(i + 1) * d]);
+                c::axpy(
+                    s,
+                    &p[W_DEC].data[i * d..(i + 1) * d],
+                    &mut gd[i * d..(i + 1) * d],
+                );
             }
         }
         c::col_sums(&ws.resid, n, d, &mut grads[B_DEC]);

@@ -17,7 +17,9 @@
 use serde::{Deserialize, Serialize};
 
 use super::common::{self as c, Workspace};
-use super::{check_width, ArchConfig, ExportParts, Fold, Param, Sae, SaeError, StepInput, StepOutput};
+use super::{
+    check_width, ArchConfig, ExportParts, Fold, Param, Sae, SaeError, StepInput, StepOutput,
+};
 use crate::rng::Rng;
 
 /// Variant name.
@@ -84,7 +86,13 @@ pub(crate) fn push_aux(row: &[f32], dead: &[u32], k_aux: usize, buf: &mut c::Tas
 }
 
 /// Dead latents as a list and the AuxK width for this step.
-pub(crate) fn dead_list(dead: &[bool], f: usize, aux_k: Option<usize>, d: usize, alpha: f32) -> Vec<u32> {
+pub(crate) fn dead_list(
+    dead: &[bool],
+    f: usize,
+    aux_k: Option<usize>,
+    d: usize,
+    alpha: f32,
+) -> Vec<u32> {
     if alpha == 0.0 || dead.len() != f || aux_k == Some(0) {
         return Vec::new();
     }
@@ -94,14 +102,40 @@ pub(crate) fn dead_list(dead: &[bool], f: usize, aux_k: Option<usize>, d: usize,
 
 /// Backward pass shared by TopK and BatchTopK once `ws.codes` (main, values `z > 0`) and
 /// `ws.aux` (AuxK selection) are filled and `ws.xt = x − b_dec`. Returns `(mse, auxk)`.
-pub(crate) fn topk_backward(params: &[Param], d: usize, f: usize, x: &[f32], n: usize, alpha: f32, grads: &mut [Vec<f32>], ws: &mut Workspace) -> (f64, f64) {
+#[allow(clippy::too_many_arguments)] // one call site per TopK-family variant; a struct would only rename them
+pub(crate) fn topk_backward(
+    params: &[Param],
+    d: usize,
+    f: usize,
+    x: &[f32],
+    n: usize,
+    alpha: f32,
+    grads: &mut [Vec<f32>],
+    ws: &mut Workspace,
+) -> (f64, f64) {
     let w_dec = &params[W_DEC].data;
     // 1. main reconstruction and g = 2(x̂ − x)/B
-    c::decode(&mut ws.scratch, &ws.codes, w_dec, d, f, Some(&params[B_DEC].data), &mut ws.recon);
+    c::decode(
+        &mut ws.scratch,
+        &ws.codes,
+        w_dec,
+        d,
+        f,
+        Some(&params[B_DEC].data),
+        &mut ws.recon,
+    );
     let sse = c::residual(&ws.recon, x, d, 2.0 / n as f32, &mut ws.resid);
     c::col_sums(&ws.resid, n, d, &mut grads[B_DEC]);
     // 2. δ_{b,i} = d_i·g_b on the selected latents (ReLU'd-out ones are not stored)
-    c::entry_dots(&mut ws.scratch, &ws.codes, w_dec, d, f, &ws.resid, &mut ws.gvals);
+    c::entry_dots(
+        &mut ws.scratch,
+        &ws.codes,
+        w_dec,
+        d,
+        f,
+        &ws.resid,
+        &mut ws.gvals,
+    );
     let mut auxk = 0.0;
     if ws.aux.nnz() > 0 {
         // 3. AuxK: ê over dead latents; h = α·2(ê − e)/V with e = x − x̂, V = ‖e − ē‖²
@@ -109,26 +143,80 @@ pub(crate) fn topk_backward(params: &[Param], d: usize, f: usize, x: &[f32], n: 
         let half_n = n as f64 / 2.0;
         let sum_g_sq: f64 = grads[B_DEC].iter().map(|&v| (v as f64) * (v as f64)).sum();
         let var = (sse - half_n * half_n * sum_g_sq / n as f64).max(1e-12);
-        c::decode(&mut ws.scratch, &ws.aux, w_dec, d, f, None, &mut ws.aux_recon);
+        c::decode(
+            &mut ws.scratch,
+            &ws.aux,
+            w_dec,
+            d,
+            f,
+            None,
+            &mut ws.aux_recon,
+        );
         // aux_recon ← ê + x̂, so that (aux_recon − x) = ê − e
         for (a, r) in ws.aux_recon.iter_mut().zip(&ws.recon) {
             *a += r;
         }
-        let sse_aux = c::residual(&ws.aux_recon, x, d, (2.0 * alpha as f64 / var) as f32, &mut ws.aux_resid);
+        let sse_aux = c::residual(
+            &ws.aux_recon,
+            x,
+            d,
+            (2.0 * alpha as f64 / var) as f32,
+            &mut ws.aux_resid,
+        );
         auxk = alpha as f64 * sse_aux / var;
-        c::entry_dots(&mut ws.scratch, &ws.aux, w_dec, d, f, &ws.aux_resid, &mut ws.aux_gvals);
+        c::entry_dots(
+            &mut ws.scratch,
+            &ws.aux,
+            w_dec,
+            d,
+            f,
+            &ws.aux_resid,
+            &mut ws.aux_gvals,
+        );
     }
     // 4. gradients: W_enc, b_enc from δ (main + aux), W_dec from f·g (+ z_aux·h)
     let (ge, rest) = grads.split_at_mut(B_ENC);
     let (gb, rest) = rest.split_at_mut(1);
     let gd = &mut rest[0];
-    c::accumulate_rows(&mut ws.scratch, &ws.codes, &ws.gvals, &ws.xt, d, f, &mut ge[W_ENC]);
+    c::accumulate_rows(
+        &mut ws.scratch,
+        &ws.codes,
+        &ws.gvals,
+        &ws.xt,
+        d,
+        f,
+        &mut ge[W_ENC],
+    );
     c::scatter_add(&ws.codes, &ws.gvals, &mut gb[0]);
-    c::accumulate_rows(&mut ws.scratch, &ws.codes, &ws.codes.val, &ws.resid, d, f, gd);
+    c::accumulate_rows(
+        &mut ws.scratch,
+        &ws.codes,
+        &ws.codes.val,
+        &ws.resid,
+        d,
+        f,
+        gd,
+    );
     if ws.aux.nnz() > 0 {
-        c::accumulate_rows(&mut ws.scratch, &ws.aux, &ws.aux_gvals, &ws.xt, d, f, &mut ge[W_ENC]);
+        c::accumulate_rows(
+            &mut ws.scratch,
+            &ws.aux,
+            &ws.aux_gvals,
+            &ws.xt,
+            d,
+            f,
+            &mut ge[W_ENC],
+        );
         c::scatter_add(&ws.aux, &ws.aux_gvals, &mut gb[0]);
-        c::accumulate_rows(&mut ws.scratch, &ws.aux, &ws.aux.val, &ws.aux_resid, d, f, gd);
+        c::accumulate_rows(
+            &mut ws.scratch,
+            &ws.aux,
+            &ws.aux.val,
+            &ws.aux_resid,
+            d,
+            f,
+            gd,
+        );
     }
     // 5. b_dec through x̃ = x − b_dec: −Σ_i (Σ_b δ_{b,i}) w_i
     c::resize(&mut ws.lat, f);
@@ -169,7 +257,7 @@ impl TopK {
                 msg: format!("k = {} must be between 1 and d_sae = {f}", cfg.k),
             });
         }
-        if !(cfg.aux_coefficient >= 0.0) {
+        if cfg.aux_coefficient.is_nan() || cfg.aux_coefficient < 0.0 {
             return Err(SaeError::Config {
                 arch: ARCH,
                 msg: format!("aux_coefficient = {} must be >= 0", cfg.aux_coefficient),
@@ -206,22 +294,35 @@ impl Sae for TopK {
         let p = &self.params;
         let k = self.cfg.k;
         c::prepare_input(x, self.d, Some(&p[B_DEC].data), &mut ws.xt);
-        c::encode_collect(ws, n, self.d, &p[W_ENC].data, self.f, Some(&p[B_ENC].data), |_, row, buf| {
-            let s = buf.main.len();
-            c::topk_select(row, k, &mut buf.scratch, &mut buf.main);
-            let mut w = s;
-            for r in s..buf.main.len() {
-                if buf.main[r].1 > 0.0 {
-                    buf.main[w] = buf.main[r];
-                    w += 1;
+        c::encode_collect(
+            ws,
+            n,
+            self.d,
+            &p[W_ENC].data,
+            self.f,
+            Some(&p[B_ENC].data),
+            |_, row, buf| {
+                let s = buf.main.len();
+                c::topk_select(row, k, &mut buf.scratch, &mut buf.main);
+                let mut w = s;
+                for r in s..buf.main.len() {
+                    if buf.main[r].1 > 0.0 {
+                        buf.main[w] = buf.main[r];
+                        w += 1;
+                    }
                 }
-            }
-            buf.main.truncate(w);
-        });
+                buf.main.truncate(w);
+            },
+        );
         Ok(())
     }
 
-    fn forward_backward(&mut self, input: &StepInput, grads: &mut [Vec<f32>], ws: &mut Workspace) -> Result<StepOutput, SaeError> {
+    fn forward_backward(
+        &mut self,
+        input: &StepInput,
+        grads: &mut [Vec<f32>],
+        ws: &mut Workspace,
+    ) -> Result<StepOutput, SaeError> {
         let (d, f, n) = (self.d, self.f, input.n);
         check_width(ARCH, d, input.x, n)?;
         let p = &self.params;
@@ -230,19 +331,27 @@ impl Sae for TopK {
         let k_aux = self.cfg.aux_k.unwrap_or(d / 2).max(1).min(dead.len());
         // 1. x̃ = x − b_dec; π = W_enc x̃ + b_enc chunk by chunk; top-k and AuxK selection
         c::prepare_input(input.x, d, Some(&p[B_DEC].data), &mut ws.xt);
-        c::encode_collect(ws, n, d, &p[W_ENC].data, f, Some(&p[B_ENC].data), |_, row, buf| {
-            let s = buf.main.len();
-            c::topk_select(row, k, &mut buf.scratch, &mut buf.main);
-            let mut w = s;
-            for r in s..buf.main.len() {
-                if buf.main[r].1 > 0.0 {
-                    buf.main[w] = buf.main[r];
-                    w += 1;
+        c::encode_collect(
+            ws,
+            n,
+            d,
+            &p[W_ENC].data,
+            f,
+            Some(&p[B_ENC].data),
+            |_, row, buf| {
+                let s = buf.main.len();
+                c::topk_select(row, k, &mut buf.scratch, &mut buf.main);
+                let mut w = s;
+                for r in s..buf.main.len() {
+                    if buf.main[r].1 > 0.0 {
+                        buf.main[w] = buf.main[r];
+                        w += 1;
+                    }
                 }
-            }
-            buf.main.truncate(w);
-            push_aux(row, &dead, k_aux, buf);
-        });
+                buf.main.truncate(w);
+                push_aux(row, &dead, k_aux, buf);
+            },
+        );
         // 2. decode, losses and gradients
         let (mse, auxk) = topk_backward(p, d, f, input.x, n, alpha, grads, ws);
         Ok(StepOutput {

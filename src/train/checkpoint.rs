@@ -76,7 +76,12 @@ impl TrainLog {
             self.data = vec![Vec::new(); row.len()];
         }
         for (c, col) in self.columns.iter().zip(self.data.iter_mut()) {
-            col.push(row.iter().find(|r| &r.0 == c).map(|r| r.1).unwrap_or(f64::NAN));
+            col.push(
+                row.iter()
+                    .find(|r| &r.0 == c)
+                    .map(|r| r.1)
+                    .unwrap_or(f64::NAN),
+            );
         }
     }
     /// Rows.
@@ -89,7 +94,10 @@ impl TrainLog {
     }
     /// Column by name.
     pub fn column(&self, name: &str) -> Option<&[f64]> {
-        self.columns.iter().position(|c| c == name).map(|i| &self.data[i][..])
+        self.columns
+            .iter()
+            .position(|c| c == name)
+            .map(|i| &self.data[i][..])
     }
 
     /// Write `train_log.parquet` atomically.
@@ -98,7 +106,11 @@ impl TrainLog {
             .columns
             .iter()
             .map(|c| {
-                let t = if c == "step" || c == "tokens" { DataType::UInt64 } else { DataType::Float64 };
+                let t = if c == "step" || c == "tokens" {
+                    DataType::UInt64
+                } else {
+                    DataType::Float64
+                };
                 Field::new(c, t, false)
             })
             .collect();
@@ -109,7 +121,9 @@ impl TrainLog {
             .zip(&self.data)
             .map(|(c, v)| -> ArrayRef {
                 if c == "step" || c == "tokens" {
-                    Arc::new(UInt64Array::from(v.iter().map(|&x| x as u64).collect::<Vec<_>>()))
+                    Arc::new(UInt64Array::from(
+                        v.iter().map(|&x| x as u64).collect::<Vec<_>>(),
+                    ))
                 } else {
                     Arc::new(Float64Array::from(v.clone()))
                 }
@@ -121,7 +135,8 @@ impl TrainLog {
         };
         let batch = RecordBatch::try_new(schema.clone(), arrays).map_err(|e| err(e.to_string()))?;
         fsutil::atomic_write_with(path, |w| {
-            let mut wr = parquet::arrow::ArrowWriter::try_new(w, schema, None).map_err(std::io::Error::other)?;
+            let mut wr = parquet::arrow::ArrowWriter::try_new(w, schema, None)
+                .map_err(std::io::Error::other)?;
             wr.write(&batch).map_err(std::io::Error::other)?;
             wr.close().map_err(std::io::Error::other)?;
             Ok(())
@@ -150,14 +165,30 @@ fn bytes_f32(v: &[f32]) -> Vec<u8> {
 }
 
 /// Write a checkpoint atomically.
-pub fn save(path: &Path, meta: &CheckpointMeta, tensors: &[(String, &[f32])], tsf: &[u64], log: &TrainLog) -> Result<(), TrainError> {
+pub fn save(
+    path: &Path,
+    meta: &CheckpointMeta,
+    tensors: &[(String, &[f32])],
+    tsf: &[u64],
+    log: &TrainLog,
+) -> Result<(), TrainError> {
     let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (name, v) in tensors {
         owned.push((name.clone(), Dtype::F32, vec![v.len()], bytes_f32(v)));
     }
-    owned.push(("tokens_since_fired".into(), Dtype::I64, vec![tsf.len()], tsf.iter().flat_map(|&x| (x as i64).to_le_bytes()).collect()));
+    owned.push((
+        "tokens_since_fired".into(),
+        Dtype::I64,
+        vec![tsf.len()],
+        tsf.iter().flat_map(|&x| (x as i64).to_le_bytes()).collect(),
+    ));
     for (c, v) in log.columns.iter().zip(&log.data) {
-        owned.push((format!("log.{c}"), Dtype::F64, vec![v.len()], v.iter().flat_map(|x| x.to_le_bytes()).collect()));
+        owned.push((
+            format!("log.{c}"),
+            Dtype::F64,
+            vec![v.len()],
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ));
     }
     let cerr = |msg: String| TrainError::Checkpoint {
         path: path.to_path_buf(),
@@ -165,10 +196,16 @@ pub fn save(path: &Path, meta: &CheckpointMeta, tensors: &[(String, &[f32])], ts
     };
     let mut views = Vec::new();
     for (n, dt, shape, b) in &owned {
-        views.push((n.clone(), TensorView::new(*dt, shape.clone(), b).map_err(|e| cerr(e.to_string()))?));
+        views.push((
+            n.clone(),
+            TensorView::new(*dt, shape.clone(), b).map_err(|e| cerr(e.to_string()))?,
+        ));
     }
     let mut md = HashMap::new();
-    md.insert("saepipe".to_string(), serde_json::to_string(meta).map_err(|e| cerr(e.to_string()))?);
+    md.insert(
+        "saepipe".to_string(),
+        serde_json::to_string(meta).map_err(|e| cerr(e.to_string()))?,
+    );
     let bytes = safetensors::serialize(views, Some(md)).map_err(|e| cerr(e.to_string()))?;
     fsutil::atomic_write(path, &bytes).map_err(|source| TrainError::Io {
         path: path.to_path_buf(),
@@ -186,14 +223,17 @@ pub fn load(path: &Path) -> Result<CheckpointData, TrainError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| cerr(format!("not a safetensors checkpoint: {e}")))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| cerr(e.to_string()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| cerr(format!("not a safetensors checkpoint: {e}")))?;
+    let (_, header) =
+        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| cerr(e.to_string()))?;
     let meta_s = header
         .metadata()
         .as_ref()
         .and_then(|m| m.get("saepipe"))
         .ok_or_else(|| cerr("no saepipe metadata: not a saepipe training checkpoint".into()))?;
-    let meta: CheckpointMeta = serde_json::from_str(meta_s).map_err(|e| cerr(format!("bad metadata: {e}")))?;
+    let meta: CheckpointMeta =
+        serde_json::from_str(meta_s).map_err(|e| cerr(format!("bad metadata: {e}")))?;
     if meta.format != FORMAT {
         return Err(cerr(format!("format {} is not {FORMAT}", meta.format)));
     }
@@ -206,16 +246,30 @@ pub fn load(path: &Path) -> Result<CheckpointData, TrainError> {
     for (name, t) in st.tensors() {
         let data = t.data();
         if name == "tokens_since_fired" {
-            tsf = data.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("invariant: chunks of 8")) as u64).collect();
+            tsf = data
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().expect("invariant: chunks of 8")) as u64)
+                .collect();
         } else if let Some(c) = name.strip_prefix("log.") {
             if let Some(i) = log.columns.iter().position(|x| x == c) {
-                log.data[i] = data.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().expect("invariant: chunks of 8"))).collect();
+                log.data[i] = data
+                    .chunks_exact(8)
+                    .map(|b| f64::from_le_bytes(b.try_into().expect("invariant: chunks of 8")))
+                    .collect();
             }
         } else {
             if t.dtype() != Dtype::F32 {
-                return Err(cerr(format!("tensor {name} is {:?}, expected F32", t.dtype())));
+                return Err(cerr(format!(
+                    "tensor {name} is {:?}, expected F32",
+                    t.dtype()
+                )));
             }
-            tensors.insert(name, data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("invariant: chunks of 4"))).collect());
+            tensors.insert(
+                name,
+                data.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().expect("invariant: chunks of 4")))
+                    .collect(),
+            );
         }
     }
     Ok(CheckpointData {

@@ -47,7 +47,11 @@ pub struct InMemorySource {
 impl InMemorySource {
     /// `data` is `[n, d]` row-major (a trailing partial row is ignored).
     pub fn new(data: Vec<f32>, d: usize) -> Self {
-        Self { data, d: d.max(1), pos: 0 }
+        Self {
+            data,
+            d: d.max(1),
+            pos: 0,
+        }
     }
     fn rows(&self) -> usize {
         self.data.len() / self.d
@@ -72,7 +76,10 @@ impl ActivationSource for InMemorySource {
     }
     fn seek(&mut self, pos: u64) -> Result<(), DataError> {
         if pos > self.rows() as u64 {
-            return Err(DataError::Seek { pos, len: self.rows() as u64 });
+            return Err(DataError::Seek {
+                pos,
+                len: self.rows() as u64,
+            });
         }
         self.pos = pos as usize;
         Ok(())

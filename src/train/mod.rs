@@ -224,15 +224,20 @@ fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
         bad.push("batch_tokens must be > 0".to_string());
     }
     if cfg.total_steps() == 0 {
-        bad.push(format!("total_tokens ({}) must be at least batch_tokens ({})", cfg.total_tokens, cfg.batch_tokens));
+        bad.push(format!(
+            "total_tokens ({}) must be at least batch_tokens ({})",
+            cfg.total_tokens, cfg.batch_tokens
+        ));
     }
     if cfg.lr.is_some_and(|l| !(l > 0.0 && l.is_finite())) {
         bad.push("lr must be positive".into());
     }
-    if cfg.adam_beta1.is_some_and(|b| !(0.0..1.0).contains(&b)) || cfg.adam_beta2.is_some_and(|b| !(0.0..1.0).contains(&b)) {
+    if cfg.adam_beta1.is_some_and(|b| !(0.0..1.0).contains(&b))
+        || cfg.adam_beta2.is_some_and(|b| !(0.0..1.0).contains(&b))
+    {
         bad.push("adam betas must be in [0, 1)".into());
     }
-    if cfg.grad_clip.is_some_and(|c| !(c > 0.0)) {
+    if cfg.grad_clip.is_some_and(|c| c.is_nan() || c <= 0.0) {
         bad.push("grad_clip must be positive".into());
     }
     if cfg.init_tokens == 0 {
@@ -267,7 +272,11 @@ pub fn geometric_median(x: &[f32], d: usize) -> Vec<f32> {
         let w: Vec<f64> = x
             .par_chunks(d)
             .map(|r| {
-                let s: f64 = r.iter().zip(&y).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+                let s: f64 = r
+                    .iter()
+                    .zip(&y)
+                    .map(|(a, b)| ((a - b) as f64).powi(2))
+                    .sum();
                 1.0 / s.sqrt().max(1e-8)
             })
             .collect();
@@ -279,7 +288,12 @@ pub fn geometric_median(x: &[f32], d: usize) -> Vec<f32> {
             }
         }
         let ny: Vec<f32> = ny.iter().map(|v| (v / wsum) as f32).collect();
-        let delta: f64 = ny.iter().zip(&y).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
+        let delta: f64 = ny
+            .iter()
+            .zip(&y)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
         y = ny;
         if delta < 1e-5 {
             break;
@@ -302,7 +316,12 @@ fn mean_rows(x: &[f32], d: usize) -> Vec<f32> {
 impl Trainer {
     /// Estimate the input scale, build the SAE of width `d_sae` and initialise `b_dec` from
     /// the start of `src` (which is rewound).
-    pub fn new(cfg: TrainConfig, arch: &ArchConfig, d_sae: usize, src: &mut dyn ActivationSource) -> Result<Self, TrainError> {
+    pub fn new(
+        cfg: TrainConfig,
+        arch: &ArchConfig,
+        d_sae: usize,
+        src: &mut dyn ActivationSource,
+    ) -> Result<Self, TrainError> {
         validate(&cfg)?;
         let d = src.d_in();
         let mut sae = arch.build(d, d_sae, cfg.seed)?;
@@ -310,16 +329,26 @@ impl Trainer {
         if init.is_empty() {
             return Err(TrainError::EmptyData("empty"));
         }
-        ensure_finite(&init, "activations (init sample)", None).map_err(|source| TrainError::NonFinite {
-            arch: sae.arch(),
-            step: 0,
-            source,
+        ensure_finite(&init, "activations (init sample)", None).map_err(|source| {
+            TrainError::NonFinite {
+                arch: sae.arch(),
+                step: 0,
+                source,
+            }
         })?;
-        let mean_norm = init.chunks(d).map(|r| (common::dot(r, r) as f64).sqrt()).sum::<f64>() / (init.len() / d) as f64;
+        let mean_norm = init
+            .chunks(d)
+            .map(|r| (common::dot(r, r) as f64).sqrt())
+            .sum::<f64>()
+            / (init.len() / d) as f64;
         if mean_norm == 0.0 {
             return Err(TrainError::EmptyData("all zeros (mean norm 0)"));
         }
-        let scale = if cfg.scale_inputs { ((d as f64).sqrt() / mean_norm) as f32 } else { 1.0 };
+        let scale = if cfg.scale_inputs {
+            ((d as f64).sqrt() / mean_norm) as f32
+        } else {
+            1.0
+        };
         let scaled: Vec<f32> = init.iter().map(|v| v * scale).collect();
         let b_dec = match cfg.b_dec_init {
             BDecInit::GeometricMedian => geometric_median(&scaled, d),
@@ -336,10 +365,25 @@ impl Trainer {
             beta2: cfg.adam_beta2.unwrap_or(b2),
             eps: cfg.adam_eps,
         };
-        let zeros = |sae: &dyn Sae| sae.params().iter().map(|p| if p.trainable { vec![0.0; p.data.len()] } else { Vec::new() }).collect::<Vec<_>>();
+        let zeros = |sae: &dyn Sae| {
+            sae.params()
+                .iter()
+                .map(|p| {
+                    if p.trainable {
+                        vec![0.0; p.data.len()]
+                    } else {
+                        Vec::new()
+                    }
+                })
+                .collect::<Vec<_>>()
+        };
         let rng = Rng::new(cfg.seed.wrapping_add(0xA11CE));
         Ok(Self {
-            grads: sae.params().iter().map(|p| vec![0.0; p.data.len()]).collect(),
+            grads: sae
+                .params()
+                .iter()
+                .map(|p| vec![0.0; p.data.len()])
+                .collect(),
             m: zeros(&*sae),
             v: zeros(&*sae),
             adam,
@@ -361,7 +405,12 @@ impl Trainer {
 
     /// Continue from a checkpoint written by [`Trainer::save_checkpoint`]. `arch` and `cfg`
     /// must be the ones the checkpoint was made with; `src` is positioned where it was.
-    pub fn resume(path: &Path, cfg: TrainConfig, arch: &ArchConfig, src: &mut dyn ActivationSource) -> Result<Self, TrainError> {
+    pub fn resume(
+        path: &Path,
+        cfg: TrainConfig,
+        arch: &ArchConfig,
+        src: &mut dyn ActivationSource,
+    ) -> Result<Self, TrainError> {
         validate(&cfg)?;
         let ck = checkpoint::load(path)?;
         let cerr = |msg: String| TrainError::Checkpoint {
@@ -377,7 +426,10 @@ impl Trainer {
         }
         let want_arch = serde_json::to_value(arch).map_err(|e| cerr(e.to_string()))?;
         if ck.meta.arch != want_arch {
-            return Err(cerr(format!("architecture config differs: checkpoint {} vs requested {want_arch}", ck.meta.arch)));
+            return Err(cerr(format!(
+                "architecture config differs: checkpoint {} vs requested {want_arch}",
+                ck.meta.arch
+            )));
         }
         if src.d_in() != ck.meta.d_in {
             return Err(TrainError::Width {
@@ -391,9 +443,15 @@ impl Trainer {
         let mut v = Vec::new();
         for p in sae.params_mut() {
             let get = |k: String, len: usize| -> Result<Vec<f32>, TrainError> {
-                let t = ck.tensors.get(&k).ok_or_else(|| cerr(format!("missing tensor {k}")))?;
+                let t = ck
+                    .tensors
+                    .get(&k)
+                    .ok_or_else(|| cerr(format!("missing tensor {k}")))?;
                 if t.len() != len {
-                    return Err(cerr(format!("tensor {k} has {} values, expected {len}", t.len())));
+                    return Err(cerr(format!(
+                        "tensor {k} has {} values, expected {len}",
+                        t.len()
+                    )));
                 }
                 Ok(t.clone())
             };
@@ -414,7 +472,11 @@ impl Trainer {
             return Err(cerr("tokens_since_fired has the wrong length".into()));
         }
         Ok(Self {
-            grads: sae.params().iter().map(|p| vec![0.0; p.data.len()]).collect(),
+            grads: sae
+                .params()
+                .iter()
+                .map(|p| vec![0.0; p.data.len()])
+                .collect(),
             m,
             v,
             adam: Adam {
@@ -492,7 +554,9 @@ impl Trainer {
         }
         let s = self.scale;
         if s != 1.0 {
-            self.batch.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v *= s));
+            self.batch
+                .par_chunks_mut(1 << 14)
+                .for_each(|c| c.iter_mut().for_each(|v| *v *= s));
         }
         Ok(())
     }
@@ -501,7 +565,11 @@ impl Trainer {
     pub fn step(&mut self, src: &mut dyn ActivationSource) -> Result<StepRecord, TrainError> {
         let t = self.step;
         let arch = self.sae.arch();
-        let nonfinite = |source| TrainError::NonFinite { arch, step: t, source };
+        let nonfinite = |source| TrainError::NonFinite {
+            arch,
+            step: t,
+            source,
+        };
         // 1. batch
         self.read_batch(src)?;
         ensure_finite(&self.batch, "activation batch", Some(t)).map_err(nonfinite)?;
@@ -513,7 +581,8 @@ impl Trainer {
         for (dd, &c) in self.dead.iter_mut().zip(&self.tsf) {
             *dd = c > self.cfg.dead_after_tokens;
         }
-        let sw = (self.cfg.sparsity_warmup_frac.clamp(0.0, 1.0) as f64 * self.total_steps as f64).ceil() as u64;
+        let sw = (self.cfg.sparsity_warmup_frac.clamp(0.0, 1.0) as f64 * self.total_steps as f64)
+            .ceil() as u64;
         let input = StepInput {
             x: &self.batch,
             n,
@@ -522,7 +591,9 @@ impl Trainer {
             dead: &self.dead,
         };
         // 3. forward/backward
-        let out = self.sae.forward_backward(&input, &mut self.grads, &mut self.ws)?;
+        let out = self
+            .sae
+            .forward_backward(&input, &mut self.grads, &mut self.ws)?;
         // 4. NaN guard
         let mut vals: Vec<f32> = vec![out.loss as f32];
         vals.extend(out.terms.iter().map(|t| t.1 as f32));
@@ -537,7 +608,13 @@ impl Trainer {
                 }
             }
             if let Some(clip) = self.cfg.grad_clip {
-                let norm: f64 = params.iter().zip(&self.grads).filter(|(p, _)| p.trainable).map(|(_, g)| optim::sum_sq(g)).sum::<f64>().sqrt();
+                let norm: f64 = params
+                    .iter()
+                    .zip(&self.grads)
+                    .filter(|(p, _)| p.trainable)
+                    .map(|(_, g)| optim::sum_sq(g))
+                    .sum::<f64>()
+                    .sqrt();
                 if !norm.is_finite() {
                     return Err(nonfinite(NumericError::NonFinite {
                         what: "gradient norm".into(),
@@ -560,7 +637,14 @@ impl Trainer {
             if !p.trainable {
                 continue;
             }
-            self.adam.update(lr, t + 1, &mut p.data, &self.grads[i], &mut self.m[i], &mut self.v[i]);
+            self.adam.update(
+                lr,
+                t + 1,
+                &mut p.data,
+                &self.grads[i],
+                &mut self.m[i],
+                &mut self.v[i],
+            );
             if p.unit_rows {
                 common::normalize_rows(&mut p.data, d);
             }
@@ -588,10 +672,18 @@ impl Trainer {
             dead_frac: n_dead as f64 / self.tsf.len() as f64,
             lr,
         };
-        if self.step % self.cfg.log_every.max(1) == 0 || self.step == self.total_steps {
-            let mut row = vec![("step".to_string(), rec.step as f64), ("tokens".to_string(), rec.tokens as f64), ("loss".to_string(), rec.loss)];
+        if self.step.is_multiple_of(self.cfg.log_every.max(1)) || self.step == self.total_steps {
+            let mut row = vec![
+                ("step".to_string(), rec.step as f64),
+                ("tokens".to_string(), rec.tokens as f64),
+                ("loss".to_string(), rec.loss),
+            ];
             row.extend(rec.terms.iter().map(|(k, v)| (k.to_string(), *v)));
-            row.extend([("l0".to_string(), rec.l0), ("dead_frac".to_string(), rec.dead_frac), ("lr".to_string(), rec.lr as f64)]);
+            row.extend([
+                ("l0".to_string(), rec.l0),
+                ("dead_frac".to_string(), rec.dead_frac),
+                ("lr".to_string(), rec.lr as f64),
+            ]);
             self.log.push(&row);
         }
         Ok(rec)
@@ -600,15 +692,27 @@ impl Trainer {
     /// Train until `total_steps` (or `stop_at` steps, for tests), checkpointing into
     /// `out_dir` every `checkpoint_every` steps and at the end, with progress through
     /// `reporter`. Writes `train_log.parquet` with each checkpoint.
-    pub fn run(&mut self, src: &mut dyn ActivationSource, out_dir: Option<&Path>, reporter: &dyn Reporter, stop_at: Option<u64>) -> Result<(), TrainError> {
+    pub fn run(
+        &mut self,
+        src: &mut dyn ActivationSource,
+        out_dir: Option<&Path>,
+        reporter: &dyn Reporter,
+        stop_at: Option<u64>,
+    ) -> Result<(), TrainError> {
         let end = stop_at.unwrap_or(self.total_steps).min(self.total_steps);
-        let prog = reporter.start(&format!("train {}", self.sae.arch()), Some(self.total_steps));
+        let prog = reporter.start(
+            &format!("train {}", self.sae.arch()),
+            Some(self.total_steps),
+        );
         prog.set_position(self.step);
         while self.step < end {
             let r = self.step(src)?;
             prog.advance(1);
             if r.step % self.cfg.log_every.max(1) == 0 || r.step == end {
-                prog.set_message(format!("loss {:.4} L0 {:.1} dead {:.3}", r.loss, r.l0, r.dead_frac));
+                prog.set_message(format!(
+                    "loss {:.4} L0 {:.1} dead {:.3}",
+                    r.loss, r.l0, r.dead_frac
+                ));
             }
             if let Some(dir) = out_dir {
                 let ce = self.cfg.checkpoint_every;

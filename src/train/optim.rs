@@ -53,19 +53,27 @@ impl Adam {
 
 /// Sum of squares of `g` in f64 (fixed chunking, fixed combination order).
 pub fn sum_sq(g: &[f32]) -> f64 {
-    let parts: Vec<f64> = g.par_chunks(CHUNK).map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum()).collect();
+    let parts: Vec<f64> = g
+        .par_chunks(CHUNK)
+        .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum())
+        .collect();
     parts.iter().sum()
 }
 
 /// Scale every gradient by `s`.
 pub fn scale(g: &mut [f32], s: f32) {
-    g.par_chunks_mut(CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v *= s));
+    g.par_chunks_mut(CHUNK)
+        .for_each(|c| c.iter_mut().for_each(|v| *v *= s));
 }
 
 /// Learning-rate multiplier at 0-based step `t` of `total`: linear warmup over `warmup`
 /// steps, then constant, then linear decay to 0 over the last `decay_frac·total` steps.
 pub fn lr_factor(t: u64, total: u64, warmup: u64, decay_frac: f32) -> f32 {
-    let w = if warmup > 0 { ((t + 1) as f32 / warmup as f32).min(1.0) } else { 1.0 };
+    let w = if warmup > 0 {
+        ((t + 1) as f32 / warmup as f32).min(1.0)
+    } else {
+        1.0
+    };
     let decay_steps = (decay_frac.clamp(0.0, 1.0) as f64 * total as f64).round() as u64;
     let start = total.saturating_sub(decay_steps);
     let d = if decay_steps > 0 && t >= start {
@@ -100,7 +108,10 @@ mod tests {
         let mut p = vec![1.0f32, 1.0];
         let (mut m, mut v) = (vec![0.0; 2], vec![0.0; 2]);
         a.update(0.1, 1, &mut p, &[2.0, -3.0], &mut m, &mut v);
-        assert!((p[0] - 0.9).abs() < 1e-5 && (p[1] - 1.1).abs() < 1e-5, "{p:?}");
+        assert!(
+            (p[0] - 0.9).abs() < 1e-5 && (p[1] - 1.1).abs() < 1e-5,
+            "{p:?}"
+        );
     }
 
     #[test]
