@@ -209,6 +209,23 @@ fn checkpoint_roundtrip_and_resume_are_bit_exact() {
             arch.kind()
         );
         assert_eq!(resumed.log(), full.log(), "{}", arch.kind());
+        // train_log.parquet holds the whole log with the documented columns
+        let file = std::fs::File::open(out.join(saepipe::train::LOG_FILE)).unwrap();
+        let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap();
+        let batches: Vec<_> = reader.map(|b| b.unwrap()).collect();
+        let rows: usize = batches.iter().map(|b| b.num_rows()).sum();
+        assert_eq!(rows, full.log().len());
+        let schema = batches[0].schema();
+        for col in ["step", "tokens", "loss", "mse", "l0", "dead_frac", "lr"] {
+            assert!(
+                schema.field_with_name(col).is_ok(),
+                "{}: no column {col}",
+                arch.kind()
+            );
+        }
     }
 }
 

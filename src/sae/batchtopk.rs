@@ -149,7 +149,8 @@ impl Sae for BatchTopK {
         check_width(ARCH, d, input.x, n)?;
         let (k, alpha) = (self.cfg.k, self.cfg.aux_coefficient);
         let cap = self.cfg.candidates_per_token.unwrap_or(4 * k).min(f);
-        let dead = dead_list(input.dead, f, self.cfg.aux_k, d, alpha);
+        let mut dead = std::mem::take(&mut ws.dead);
+        dead_list(input.dead, f, self.cfg.aux_k, alpha, &mut dead);
         let k_aux = self.cfg.aux_k.unwrap_or(d / 2).max(1).min(dead.len());
         let p = &self.params;
         // 1. candidates: per token the `cap` largest positive activations, plus AuxK
@@ -175,6 +176,7 @@ impl Sae for BatchTopK {
                 push_aux(row, &dead, k_aux, buf);
             },
         );
+        ws.dead = dead;
         // 2. batch-wide selection of the B·k largest candidates (ties: token, then latent order)
         let keep = n * k;
         let codes = &mut ws.codes;

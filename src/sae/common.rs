@@ -116,6 +116,8 @@ pub struct Workspace {
     pub lat: Vec<f32>,
     /// Second per-latent scratch `[d_sae]`.
     pub lat2: Vec<f32>,
+    /// Dead-latent list (AuxK).
+    pub dead: Vec<u32>,
     /// Kernel scratch (chunk buffers, CSC transpose).
     pub scratch: Scratch,
 }
@@ -561,12 +563,14 @@ pub fn scatter_add(codes: &Codes, vals: &[f32], out: &mut [f32]) {
 
 /// `out[j] += Σ_i s[i]·w[i, j]` over the latents with `s[i] ≠ 0`, parallel over column
 /// blocks (the encoder's contribution to the `b_dec` gradient when `x̃ = x − b_dec`).
-pub fn add_weighted_rows(s: &[f32], w: &[f32], d: usize, out: &mut [f32]) {
-    let nz: Vec<usize> = (0..s.len()).filter(|&i| s[i] != 0.0).collect();
+pub fn add_weighted_rows(scratch: &mut Scratch, s: &[f32], w: &[f32], d: usize, out: &mut [f32]) {
+    scratch.fill.clear();
+    scratch.fill.extend((0..s.len()).filter(|&i| s[i] != 0.0));
+    let nz = &scratch.fill;
     let block = 64;
     out.par_chunks_mut(block).enumerate().for_each(|(cb, o)| {
         let j0 = cb * block;
-        for &i in &nz {
+        for &i in nz {
             let wr = &w[i * d + j0..i * d + j0 + o.len()];
             axpy(s[i], wr, o);
         }

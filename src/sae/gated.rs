@@ -259,7 +259,13 @@ impl Sae for Gated {
         c::scatter_add(&ws.codes, &ws.coef, &mut ws.lat);
         c::scatter_add(&ws.aux, &ws.aux_coef, &mut ws.lat);
         ws.lat.iter_mut().for_each(|v| *v = -*v);
-        c::add_weighted_rows(&ws.lat, &p[W_GATE].data, d, &mut grads[B_DEC]);
+        c::add_weighted_rows(
+            &mut ws.scratch,
+            &ws.lat,
+            &p[W_GATE].data,
+            d,
+            &mut grads[B_DEC],
+        );
         let mse = sse / n as f64;
         let l1 = lambda as f64 * ws.aux.val.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
         let aux = sse_aux / n as f64;

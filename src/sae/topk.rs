@@ -85,19 +85,19 @@ pub(crate) fn push_aux(row: &[f32], dead: &[u32], k_aux: usize, buf: &mut c::Tas
     buf.aux.truncate(w);
 }
 
-/// Dead latents as a list and the AuxK width for this step.
+/// Dead latents as a list (into the reused `out`), empty when AuxK is off.
 pub(crate) fn dead_list(
     dead: &[bool],
     f: usize,
     aux_k: Option<usize>,
-    d: usize,
     alpha: f32,
-) -> Vec<u32> {
+    out: &mut Vec<u32>,
+) {
+    out.clear();
     if alpha == 0.0 || dead.len() != f || aux_k == Some(0) {
-        return Vec::new();
+        return;
     }
-    let _ = d;
-    (0..f as u32).filter(|&i| dead[i as usize]).collect()
+    out.extend((0..f as u32).filter(|&i| dead[i as usize]));
 }
 
 /// Backward pass shared by TopK and BatchTopK once `ws.codes` (main, values `z > 0`) and
@@ -223,7 +223,13 @@ pub(crate) fn topk_backward(
     for (l, s) in ws.lat.iter_mut().zip(&gb[0]) {
         *l = -s;
     }
-    c::add_weighted_rows(&ws.lat, &params[W_ENC].data, d, &mut grads[B_DEC]);
+    c::add_weighted_rows(
+        &mut ws.scratch,
+        &ws.lat,
+        &params[W_ENC].data,
+        d,
+        &mut grads[B_DEC],
+    );
     (sse / n as f64, auxk)
 }
 
@@ -327,7 +333,8 @@ impl Sae for TopK {
         check_width(ARCH, d, input.x, n)?;
         let p = &self.params;
         let (k, alpha) = (self.cfg.k, self.cfg.aux_coefficient);
-        let dead = dead_list(input.dead, f, self.cfg.aux_k, d, alpha);
+        let mut dead = std::mem::take(&mut ws.dead);
+        dead_list(input.dead, f, self.cfg.aux_k, alpha, &mut dead);
         let k_aux = self.cfg.aux_k.unwrap_or(d / 2).max(1).min(dead.len());
         // 1. x̃ = x − b_dec; π = W_enc x̃ + b_enc chunk by chunk; top-k and AuxK selection
         c::prepare_input(input.x, d, Some(&p[B_DEC].data), &mut ws.xt);
@@ -353,6 +360,7 @@ impl Sae for TopK {
             },
         );
         // 2. decode, losses and gradients
+        ws.dead = dead;
         let (mse, auxk) = topk_backward(p, d, f, input.x, n, alpha, grads, ws);
         Ok(StepOutput {
             loss: mse + auxk,
