@@ -6,12 +6,13 @@
 
 pub mod capture;
 pub mod forward;
+pub mod train;
 
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     /// No benchmark of that name.
-    #[error("unknown benchmark '{0}'; available: forward, capture")]
+    #[error("unknown benchmark '{0}'; available: forward, capture, train")]
     Unknown(String),
     /// Bad arguments (the message is clap's usage text).
     #[error("{0}")]
@@ -25,6 +26,9 @@ pub enum BenchError {
     /// A capture benchmark case failed.
     #[error("capture benchmark: {0}")]
     Capture(String),
+    /// The SAE training benchmark failed.
+    #[error(transparent)]
+    Train(Box<train::BenchError>),
     /// The reference Python benchmark failed.
     #[error("reference benchmark ({cmd}) failed: {detail}")]
     Reference { cmd: String, detail: String },
@@ -41,6 +45,10 @@ pub fn run(what: &str, args: &[String]) -> Result<(), BenchError> {
     match what {
         "forward" => forward::run_cli(args),
         "capture" => capture::run_cli(args),
+        "train" => {
+            print!("{}", train::run(args).map_err(|e| BenchError::Train(Box::new(e)))?);
+            Ok(())
+        }
         other => Err(BenchError::Unknown(other.to_string())),
     }
 }
@@ -66,6 +74,6 @@ mod tests {
     #[test]
     fn unknown_benchmark_names_the_choices() {
         let e = super::run("nope", &[]).unwrap_err();
-        assert!(e.to_string().contains("available: forward, capture"));
+        assert!(e.to_string().contains("available: forward, capture, train"));
     }
 }
