@@ -94,7 +94,11 @@ pub struct TraceArgs {
     /// The model: a hub repo (org/name[@revision]), local:<dir> or gguf:<file>.
     pub model: String,
     /// The prompt, tokenised with the model's tokenizer.
-    #[arg(long, conflicts_with = "token_ids", required_unless_present = "token_ids")]
+    #[arg(
+        long,
+        conflicts_with = "token_ids",
+        required_unless_present = "token_ids"
+    )]
     pub text: Option<String>,
     /// Token ids, comma-separated.
     #[arg(long, value_delimiter = ',')]

@@ -18,3 +18,4 @@ pub mod error;
 pub mod fsutil;
 pub mod models;
 pub mod report;
+pub mod sweep;
