@@ -27,6 +27,7 @@ pub mod models;
 pub mod report;
 pub mod rng;
 pub mod sae;
+pub mod sweep;
 pub mod synthetic;
 pub mod trace;
 pub mod train;
