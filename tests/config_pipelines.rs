@@ -132,7 +132,7 @@ fn overrides_apply_and_unknown_override_keys_are_errors() {
     .unwrap();
     assert_eq!(p.config.train.batch_tokens, 512);
     assert_eq!(p.config.model.source, "local:/tmp/x");
-    assert_eq!(p.config.sae.arch.table()["k"].as_integer(), Some(3));
+    assert!(matches!(&p.config.sae.arch, saepipe::sae::ArchConfig::TopK(c) if c.k == 3));
 
     let err = config::load(
         smoke(),
@@ -176,7 +176,10 @@ fn sweep_points_are_the_cartesian_product_with_stable_ids() {
     assert_eq!(pts.len(), 4);
     let mut seen = std::collections::BTreeSet::new();
     for pt in pts {
-        let k = pt.config.sae.arch.table()["k"].as_integer().unwrap();
+        let saepipe::sae::ArchConfig::TopK(c) = &pt.config.sae.arch else {
+            panic!("smoke.toml sweeps a topk SAE")
+        };
+        let k = c.k;
         let s = pt.config.run.seed;
         assert!(pt.id.starts_with(&format!("topk-k{k}-s{s}-")), "{}", pt.id);
         assert!(pt.config.sweep.is_empty());
