@@ -44,6 +44,19 @@ const SECTIONS: [&str; 8] = [
 const REQUIRED: [&str; 5] = ["run", "model", "data", "capture", "sae"];
 const DATA_EXTENSIONS: [&str; 3] = ["txt", "jsonl", "parquet"];
 
+/// Sort key of a problem's key path: its section in file order (unknown sections last,
+/// `--set` arguments first).
+pub fn section_rank(key: &str) -> usize {
+    if key.starts_with("--set") {
+        return 0;
+    }
+    let section = key.split(['.', '[']).next().unwrap_or("");
+    SECTIONS
+        .iter()
+        .position(|s| *s == section)
+        .map_or(SECTIONS.len() + 1, |i| i + 1)
+}
+
 /// Parse `model.source`; the error is the message for key `model.source`/`model.revision`.
 pub fn model_source(m: &ModelConfig) -> Result<ModelSource, (&'static str, String)> {
     let s = m.source.trim();

@@ -51,7 +51,7 @@ const FIX_OFFLINE: &str =
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
     /// Offline, and a needed file is not in the cache.
-    #[error("offline: {kind:?} repo {repo} at revision {revision}: {file} is not in the hub cache {cache}; {FIX_OFFLINE}", kind = kind, cache = cache.display())]
+    #[error("offline: {kind} repo {repo} at revision {revision}: {file} is not in the hub cache {cache}; {FIX_OFFLINE}", cache = cache.display())]
     NotCached {
         kind: RepoKind,
         repo: String,
@@ -60,7 +60,7 @@ pub enum HubError {
         cache: PathBuf,
     },
     /// The hub says the revision does not exist.
-    #[error("revision '{revision}' does not exist in {kind:?} repo {repo} (hub answered 404 RevisionNotFound for {file}); check the pinned revision (a commit sha or tag of {repo})")]
+    #[error("revision '{revision}' does not exist in {kind} repo {repo} (hub answered 404 RevisionNotFound for {file}); check the pinned revision (a commit sha or tag of {repo})")]
     RevisionNotFound {
         kind: RepoKind,
         repo: String,
@@ -68,7 +68,7 @@ pub enum HubError {
         file: String,
     },
     /// The hub says the repo does not exist or needs access.
-    #[error("{kind:?} repo {repo} was not found or needs access (HTTP {status}{code}); check the repo id, or set HF_TOKEN for gated/private repos")]
+    #[error("{kind} repo {repo} was not found or needs access (HTTP {status}{code}); check the repo id, or set HF_TOKEN for gated/private repos")]
     RepoNotFound {
         kind: RepoKind,
         repo: String,
@@ -76,7 +76,7 @@ pub enum HubError {
         code: String,
     },
     /// The file is not in the repo at that revision.
-    #[error("{kind:?} repo {repo} at revision {revision} has no file {file}")]
+    #[error("{kind} repo {repo} at revision {revision} has no file {file}")]
     FileNotFound {
         kind: RepoKind,
         repo: String,
@@ -87,7 +87,7 @@ pub enum HubError {
     #[error("model repo {repo} at revision {revision} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE}; saepipe loads safetensors weights only")]
     NoWeights { repo: String, revision: String },
     /// Any other download failure (network, HTTP status, bad headers).
-    #[error("downloading {file} from {kind:?} repo {repo} at revision {revision} (endpoint {endpoint}): {message}")]
+    #[error("downloading {file} from {kind} repo {repo} at revision {revision} (endpoint {endpoint}): {message}")]
     Download {
         kind: RepoKind,
         repo: String,
