@@ -218,3 +218,32 @@ fn bad_sweep_values_are_reported_with_the_point() {
     let err = config::load(smoke(), &["sweep={ \"sea.x\" = [1] }".into()]).unwrap_err();
     assert!(err.to_string().contains("did you mean sae?"), "{err}");
 }
+
+#[test]
+fn table_values_couple_axes_for_paired_variants() {
+    // Gated at 2H against TopK at H: one axis whose values set width and arch together
+    // (a table with `kind` replaces the arch; a plain table merges into [sae]).
+    let text = std::fs::read_to_string(smoke()).unwrap();
+    let base = &text[..text.find("[sweep]").unwrap()];
+    let text = format!(
+        "{base}[sweep]\n\"run.seed\" = [0, 1]\nsae = [{{ expansion_factor = 2, arch = {{ kind = \"gated\" }} }}, {{ expansion_factor = 1, arch = {{ kind = \"topk\", k = 8 }} }}]\n"
+    );
+    let p = config::from_str(&text, Path::new("paired.toml"), &[]).unwrap();
+    let ids: Vec<&str> = p.points().iter().map(|pt| pt.id.as_str()).collect();
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    let gated: Vec<_> = p
+        .points()
+        .iter()
+        .filter(|pt| pt.id.starts_with("gated-x2-"))
+        .collect();
+    assert_eq!(gated.len(), 2, "{ids:?}");
+    for pt in &gated {
+        assert_eq!(pt.config.sae.expansion_factor, Some(2));
+        // The gated arch does not inherit the base topk's k.
+        assert_eq!(arch_key(&pt.config.sae.arch, "k"), None);
+    }
+    assert!(
+        ids.iter().any(|id| id.starts_with("topk-x1-k8-s1-")),
+        "{ids:?}"
+    );
+}
