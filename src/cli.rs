@@ -172,7 +172,12 @@ pub fn run() -> Result<ExitCode> {
         Command::Evaluate(_) => bail!("`saepipe evaluate` is not implemented yet"),
         Command::Inspect { .. } => bail!("`saepipe inspect` is not implemented yet"),
         Command::Trace(_) => bail!("`saepipe trace` is not implemented yet"),
-        Command::Bench { .. } => bail!("`saepipe bench` is not implemented yet"),
+        Command::Bench { what, args } if what == "train" => {
+            let table = saepipe::bench::train::run(&args)?;
+            print!("{table}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench { what, .. } => bail!("`saepipe bench {what}` is not implemented yet"),
     }
 }
 

@@ -14,9 +14,20 @@
 //!
 //! The contract users see is `../shared/specs/pipeline.md`.
 
+<<<<<<< HEAD
 pub mod config;
 pub mod error;
 pub mod fsutil;
 pub mod hub;
+=======
+pub mod bench;
+pub mod error;
+pub mod fsutil;
+pub mod metrics;
+>>>>>>> saecore
 pub mod models;
 pub mod report;
+pub mod rng;
+pub mod sae;
+pub mod synthetic;
+pub mod train;

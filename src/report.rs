@@ -146,7 +146,10 @@ impl JsonProgress {
 
 impl Progress for JsonProgress {
     fn advance(&self, n: u64) {
-        let mut st = self.state.lock().expect("invariant: no panics while holding the lock");
+        let mut st = self
+            .state
+            .lock()
+            .expect("invariant: no panics while holding the lock");
         st.0 += n;
         // At most one line a second: a progress log, not a trace.
         if st.1.elapsed().as_secs_f32() >= 1.0 {
