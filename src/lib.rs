@@ -14,17 +14,12 @@
 //!
 //! The contract users see is `../shared/specs/pipeline.md`.
 
-<<<<<<< HEAD
+pub mod bench;
 pub mod config;
 pub mod error;
 pub mod fsutil;
 pub mod hub;
-=======
-pub mod bench;
-pub mod error;
-pub mod fsutil;
 pub mod metrics;
->>>>>>> saecore
 pub mod models;
 pub mod report;
 pub mod rng;

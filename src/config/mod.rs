@@ -19,6 +19,7 @@ pub mod overrides;
 pub mod parse;
 mod schema;
 pub mod sweep;
+mod trainer;
 mod validate;
 
 use std::path::{Path, PathBuf};
