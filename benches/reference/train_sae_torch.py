@@ -78,7 +78,7 @@ def main():
         opt.step()
         if a.variant == "topk":
             with torch.no_grad():
-                W_dec /= W_dec.norm(dim=1, keepdim=True)
+                W_dec.div_(W_dec.norm(dim=1, keepdim=True))
         return loss.item(), (z != 0).sum(-1).float().mean().item()
 
     for i in range(a.warmup):
