@@ -6,12 +6,13 @@
 
 pub mod capture;
 pub mod forward;
+pub mod train;
 
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     /// No benchmark of that name.
-    #[error("unknown benchmark '{0}'; available: forward, capture")]
+    #[error("unknown benchmark '{0}'; available: forward, capture, train")]
     Unknown(String),
     /// Bad arguments (the message is clap's usage text).
     #[error("{0}")]
@@ -22,6 +23,9 @@ pub enum BenchError {
     /// A forward pass failed.
     #[error("forward pass failed: {0}")]
     Candle(#[from] candle_core::Error),
+    /// The training benchmark failed.
+    #[error("{0}")]
+    Train(String),
     /// A capture benchmark case failed.
     #[error("capture benchmark: {0}")]
     Capture(String),
@@ -41,6 +45,11 @@ pub fn run(what: &str, args: &[String]) -> Result<(), BenchError> {
     match what {
         "forward" => forward::run_cli(args),
         "capture" => capture::run_cli(args),
+        "train" => {
+            let table = train::run(args).map_err(|e| BenchError::Train(e.to_string()))?;
+            print!("{table}");
+            Ok(())
+        }
         other => Err(BenchError::Unknown(other.to_string())),
     }
 }
@@ -66,6 +75,6 @@ mod tests {
     #[test]
     fn unknown_benchmark_names_the_choices() {
         let e = super::run("nope", &[]).unwrap_err();
-        assert!(e.to_string().contains("available: forward, capture"));
+        assert!(e.to_string().contains("available: forward, capture, train"));
     }
 }

@@ -1,0 +1,250 @@
+//! BatchTopK SAE (Bussmann, Leask & Nanda 2024), sae_variants.md §3.5.
+//!
+//! ```text
+//! training:  A = ReLU(W_enc (x − b_dec) + b_enc);  keep the B·k largest entries of A over
+//!            the whole batch, zero the rest;  x̂ = Σ f_i d_i + b_dec;  loss and AuxK as TopK
+//! inference: f_i = π_i · 1[π_i > θ]   (a JumpReLU with one global threshold θ)
+//!            θ ← 0.99 θ + 0.01 m_t,  m_t = smallest kept activation of batch t (f64)
+//! ```
+//! Exported as SAELens `jumprelu` with `threshold = θ·1`.
+//!
+//! Decision: the batch selection runs over per-token candidate lists of the
+//! `candidates_per_token` (default 4k) largest activations instead of the full `B × d_sae`
+//! matrix, so memory stays at one encoder chunk. It is exact unless some token would keep
+//! more than that many latents; such steps are counted in the `batchtopk_capped` term.
+//! Decision: θ starts at the first batch's `m_t` (dictionary_learning), then the SAELens EMA.
+
+use serde::{Deserialize, Serialize};
+
+use super::common::{self as c, Workspace};
+use super::topk::{
+    dead_list, push_aux, topk_backward, topk_export, topk_params, B_DEC, B_ENC, W_ENC,
+};
+use super::{
+    check_width, ArchConfig, ExportParts, Fold, Param, Sae, SaeError, StepInput, StepOutput,
+};
+use crate::rng::Rng;
+
+/// Variant name.
+pub const ARCH: &str = "batchtopk";
+
+/// BatchTopK hyperparameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Mean active latents per token over a batch (B·k kept). Default 32.
+    pub k: usize,
+    /// AuxK latents per token; `None` = d_in/2. Default None.
+    pub aux_k: Option<usize>,
+    /// AuxK loss coefficient α. Default 1/32.
+    pub aux_coefficient: f32,
+    /// Candidates kept per token before the batch-wide selection; `None` = 4k. Default None.
+    pub candidates_per_token: Option<usize>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            k: 32,
+            aux_k: None,
+            aux_coefficient: 1.0 / 32.0,
+            candidates_per_token: None,
+        }
+    }
+}
+
+const THRESHOLD: usize = 4;
+
+/// The BatchTopK SAE.
+pub struct BatchTopK {
+    cfg: Config,
+    d: usize,
+    f: usize,
+    params: Vec<Param>,
+    sel: Vec<f32>,
+}
+
+impl BatchTopK {
+    /// Initialise as TopK, with θ = 0 (unset).
+    pub fn new(cfg: Config, d: usize, f: usize, rng: &mut Rng) -> Result<Self, SaeError> {
+        if cfg.k == 0 || cfg.k > f {
+            return Err(SaeError::Config {
+                arch: ARCH,
+                msg: format!("k = {} must be between 1 and d_sae = {f}", cfg.k),
+            });
+        }
+        if cfg.candidates_per_token.is_some_and(|c| c < cfg.k) {
+            return Err(SaeError::Config {
+                arch: ARCH,
+                msg: "candidates_per_token must be >= k".into(),
+            });
+        }
+        let mut params = topk_params(d, f, rng);
+        let mut th = Param::new("threshold", vec![1], vec![0.0]);
+        th.trainable = false;
+        params.push(th);
+        Ok(Self {
+            cfg,
+            d,
+            f,
+            params,
+            sel: Vec::new(),
+        })
+    }
+
+    /// The current inference threshold θ.
+    pub fn threshold(&self) -> f32 {
+        self.params[THRESHOLD].data[0]
+    }
+}
+
+impl Sae for BatchTopK {
+    fn arch(&self) -> &'static str {
+        ARCH
+    }
+    fn config(&self) -> ArchConfig {
+        ArchConfig::BatchTopK(self.cfg.clone())
+    }
+    fn dims(&self) -> (usize, usize) {
+        (self.d, self.f)
+    }
+    fn params(&self) -> &[Param] {
+        &self.params
+    }
+    fn params_mut(&mut self) -> &mut [Param] {
+        &mut self.params
+    }
+
+    fn encode(&self, x: &[f32], n: usize, ws: &mut Workspace) -> Result<(), SaeError> {
+        check_width(ARCH, self.d, x, n)?;
+        let p = &self.params;
+        let th = self.threshold().max(0.0);
+        c::prepare_input(x, self.d, Some(&p[B_DEC].data), &mut ws.xt);
+        c::encode_collect(
+            ws,
+            n,
+            self.d,
+            &p[W_ENC].data,
+            self.f,
+            Some(&p[B_ENC].data),
+            |_, row, buf| {
+                buf.main.extend(
+                    row.iter()
+                        .enumerate()
+                        .filter(|(_, &v)| v > th)
+                        .map(|(i, &v)| (i as u32, v)),
+                );
+            },
+        );
+        Ok(())
+    }
+
+    fn forward_backward(
+        &mut self,
+        input: &StepInput,
+        grads: &mut [Vec<f32>],
+        ws: &mut Workspace,
+    ) -> Result<StepOutput, SaeError> {
+        let (d, f, n) = (self.d, self.f, input.n);
+        check_width(ARCH, d, input.x, n)?;
+        let (k, alpha) = (self.cfg.k, self.cfg.aux_coefficient);
+        let cap = self.cfg.candidates_per_token.unwrap_or(4 * k).min(f);
+        let mut dead = std::mem::take(&mut ws.dead);
+        dead_list(input.dead, f, self.cfg.aux_k, alpha, &mut dead);
+        let k_aux = self.cfg.aux_k.unwrap_or(d / 2).max(1).min(dead.len());
+        let p = &self.params;
+        // 1. candidates: per token the `cap` largest positive activations, plus AuxK
+        c::prepare_input(input.x, d, Some(&p[B_DEC].data), &mut ws.xt);
+        c::encode_collect(
+            ws,
+            n,
+            d,
+            &p[W_ENC].data,
+            f,
+            Some(&p[B_ENC].data),
+            |_, row, buf| {
+                let s = buf.main.len();
+                c::topk_select(row, cap, &mut buf.scratch, &mut buf.main);
+                let mut w = s;
+                for r in s..buf.main.len() {
+                    if buf.main[r].1 > 0.0 {
+                        buf.main[w] = buf.main[r];
+                        w += 1;
+                    }
+                }
+                buf.main.truncate(w);
+                push_aux(row, &dead, k_aux, buf);
+            },
+        );
+        ws.dead = dead;
+        // 2. batch-wide selection of the B·k largest candidates (ties: token, then latent order)
+        let keep = n * k;
+        let codes = &mut ws.codes;
+        let mut capped = 0.0;
+        let min_kept;
+        if codes.nnz() > keep {
+            self.sel.clear();
+            self.sel.extend_from_slice(&codes.val);
+            let (_, tau, _) = self
+                .sel
+                .select_nth_unstable_by(keep - 1, |a, b| b.total_cmp(a));
+            let tau = *tau;
+            let mut ties = keep - codes.val.iter().filter(|&&v| v > tau).count();
+            let mut w = 0;
+            let mut start = 0;
+            for b in 0..n {
+                let end = codes.indptr[b + 1];
+                let mut kept_here = 0;
+                for e in start..end {
+                    let v = codes.val[e];
+                    let take = v > tau
+                        || (v == tau && ties > 0 && {
+                            ties -= 1;
+                            true
+                        });
+                    if take {
+                        codes.idx[w] = codes.idx[e];
+                        codes.val[w] = v;
+                        w += 1;
+                        kept_here += 1;
+                    }
+                }
+                if kept_here == cap && cap < f {
+                    capped = 1.0;
+                }
+                start = end;
+                codes.indptr[b + 1] = w;
+            }
+            codes.idx.truncate(w);
+            codes.val.truncate(w);
+            min_kept = tau;
+        } else {
+            min_kept = codes.val.iter().copied().fold(f32::INFINITY, f32::min);
+        }
+        // 3. threshold EMA (inference mode), in f64
+        if min_kept.is_finite() {
+            let th = &mut self.params[THRESHOLD].data[0];
+            *th = if *th == 0.0 {
+                min_kept
+            } else {
+                (0.99 * *th as f64 + 0.01 * min_kept as f64) as f32
+            };
+        }
+        // 4. decode, losses, gradients as TopK
+        let (mse, auxk) = topk_backward(&self.params, d, f, input.x, n, alpha, grads, ws);
+        Ok(StepOutput {
+            loss: mse + auxk,
+            terms: vec![("mse", mse), ("auxk", auxk), ("batchtopk_capped", capped)],
+        })
+    }
+
+    fn export_parts(&self) -> ExportParts {
+        let mut e = topk_export(&self.params, "jumprelu");
+        e.per_latent.push((
+            "threshold",
+            vec![self.threshold().max(0.0); self.f],
+            Fold::ByDecoderNorm,
+        ));
+        e
+    }
+}

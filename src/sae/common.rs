@@ -1,0 +1,772 @@
+//! Shared SAE kernels on plain `f32` buffers (sae_variants.md §8): the dense encoder GEMM,
+//! top-k selection, sparse decode, sparse gradients through a CSR→CSC transpose, decoder
+//! unit-norm handling (§1.3 A) and initialisation. Variants are built from these pieces and
+//! never copy them.
+//!
+//! Layouts: every weight matrix is row-major `[d_sae, d_in]` (row *i* = latent *i*'s encoder
+//! or decoder direction, contiguous); activations are row-major `[n, d_in]`.
+//!
+//! Decision: when more than [`DENSE_FALLBACK`] of all (token, latent) pairs are active
+//! (ReLU/JumpReLU/Gated early in training), decode and the gradient accumulations switch to
+//! dense GEMMs over token chunks, as §8 recommends; the sparse path wins below that.
+//! Decision: all reductions have a fixed order (per-latent tasks, per-column tasks, fixed
+//! token chunks), so results do not depend on the thread schedule: a resumed run is bit-exact.
+
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
+
+use crate::rng::Rng;
+
+/// Tokens per encoder chunk: the `[chunk, d_sae]` pre-activation buffer is the largest
+/// scratch buffer (64 MiB at d_sae = 16384).
+pub const CHUNK: usize = 1024;
+/// Density of active pairs above which the dense-GEMM fallback is used.
+pub const DENSE_FALLBACK: f64 = 0.05;
+/// Tokens per rayon task in the per-token passes.
+const TOKENS_PER_TASK: usize = 16;
+
+/// Sparse latent codes in CSR form: token `b` owns entries `indptr[b]..indptr[b+1]`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Codes {
+    /// Row offsets, `n + 1` entries.
+    pub indptr: Vec<usize>,
+    /// Latent index of each entry.
+    pub idx: Vec<u32>,
+    /// Value of each entry.
+    pub val: Vec<f32>,
+}
+
+impl Codes {
+    /// Number of tokens.
+    pub fn n(&self) -> usize {
+        self.indptr.len().saturating_sub(1)
+    }
+    /// Number of stored entries.
+    pub fn nnz(&self) -> usize {
+        self.idx.len()
+    }
+    /// Remove everything (capacity is kept).
+    pub fn clear(&mut self) {
+        self.indptr.clear();
+        self.indptr.push(0);
+        self.idx.clear();
+        self.val.clear();
+    }
+    /// Entries of token `b`.
+    pub fn row(&self, b: usize) -> (&[u32], &[f32]) {
+        let (s, e) = (self.indptr[b], self.indptr[b + 1]);
+        (&self.idx[s..e], &self.val[s..e])
+    }
+    /// Dense `[n, d_sae]` matrix (for tests and small exports).
+    pub fn to_dense(&self, d_sae: usize) -> Vec<f32> {
+        let mut out = vec![0.0; self.n() * d_sae];
+        for b in 0..self.n() {
+            let (ix, vs) = self.row(b);
+            for (&i, &v) in ix.iter().zip(vs) {
+                out[b * d_sae + i as usize] = v;
+            }
+        }
+        out
+    }
+}
+
+/// Per-task output buffers of [`collect_rows`]; kept in the [`Workspace`] so that their
+/// capacity is reused from step to step.
+#[derive(Debug, Default)]
+pub struct TaskBuf {
+    /// Main entries (usually the active latents) of this task's tokens.
+    pub main: Vec<(u32, f32)>,
+    main_counts: Vec<u32>,
+    /// Secondary entries (AuxK selection, JumpReLU band, open gates).
+    pub aux: Vec<(u32, f32)>,
+    aux_counts: Vec<u32>,
+    /// Selection scratch.
+    pub scratch: Vec<(f32, u32)>,
+    /// Second selection scratch (AuxK candidates).
+    pub scratch2: Vec<f32>,
+}
+
+/// Reused scratch memory for one SAE: after the first step nothing `d_sae`-sized is
+/// allocated again.
+#[derive(Debug, Default)]
+pub struct Workspace {
+    /// Codes of the last forward pass (training or inference), one row per token.
+    pub codes: Codes,
+    /// Secondary codes of the last training step (AuxK / band / open gates).
+    pub aux: Codes,
+    /// Reconstruction `[n, d_in]` of the last forward pass.
+    pub recon: Vec<f32>,
+    /// Encoder input (`x` or `x − b_dec`), `[n, d_in]`.
+    pub xt: Vec<f32>,
+    /// Residual gradient `2(x̂ − x)/B`, `[n, d_in]`.
+    pub resid: Vec<f32>,
+    /// Secondary reconstruction / residual, `[n, d_in]`.
+    pub aux_recon: Vec<f32>,
+    /// Secondary residual gradient, `[n, d_in]`.
+    pub aux_resid: Vec<f32>,
+    /// Per-entry values aligned with `codes` (e.g. `G = d_i·g`).
+    pub gvals: Vec<f32>,
+    /// Per-entry values aligned with `aux`.
+    pub aux_gvals: Vec<f32>,
+    /// Per-entry coefficients (scratch).
+    pub coef: Vec<f32>,
+    /// Per-entry coefficients aligned with `aux` (scratch).
+    pub aux_coef: Vec<f32>,
+    /// Per-latent scratch `[d_sae]`.
+    pub lat: Vec<f32>,
+    /// Second per-latent scratch `[d_sae]`.
+    pub lat2: Vec<f32>,
+    /// Dead-latent list (AuxK).
+    pub dead: Vec<u32>,
+    /// Kernel scratch (chunk buffers, CSC transpose).
+    pub scratch: Scratch,
+}
+
+/// Scratch buffers of the kernels, separate from [`Workspace`]'s outputs so that a kernel
+/// can read `ws.codes` while writing here.
+#[derive(Debug, Default)]
+pub struct Scratch {
+    pre: Vec<f32>,
+    dense: Vec<f32>,
+    dense2: Vec<f32>,
+    tasks: Vec<TaskBuf>,
+    csc_ptr: Vec<usize>,
+    csc_tok: Vec<u32>,
+    csc_coef: Vec<f32>,
+    fill: Vec<usize>,
+}
+
+/// Resize `v` to `n` elements (contents unspecified, capacity kept).
+pub fn resize(v: &mut Vec<f32>, n: usize) {
+    if v.len() != n {
+        v.resize(n, 0.0);
+    }
+}
+
+/// Parallel fill with zeros.
+pub fn zero(v: &mut [f32]) {
+    v.par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0));
+}
+
+/// `out[b, i] = Σ_j x[b, j]·w[i, j] + bias[i]` for `x: [c, d]`, `w: [f, d]`,
+/// `out: [c, f]`, using the multi-threaded `gemm` crate.
+pub fn gemm_xwt(
+    x: &[f32],
+    c: usize,
+    d: usize,
+    w: &[f32],
+    f: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    assert_eq!(x.len(), c * d, "invariant: callers size x as [c, d]");
+    assert_eq!(w.len(), f * d, "invariant: callers size w as [f, d]");
+    assert_eq!(out.len(), c * f, "invariant: callers size out as [c, f]");
+    if let Some(b) = bias {
+        out.par_chunks_mut(f).for_each(|row| row.copy_from_slice(b));
+    }
+    // SAFETY: the three buffers have the asserted sizes and the strides below stay within them.
+    unsafe {
+        gemm(
+            c,
+            f,
+            d,
+            out.as_mut_ptr(),
+            1,
+            f as isize,
+            bias.is_some(),
+            x.as_ptr(),
+            1,
+            d as isize,
+            w.as_ptr(),
+            d as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::Rayon(0),
+        );
+    }
+}
+
+/// `out[i, :] += Σ_b a[b, i]·v[b, :]` for dense `a: [c, f]`, `v: [c, d]`, `out: [f, d]`.
+fn gemm_atv_acc(a: &[f32], c: usize, f: usize, v: &[f32], d: usize, out: &mut [f32]) {
+    // SAFETY: sizes are checked by the callers (`a` is a [c, f] chunk, `v` a [c, d] chunk).
+    unsafe {
+        gemm(
+            f,
+            d,
+            c,
+            out.as_mut_ptr(),
+            1,
+            d as isize,
+            true,
+            a.as_ptr(),
+            f as isize,
+            1,
+            v.as_ptr(),
+            1,
+            d as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::Rayon(0),
+        );
+    }
+}
+
+/// `out[b, :] = Σ_i a[b, i]·w[i, :]` for `a: [c, f]`, `w: [f, d]`, `out: [c, d]` (overwrites).
+fn gemm_aw(a: &[f32], c: usize, f: usize, w: &[f32], d: usize, out: &mut [f32]) {
+    // SAFETY: sizes are checked by the callers.
+    unsafe {
+        gemm(
+            c,
+            d,
+            f,
+            out.as_mut_ptr(),
+            1,
+            d as isize,
+            false,
+            a.as_ptr(),
+            1,
+            f as isize,
+            w.as_ptr(),
+            1,
+            d as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::Rayon(0),
+        );
+    }
+}
+
+/// Dense encoder pass followed by a per-token selection, chunk by chunk (§8 "Memory").
+///
+/// 1. `pre = xt[chunk] · Wᵀ + bias`, `[chunk, d_sae]` (the one dense GEMM);
+/// 2. `row_fn(token, pre_row, buf)` pushes that token's main and aux entries.
+///
+/// Entries are appended to `ws.codes` (main) and `ws.aux` (aux) in token order.
+pub fn encode_collect<F>(
+    ws: &mut Workspace,
+    n: usize,
+    d: usize,
+    w: &[f32],
+    f: usize,
+    bias: Option<&[f32]>,
+    row_fn: F,
+) where
+    F: Fn(usize, &[f32], &mut TaskBuf) + Sync,
+{
+    ws.codes.clear();
+    ws.aux.clear();
+    let chunk = CHUNK.min(n.max(1));
+    resize(&mut ws.scratch.pre, chunk * f);
+    let n_tasks = chunk.div_ceil(TOKENS_PER_TASK);
+    if ws.scratch.tasks.len() < n_tasks {
+        ws.scratch.tasks.resize_with(n_tasks, TaskBuf::default);
+    }
+    let mut start = 0;
+    while start < n {
+        let c = chunk.min(n - start);
+        let pre = &mut ws.scratch.pre[..c * f];
+        gemm_xwt(&ws.xt[start * d..(start + c) * d], c, d, w, f, bias, pre);
+        let pre = &ws.scratch.pre[..c * f];
+        ws.scratch.tasks[..c.div_ceil(TOKENS_PER_TASK)]
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(t, buf)| {
+                buf.main.clear();
+                buf.main_counts.clear();
+                buf.aux.clear();
+                buf.aux_counts.clear();
+                let lo = t * TOKENS_PER_TASK;
+                let hi = (lo + TOKENS_PER_TASK).min(c);
+                for b in lo..hi {
+                    let (m0, a0) = (buf.main.len(), buf.aux.len());
+                    row_fn(start + b, &pre[b * f..(b + 1) * f], buf);
+                    buf.main_counts.push((buf.main.len() - m0) as u32);
+                    buf.aux_counts.push((buf.aux.len() - a0) as u32);
+                }
+            });
+        for buf in &ws.scratch.tasks[..c.div_ceil(TOKENS_PER_TASK)] {
+            append(&mut ws.codes, &buf.main, &buf.main_counts);
+            append(&mut ws.aux, &buf.aux, &buf.aux_counts);
+        }
+        start += c;
+    }
+}
+
+fn append(codes: &mut Codes, entries: &[(u32, f32)], counts: &[u32]) {
+    codes.idx.extend(entries.iter().map(|e| e.0));
+    codes.val.extend(entries.iter().map(|e| e.1));
+    let mut last = *codes.indptr.last().unwrap_or(&0);
+    for &c in counts {
+        last += c as usize;
+        codes.indptr.push(last);
+    }
+}
+
+/// Total order used by every selection: larger value first, then smaller index.
+#[inline]
+fn better(a: (f32, u32), b: (f32, u32)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+/// The `k` largest entries of `row` (ties: lower index first), unsorted, appended to `out`
+/// as `(index, value)`.
+///
+/// Selection, not a sort: a candidate buffer of at most `2k` entries with a running
+/// threshold; when it fills, an introselect keeps the best `k` and raises the threshold.
+/// Expected cost `O(F)` comparisons. Equal to [`topk_naive`] as a set (tested).
+pub fn topk_select(
+    row: &[f32],
+    k: usize,
+    scratch: &mut Vec<(f32, u32)>,
+    out: &mut Vec<(u32, f32)>,
+) {
+    let k = k.min(row.len());
+    if k == 0 {
+        return;
+    }
+    scratch.clear();
+    let cap = 2 * k.max(16);
+    let mut thr = (f32::NEG_INFINITY, u32::MAX);
+    let mut have_thr = false;
+    for (i, &v) in row.iter().enumerate() {
+        let cand = (v, i as u32);
+        if have_thr && better(cand, thr) != std::cmp::Ordering::Less {
+            continue;
+        }
+        scratch.push(cand);
+        if scratch.len() == cap {
+            scratch.select_nth_unstable_by(k - 1, |a, b| better(*a, *b));
+            scratch.truncate(k);
+            thr = scratch[k - 1];
+            // The k-th best seen so far; later candidates must beat it.
+            for e in scratch.iter() {
+                if better(*e, thr) == std::cmp::Ordering::Greater {
+                    thr = *e;
+                }
+            }
+            have_thr = true;
+        }
+    }
+    if scratch.len() > k {
+        scratch.select_nth_unstable_by(k - 1, |a, b| better(*a, *b));
+        scratch.truncate(k);
+    }
+    out.extend(scratch.iter().map(|&(v, i)| (i, v)));
+}
+
+/// Reference top-k by full sort (tests and the property suite).
+pub fn topk_naive(row: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut all: Vec<(f32, u32)> = row
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (v, i as u32))
+        .collect();
+    all.sort_by(|a, b| better(*a, *b));
+    all.truncate(k.min(row.len()));
+    all.into_iter().map(|(v, i)| (i, v)).collect()
+}
+
+fn density(codes: &Codes, f: usize) -> f64 {
+    codes.nnz() as f64 / (codes.n().max(1) * f.max(1)) as f64
+}
+
+/// Scatter the codes of tokens `lo..hi` with per-entry values `vals` into a dense
+/// `[hi-lo, f]` buffer.
+fn densify(codes: &Codes, vals: &[f32], lo: usize, hi: usize, f: usize, out: &mut Vec<f32>) {
+    resize(out, (hi - lo) * f);
+    out.par_chunks_mut(f).enumerate().for_each(|(r, row)| {
+        row.fill(0.0);
+        let b = lo + r;
+        for e in codes.indptr[b]..codes.indptr[b + 1] {
+            row[codes.idx[e] as usize] = vals[e];
+        }
+    });
+}
+
+/// Sparse decode: `out[b] = bias + Σ_{(i,v) ∈ codes[b]} v·w[i]`, `out: [n, d]`.
+/// With `bias = None` the bias is zero (AuxK reconstructs the residual without `b_dec`).
+pub fn decode(
+    ws_dense: &mut Scratch,
+    codes: &Codes,
+    w: &[f32],
+    d: usize,
+    f: usize,
+    bias: Option<&[f32]>,
+    out: &mut Vec<f32>,
+) {
+    let n = codes.n();
+    resize(out, n * d);
+    if density(codes, f) > DENSE_FALLBACK && n > 0 {
+        let mut lo = 0;
+        while lo < n {
+            let hi = (lo + CHUNK).min(n);
+            densify(codes, &codes.val, lo, hi, f, &mut ws_dense.dense);
+            gemm_aw(&ws_dense.dense, hi - lo, f, w, d, &mut out[lo * d..hi * d]);
+            lo = hi;
+        }
+        if let Some(b) = bias {
+            out.par_chunks_mut(d).for_each(|row| {
+                for (o, bb) in row.iter_mut().zip(b) {
+                    *o += bb;
+                }
+            });
+        }
+        return;
+    }
+    out.par_chunks_mut(d).enumerate().for_each(|(b, row)| {
+        match bias {
+            Some(bb) => row.copy_from_slice(bb),
+            None => row.fill(0.0),
+        }
+        let (ix, vs) = codes.row(b);
+        for (&i, &v) in ix.iter().zip(vs) {
+            axpy(v, &w[i as usize * d..(i as usize + 1) * d], row);
+        }
+    });
+}
+
+/// Per-entry dot products `out[e] = w[idx[e]] · v[token(e)]` (e.g. `G_{b,i} = d_i·g_b`).
+pub fn entry_dots(
+    ws_dense: &mut Scratch,
+    codes: &Codes,
+    w: &[f32],
+    d: usize,
+    f: usize,
+    v: &[f32],
+    out: &mut Vec<f32>,
+) {
+    let n = codes.n();
+    resize(out, codes.nnz());
+    if density(codes, f) > DENSE_FALLBACK && n > 0 {
+        // Dense: G_chunk = v_chunk · Wᵀ, then gather.
+        let mut lo = 0;
+        while lo < n {
+            let hi = (lo + CHUNK).min(n);
+            resize(&mut ws_dense.dense2, (hi - lo) * f);
+            gemm_xwt(
+                &v[lo * d..hi * d],
+                hi - lo,
+                d,
+                w,
+                f,
+                None,
+                &mut ws_dense.dense2,
+            );
+            let g = &ws_dense.dense2;
+            let (s, e) = (codes.indptr[lo], codes.indptr[hi]);
+            let ip = &codes.indptr;
+            out[s..e].par_iter_mut().enumerate().for_each(|(j, o)| {
+                let e = s + j;
+                // token of entry e: binary search in indptr
+                let b = ip.partition_point(|&p| p <= e) - 1;
+                *o = g[(b - lo) * f + codes.idx[e] as usize];
+            });
+            lo = hi;
+        }
+        return;
+    }
+    let ip = &codes.indptr;
+    let idx = &codes.idx;
+    // Split the output per token, in parallel over tokens.
+    let mut rows: Vec<&mut [f32]> = Vec::with_capacity(n);
+    let mut rest: &mut [f32] = out.as_mut_slice();
+    for b in 0..n {
+        let (a, r) = rest.split_at_mut(ip[b + 1] - ip[b]);
+        rows.push(a);
+        rest = r;
+    }
+    rows.into_par_iter().enumerate().for_each(|(b, o)| {
+        let vb = &v[b * d..(b + 1) * d];
+        for (j, oo) in o.iter_mut().enumerate() {
+            let i = idx[ip[b] + j] as usize;
+            *oo = dot(&w[i * d..(i + 1) * d], vb);
+        }
+    });
+}
+
+/// `out[i] += Σ_{entries e of latent i} coef[e]·v[token(e)]` for `out: [f, d]`:
+/// the sparse outer-product accumulation of §8 (decoder rows with `v = g`, encoder rows
+/// with `v = x̃`). The codes are transposed CSR→CSC so that each rayon task owns a range
+/// of latents and writes its rows without atomics.
+pub fn accumulate_rows(
+    ws: &mut Scratch,
+    codes: &Codes,
+    coef: &[f32],
+    v: &[f32],
+    d: usize,
+    f: usize,
+    out: &mut [f32],
+) {
+    let n = codes.n();
+    if n == 0 || codes.nnz() == 0 {
+        return;
+    }
+    if density(codes, f) > DENSE_FALLBACK {
+        let mut lo = 0;
+        while lo < n {
+            let hi = (lo + CHUNK).min(n);
+            densify(codes, coef, lo, hi, f, &mut ws.dense);
+            gemm_atv_acc(&ws.dense, hi - lo, f, &v[lo * d..hi * d], d, out);
+            lo = hi;
+        }
+        return;
+    }
+    // CSR -> CSC by counting sort on the latent index (stable in token order).
+    ws.csc_ptr.clear();
+    ws.csc_ptr.resize(f + 1, 0);
+    for &i in &codes.idx {
+        ws.csc_ptr[i as usize + 1] += 1;
+    }
+    for i in 0..f {
+        ws.csc_ptr[i + 1] += ws.csc_ptr[i];
+    }
+    ws.fill.clear();
+    ws.fill.extend_from_slice(&ws.csc_ptr[..f]);
+    ws.csc_tok.resize(codes.nnz(), 0);
+    ws.csc_coef.resize(codes.nnz(), 0.0);
+    for b in 0..n {
+        let (s, e) = (codes.indptr[b], codes.indptr[b + 1]);
+        for (&i, &cf) in codes.idx[s..e].iter().zip(&coef[s..e]) {
+            let i = i as usize;
+            let p = ws.fill[i];
+            ws.fill[i] += 1;
+            ws.csc_tok[p] = b as u32;
+            ws.csc_coef[p] = cf;
+        }
+    }
+    let (ptr, tok, cf) = (&ws.csc_ptr, &ws.csc_tok, &ws.csc_coef);
+    out.par_chunks_mut(d).enumerate().for_each(|(i, row)| {
+        for p in ptr[i]..ptr[i + 1] {
+            let b = tok[p] as usize;
+            axpy(cf[p], &v[b * d..(b + 1) * d], row);
+        }
+    });
+}
+
+/// Per-latent sums of per-entry values: `out[i] += Σ_{e of latent i} vals[e]` (`out: [f]`).
+pub fn scatter_add(codes: &Codes, vals: &[f32], out: &mut [f32]) {
+    for (&i, &v) in codes.idx.iter().zip(vals) {
+        out[i as usize] += v;
+    }
+}
+
+/// `out[j] += Σ_i s[i]·w[i, j]` over the latents with `s[i] ≠ 0`, parallel over column
+/// blocks (the encoder's contribution to the `b_dec` gradient when `x̃ = x − b_dec`).
+pub fn add_weighted_rows(scratch: &mut Scratch, s: &[f32], w: &[f32], d: usize, out: &mut [f32]) {
+    scratch.fill.clear();
+    scratch.fill.extend((0..s.len()).filter(|&i| s[i] != 0.0));
+    let nz = &scratch.fill;
+    let block = 64;
+    out.par_chunks_mut(block).enumerate().for_each(|(cb, o)| {
+        let j0 = cb * block;
+        for &i in nz {
+            let wr = &w[i * d + j0..i * d + j0 + o.len()];
+            axpy(s[i], wr, o);
+        }
+    });
+}
+
+/// Column sums `out[j] = Σ_b v[b, j]` for `v: [n, d]`, parallel over column blocks.
+pub fn col_sums(v: &[f32], n: usize, d: usize, out: &mut [f32]) {
+    let block = 64;
+    out.par_chunks_mut(block).enumerate().for_each(|(cb, o)| {
+        o.fill(0.0);
+        let j0 = cb * block;
+        for b in 0..n {
+            let r = &v[b * d + j0..b * d + j0 + o.len()];
+            for (oo, rr) in o.iter_mut().zip(r) {
+                *oo += rr;
+            }
+        }
+    });
+}
+
+/// Residual gradient and loss of SumD-MeanB: `g = scale·(x̂ − x)`; returns `Σ_b ‖x̂_b − x_b‖²`
+/// (f64, summed per token in a fixed order).
+pub fn residual(xhat: &[f32], x: &[f32], d: usize, scale: f32, g: &mut Vec<f32>) -> f64 {
+    resize(g, x.len());
+    let per: Vec<f64> = g
+        .par_chunks_mut(d)
+        .zip(xhat.par_chunks(d).zip(x.par_chunks(d)))
+        .map(|(gr, (xh, xx))| {
+            let mut s = 0.0f64;
+            for ((o, a), b) in gr.iter_mut().zip(xh).zip(xx) {
+                let e = a - b;
+                s += (e as f64) * (e as f64);
+                *o = scale * e;
+            }
+            s
+        })
+        .collect();
+    per.iter().sum()
+}
+
+/// `y += a·x`.
+#[inline]
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (yy, xx) in y.iter_mut().zip(x) {
+        *yy += a * xx;
+    }
+}
+
+/// Dot product with 8 independent accumulators (vectorises; fixed order).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let n8 = a.len() / 8 * 8;
+    for (ca, cb) in a[..n8].chunks_exact(8).zip(b[..n8].chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += ca[l] * cb[l];
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for (x, y) in a[n8..].iter().zip(&b[n8..]) {
+        s += x * y;
+    }
+    s
+}
+
+/// Euclidean norms of the rows of `w: [f, d]`.
+pub fn row_norms(w: &[f32], d: usize, out: &mut Vec<f32>) {
+    resize(out, w.len() / d.max(1));
+    out.par_iter_mut()
+        .zip(w.par_chunks(d))
+        .for_each(|(o, r)| *o = dot(r, r).sqrt());
+}
+
+/// Remove from each gradient row its component along the (unit) weight row:
+/// `g_i ← g_i − (g_i·d̂_i) d̂_i` (§1.3 A step 1).
+pub fn project_rows(grad: &mut [f32], w: &[f32], d: usize) {
+    grad.par_chunks_mut(d)
+        .zip(w.par_chunks(d))
+        .for_each(|(g, r)| {
+            let nn = dot(r, r);
+            if nn > 0.0 {
+                let c = dot(g, r) / nn;
+                axpy(-c, r, g);
+            }
+        });
+}
+
+/// Rescale every row of `w` to unit norm (§1.3 A step 3). Zero rows are left alone.
+pub fn normalize_rows(w: &mut [f32], d: usize) {
+    w.par_chunks_mut(d).for_each(|r| {
+        let n = dot(r, r).sqrt();
+        if n > 0.0 {
+            let inv = 1.0 / n;
+            r.iter_mut().for_each(|v| *v *= inv);
+        }
+    });
+}
+
+/// `f` random directions in `R^d` with norm `norm` each, `[f, d]`.
+pub fn random_rows(rng: &mut Rng, f: usize, d: usize, norm: f32) -> Vec<f32> {
+    let mut w: Vec<f32> = (0..f * d).map(|_| rng.normal() as f32).collect();
+    normalize_rows(&mut w, d);
+    if norm != 1.0 {
+        w.iter_mut().for_each(|v| *v *= norm);
+    }
+    w
+}
+
+/// `xt = x − b` row-wise (`sub = Some(b)`) or a plain copy.
+pub fn prepare_input(x: &[f32], d: usize, sub: Option<&[f32]>, xt: &mut Vec<f32>) {
+    resize(xt, x.len());
+    xt.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each(|(o, xx)| match sub {
+            Some(b) => {
+                for ((oo, a), bb) in o.iter_mut().zip(xx).zip(b) {
+                    *oo = a - bb;
+                }
+            }
+            None => o.copy_from_slice(xx),
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemm_matches_naive() {
+        let mut r = Rng::new(3);
+        let (c, d, f) = (5, 7, 9);
+        let x: Vec<f32> = (0..c * d).map(|_| r.normal() as f32).collect();
+        let w: Vec<f32> = (0..f * d).map(|_| r.normal() as f32).collect();
+        let b: Vec<f32> = (0..f).map(|_| r.normal() as f32).collect();
+        let mut out = vec![0.0; c * f];
+        gemm_xwt(&x, c, d, &w, f, Some(&b), &mut out);
+        for bb in 0..c {
+            for i in 0..f {
+                let want: f32 = (0..d).map(|j| x[bb * d + j] * w[i * d + j]).sum::<f32>() + b[i];
+                assert!((out[bb * f + i] - want).abs() < 1e-4);
+            }
+        }
+    }
+
+    #[test]
+    fn sparse_and_dense_paths_agree() {
+        // Codes with density above and below the fallback give the same accumulations.
+        let mut r = Rng::new(5);
+        let (n, d, f) = (40, 6, 10);
+        let w: Vec<f32> = (0..f * d).map(|_| r.normal() as f32).collect();
+        let v: Vec<f32> = (0..n * d).map(|_| r.normal() as f32).collect();
+        let mut codes = Codes::default();
+        codes.clear();
+        for _ in 0..n {
+            for i in 0..f {
+                if r.uniform() < 0.3 {
+                    codes.idx.push(i as u32);
+                    codes.val.push(r.normal() as f32);
+                }
+            }
+            codes.indptr.push(codes.idx.len());
+        }
+        assert!(density(&codes, f) > DENSE_FALLBACK);
+        let mut ws = Scratch::default();
+        let mut dense_out = vec![0.0; f * d];
+        accumulate_rows(
+            &mut ws,
+            &codes,
+            &codes.val.clone(),
+            &v,
+            d,
+            f,
+            &mut dense_out,
+        );
+        let mut want = vec![0.0f32; f * d];
+        for b in 0..n {
+            let (ix, vs) = codes.row(b);
+            for (&i, &c) in ix.iter().zip(vs) {
+                for j in 0..d {
+                    want[i as usize * d + j] += c * v[b * d + j];
+                }
+            }
+        }
+        for (a, b) in dense_out.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-4, "{a} {b}");
+        }
+        let mut g = Vec::new();
+        entry_dots(&mut ws, &codes, &w, d, f, &v, &mut g);
+        for b in 0..n {
+            let (s, e) = (codes.indptr[b], codes.indptr[b + 1]);
+            for (&i, &ge) in codes.idx[s..e].iter().zip(&g[s..e]) {
+                let i = i as usize;
+                let want = dot(&w[i * d..(i + 1) * d], &v[b * d..(b + 1) * d]);
+                assert!((ge - want).abs() < 1e-4);
+            }
+        }
+    }
+}

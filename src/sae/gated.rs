@@ -1,0 +1,294 @@
+//! Gated SAE with `r_mag` weight sharing (Rajamanoharan et al. 2024, arXiv 2404.16014),
+//! sae_variants.md §4.
+//!
+//! ```text
+//! x̃      = x − b_dec
+//! u      = W_gate x̃                        (one GEMM shared by both paths)
+//! π_gate = u + b_gate
+//! π_mag  = exp(r_mag) ⊙ u + b_mag
+//! f      = H(π_gate) ⊙ ReLU(π_mag)
+//! x̂      = Σ f_i d_i + b_dec
+//! L = (1/B) Σ_b [ ‖x − x̂‖² + λ_t ‖ReLU(π_gate)‖₁ + ‖x − (sg(W_dec) ReLU(π_gate) + sg(b_dec))‖² ]
+//! ```
+//! No gradient flows through `H(π_gate)`: the gate learns from the L1 and auxiliary terms, the
+//! magnitude path from the main reconstruction. Unit-norm decoder rows (§1.3 A). The encoder
+//! matrix is stored under the SAELens name `W_enc`.
+//!
+//! Decision: the dictionary_learning form (frozen decoder and `b_dec` in the aux term, unit
+//! decoder), not SAELens's norm-weighted one. λ default 1.0 (SumD-MeanB, `E‖x‖ = √d`).
+
+use serde::{Deserialize, Serialize};
+
+use super::common::{self as c, Workspace};
+use super::{
+    check_width, ArchConfig, ExportParts, Fold, Param, Sae, SaeError, StepInput, StepOutput,
+};
+use crate::rng::Rng;
+
+/// Variant name.
+pub const ARCH: &str = "gated";
+
+/// Gated SAE hyperparameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// λ on `‖ReLU(π_gate)‖₁` (SumD-MeanB, `E‖x‖ = √d` inputs). Default 1.0.
+    pub l1_coefficient: f32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            l1_coefficient: 1.0,
+        }
+    }
+}
+
+const W_GATE: usize = 0;
+const B_GATE: usize = 1;
+const B_MAG: usize = 2;
+const R_MAG: usize = 3;
+const W_DEC: usize = 4;
+const B_DEC: usize = 5;
+
+/// The Gated SAE.
+pub struct Gated {
+    cfg: Config,
+    d: usize,
+    f: usize,
+    params: Vec<Param>,
+    er: Vec<f32>,
+}
+
+impl Gated {
+    /// Initialise (§4.3): unit decoder rows, `W_gate = W_decᵀ`, `r_mag = b_gate = b_mag = 0`.
+    pub fn new(cfg: Config, d: usize, f: usize, rng: &mut Rng) -> Result<Self, SaeError> {
+        if cfg.l1_coefficient.is_nan() || cfg.l1_coefficient < 0.0 {
+            return Err(SaeError::Config {
+                arch: ARCH,
+                msg: format!("l1_coefficient = {} must be >= 0", cfg.l1_coefficient),
+            });
+        }
+        let w_dec = c::random_rows(rng, f, d, 1.0);
+        let mut dec = Param::new("W_dec", vec![f, d], w_dec.clone());
+        dec.unit_rows = true;
+        let params = vec![
+            Param::new("W_enc", vec![f, d], w_dec),
+            Param::new("b_gate", vec![f], vec![0.0; f]),
+            Param::new("b_mag", vec![f], vec![0.0; f]),
+            Param::new("r_mag", vec![f], vec![0.0; f]),
+            dec,
+            Param::new("b_dec", vec![d], vec![0.0; d]),
+        ];
+        Ok(Self {
+            cfg,
+            d,
+            f,
+            params,
+            er: Vec::new(),
+        })
+    }
+}
+
+impl Sae for Gated {
+    fn arch(&self) -> &'static str {
+        ARCH
+    }
+    fn config(&self) -> ArchConfig {
+        ArchConfig::Gated(self.cfg.clone())
+    }
+    fn dims(&self) -> (usize, usize) {
+        (self.d, self.f)
+    }
+    fn params(&self) -> &[Param] {
+        &self.params
+    }
+    fn params_mut(&mut self) -> &mut [Param] {
+        &mut self.params
+    }
+
+    fn encode(&self, x: &[f32], n: usize, ws: &mut Workspace) -> Result<(), SaeError> {
+        check_width(ARCH, self.d, x, n)?;
+        let p = &self.params;
+        let mut er = std::mem::take(&mut ws.lat2);
+        er.clear();
+        er.extend(p[R_MAG].data.iter().map(|r| r.exp()));
+        let (bg, bm) = (&p[B_GATE].data, &p[B_MAG].data);
+        c::prepare_input(x, self.d, Some(&p[B_DEC].data), &mut ws.xt);
+        c::encode_collect(
+            ws,
+            n,
+            self.d,
+            &p[W_GATE].data,
+            self.f,
+            None,
+            |_, row, buf| {
+                for (i, &u) in row.iter().enumerate() {
+                    if u + bg[i] > 0.0 {
+                        let m = er[i] * u + bm[i];
+                        if m > 0.0 {
+                            buf.main.push((i as u32, m));
+                        }
+                    }
+                }
+            },
+        );
+        ws.lat2 = er;
+        Ok(())
+    }
+
+    fn forward_backward(
+        &mut self,
+        input: &StepInput,
+        grads: &mut [Vec<f32>],
+        ws: &mut Workspace,
+    ) -> Result<StepOutput, SaeError> {
+        let (d, f, n) = (self.d, self.f, input.n);
+        check_width(ARCH, d, input.x, n)?;
+        let lambda = self.cfg.l1_coefficient * input.sparsity_scale;
+        let p = &self.params;
+        self.er.clear();
+        self.er.extend(p[R_MAG].data.iter().map(|r| r.exp()));
+        let er = &self.er;
+        let (bg, bm) = (&p[B_GATE].data, &p[B_MAG].data);
+        // 1. u = W_gate (x − b_dec); open gates → aux (value π_gate), active → codes (value f)
+        c::prepare_input(input.x, d, Some(&p[B_DEC].data), &mut ws.xt);
+        c::encode_collect(ws, n, d, &p[W_GATE].data, f, None, |_, row, buf| {
+            for (i, &u) in row.iter().enumerate() {
+                let pg = u + bg[i];
+                if pg > 0.0 {
+                    buf.aux.push((i as u32, pg));
+                    let m = er[i] * u + bm[i];
+                    if m > 0.0 {
+                        buf.main.push((i as u32, m));
+                    }
+                }
+            }
+        });
+        let w_dec = &p[W_DEC].data;
+        // 2. main reconstruction: g = 2(x̂ − x)/B, G = d_i·g on active entries
+        c::decode(
+            &mut ws.scratch,
+            &ws.codes,
+            w_dec,
+            d,
+            f,
+            Some(&p[B_DEC].data),
+            &mut ws.recon,
+        );
+        let sse = c::residual(&ws.recon, input.x, d, 2.0 / n as f32, &mut ws.resid);
+        c::entry_dots(
+            &mut ws.scratch,
+            &ws.codes,
+            w_dec,
+            d,
+            f,
+            &ws.resid,
+            &mut ws.gvals,
+        );
+        // 3. aux reconstruction through the gate with a frozen decoder: h = 2(x̂_aux − x)/B, A = d_i·h
+        c::decode(
+            &mut ws.scratch,
+            &ws.aux,
+            w_dec,
+            d,
+            f,
+            Some(&p[B_DEC].data),
+            &mut ws.aux_recon,
+        );
+        let sse_aux = c::residual(&ws.aux_recon, input.x, d, 2.0 / n as f32, &mut ws.aux_resid);
+        c::entry_dots(
+            &mut ws.scratch,
+            &ws.aux,
+            w_dec,
+            d,
+            f,
+            &ws.aux_resid,
+            &mut ws.aux_gvals,
+        );
+        // 4. ∂L/∂u: exp(r)·G on active entries, λ/B + A on open gates
+        let lb = lambda / n as f32;
+        c::resize(&mut ws.coef, ws.codes.nnz());
+        for ((cf, &g), &i) in ws.coef.iter_mut().zip(&ws.gvals).zip(&ws.codes.idx) {
+            *cf = er[i as usize] * g;
+        }
+        c::resize(&mut ws.aux_coef, ws.aux.nnz());
+        for (cf, &a) in ws.aux_coef.iter_mut().zip(&ws.aux_gvals) {
+            *cf = lb + a;
+        }
+        // 5. parameter gradients
+        c::accumulate_rows(
+            &mut ws.scratch,
+            &ws.codes,
+            &ws.coef,
+            &ws.xt,
+            d,
+            f,
+            &mut grads[W_GATE],
+        );
+        c::accumulate_rows(
+            &mut ws.scratch,
+            &ws.aux,
+            &ws.aux_coef,
+            &ws.xt,
+            d,
+            f,
+            &mut grads[W_GATE],
+        );
+        c::scatter_add(&ws.aux, &ws.aux_coef, &mut grads[B_GATE]);
+        c::scatter_add(&ws.codes, &ws.gvals, &mut grads[B_MAG]);
+        {
+            let gr = &mut grads[R_MAG];
+            for ((&i, &v), &g) in ws.codes.idx.iter().zip(&ws.codes.val).zip(&ws.gvals) {
+                // ∂π_mag/∂r = exp(r)·u = π_mag − b_mag
+                gr[i as usize] += g * (v - bm[i as usize]);
+            }
+        }
+        c::accumulate_rows(
+            &mut ws.scratch,
+            &ws.codes,
+            &ws.codes.val,
+            &ws.resid,
+            d,
+            f,
+            &mut grads[W_DEC],
+        );
+        c::col_sums(&ws.resid, n, d, &mut grads[B_DEC]);
+        c::resize(&mut ws.lat, f);
+        ws.lat.fill(0.0);
+        c::scatter_add(&ws.codes, &ws.coef, &mut ws.lat);
+        c::scatter_add(&ws.aux, &ws.aux_coef, &mut ws.lat);
+        ws.lat.iter_mut().for_each(|v| *v = -*v);
+        c::add_weighted_rows(
+            &mut ws.scratch,
+            &ws.lat,
+            &p[W_GATE].data,
+            d,
+            &mut grads[B_DEC],
+        );
+        let mse = sse / n as f64;
+        let l1 = lambda as f64 * ws.aux.val.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+        let aux = sse_aux / n as f64;
+        Ok(StepOutput {
+            loss: mse + l1 + aux,
+            terms: vec![("mse", mse), ("l1", l1), ("aux", aux)],
+        })
+    }
+
+    fn export_parts(&self) -> ExportParts {
+        let p = &self.params;
+        ExportParts {
+            architecture: "gated",
+            w_enc: p[W_GATE].data.clone(),
+            w_dec: p[W_DEC].data.clone(),
+            b_dec: p[B_DEC].data.clone(),
+            per_latent: vec![
+                ("b_gate", p[B_GATE].data.clone(), Fold::ByDecoderNorm),
+                ("b_mag", p[B_MAG].data.clone(), Fold::ByDecoderNorm),
+                ("r_mag", p[R_MAG].data.clone(), Fold::Keep),
+            ],
+            apply_b_dec_to_input: true,
+            extra_cfg: vec![],
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! JumpReLU SAE (Rajamanoharan et al. 2024, arXiv 2407.14435), sae_variants.md §5.
+//!
+//! ```text
+//! π = W_enc x + b_enc                    (no pre-encoder b_dec subtraction, GDM default)
+//! θ = exp(t)                              (t = log_threshold, learnable, per latent)
+//! f = π · H(π − θ)
+//! x̂ = Σ_i f_i d_i + b_dec
+//! L = (1/B) Σ_b [ ‖x_b − x̂_b‖² + λ_t Σ_i H(π_{b,i} − θ_i) ]
+//! ∂L/∂π = G·H(π − θ)   (exact; no L0 gradient reaches the encoder)
+//! ∂L/∂θ_i = Σ_b (1/ε) K((π_{b,i} − θ_i)/ε) (−θ_i G_{b,i} − λ_t/B),  K = 1[−½ < u < ½]
+//! ∂L/∂t = θ ∂L/∂θ
+//! ```
+//! with `G_{b,i} = d_i·2(x̂_b − x_b)/B`, computed for the band latents too (§8). Unit-norm
+//! decoder rows (§1.3 A).
+//!
+//! Decision: log-parameterised θ (SAELens) and λ·L0 (the paper), not dictionary_learning's
+//! `(L0/target − 1)²`. Decision: ε = θ_init = 0.05 in `E‖x‖ = √d` units (≈ GDM's 0.001 at
+//! unit mean-square scale times √d for d ≈ 2048; SAELens's bandwidth).
+
+use serde::{Deserialize, Serialize};
+
+use super::common::{self as c, Workspace};
+use super::{
+    check_width, ArchConfig, ExportParts, Fold, Param, Sae, SaeError, StepInput, StepOutput,
+};
+use crate::rng::Rng;
+
+/// Variant name.
+pub const ARCH: &str = "jumprelu";
+
+/// JumpReLU hyperparameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// λ on the expected L0 (SumD-MeanB, `E‖x‖ = √d` inputs). Default 1.0.
+    pub l0_coefficient: f32,
+    /// STE bandwidth ε of the rectangle kernel. Default 0.05.
+    pub bandwidth: f32,
+    /// Initial threshold θ for every latent. Default 0.05.
+    pub init_threshold: f32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            l0_coefficient: 1.0,
+            bandwidth: 0.05,
+            init_threshold: 0.05,
+        }
+    }
+}
+
+const W_ENC: usize = 0;
+const B_ENC: usize = 1;
+const W_DEC: usize = 2;
+const B_DEC: usize = 3;
+const LOG_TH: usize = 4;
+
+/// The JumpReLU SAE.
+pub struct JumpRelu {
+    cfg: Config,
+    d: usize,
+    f: usize,
+    params: Vec<Param>,
+    theta: Vec<f32>,
+}
+
+impl JumpRelu {
+    /// Initialise (§5.3): unit decoder rows, `W_enc = W_decᵀ`, zero biases, θ = θ_init.
+    pub fn new(cfg: Config, d: usize, f: usize, rng: &mut Rng) -> Result<Self, SaeError> {
+        if !(cfg.bandwidth > 0.0 && cfg.init_threshold > 0.0 && cfg.l0_coefficient >= 0.0) {
+            return Err(SaeError::Config {
+                arch: ARCH,
+                msg: format!(
+                    "bandwidth ({}) and init_threshold ({}) must be > 0 and l0_coefficient ({}) >= 0",
+                    cfg.bandwidth, cfg.init_threshold, cfg.l0_coefficient
+                ),
+            });
+        }
+        let w_dec = c::random_rows(rng, f, d, 1.0);
+        let mut dec = Param::new("W_dec", vec![f, d], w_dec.clone());
+        dec.unit_rows = true;
+        let params = vec![
+            Param::new("W_enc", vec![f, d], w_dec),
+            Param::new("b_enc", vec![f], vec![0.0; f]),
+            dec,
+            Param::new("b_dec", vec![d], vec![0.0; d]),
+            Param::new("log_threshold", vec![f], vec![cfg.init_threshold.ln(); f]),
+        ];
+        Ok(Self {
+            cfg,
+            d,
+            f,
+            params,
+            theta: Vec::new(),
+        })
+    }
+
+    fn thetas(params: &[Param], out: &mut Vec<f32>) {
+        out.clear();
+        out.extend(params[LOG_TH].data.iter().map(|t| t.exp()));
+    }
+}
+
+impl Sae for JumpRelu {
+    fn arch(&self) -> &'static str {
+        ARCH
+    }
+    fn config(&self) -> ArchConfig {
+        ArchConfig::JumpRelu(self.cfg.clone())
+    }
+    fn dims(&self) -> (usize, usize) {
+        (self.d, self.f)
+    }
+    fn params(&self) -> &[Param] {
+        &self.params
+    }
+    fn params_mut(&mut self) -> &mut [Param] {
+        &mut self.params
+    }
+
+    fn encode(&self, x: &[f32], n: usize, ws: &mut Workspace) -> Result<(), SaeError> {
+        check_width(ARCH, self.d, x, n)?;
+        let p = &self.params;
+        let mut theta = std::mem::take(&mut ws.lat2);
+        Self::thetas(p, &mut theta);
+        c::prepare_input(x, self.d, None, &mut ws.xt);
+        c::encode_collect(
+            ws,
+            n,
+            self.d,
+            &p[W_ENC].data,
+            self.f,
+            Some(&p[B_ENC].data),
+            |_, row, buf| {
+                buf.main.extend(
+                    row.iter()
+                        .zip(&theta)
+                        .enumerate()
+                        .filter(|(_, (&v, &t))| v > t)
+                        .map(|(i, (&v, _))| (i as u32, v)),
+                );
+            },
+        );
+        ws.lat2 = theta;
+        Ok(())
+    }
+
+    fn forward_backward(
+        &mut self,
+        input: &StepInput,
+        grads: &mut [Vec<f32>],
+        ws: &mut Workspace,
+    ) -> Result<StepOutput, SaeError> {
+        let (d, f, n) = (self.d, self.f, input.n);
+        check_width(ARCH, d, input.x, n)?;
+        let lambda = self.cfg.l0_coefficient * input.sparsity_scale;
+        let eps = self.cfg.bandwidth;
+        let p = &self.params;
+        Self::thetas(p, &mut self.theta);
+        let theta = &self.theta;
+        // 1. π = W_enc x + b_enc; active (π > θ) → codes, band (|π − θ| < ε/2) → aux
+        c::prepare_input(input.x, d, None, &mut ws.xt);
+        c::encode_collect(
+            ws,
+            n,
+            d,
+            &p[W_ENC].data,
+            f,
+            Some(&p[B_ENC].data),
+            |_, row, buf| {
+                for (i, (&v, &t)) in row.iter().zip(theta).enumerate() {
+                    if v > t {
+                        buf.main.push((i as u32, v));
+                    }
+                    if (v - t).abs() < 0.5 * eps {
+                        buf.aux.push((i as u32, v));
+                    }
+                }
+            },
+        );
+        // 2. decode, g = 2(x̂ − x)/B, G on active and band entries
+        c::decode(
+            &mut ws.scratch,
+            &ws.codes,
+            &p[W_DEC].data,
+            d,
+            f,
+            Some(&p[B_DEC].data),
+            &mut ws.recon,
+        );
+        let sse = c::residual(&ws.recon, input.x, d, 2.0 / n as f32, &mut ws.resid);
+        c::entry_dots(
+            &mut ws.scratch,
+            &ws.codes,
+            &p[W_DEC].data,
+            d,
+            f,
+            &ws.resid,
+            &mut ws.gvals,
+        );
+        c::entry_dots(
+            &mut ws.scratch,
+            &ws.aux,
+            &p[W_DEC].data,
+            d,
+            f,
+            &ws.resid,
+            &mut ws.aux_gvals,
+        );
+        // 3. encoder and decoder gradients (exact on active entries)
+        let (ge, rest) = grads.split_at_mut(B_ENC);
+        c::accumulate_rows(
+            &mut ws.scratch,
+            &ws.codes,
+            &ws.gvals,
+            &ws.xt,
+            d,
+            f,
+            &mut ge[W_ENC],
+        );
+        c::scatter_add(&ws.codes, &ws.gvals, &mut rest[0]);
+        c::accumulate_rows(
+            &mut ws.scratch,
+            &ws.codes,
+            &ws.codes.val,
+            &ws.resid,
+            d,
+            f,
+            &mut grads[W_DEC],
+        );
+        c::col_sums(&ws.resid, n, d, &mut grads[B_DEC]);
+        // 4. threshold STE: ∂L/∂t_i = θ_i Σ_band (1/ε)(−θ_i G − λ/B)
+        let lb = lambda / n as f32;
+        let gt = &mut grads[LOG_TH];
+        for (&i, &g) in ws.aux.idx.iter().zip(&ws.aux_gvals) {
+            let th = theta[i as usize];
+            gt[i as usize] += th * (-th * g - lb) / eps;
+        }
+        let mse = sse / n as f64;
+        let l0 = lambda as f64 * ws.codes.nnz() as f64 / n as f64;
+        Ok(StepOutput {
+            loss: mse + l0,
+            terms: vec![("mse", mse), ("l0_penalty", l0)],
+        })
+    }
+
+    fn export_parts(&self) -> ExportParts {
+        let p = &self.params;
+        let mut theta = Vec::new();
+        Self::thetas(p, &mut theta);
+        ExportParts {
+            architecture: "jumprelu",
+            w_enc: p[W_ENC].data.clone(),
+            w_dec: p[W_DEC].data.clone(),
+            b_dec: p[B_DEC].data.clone(),
+            per_latent: vec![
+                ("b_enc", p[B_ENC].data.clone(), Fold::ByDecoderNorm),
+                ("threshold", theta, Fold::ByDecoderNorm),
+            ],
+            apply_b_dec_to_input: false,
+            extra_cfg: vec![],
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! ReLU SAE with decoder-norm-weighted L1 (Anthropic "April 2024 update"),
+//! sae_variants.md §2.2.
+//!
+//! ```text
+//! π = W_enc x + b_enc            (no pre-encoder b_dec subtraction)
+//! f = ReLU(π)
+//! x̂ = Σ_i f_i d_i + b_dec
+//! L = (1/B) Σ_b [ ‖x_b − x̂_b‖² + λ_t Σ_i f_{b,i} ‖d_i‖ ]
+//! ```
+//! No decoder constraint (§1.3 B); norms are folded into the encoder at export.
+//!
+//! Decision: SumD-MeanB loss; λ default 5 (the update's value, in `E‖x‖ = √d` scaling).
+//! Decision: decoder init norm 0.1 with `W_enc = W_decᵀ` (SAELens "heuristic" init).
+
+use serde::{Deserialize, Serialize};
+
+use super::common::{self as c, Workspace};
+use super::{
+    check_width, ArchConfig, ExportParts, Fold, Param, Sae, SaeError, StepInput, StepOutput,
+};
+use crate::rng::Rng;
+
+/// Variant name.
+pub const ARCH: &str = "relu_l1";
+
+/// ReLU+L1 hyperparameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Sparsity coefficient λ on `Σ_i f_i ‖d_i‖` (SumD-MeanB, inputs scaled to `E‖x‖ = √d`). Default 5.0.
+    pub l1_coefficient: f32,
+    /// Norm of each decoder row at initialisation. Default 0.1.
+    pub decoder_init_norm: f32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            l1_coefficient: 5.0,
+            decoder_init_norm: 0.1,
+        }
+    }
+}
+
+const W_ENC: usize = 0;
+const B_ENC: usize = 1;
+const W_DEC: usize = 2;
+const B_DEC: usize = 3;
+
+/// The ReLU+L1 SAE.
+pub struct ReluL1 {
+    cfg: Config,
+    d: usize,
+    f: usize,
+    params: Vec<Param>,
+    norms: Vec<f32>,
+}
+
+impl ReluL1 {
+    /// Initialise (§2.2 "Init").
+    pub fn new(cfg: Config, d: usize, f: usize, rng: &mut Rng) -> Result<Self, SaeError> {
+        if !(cfg.l1_coefficient >= 0.0 && cfg.decoder_init_norm > 0.0) {
+            return Err(SaeError::Config {
+                arch: ARCH,
+                msg: format!(
+                    "l1_coefficient ({}) must be >= 0 and decoder_init_norm ({}) > 0",
+                    cfg.l1_coefficient, cfg.decoder_init_norm
+                ),
+            });
+        }
+        let w_dec = c::random_rows(rng, f, d, cfg.decoder_init_norm);
+        let params = vec![
+            Param::new("W_enc", vec![f, d], w_dec.clone()),
+            Param::new("b_enc", vec![f], vec![0.0; f]),
+            Param::new("W_dec", vec![f, d], w_dec),
+            Param::new("b_dec", vec![d], vec![0.0; d]),
+        ];
+        Ok(Self {
+            cfg,
+            d,
+            f,
+            params,
+            norms: Vec::new(),
+        })
+    }
+}
+
+impl Sae for ReluL1 {
+    fn arch(&self) -> &'static str {
+        ARCH
+    }
+    fn config(&self) -> ArchConfig {
+        ArchConfig::ReluL1(self.cfg.clone())
+    }
+    fn dims(&self) -> (usize, usize) {
+        (self.d, self.f)
+    }
+    fn params(&self) -> &[Param] {
+        &self.params
+    }
+    fn params_mut(&mut self) -> &mut [Param] {
+        &mut self.params
+    }
+
+    fn encode(&self, x: &[f32], n: usize, ws: &mut Workspace) -> Result<(), SaeError> {
+        check_width(ARCH, self.d, x, n)?;
+        let p = &self.params;
+        c::prepare_input(x, self.d, None, &mut ws.xt);
+        c::encode_collect(
+            ws,
+            n,
+            self.d,
+            &p[W_ENC].data,
+            self.f,
+            Some(&p[B_ENC].data),
+            |_, row, buf| {
+                buf.main.extend(
+                    row.iter()
+                        .enumerate()
+                        .filter(|(_, &v)| v > 0.0)
+                        .map(|(i, &v)| (i as u32, v)),
+                );
+            },
+        );
+        Ok(())
+    }
+
+    fn forward_backward(
+        &mut self,
+        input: &StepInput,
+        grads: &mut [Vec<f32>],
+        ws: &mut Workspace,
+    ) -> Result<StepOutput, SaeError> {
+        let (d, f, n) = (self.d, self.f, input.n);
+        let lambda = self.cfg.l1_coefficient * input.sparsity_scale;
+        // 1. f = ReLU(W_enc x + b_enc): [n, d_sae] sparse
+        self.encode(input.x, n, ws)?;
+        let p = &self.params;
+        // 2. x̂ = W_dec f + b_dec: [n, d]; g = 2(x̂ − x)/B
+        c::decode(
+            &mut ws.scratch,
+            &ws.codes,
+            &p[W_DEC].data,
+            d,
+            f,
+            Some(&p[B_DEC].data),
+            &mut ws.recon,
+        );
+        let sse = c::residual(&ws.recon, input.x, d, 2.0 / n as f32, &mut ws.resid);
+        // 3. penalty Σ f_i ‖d_i‖ and G = d_i·g per active entry
+        c::row_norms(&p[W_DEC].data, d, &mut self.norms);
+        let penalty: f64 = ws
+            .codes
+            .idx
+            .iter()
+            .zip(&ws.codes.val)
+            .map(|(&i, &v)| v as f64 * self.norms[i as usize] as f64)
+            .sum();
+        c::entry_dots(
+            &mut ws.scratch,
+            &ws.codes,
+            &p[W_DEC].data,
+            d,
+            f,
+            &ws.resid,
+            &mut ws.gvals,
+        );
+        // 4. δ = ∂L/∂π = G + λ‖d_i‖/B on active entries
+        let lb = lambda / n as f32;
+        c::resize(&mut ws.coef, ws.codes.nnz());
+        for ((cf, &g), &i) in ws.coef.iter_mut().zip(&ws.gvals).zip(&ws.codes.idx) {
+            *cf = g + lb * self.norms[i as usize];
+        }
+        // 5. parameter gradients
+        let (ge, rest) = grads.split_at_mut(B_ENC);
+        c::accumulate_rows(
+            &mut ws.scratch,
+            &ws.codes,
+            &ws.coef,
+            &ws.xt,
+            d,
+            f,
+            &mut ge[W_ENC],
+        );
+        c::scatter_add(&ws.codes, &ws.coef, &mut rest[0]);
+        let gd = &mut grads[W_DEC];
+        c::accumulate_rows(
+            &mut ws.scratch,
+            &ws.codes,
+            &ws.codes.val,
+            &ws.resid,
+            d,
+            f,
+            gd,
+        );
+        // penalty gradient on the decoder: λ/B (Σ_b f_{b,i}) d_i/‖d_i‖
+        c::resize(&mut ws.lat, f);
+        ws.lat.fill(0.0);
+        c::scatter_add(&ws.codes, &ws.codes.val, &mut ws.lat);
+        for i in 0..f {
+            if ws.lat[i] != 0.0 && self.norms[i] > 0.0 {
+                let s = lb * ws.lat[i] / self.norms[i];
+                c::axpy(
+                    s,
+                    &p[W_DEC].data[i * d..(i + 1) * d],
+                    &mut gd[i * d..(i + 1) * d],
+                );
+            }
+        }
+        c::col_sums(&ws.resid, n, d, &mut grads[B_DEC]);
+        let mse = sse / n as f64;
+        let l1 = lambda as f64 * penalty / n as f64;
+        Ok(StepOutput {
+            loss: mse + l1,
+            terms: vec![("mse", mse), ("l1", l1)],
+        })
+    }
+
+    fn export_parts(&self) -> ExportParts {
+        let p = &self.params;
+        ExportParts {
+            architecture: "standard",
+            w_enc: p[W_ENC].data.clone(),
+            w_dec: p[W_DEC].data.clone(),
+            b_dec: p[B_DEC].data.clone(),
+            per_latent: vec![("b_enc", p[B_ENC].data.clone(), Fold::ByDecoderNorm)],
+            apply_b_dec_to_input: false,
+            extra_cfg: vec![],
+        }
+    }
+}

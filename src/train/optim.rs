@@ -1,0 +1,125 @@
+//! Adam, global-norm gradient clipping and the LR / sparsity schedules
+//! (sae_variants.md §1.4).
+//!
+//! ```text
+//! m ← β1 m + (1−β1) g;  v ← β2 v + (1−β2) g²
+//! p ← p − lr_t · m̂ / (√v̂ + ε),  m̂ = m/(1−β1^t), v̂ = v/(1−β2^t)
+//! lr_t = lr · min((t+1)/W, 1) · decay(t)      decay: linear to 0 over the last `decay_frac` of steps
+//! λ_t  = λ · min((t+1)/T_λ, 1)
+//! clip: g ← g · min(1, C/‖g‖₂) over all trainable parameters together
+//! ```
+//! Decision: all reductions are over fixed chunks combined in a fixed order, so the update is
+//! bit-for-bit reproducible regardless of thread count scheduling.
+
+use rayon::prelude::*;
+
+const CHUNK: usize = 1 << 14;
+
+/// Adam hyperparameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Adam {
+    /// Learning rate.
+    pub lr: f32,
+    /// β1.
+    pub beta1: f32,
+    /// β2.
+    pub beta2: f32,
+    /// ε.
+    pub eps: f32,
+}
+
+impl Adam {
+    /// One update of `p` with gradient `g` and moments `m`, `v` at 1-based step `t`, learning
+    /// rate `lr` (already scheduled).
+    pub fn update(&self, lr: f32, t: u64, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        let (b1, b2) = (self.beta1, self.beta2);
+        let bc1 = 1.0 - (b1 as f64).powi(t as i32);
+        let bc2 = 1.0 - (b2 as f64).powi(t as i32);
+        let step = (lr as f64 * bc2.sqrt() / bc1.max(1e-30)) as f32;
+        let eps = (self.eps as f64 * bc2.sqrt()) as f32;
+        p.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+            .for_each(|((p, g), (m, v))| {
+                for i in 0..p.len() {
+                    let gi = g[i];
+                    m[i] = b1 * m[i] + (1.0 - b1) * gi;
+                    v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
+                    p[i] -= step * m[i] / (v[i].sqrt() + eps);
+                }
+            });
+    }
+}
+
+/// Sum of squares of `g` in f64 (fixed chunking, fixed combination order).
+pub fn sum_sq(g: &[f32]) -> f64 {
+    let parts: Vec<f64> = g
+        .par_chunks(CHUNK)
+        .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum())
+        .collect();
+    parts.iter().sum()
+}
+
+/// Scale every gradient by `s`.
+pub fn scale(g: &mut [f32], s: f32) {
+    g.par_chunks_mut(CHUNK)
+        .for_each(|c| c.iter_mut().for_each(|v| *v *= s));
+}
+
+/// Learning-rate multiplier at 0-based step `t` of `total`: linear warmup over `warmup`
+/// steps, then constant, then linear decay to 0 over the last `decay_frac·total` steps.
+pub fn lr_factor(t: u64, total: u64, warmup: u64, decay_frac: f32) -> f32 {
+    let w = if warmup > 0 {
+        ((t + 1) as f32 / warmup as f32).min(1.0)
+    } else {
+        1.0
+    };
+    let decay_steps = (decay_frac.clamp(0.0, 1.0) as f64 * total as f64).round() as u64;
+    let start = total.saturating_sub(decay_steps);
+    let d = if decay_steps > 0 && t >= start {
+        (total.saturating_sub(t)) as f32 / decay_steps as f32
+    } else {
+        1.0
+    };
+    w * d
+}
+
+/// Sparsity-coefficient warmup multiplier at 0-based step `t`.
+pub fn sparsity_factor(t: u64, warmup: u64) -> f32 {
+    if warmup == 0 {
+        1.0
+    } else {
+        ((t + 1) as f32 / warmup as f32).min(1.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adam_first_step_moves_by_lr() {
+        let a = Adam {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        };
+        let mut p = vec![1.0f32, 1.0];
+        let (mut m, mut v) = (vec![0.0; 2], vec![0.0; 2]);
+        a.update(0.1, 1, &mut p, &[2.0, -3.0], &mut m, &mut v);
+        assert!(
+            (p[0] - 0.9).abs() < 1e-5 && (p[1] - 1.1).abs() < 1e-5,
+            "{p:?}"
+        );
+    }
+
+    #[test]
+    fn schedules() {
+        assert_eq!(lr_factor(0, 100, 10, 0.2), 0.1);
+        assert_eq!(lr_factor(50, 100, 10, 0.2), 1.0);
+        assert!((lr_factor(90, 100, 10, 0.2) - 0.5).abs() < 1e-6);
+        assert_eq!(sparsity_factor(4, 10), 0.5);
+        assert_eq!(sparsity_factor(40, 10), 1.0);
+    }
+}
