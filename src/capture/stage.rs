@@ -93,6 +93,7 @@ pub fn spec_from_pipeline(
                 Packing::Truncate
             },
             separator: d.separator,
+            shuffle_seed: d.shuffle_seed,
         },
         split: DocSplit {
             seed: d.split_seed,
