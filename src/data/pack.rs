@@ -270,9 +270,8 @@ impl WindowStream {
                     }
                     None => {
                         self.docs_done = true;
-                        if self.shuffle.is_none() {
-                            return None;
-                        }
+                        // Without a shuffle buffer the stream simply ends here.
+                        self.shuffle.as_ref()?;
                     }
                 }
             }
