@@ -152,6 +152,7 @@ pub struct ShardWriter {
     d_model: usize,
     dtype: ActDtype,
     rows: u64,
+    committed: bool,
 }
 
 impl ShardWriter {
@@ -180,6 +181,7 @@ impl ShardWriter {
             d_model: meta.d_model,
             dtype: meta.dtype,
             rows: 0,
+            committed: false,
         })
     }
 
@@ -219,14 +221,17 @@ impl ShardWriter {
             .len();
         drop(file);
         fs::rename(&tmp, &self.path).map_err(|e| CaptureError::io(&self.path, e))?;
+        self.committed = true;
         Ok(bytes)
     }
 }
 
 impl Drop for ShardWriter {
     fn drop(&mut self) {
-        // An unfinished shard (error, panic) leaves no file behind, not even the .tmp.
-        if self.writer.take().is_some() {
+        // An unfinished shard (error in write or finish, panic) leaves no file behind,
+        // not even the .tmp.
+        self.writer.take();
+        if !self.committed {
             let _ = fs::remove_file(tmp_path(&self.path));
         }
     }

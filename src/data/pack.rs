@@ -20,8 +20,10 @@
 //! text: `sha256(seed_le ‖ text)` read as a u64, eval iff `< eval_fraction · 2⁶⁴`. Train and
 //! eval windows are then packed from disjoint document streams, so no token of an eval
 //! window is a training token, and duplicated documents always land on the same side.
-//! Decision: windows are produced in corpus order; the seed only drives the split. The
-//! training reader shuffles rows (`capture::reader`).
+//! Decision: windows are produced in corpus order unless `shuffle_seed` is set; then
+//! documents pass through a seeded buffer of [`DOC_SHUFFLE_BUFFER`] documents (a bounded,
+//! streaming shuffle, not a global permutation). The training reader shuffles rows
+//! again (`capture::reader`).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -68,7 +70,14 @@ pub struct PackSpec {
     pub packing: Packing,
     /// Separator after each document ([`Packing::Concat`] only).
     pub separator: Separator,
+    /// Shuffle documents through a seeded buffer of [`DOC_SHUFFLE_BUFFER`] documents
+    /// before packing; `None` keeps corpus order.
+    #[serde(default)]
+    pub shuffle_seed: Option<u64>,
 }
+
+/// Documents held by the seeded document shuffle (bounded, so streaming stays streaming).
+pub const DOC_SHUFFLE_BUFFER: usize = 1024;
 
 impl PackSpec {
     /// Windows of `context_len` tokens with the defaults (BOS first, EOS-separated concat).
@@ -78,6 +87,7 @@ impl PackSpec {
             prepend_bos: true,
             packing: Packing::Concat,
             separator: Separator::Eos,
+            shuffle_seed: None,
         }
     }
 }
@@ -164,6 +174,8 @@ pub struct WindowStream {
     buf: VecDeque<u32>,
     next_index: u64,
     failed: bool,
+    shuffle: Option<(rand::rngs::StdRng, Vec<Doc>)>,
+    docs_done: bool,
 }
 
 impl WindowStream {
@@ -224,28 +236,68 @@ impl WindowStream {
             buf: VecDeque::new(),
             next_index: 0,
             failed: false,
+            shuffle: spec.shuffle_seed.map(|s| {
+                (
+                    <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(s),
+                    Vec::new(),
+                )
+            }),
+            docs_done: false,
         })
     }
 
-    fn next_doc_tokens(&mut self) -> Option<Result<Vec<u32>, DataError>> {
+    /// The next document of this side of the split, through the shuffle buffer if any.
+    fn next_side_doc(&mut self) -> Option<Result<Doc, DataError>> {
         loop {
-            let Doc { index, text } = match self.docs.next()? {
-                Ok(d) => d,
-                Err(e) => return Some(Err(e)),
+            let want_more = match &self.shuffle {
+                Some((_, buf)) => !self.docs_done && buf.len() < DOC_SHUFFLE_BUFFER,
+                None => true,
             };
-            if self.split.split_of(&text) != self.side {
-                continue;
+            if want_more {
+                match self.docs.next() {
+                    Some(Err(e)) => return Some(Err(e)),
+                    Some(Ok(doc)) => {
+                        if self.split.split_of(&doc.text) != self.side {
+                            continue;
+                        }
+                        match self.shuffle.as_mut() {
+                            Some((_, buf)) => {
+                                buf.push(doc);
+                                continue;
+                            }
+                            None => return Some(Ok(doc)),
+                        }
+                    }
+                    None => {
+                        self.docs_done = true;
+                        // Without a shuffle buffer the stream simply ends here.
+                        self.shuffle.as_ref()?;
+                    }
+                }
             }
-            return Some(
-                self.tokenizer
-                    .encode_fast(text.as_str(), false)
-                    .map(|e| e.get_ids().to_vec())
-                    .map_err(|e| DataError::Tokenizer {
-                        doc: index,
-                        msg: e.to_string(),
-                    }),
-            );
+            let (rng, buf) = self.shuffle.as_mut()?;
+            if buf.is_empty() {
+                return None;
+            }
+            let i = rand::Rng::random_range(rng, 0..buf.len());
+            return Some(Ok(buf.swap_remove(i)));
         }
+    }
+
+    fn next_doc_tokens(&mut self) -> Option<Result<Vec<u32>, DataError>> {
+        let Doc { index, text } = match self.next_side_doc()? {
+            Ok(d) => d,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(
+            self.tokenizer
+                .encode_fast(text.as_str(), false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| DataError::Tokenizer {
+                    doc: index,
+                    msg: e.to_string(),
+                }),
+        )
     }
 
     fn make_window(&mut self, body: Vec<u32>) -> Window {
@@ -429,6 +481,32 @@ mod tests {
             .all(|t| on(t, Split::Train) != on(t, Split::Eval)));
         let other = DocSplit { seed: 8, ..sp };
         assert!(refs.iter().any(|t| sp.split_of(t) != other.split_of(t)));
+    }
+
+    #[test]
+    fn seeded_doc_shuffle_is_a_deterministic_permutation() {
+        let d = tempfile::tempdir().unwrap();
+        let docs: Vec<String> = (0..3000)
+            .map(|i| format!("w{} w{}", i % 100, (i / 100) % 100))
+            .collect();
+        let refs: Vec<&str> = docs.iter().map(String::as_str).collect();
+        let src = corpus(d.path(), &refs);
+        let mut spec = PackSpec::new(2);
+        spec.prepend_bos = false;
+        spec.packing = Packing::Truncate;
+        let plain = all(&src, &spec, NOSPLIT, Split::Train);
+        spec.shuffle_seed = Some(4);
+        let a = all(&src, &spec, NOSPLIT, Split::Train);
+        assert_eq!(a, all(&src, &spec, NOSPLIT, Split::Train));
+        let ids = |w: &[Window]| {
+            let mut v: Vec<Vec<u32>> = w.iter().map(|w| w.ids.clone()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(ids(&a), ids(&plain));
+        assert_ne!(a, plain);
+        spec.shuffle_seed = Some(5);
+        assert_ne!(a, all(&src, &spec, NOSPLIT, Split::Train));
     }
 
     #[test]
