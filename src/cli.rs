@@ -171,8 +171,9 @@ pub fn run() -> Result<ExitCode> {
             let pipeline = args.load()?;
             let opts = args.hub_options(&pipeline);
             let reporter = saepipe::report::reporter(cli.global.progress);
-            let sums = saepipe::capture::stage::run_stage(&pipeline, &opts, args.force, reporter.as_ref())
-                .with_context(|| format!("saepipe capture {}", args.pipeline.display()))?;
+            let sums =
+                saepipe::capture::stage::run_stage(&pipeline, &opts, args.force, reporter.as_ref())
+                    .with_context(|| format!("saepipe capture {}", args.pipeline.display()))?;
             for s in sums {
                 tracing::info!(
                     hookpoint = %s.hookpoint,

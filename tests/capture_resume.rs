@@ -122,7 +122,11 @@ fn sigkill_then_rerun_is_bit_identical() {
     let a = f.root.join("a");
     ok(&run(&args(&f, &a, n_tokens)));
     let files_a = tree(&act_dir(&a));
-    assert!(files_a.len() > 50, "expected many small shards, got {}", files_a.len());
+    assert!(
+        files_a.len() > 50,
+        "expected many small shards, got {}",
+        files_a.len()
+    );
 
     let b = f.root.join("b");
     let mut child = Command::new(BIN)
@@ -143,7 +147,10 @@ fn sigkill_then_rerun_is_bit_identical() {
     child.kill().unwrap();
     child.wait().unwrap();
     let manifest = act_dir(&b).join(HP).join("manifest.json");
-    assert!(!manifest.exists(), "the kill came too late to test anything");
+    assert!(
+        !manifest.exists(),
+        "the kill came too late to test anything"
+    );
     let before: Vec<_> = tree(&act_dir(&b)).into_iter().map(|(n, _)| n).collect();
     assert!(before.iter().all(|n| !n.ends_with("manifest.json")));
 
@@ -170,14 +177,16 @@ fn changed_config_is_refused_unless_forced() {
     let o = run(&args(&f, &d, 4000));
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("config hash") && err.contains("--force"), "{err}");
+    assert!(
+        err.contains("config hash") && err.contains("--force"),
+        "{err}"
+    );
     let mut forced = args(&f, &d, 4000);
     forced.push("--force".into());
     ok(&run(&forced));
-    let m: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(act_dir(&d).join(HP).join("manifest.json")).unwrap(),
-    )
-    .unwrap();
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(act_dir(&d).join(HP).join("manifest.json")).unwrap())
+            .unwrap();
     assert_eq!(m["n_tokens"], 4000);
 }
 
@@ -200,7 +209,7 @@ fn captured_rows_equal_trace_of_the_same_window() {
     // Rebuild windows 0 and 5 from their rows: the excluded positions are BOS (position 0)
     // and the EOS separators between documents (the tiny tokenizer has no other specials).
     for seq in [0u64, 5] {
-        let mut ids = vec![common::TINY_EOS; 32];
+        let mut ids = [common::TINY_EOS; 32];
         ids[0] = common::TINY_BOS;
         let mut acts = vec![None; 32];
         for b in &rows {
@@ -230,7 +239,10 @@ fn captured_rows_equal_trace_of_the_same_window() {
         for (p, a) in acts.iter().enumerate() {
             if let Some(a) = a {
                 for (j, (x, y)) in a.iter().zip(&traced[p]).enumerate() {
-                    assert!((x - y).abs() <= 1e-6, "window {seq} pos {p} dim {j}: {x} vs {y}");
+                    assert!(
+                        (x - y).abs() <= 1e-6,
+                        "window {seq} pos {p} dim {j}: {x} vs {y}"
+                    );
                 }
             }
         }

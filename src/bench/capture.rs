@@ -10,9 +10,9 @@ use std::time::Instant;
 
 use clap::Parser;
 
+use super::BenchError;
 use crate::capture::{capture, ActDtype, CaptureSpec, WriterSettings};
 use crate::data::{DocSplit, PackSpec, TextSource};
-use super::BenchError;
 use crate::models::{HookedModel, Hookpoint, ModelSource};
 use crate::report::Silent;
 
@@ -141,12 +141,14 @@ pub fn render(results: &[CaseResult]) -> String {
 }
 
 /// Load a model and its tokenizer from a source string (`local:<dir>`, `gguf:<file>`).
-pub fn load_model(source: &str) -> Result<(Box<dyn HookedModel>, Arc<tokenizers::Tokenizer>), BenchError> {
+pub fn load_model(
+    source: &str,
+) -> Result<(Box<dyn HookedModel>, Arc<tokenizers::Tokenizer>), BenchError> {
     let src: ModelSource = source.parse()?;
     let loaded = crate::models::load_source(&src, &crate::models::default_device())?;
-    let tok = loaded
-        .tokenizer
-        .ok_or_else(|| BenchError::Capture(format!("{source}: no tokenizer found next to the model")))?;
+    let tok = loaded.tokenizer.ok_or_else(|| {
+        BenchError::Capture(format!("{source}: no tokenizer found next to the model"))
+    })?;
     Ok((loaded.model, Arc::new(tok)))
 }
 
@@ -154,7 +156,8 @@ pub fn load_model(source: &str) -> Result<(Box<dyn HookedModel>, Arc<tokenizers:
 /// table; a child (`--one`) loads the model, runs its case and prints one JSON line.
 pub fn run_cli(raw: &[String]) -> Result<(), BenchError> {
     let argv = std::iter::once("saepipe bench capture".to_string()).chain(raw.iter().cloned());
-    let args = BenchCaptureArgs::try_parse_from(argv).map_err(|e| BenchError::Usage(e.to_string()))?;
+    let args =
+        BenchCaptureArgs::try_parse_from(argv).map_err(|e| BenchError::Usage(e.to_string()))?;
     let err = |e: &dyn std::fmt::Display| BenchError::Capture(e.to_string());
     let out = match &args.out {
         Some(o) => o.clone(),
@@ -163,7 +166,8 @@ pub fn run_cli(raw: &[String]) -> Result<(), BenchError> {
     if args.one {
         let (model, tok) = load_model(&args.model)?;
         let dtype = parse_dtype(&args.dtype[0]).map_err(|e| err(&e))?;
-        let r = run_case(model.as_ref(), tok, &args, &out, args.tokens[0], dtype).map_err(|e| err(&e))?;
+        let r = run_case(model.as_ref(), tok, &args, &out, args.tokens[0], dtype)
+            .map_err(|e| err(&e))?;
         println!("{}", serde_json::to_string(&r).map_err(|e| err(&e))?);
         return Ok(());
     }

@@ -23,12 +23,12 @@ pub enum BenchError {
     /// A forward pass failed.
     #[error("forward pass failed: {0}")]
     Candle(#[from] candle_core::Error),
+    /// The training benchmark failed.
+    #[error("{0}")]
+    Train(String),
     /// A capture benchmark case failed.
     #[error("capture benchmark: {0}")]
     Capture(String),
-    /// The SAE training benchmark failed.
-    #[error(transparent)]
-    Train(Box<train::BenchError>),
     /// The reference Python benchmark failed.
     #[error("reference benchmark ({cmd}) failed: {detail}")]
     Reference { cmd: String, detail: String },
@@ -46,7 +46,8 @@ pub fn run(what: &str, args: &[String]) -> Result<(), BenchError> {
         "forward" => forward::run_cli(args),
         "capture" => capture::run_cli(args),
         "train" => {
-            print!("{}", train::run(args).map_err(|e| BenchError::Train(Box::new(e)))?);
+            let table = train::run(args).map_err(|e| BenchError::Train(e.to_string()))?;
+            print!("{table}");
             Ok(())
         }
         other => Err(BenchError::Unknown(other.to_string())),

@@ -343,6 +343,8 @@ pub struct ShuffleConfig {
 pub struct ReaderState {
     /// Batches served so far.
     pub batches: u64,
+    /// Rows served so far.
+    pub rows: u64,
     /// Completed passes over the set (with `repeat`).
     pub epoch: u64,
 }
@@ -362,6 +364,7 @@ pub struct ShuffleReader {
     ready: Vec<f32>,
     ready_at: usize,
     batches: u64,
+    rows: u64,
     epoch: u64,
 }
 
@@ -386,6 +389,7 @@ impl ShuffleReader {
             ready: Vec::new(),
             ready_at: 0,
             batches: 0,
+            rows: 0,
             epoch: 0,
         })
     }
@@ -399,6 +403,7 @@ impl ShuffleReader {
     pub fn state(&self) -> ReaderState {
         ReaderState {
             batches: self.batches,
+            rows: self.rows,
             epoch: self.epoch,
         }
     }
@@ -410,14 +415,13 @@ impl ShuffleReader {
         state: ReaderState,
     ) -> Result<Self, CaptureError> {
         let mut r = Self::new(set, cfg)?;
-        while r.batches < state.batches {
-            if r.next_batch()?.is_none() {
-                return Err(CaptureError::BadSpec(format!(
-                    "cannot resume at batch {}: the set ends after {} batches",
-                    state.batches, r.batches
-                )));
-            }
+        if r.skip_rows(state.rows)? < state.rows {
+            return Err(CaptureError::BadSpec(format!(
+                "cannot resume at row {}: the set ends after {} rows",
+                state.rows, r.rows
+            )));
         }
+        r.batches = state.batches;
         Ok(r)
     }
 
@@ -448,15 +452,16 @@ impl ShuffleReader {
         Ok(())
     }
 
-    /// The next batch `[batch_size × d_model]` row-major, `None` when the set is exhausted
-    /// (never with `repeat`). The last batch of a finite set may be shorter.
-    pub fn next_batch(&mut self) -> Result<Option<Vec<f32>>, CaptureError> {
+    /// Append up to `n` shuffled rows (row-major) to `out`; returns how many, 0 only when
+    /// the set is exhausted (never with `repeat`). The sequence of rows does not depend on
+    /// how it is cut into calls.
+    pub fn take_rows(&mut self, n: usize, out: &mut Vec<f32>) -> Result<usize, CaptureError> {
         let d = self.d;
-        let want = self.cfg.batch_size * d;
-        let mut out = Vec::with_capacity(want);
-        while out.len() < want {
+        let want = n * d;
+        let start = out.len();
+        while out.len() - start < want {
             if self.ready_at < self.ready.len() {
-                let take = (want - out.len()).min(self.ready.len() - self.ready_at);
+                let take = (want - (out.len() - start)).min(self.ready.len() - self.ready_at);
                 out.extend_from_slice(&self.ready[self.ready_at..self.ready_at + take]);
                 self.ready_at += take;
                 continue;
@@ -469,16 +474,97 @@ impl ShuffleReader {
             }
             let mut buf = std::mem::take(&mut self.buffer);
             self.shuffle_rows(&mut buf);
-            let n = buf.len() / d;
-            let serve = if self.source_done { n } else { n.div_ceil(2) };
+            let rows = buf.len() / d;
+            let serve = if self.source_done {
+                rows
+            } else {
+                rows.div_ceil(2)
+            };
             self.buffer = buf.split_off(serve * d);
             self.ready = buf;
             self.ready_at = 0;
         }
-        if out.is_empty() {
+        let got = (out.len() - start) / d;
+        self.rows += got as u64;
+        Ok(got)
+    }
+
+    /// The next batch `[batch_size × d_model]` row-major, `None` when the set is exhausted
+    /// (never with `repeat`). The last batch of a finite set may be shorter.
+    pub fn next_batch(&mut self) -> Result<Option<Vec<f32>>, CaptureError> {
+        let mut out = Vec::with_capacity(self.cfg.batch_size * self.d);
+        if self.take_rows(self.cfg.batch_size, &mut out)? == 0 {
             return Ok(None);
         }
         self.batches += 1;
         Ok(Some(out))
+    }
+
+    /// Skip `n` rows (replaying the shuffle, in bounded chunks).
+    pub fn skip_rows(&mut self, mut n: u64) -> Result<u64, CaptureError> {
+        let mut scratch = Vec::new();
+        let mut skipped = 0;
+        while n > 0 {
+            scratch.clear();
+            let got = self.take_rows(n.min(4096) as usize, &mut scratch)? as u64;
+            if got == 0 {
+                break;
+            }
+            n -= got;
+            skipped += got;
+        }
+        Ok(skipped)
+    }
+}
+
+/// The capture stage's Parquet reader as the trainer's [`crate::train::ActivationSource`]:
+/// shuffled rows, position = rows served, `seek` replays the same shuffle.
+pub struct ParquetSource {
+    set: ActivationSet,
+    cfg: ShuffleConfig,
+    reader: ShuffleReader,
+}
+
+impl ParquetSource {
+    /// A source over `set`, shuffled with `capacity` and `seed` (`batch_size`/`repeat` of
+    /// `cfg` are ignored: the trainer asks for its own row counts and wraps by `seek(0)`).
+    pub fn new(set: ActivationSet, cfg: ShuffleConfig) -> Result<Self, CaptureError> {
+        let cfg = ShuffleConfig {
+            repeat: false,
+            ..cfg
+        };
+        let reader = ShuffleReader::new(set.clone(), cfg)?;
+        Ok(Self { set, cfg, reader })
+    }
+}
+
+impl crate::train::ActivationSource for ParquetSource {
+    fn d_in(&self) -> usize {
+        self.set.d_model()
+    }
+    fn len_rows(&self) -> Option<u64> {
+        Some(self.set.n_tokens())
+    }
+    fn next_batch(
+        &mut self,
+        rows: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<usize, crate::train::DataError> {
+        self.reader
+            .take_rows(rows, out)
+            .map_err(|e| crate::train::DataError::Read(e.to_string()))
+    }
+    fn position(&self) -> u64 {
+        self.reader.rows
+    }
+    fn seek(&mut self, pos: u64) -> Result<(), crate::train::DataError> {
+        let len = self.set.n_tokens();
+        if pos > len {
+            return Err(crate::train::DataError::Seek { pos, len });
+        }
+        let err = |e: CaptureError| crate::train::DataError::Read(e.to_string());
+        self.reader = ShuffleReader::new(self.set.clone(), self.cfg).map_err(err)?;
+        self.reader.skip_rows(pos).map_err(err)?;
+        Ok(())
     }
 }

@@ -34,9 +34,14 @@ pub fn fingerprint_files(files: &[std::path::PathBuf]) -> Result<String> {
     let mut files = files.to_vec();
     files.sort();
     for f in &files {
-        let mut file = std::fs::File::open(f).with_context(|| format!("reading {}", f.display()))?;
+        let mut file =
+            std::fs::File::open(f).with_context(|| format!("reading {}", f.display()))?;
         let len = file.metadata()?.len();
-        h.update(f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        h.update(
+            f.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
         h.update(len.to_le_bytes());
         let mut buf = vec![0u8; 65_536.min(len as usize)];
         file.read_exact(&mut buf)?;
@@ -51,7 +56,11 @@ pub fn fingerprint_files(files: &[std::path::PathBuf]) -> Result<String> {
 }
 
 fn revision_of(resolved: &ResolvedModel) -> Result<String> {
-    if let Some(c) = resolved.commit.clone().or_else(|| resolved.revision.clone()) {
+    if let Some(c) = resolved
+        .commit
+        .clone()
+        .or_else(|| resolved.revision.clone())
+    {
         return Ok(c);
     }
     fingerprint_files(&resolved.files)
@@ -78,7 +87,11 @@ pub fn spec_from_pipeline(
         pack: PackSpec {
             context_len: d.context_len,
             prepend_bos: d.prepend_bos,
-            packing: if d.concat_docs { Packing::Concat } else { Packing::Truncate },
+            packing: if d.concat_docs {
+                Packing::Concat
+            } else {
+                Packing::Truncate
+            },
             separator: d.separator,
         },
         split: DocSplit {
@@ -123,14 +136,24 @@ pub fn run_stage(
     let loaded = crate::models::load_source(&src, &crate::models::default_device())
         .with_context(|| format!("loading model {}", c.model.source))?;
     let tokenizer = loaded.tokenizer.with_context(|| {
-        format!("{}: no tokenizer found (tokenizer.json next to the weights)", resolved.path.display())
+        format!(
+            "{}: no tokenizer found (tokenizer.json next to the weights)",
+            resolved.path.display()
+        )
     })?;
     let revision = revision_of(&resolved)?;
     let spec = spec_from_pipeline(pipeline, revision, &dataset.files, force);
     let hps: Vec<String> = spec.hookpoints.iter().map(|h| h.to_string()).collect();
-    let sums = capture(loaded.model.as_ref(), Arc::new(tokenizer), &spec, reporter).with_context(|| {
-        format!("capturing {} from {}@{}", hps.join(", "), c.model.source, spec.model_revision)
-    })?;
+    let sums = capture(loaded.model.as_ref(), Arc::new(tokenizer), &spec, reporter).with_context(
+        || {
+            format!(
+                "capturing {} from {}@{}",
+                hps.join(", "),
+                c.model.source,
+                spec.model_revision
+            )
+        },
+    )?;
     write_resolved(pipeline, &pipeline.run_dir())?;
     Ok(sums)
 }

@@ -314,3 +314,36 @@ fn shuffle_serves_every_row_once_seeded_and_resumable() {
     let other = drain(ShuffleReader::new(set(), ShuffleConfig { seed: 6, ..cfg }).unwrap());
     assert_ne!(other, all);
 }
+
+#[test]
+fn parquet_source_feeds_the_trainer_and_seeks_exactly() {
+    use crate::train::ActivationSource;
+    let (d, c) = setup();
+    let model = Toy::new(104, 6, 3);
+    let s = spec(d.path(), &c);
+    capture(&model, toy_tokenizer(), &s, &Silent).unwrap();
+    let dir = s.out_dir.join("blocks.1.hook_mlp_out");
+    let set = ActivationSet::open(&dir, &Expect::default()).unwrap();
+    let cfg = ShuffleConfig {
+        batch_size: 1,
+        capacity: 50,
+        seed: 9,
+        repeat: false,
+    };
+    let mut src = super::reader::ParquetSource::new(set.clone(), cfg).unwrap();
+    assert_eq!((src.d_in(), src.len_rows()), (6, Some(300)));
+    let mut all = Vec::new();
+    // Uneven request sizes: the row sequence must not depend on them.
+    for n in [7usize, 64, 1, 100, 1000] {
+        src.next_batch(n, &mut all).unwrap();
+    }
+    assert_eq!(all.len(), 300 * 6);
+    assert_eq!(src.next_batch(10, &mut all).unwrap(), 0);
+    let mut again = super::reader::ParquetSource::new(set, cfg).unwrap();
+    again.seek(123).unwrap();
+    assert_eq!(again.position(), 123);
+    let mut rest = Vec::new();
+    again.next_batch(1000, &mut rest).unwrap();
+    assert_eq!(rest, all[123 * 6..]);
+    assert!(again.seek(301).is_err());
+}
