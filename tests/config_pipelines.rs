@@ -9,6 +9,12 @@ fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// An integer of the arch table, whatever type carries it (works with the TOML-table
+/// placeholder and with `sae::ArchConfig`).
+fn arch_key(arch: &config::ArchConfig, key: &str) -> Option<i64> {
+    toml::Value::try_from(arch).ok()?.get(key)?.as_integer()
+}
+
 fn smoke() -> PathBuf {
     root().join("pipelines/smoke.toml")
 }
@@ -132,7 +138,7 @@ fn overrides_apply_and_unknown_override_keys_are_errors() {
     .unwrap();
     assert_eq!(p.config.train.batch_tokens, 512);
     assert_eq!(p.config.model.source, "local:/tmp/x");
-    assert!(matches!(&p.config.sae.arch, saepipe::sae::ArchConfig::TopK(c) if c.k == 3));
+    assert_eq!(arch_key(&p.config.sae.arch, "k"), Some(3));
 
     let err = config::load(
         smoke(),
@@ -176,10 +182,7 @@ fn sweep_points_are_the_cartesian_product_with_stable_ids() {
     assert_eq!(pts.len(), 4);
     let mut seen = std::collections::BTreeSet::new();
     for pt in pts {
-        let saepipe::sae::ArchConfig::TopK(c) = &pt.config.sae.arch else {
-            panic!("smoke.toml sweeps a topk SAE")
-        };
-        let k = c.k;
+        let k = arch_key(&pt.config.sae.arch, "k").unwrap();
         let s = pt.config.run.seed;
         assert!(pt.id.starts_with(&format!("topk-k{k}-s{s}-")), "{}", pt.id);
         assert!(pt.config.sweep.is_empty());
@@ -214,4 +217,33 @@ fn bad_sweep_values_are_reported_with_the_point() {
     );
     let err = config::load(smoke(), &["sweep={ \"sea.x\" = [1] }".into()]).unwrap_err();
     assert!(err.to_string().contains("did you mean sae?"), "{err}");
+}
+
+#[test]
+fn table_values_couple_axes_for_paired_variants() {
+    // Gated at 2H against TopK at H: one axis whose values set width and arch together
+    // (a table with `kind` replaces the arch; a plain table merges into [sae]).
+    let text = std::fs::read_to_string(smoke()).unwrap();
+    let base = &text[..text.find("[sweep]").unwrap()];
+    let text = format!(
+        "{base}[sweep]\n\"run.seed\" = [0, 1]\nsae = [{{ expansion_factor = 2, arch = {{ kind = \"gated\" }} }}, {{ expansion_factor = 1, arch = {{ kind = \"topk\", k = 8 }} }}]\n"
+    );
+    let p = config::from_str(&text, Path::new("paired.toml"), &[]).unwrap();
+    let ids: Vec<&str> = p.points().iter().map(|pt| pt.id.as_str()).collect();
+    assert_eq!(ids.len(), 4, "{ids:?}");
+    let gated: Vec<_> = p
+        .points()
+        .iter()
+        .filter(|pt| pt.id.starts_with("gated-x2-"))
+        .collect();
+    assert_eq!(gated.len(), 2, "{ids:?}");
+    for pt in &gated {
+        assert_eq!(pt.config.sae.expansion_factor, Some(2));
+        // The gated arch does not inherit the base topk's k.
+        assert_eq!(arch_key(&pt.config.sae.arch, "k"), None);
+    }
+    assert!(
+        ids.iter().any(|id| id.starts_with("topk-x1-k8-s1-")),
+        "{ids:?}"
+    );
 }

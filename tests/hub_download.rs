@@ -765,3 +765,70 @@ fn local_and_gguf_sources_pass_through_or_say_what_is_wrong() {
         gguf
     );
 }
+
+/// Records every task and how far it got.
+#[derive(Default)]
+struct Recording(Mutex<Vec<Task>>);
+
+/// (name, total, state).
+type Task = (String, Option<u64>, TaskState);
+
+/// (position, finished).
+type TaskState = Arc<Mutex<(u64, bool)>>;
+
+struct RecTask(TaskState);
+
+impl saepipe::report::Progress for RecTask {
+    fn advance(&self, n: u64) {
+        self.0.lock().unwrap().0 += n;
+    }
+    fn set_message(&self, _msg: String) {}
+    fn set_position(&self, pos: u64) {
+        self.0.lock().unwrap().0 = pos;
+    }
+    fn finish(&self) {
+        self.0.lock().unwrap().1 = true;
+    }
+}
+
+impl saepipe::report::Reporter for Recording {
+    fn start(&self, name: &str, total: Option<u64>) -> Box<dyn saepipe::report::Progress> {
+        let state = Arc::new(Mutex::new((0, false)));
+        self.0
+            .lock()
+            .unwrap()
+            .push((name.to_string(), total, state.clone()));
+        Box::new(RecTask(state))
+    }
+    fn message(&self, _msg: &str) {}
+}
+
+#[test]
+fn download_progress_goes_through_the_reporter() {
+    let repo = single_repo();
+    let hub = FakeHub::start(vec![repo.clone()]);
+    let tmp = tempfile::tempdir().unwrap();
+    let rec = Recording::default();
+    hub::resolve_model(
+        &hub_src("org/tiny", COMMIT),
+        &opts(&hub, tmp.path(), false),
+        &rec,
+    )
+    .unwrap();
+    let tasks = rec.0.lock().unwrap();
+    let names: Vec<&str> = tasks.iter().map(|t| t.0.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "model.safetensors"
+        ]
+    );
+    for (name, total, state) in tasks.iter() {
+        let size = repo.files[name].len() as u64;
+        let (pos, finished) = *state.lock().unwrap();
+        assert_eq!((*total, pos, finished), (Some(size), size, true), "{name}");
+    }
+}

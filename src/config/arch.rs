@@ -1,8 +1,7 @@
 //! The `[sae] arch` table: which SAE variant and its hyperparameters.
 //!
-//! The type is the SAE module's own tagged enum ([`crate::sae::ArchConfig`],
-//! `{ kind = "topk", k = 32 }`), so a pipeline file is checked against exactly the
-//! variants and fields the trainer knows; each variant's keys, units and defaults are
-//! documented in `src/sae/<kind>.rs`.
+//! It is [`crate::sae::ArchConfig`], a `#[serde(tag = "kind")]` enum owned by the SAE
+//! module (one variant per file under `sae/`, each with its documented `Config`). This
+//! re-export is the one place `config` names it; `config` itself only calls `kind()`.
 
 pub use crate::sae::ArchConfig;

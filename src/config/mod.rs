@@ -19,6 +19,7 @@ pub mod overrides;
 pub mod parse;
 mod schema;
 pub mod sweep;
+mod trainer;
 mod validate;
 
 use std::path::{Path, PathBuf};
@@ -110,9 +111,14 @@ pub fn from_str(text: &str, path: &Path, overrides: &[String]) -> Result<Pipelin
         }
     }
     let config = validate::check(raw, &mut probs);
-    let invalid = |probs: parse::Problems| ConfigError::Invalid {
-        path: path.to_path_buf(),
-        problems: probs.0,
+    let invalid = |probs: parse::Problems| {
+        // File order of the sections; `--set` problems first. Stable within a section.
+        let mut problems = probs.0;
+        problems.sort_by_key(|p| validate::section_rank(&p.key));
+        ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems,
+        }
     };
     let Some(config) = config.filter(|_| probs.is_empty()) else {
         return Err(invalid(probs));

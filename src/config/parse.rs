@@ -177,6 +177,13 @@ pub fn section<T: DeserializeOwned>(
                     };
                     let mut full = path.clone();
                     full.push(field.to_string());
+                    // A key missing inside a placeholder is the placeholder's fault, not the
+                    // file's: stop here (the key already has its problem).
+                    if let Some((p, _)) = &filled {
+                        if full.len() > p.len() && full.starts_with(p) {
+                            return None;
+                        }
+                    }
                     // Try the next placeholder type for this key.
                     let next = match &filled {
                         Some((p, i)) if *p == full => i + 1,

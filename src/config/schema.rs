@@ -223,84 +223,56 @@ fn default_row_group_rows() -> usize {
     8192
 }
 
-/// The optimiser of SAE training.
+/// The optimiser of SAE training (`{ kind = "adam", lr = 2e-4 }`).
+///
+/// Decision: only Adam, because it is what the trainer implements (`train::optim`); a new
+/// optimiser is one more variant here and one more arm in [`PipelineConfig::trainer_config`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum OptimizerConfig {
     /// Adam.
     Adam {
-        /// Learning rate (peak, after warmup). Required.
-        lr: f64,
-        /// First-moment decay. Default 0.9.
-        #[serde(default = "default_beta1")]
-        beta1: f64,
-        /// Second-moment decay. Default 0.999.
-        #[serde(default = "default_beta2")]
-        beta2: f64,
+        /// Peak learning rate (after warmup). Absent: the variant's recommendation
+        /// (sae_variants.md §9, e.g. 2e-4/√(d_sae/2^14) for TopK).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lr: Option<f64>,
+        /// First-moment decay. Absent: the variant's recommendation (0 for Gated and
+        /// JumpReLU, else 0.9).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        beta1: Option<f64>,
+        /// Second-moment decay. Absent: 0.999.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        beta2: Option<f64>,
         /// Denominator epsilon. Default 1e-8.
         #[serde(default = "default_eps")]
         eps: f64,
     },
-    /// AdamW (decoupled weight decay).
-    Adamw {
-        /// Learning rate (peak, after warmup). Required.
-        lr: f64,
-        /// First-moment decay. Default 0.9.
-        #[serde(default = "default_beta1")]
-        beta1: f64,
-        /// Second-moment decay. Default 0.999.
-        #[serde(default = "default_beta2")]
-        beta2: f64,
-        /// Denominator epsilon. Default 1e-8.
-        #[serde(default = "default_eps")]
-        eps: f64,
-        /// Decoupled weight decay per step (× lr). Default 0.
-        #[serde(default)]
-        weight_decay: f64,
-    },
-}
-
-impl OptimizerConfig {
-    /// The peak learning rate.
-    pub fn lr(&self) -> f64 {
-        match self {
-            OptimizerConfig::Adam { lr, .. } | OptimizerConfig::Adamw { lr, .. } => *lr,
-        }
-    }
 }
 
 impl Default for OptimizerConfig {
     fn default() -> Self {
         OptimizerConfig::Adam {
-            lr: 2e-4,
-            beta1: default_beta1(),
-            beta2: default_beta2(),
+            lr: None,
+            beta1: None,
+            beta2: None,
             eps: default_eps(),
         }
     }
 }
 
-fn default_beta1() -> f64 {
-    0.9
-}
-fn default_beta2() -> f64 {
-    0.999
-}
 fn default_eps() -> f64 {
     1e-8
 }
 
-/// Learning-rate decay after warmup.
+/// Learning-rate decay at the end of training.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum LrDecay {
-    /// Constant.
-    #[default]
+    /// Constant after warmup.
     None,
-    /// Linear to 0 over the last `lr_decay_steps` steps.
+    /// Linear to 0 over the last `lr_decay_steps` steps (the April update).
+    #[default]
     Linear,
-    /// Cosine to 0 over the last `lr_decay_steps` steps.
-    Cosine,
 }
 
 /// How the decoder bias is initialised.
@@ -316,21 +288,23 @@ pub enum BDecInit {
     Zeros,
 }
 
-/// `[train]`.
+/// `[train]`. Every key maps onto `train::TrainConfig` through
+/// [`PipelineConfig::trainer_config`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
     /// Optimiser table, `{ kind = "adam", lr = 2e-4, beta1 = 0.9, beta2 = 0.999 }`.
-    /// Default Adam, lr 2e-4.
+    /// Default Adam with the variant's recommended lr and betas.
     #[serde(default)]
     pub optimizer: OptimizerConfig,
-    /// Linear LR warmup from 0, in optimiser steps. Default 0.
-    #[serde(default)]
+    /// Linear LR warmup from 0, in optimiser steps (the trainer caps it at 10% of the
+    /// run). Default 1000.
+    #[serde(default = "default_lr_warmup_steps")]
     pub lr_warmup_steps: u64,
-    /// LR decay shape after warmup. Default `"none"`.
+    /// LR decay at the end: `"linear"` (to 0) or `"none"`. Default `"linear"`.
     #[serde(default)]
     pub lr_decay: LrDecay,
     /// Steps over which the LR decays to 0 at the end of training. Absent: the last 20%
-    /// of steps (the April update).
+    /// of the steps (the April update).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lr_decay_steps: Option<u64>,
     /// Tokens per optimiser step. Default 4096.
@@ -340,12 +314,13 @@ pub struct TrainConfig {
     /// Absent: `data.n_tokens`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train_tokens: Option<u64>,
-    /// Linear warmup of the sparsity coefficient from 0, in optimiser steps. Default 0.
-    #[serde(default)]
-    pub l1_warmup_steps: u64,
-    /// Global gradient-norm clip. Absent: no clipping.
+    /// Linear warmup of the sparsity coefficient from 0, in optimiser steps. Absent: the
+    /// first 5% of the steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub grad_clip: Option<f64>,
+    pub l1_warmup_steps: Option<u64>,
+    /// Global gradient-norm clip; 0 turns clipping off. Default 1.0.
+    #[serde(default = "default_grad_clip")]
+    pub grad_clip: f64,
     /// A latent is dead when it has not fired for this many training tokens. Default
     /// 10,000,000.
     #[serde(default = "default_dead_after_tokens")]
@@ -353,20 +328,39 @@ pub struct TrainConfig {
     /// Decoder-bias initialisation. Default `"geometric_median"`.
     #[serde(default)]
     pub b_dec_init: BDecInit,
+    /// Activation rows used to estimate the input scale and initialise `b_dec`.
+    /// Default 8192.
+    #[serde(default = "default_init_tokens")]
+    pub init_tokens: usize,
     /// Scale inputs so that E‖x‖ = √d_in during training; folded into the weights on
-    /// export. Default false.
-    #[serde(default)]
+    /// export. Default true.
+    #[serde(default = "yes")]
     pub scale_inputs: bool,
-    /// Write a checkpoint every this many training tokens. Absent: only at the end.
+    /// Write a checkpoint every this many training tokens. Absent: every 1000 steps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_every: Option<u64>,
+    /// Write a training-log row every this many steps (and at the last). Default 10.
+    #[serde(default = "default_log_every")]
+    pub log_every: u64,
 }
 
+fn default_lr_warmup_steps() -> u64 {
+    1000
+}
 fn default_batch_tokens() -> usize {
     4096
 }
+fn default_grad_clip() -> f64 {
+    1.0
+}
 fn default_dead_after_tokens() -> u64 {
     10_000_000
+}
+fn default_init_tokens() -> usize {
+    8192
+}
+fn default_log_every() -> u64 {
+    10
 }
 
 impl Default for TrainConfig {

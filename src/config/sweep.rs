@@ -7,6 +7,12 @@
 //! again. Labels: `expansion_factor` → `x8`, `d_sae` → `d4096`, `run.seed` → `s0`, any
 //! other key → `<last segment><value>`; a table value contributes one label per entry
 //! (`kind` is already the prefix). Width labels come first, seeds last.
+//!
+//! Decision: a table value merges into the table at its key, except a table with `kind`
+//! (a tagged union such as `sae.arch`), which replaces it ([`super::overrides::assign`]).
+//! An axis `sae = [{ expansion_factor = 2, arch = { kind = "gated" } }, ...]` therefore
+//! couples width and variant (Gated at 2H against SA-GSAE at H) where a plain product
+//! cannot. Axes are applied wider key first, so `sae.arch.k` refines `sae`.
 
 use toml::{Table, Value};
 
@@ -48,6 +54,9 @@ pub fn expand(config: &PipelineConfig, probs: &mut Problems) -> Vec<Point> {
         };
         axes.push((key.clone(), path, values.clone()));
     }
+    // Wider keys first, so that a more specific axis (`sae.arch.k`) refines a wider one
+    // (`sae`) instead of being overwritten by it.
+    axes.sort_by(|a, b| a.1.len().cmp(&b.1.len()).then_with(|| a.0.cmp(&b.0)));
     let n: usize = axes.iter().map(|a| a.2.len()).product();
     let mut points: Vec<Point> = Vec::with_capacity(n);
     let mut idx = vec![0usize; axes.len()];

@@ -44,6 +44,19 @@ const SECTIONS: [&str; 8] = [
 const REQUIRED: [&str; 5] = ["run", "model", "data", "capture", "sae"];
 const DATA_EXTENSIONS: [&str; 3] = ["txt", "jsonl", "parquet"];
 
+/// Sort key of a problem's key path: its section in file order (unknown sections last,
+/// `--set` arguments first).
+pub fn section_rank(key: &str) -> usize {
+    if key.starts_with("--set") {
+        return 0;
+    }
+    let section = key.split(['.', '[']).next().unwrap_or("");
+    SECTIONS
+        .iter()
+        .position(|s| *s == section)
+        .map_or(SECTIONS.len() + 1, |i| i + 1)
+}
+
 /// Parse `model.source`; the error is the message for key `model.source`/`model.revision`.
 pub fn model_source(m: &ModelConfig) -> Result<ModelSource, (&'static str, String)> {
     let s = m.source.trim();
@@ -362,61 +375,51 @@ fn check_capture(c: &CaptureConfig, probs: &mut Problems) {
 }
 
 fn check_train(t: &TrainConfig, probs: &mut Problems) {
-    let (lr, betas, eps) = match &t.optimizer {
-        OptimizerConfig::Adam {
-            lr,
-            beta1,
-            beta2,
-            eps,
-        }
-        | OptimizerConfig::Adamw {
-            lr,
-            beta1,
-            beta2,
-            eps,
-            ..
-        } => (*lr, [*beta1, *beta2], *eps),
-    };
-    if !(lr.is_finite() && lr > 0.0) {
-        probs.add(
-            "train.optimizer.lr",
-            format!("{lr} must be a finite number > 0"),
-        );
-    }
-    for (name, b) in ["beta1", "beta2"].iter().zip(betas) {
-        if !(0.0..1.0).contains(&b) {
+    let OptimizerConfig::Adam {
+        lr,
+        beta1,
+        beta2,
+        eps,
+    } = &t.optimizer;
+    if let Some(lr) = lr {
+        if !(lr.is_finite() && *lr > 0.0) {
             probs.add(
-                format!("train.optimizer.{name}"),
-                format!("{b} must be in [0, 1)"),
+                "train.optimizer.lr",
+                format!("{lr} must be a finite number > 0"),
             );
         }
     }
-    if !(eps.is_finite() && eps > 0.0) {
+    for (name, b) in [("beta1", beta1), ("beta2", beta2)] {
+        if let Some(b) = b {
+            if !(0.0..1.0).contains(b) {
+                probs.add(
+                    format!("train.optimizer.{name}"),
+                    format!("{b} must be in [0, 1)"),
+                );
+            }
+        }
+    }
+    if !(eps.is_finite() && *eps > 0.0) {
         probs.add(
             "train.optimizer.eps",
             format!("{eps} must be a finite number > 0"),
         );
-    }
-    if let OptimizerConfig::Adamw { weight_decay, .. } = t.optimizer {
-        if !(weight_decay.is_finite() && weight_decay >= 0.0) {
-            probs.add(
-                "train.optimizer.weight_decay",
-                "must be a finite number >= 0",
-            );
-        }
     }
     positive(probs, "train.batch_tokens", t.batch_tokens as u64);
     positive_opt(probs, "train.train_tokens", t.train_tokens);
     positive_opt(probs, "train.lr_decay_steps", t.lr_decay_steps);
     positive_opt(probs, "train.checkpoint_every", t.checkpoint_every);
     positive(probs, "train.dead_after_tokens", t.dead_after_tokens);
-    if let Some(c) = t.grad_clip {
-        if !(c.is_finite() && c > 0.0) {
-            probs.add(
-                "train.grad_clip",
-                format!("{c} must be a finite number > 0 (leave it out for no clipping)"),
-            );
-        }
+    positive(probs, "train.init_tokens", t.init_tokens as u64);
+    positive(probs, "train.log_every", t.log_every);
+    if !(t.grad_clip.is_finite() && t.grad_clip >= 0.0) {
+        probs.add(
+            "train.grad_clip",
+            format!(
+                "{} must be a finite number >= 0 (0 = no clipping)",
+                t.grad_clip
+            ),
+        );
     }
 }
 

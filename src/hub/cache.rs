@@ -23,6 +23,15 @@ pub enum RepoKind {
     Dataset,
 }
 
+impl std::fmt::Display for RepoKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RepoKind::Model => "model",
+            RepoKind::Dataset => "dataset",
+        })
+    }
+}
+
 impl RepoKind {
     /// The hf-hub type.
     pub fn hf(self) -> hf_hub::RepoType {

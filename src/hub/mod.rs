@@ -20,17 +20,23 @@
 //! (`RevisionNotFound`, `EntryNotFound`, `RepoNotFound`, `GatedRepo`).
 
 pub mod cache;
+mod fetch;
+mod local;
 mod manifest;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use hf_hub::api::sync::{Api, ApiBuilder, ApiError};
+use hf_hub::api::sync::{Api, ApiBuilder};
+
+use fetch::Fetcher;
+pub use local::shard_names;
+use local::{resolve_local_data, resolve_local_dir};
 
 pub use cache::{default_cache_dir, CachedRepo, RepoKind};
 pub use manifest::{download, read_manifest, DownloadManifest, MANIFEST_FILE};
 
 use crate::config::{DataConfig, ModelSource};
-use crate::report::{Progress, Reporter};
+use crate::report::Reporter;
 
 /// Files of a Hugging Face model folder that the loaders need.
 pub const CONFIG_FILE: &str = "config.json";
@@ -51,7 +57,7 @@ const FIX_OFFLINE: &str =
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
     /// Offline, and a needed file is not in the cache.
-    #[error("offline: {kind:?} repo {repo} at revision {revision}: {file} is not in the hub cache {cache}; {FIX_OFFLINE}", kind = kind, cache = cache.display())]
+    #[error("offline: {kind} repo {repo} at revision {revision}: {file} is not in the hub cache {cache}; {FIX_OFFLINE}", cache = cache.display())]
     NotCached {
         kind: RepoKind,
         repo: String,
@@ -60,7 +66,7 @@ pub enum HubError {
         cache: PathBuf,
     },
     /// The hub says the revision does not exist.
-    #[error("revision '{revision}' does not exist in {kind:?} repo {repo} (hub answered 404 RevisionNotFound for {file}); check the pinned revision (a commit sha or tag of {repo})")]
+    #[error("revision '{revision}' does not exist in {kind} repo {repo} (hub answered 404 RevisionNotFound for {file}); check the pinned revision (a commit sha or tag of {repo})")]
     RevisionNotFound {
         kind: RepoKind,
         repo: String,
@@ -68,7 +74,7 @@ pub enum HubError {
         file: String,
     },
     /// The hub says the repo does not exist or needs access.
-    #[error("{kind:?} repo {repo} was not found or needs access (HTTP {status}{code}); check the repo id, or set HF_TOKEN for gated/private repos")]
+    #[error("{kind} repo {repo} was not found or needs access (HTTP {status}{code}); check the repo id, or set HF_TOKEN for gated/private repos")]
     RepoNotFound {
         kind: RepoKind,
         repo: String,
@@ -76,7 +82,7 @@ pub enum HubError {
         code: String,
     },
     /// The file is not in the repo at that revision.
-    #[error("{kind:?} repo {repo} at revision {revision} has no file {file}")]
+    #[error("{kind} repo {repo} at revision {revision} has no file {file}")]
     FileNotFound {
         kind: RepoKind,
         repo: String,
@@ -87,7 +93,7 @@ pub enum HubError {
     #[error("model repo {repo} at revision {revision} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE}; saepipe loads safetensors weights only")]
     NoWeights { repo: String, revision: String },
     /// Any other download failure (network, HTTP status, bad headers).
-    #[error("downloading {file} from {kind:?} repo {repo} at revision {revision} (endpoint {endpoint}): {message}")]
+    #[error("downloading {file} from {kind} repo {repo} at revision {revision} (endpoint {endpoint}): {message}")]
     Download {
         kind: RepoKind,
         repo: String,
@@ -284,92 +290,6 @@ pub fn resolve_model(
     }
 }
 
-fn resolve_local_dir(dir: &Path) -> Result<ResolvedModel, HubError> {
-    let err = |message: String| HubError::LocalModel {
-        dir: dir.to_path_buf(),
-        message,
-    };
-    if !dir.is_dir() {
-        return Err(err("no such folder (give a folder in Hugging Face layout: config.json, tokenizer.json, model.safetensors or a sharded index)".into()));
-    }
-    let mut files = Vec::new();
-    for name in [CONFIG_FILE, TOKENIZER_FILE] {
-        let p = dir.join(name);
-        if !p.is_file() {
-            return Err(err(format!("{name} is missing")));
-        }
-        files.push(p);
-    }
-    let tc = dir.join(TOKENIZER_CONFIG_FILE);
-    if tc.is_file() {
-        files.push(tc);
-    }
-    let index = dir.join(WEIGHTS_INDEX_FILE);
-    if index.is_file() {
-        for s in shard_names(&index)? {
-            let p = dir.join(&s);
-            if !p.is_file() {
-                return Err(err(format!(
-                    "shard {s} listed in {WEIGHTS_INDEX_FILE} is missing"
-                )));
-            }
-            files.push(p);
-        }
-        files.insert(2, index);
-    } else if dir.join(WEIGHTS_FILE).is_file() {
-        files.push(dir.join(WEIGHTS_FILE));
-    } else {
-        return Err(err(format!(
-            "neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE} is there"
-        )));
-    }
-    Ok(ResolvedModel {
-        kind: "local".into(),
-        path: dir.to_path_buf(),
-        repo: None,
-        revision: None,
-        commit: None,
-        files,
-    })
-}
-
-/// The shard file names a `model.safetensors.index.json` lists, sorted, deduplicated.
-pub fn shard_names(index: &Path) -> Result<Vec<String>, HubError> {
-    let bad = |message: String| HubError::BadIndex {
-        path: index.to_path_buf(),
-        message,
-    };
-    let text = std::fs::read_to_string(index).map_err(|source| HubError::Io {
-        path: index.to_path_buf(),
-        source,
-    })?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| bad("no \"weight_map\" object".into()))?;
-    let mut names = std::collections::BTreeSet::new();
-    for (tensor, file) in map {
-        let f = file
-            .as_str()
-            .ok_or_else(|| bad(format!("weight_map[{tensor}] is not a file name")))?;
-        let ok = !f.is_empty()
-            && !f.starts_with('/')
-            && !f.split(['/', '\\']).any(|c| c == ".." || c.is_empty());
-        if !ok {
-            return Err(bad(format!(
-                "shard name '{f}' is not a plain relative file name"
-            )));
-        }
-        names.insert(f.to_string());
-    }
-    if names.is_empty() {
-        return Err(bad("weight_map is empty".into()));
-    }
-    Ok(names.into_iter().collect())
-}
-
 /// Resolve the dataset of `[data]`: local paths/globs, or hub dataset files.
 pub fn resolve_dataset(
     data: &DataConfig,
@@ -450,271 +370,5 @@ fn match_names(pattern: &str, names: &[String]) -> Vec<String> {
             .cloned()
             .collect(),
         Err(_) => Vec::new(),
-    }
-}
-
-fn resolve_local_data(data: &DataConfig) -> Result<ResolvedDataset, HubError> {
-    let mut files = std::collections::BTreeSet::new();
-    for pat in &data.files {
-        let paths = glob::glob(pat).map_err(|e| HubError::LocalData {
-            message: format!("'{pat}' is not a valid glob: {e}"),
-        })?;
-        let mut n = 0;
-        for p in paths.flatten() {
-            if p.is_file() {
-                let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
-                if !["txt", "jsonl", "parquet"].contains(&ext) {
-                    return Err(HubError::LocalData {
-                        message: format!(
-                            "{}: text is read from .txt, .jsonl or .parquet files",
-                            p.display()
-                        ),
-                    });
-                }
-                files.insert(p);
-                n += 1;
-            }
-        }
-        if n == 0 {
-            return Err(HubError::LocalData {
-                message: format!(
-                    "'{pat}' matches no file (paths are relative to the working directory {})",
-                    std::env::current_dir()
-                        .map(|d| d.display().to_string())
-                        .unwrap_or_default()
-                ),
-            });
-        }
-    }
-    Ok(ResolvedDataset {
-        repo: None,
-        revision: None,
-        commit: None,
-        files: files.into_iter().collect(),
-        text_column: data.text_column.clone(),
-    })
-}
-
-/// Fetches files of one repo at one revision: cache first, then (unless offline) the hub.
-struct Fetcher<'a> {
-    opts: &'a HubOptions,
-    kind: RepoKind,
-    repo: &'a str,
-    revision: &'a str,
-    cached: CachedRepo,
-    api: Option<Api>,
-    reporter: &'a dyn Reporter,
-}
-
-impl<'a> Fetcher<'a> {
-    fn new(
-        opts: &'a HubOptions,
-        kind: RepoKind,
-        repo: &'a str,
-        revision: &'a str,
-        reporter: &'a dyn Reporter,
-    ) -> Result<Self, HubError> {
-        let api = if opts.offline {
-            None
-        } else {
-            Some(opts.api()?)
-        };
-        Ok(Self {
-            opts,
-            kind,
-            repo,
-            revision,
-            cached: CachedRepo::new(&opts.cache_dir, kind, repo),
-            api,
-            reporter,
-        })
-    }
-
-    fn api_repo(&self, api: &Api) -> hf_hub::api::sync::ApiRepo {
-        api.repo(hf_hub::Repo::with_revision(
-            self.repo.to_string(),
-            self.kind.hf(),
-            self.revision.to_string(),
-        ))
-    }
-
-    fn not_cached(&self, file: &str) -> HubError {
-        HubError::NotCached {
-            kind: self.kind,
-            repo: self.repo.to_string(),
-            revision: self.revision.to_string(),
-            file: file.to_string(),
-            cache: self.opts.cache_dir.clone(),
-        }
-    }
-
-    /// A required file.
-    fn get(&self, file: &str) -> Result<PathBuf, HubError> {
-        match self.fetch(file)? {
-            Some(p) => Ok(p),
-            None if self.api.is_none() => Err(self.not_cached(file)),
-            None => Err(HubError::FileNotFound {
-                kind: self.kind,
-                repo: self.repo.to_string(),
-                revision: self.revision.to_string(),
-                file: file.to_string(),
-            }),
-        }
-    }
-
-    /// A file the repo may lack: `None` when the hub says it is not there (online) or
-    /// the cache lacks it (offline).
-    fn get_optional(&self, file: &str) -> Result<Option<PathBuf>, HubError> {
-        self.fetch(file)
-    }
-
-    fn fetch(&self, file: &str) -> Result<Option<PathBuf>, HubError> {
-        if let Some(p) = self.cached.file(self.revision, file) {
-            tracing::debug!(
-                repo = self.repo,
-                revision = self.revision,
-                file,
-                "cache hit"
-            );
-            return Ok(Some(p));
-        }
-        if self.cached.known_missing(self.revision, file) {
-            return Ok(None);
-        }
-        let Some(api) = &self.api else {
-            return Ok(None);
-        };
-        tracing::info!(
-            repo = self.repo,
-            revision = self.revision,
-            file,
-            "downloading"
-        );
-        let progress = HubProgress {
-            reporter: self.reporter,
-            bar: None,
-        };
-        match self.api_repo(api).download_with_progress(file, progress) {
-            Ok(p) => Ok(Some(p)),
-            Err(e) => match self.classify(file, e) {
-                Err(HubError::FileNotFound { .. }) => Ok(None),
-                Err(e) => Err(e),
-                Ok(never) => match never {},
-            },
-        }
-    }
-
-    /// Every file of the repo at the revision (hub API listing, or the cached snapshot
-    /// when offline).
-    fn list(&self) -> Result<Vec<String>, HubError> {
-        let Some(api) = &self.api else {
-            return Ok(self.cached.list(self.revision));
-        };
-        let info =
-            self.api_repo(api)
-                .info()
-                .map_err(|e| match self.classify("(repo listing)", e) {
-                    Err(e) => e,
-                    Ok(never) => match never {},
-                })?;
-        let mut names: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-        names.sort();
-        Ok(names)
-    }
-
-    /// Turn an hf-hub error into ours, reading the hub's `X-Error-Code`.
-    fn classify(&self, file: &str, e: ApiError) -> Result<std::convert::Infallible, HubError> {
-        let (repo, revision) = (self.repo.to_string(), self.revision.to_string());
-        if let ApiError::RequestError(boxed) = &e {
-            if let ureq::Error::Status(status, resp) = boxed.as_ref() {
-                let code = resp.header("x-error-code").unwrap_or("").to_string();
-                return Err(match (*status, code.as_str()) {
-                    (404, "RevisionNotFound") => HubError::RevisionNotFound {
-                        kind: self.kind,
-                        repo,
-                        revision,
-                        file: file.to_string(),
-                    },
-                    (404, "EntryNotFound") => {
-                        // Remember the absence (the 404 names the commit), so that a second
-                        // run asks nothing.
-                        if let Some(commit) = resp.header("x-repo-commit") {
-                            self.cached.mark_missing(commit, file);
-                            let _ = write_ref(&self.cached, self.revision, commit);
-                        }
-                        HubError::FileNotFound {
-                            kind: self.kind,
-                            repo,
-                            revision,
-                            file: file.to_string(),
-                        }
-                    }
-                    (401 | 403 | 404, _) if code != "EntryNotFound" => HubError::RepoNotFound {
-                        kind: self.kind,
-                        repo,
-                        status: *status,
-                        code: if code.is_empty() {
-                            String::new()
-                        } else {
-                            format!(" {code}")
-                        },
-                    },
-                    _ => HubError::Download {
-                        kind: self.kind,
-                        repo,
-                        revision,
-                        file: file.to_string(),
-                        endpoint: self.opts.endpoint.clone(),
-                        message: format!("HTTP {status} {code}"),
-                    },
-                });
-            }
-        }
-        Err(HubError::Download {
-            kind: self.kind,
-            repo,
-            revision,
-            file: file.to_string(),
-            endpoint: self.opts.endpoint.clone(),
-            message: e.to_string(),
-        })
-    }
-}
-
-/// Record that `revision` is `commit` (hf-hub does this only after a download).
-fn write_ref(cached: &CachedRepo, revision: &str, commit: &str) -> std::io::Result<()> {
-    if cache::is_commit(revision) {
-        return Ok(());
-    }
-    let p = cached.dir.join("refs").join(revision);
-    if let Some(parent) = p.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    std::fs::write(p, commit)
-}
-
-/// hf-hub's progress callbacks → one [`Reporter`] task per file.
-struct HubProgress<'a> {
-    reporter: &'a dyn Reporter,
-    bar: Option<Box<dyn Progress>>,
-}
-
-impl hf_hub::api::Progress for HubProgress<'_> {
-    fn init(&mut self, size: usize, filename: &str) {
-        // hf-hub calls init again before resuming a partial file; keep one bar.
-        match &self.bar {
-            Some(bar) => bar.set_position(0),
-            None => self.bar = Some(self.reporter.start(filename, Some(size as u64))),
-        }
-    }
-    fn update(&mut self, size: usize) {
-        if let Some(bar) = &self.bar {
-            bar.advance(size as u64);
-        }
-    }
-    fn finish(&mut self) {
-        if let Some(bar) = &self.bar {
-            bar.finish();
-        }
     }
 }

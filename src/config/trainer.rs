@@ -1,0 +1,91 @@
+//! `[train]` (+ `run.seed`, `data.n_tokens`) → the trainer's `train::TrainConfig`.
+//!
+//! Decision: step counts in the pipeline file become the trainer's fractions of the run
+//! (`l1_warmup_steps` → `sparsity_warmup_frac`, `lr_decay_steps` → `lr_decay_frac`), and
+//! `checkpoint_every` in tokens becomes steps (rounded down, at least 1); absent keys
+//! keep the trainer's defaults (5% warmup, 20% decay, every 1000 steps).
+
+use super::schema::{BDecInit, LrDecay, OptimizerConfig, PipelineConfig};
+use crate::train;
+
+impl PipelineConfig {
+    /// The trainer's configuration for this pipeline (or sweep point).
+    pub fn trainer_config(&self) -> train::TrainConfig {
+        let t = &self.train;
+        let defaults = train::TrainConfig::default();
+        let total_tokens = t.train_tokens.unwrap_or(self.data.n_tokens);
+        let batch = t.batch_tokens.max(1) as u64;
+        let steps = (total_tokens / batch).max(1);
+        let frac = |s: u64| (s as f64 / steps as f64).min(1.0) as f32;
+        let OptimizerConfig::Adam {
+            lr,
+            beta1,
+            beta2,
+            eps,
+        } = t.optimizer;
+        train::TrainConfig {
+            batch_tokens: t.batch_tokens,
+            total_tokens,
+            lr: lr.map(|x| x as f32),
+            adam_beta1: beta1.map(|x| x as f32),
+            adam_beta2: beta2.map(|x| x as f32),
+            adam_eps: eps as f32,
+            lr_warmup_steps: t.lr_warmup_steps,
+            lr_decay_frac: match t.lr_decay {
+                LrDecay::None => 0.0,
+                LrDecay::Linear => t.lr_decay_steps.map_or(defaults.lr_decay_frac, frac),
+            },
+            sparsity_warmup_frac: t
+                .l1_warmup_steps
+                .map_or(defaults.sparsity_warmup_frac, frac),
+            grad_clip: (t.grad_clip > 0.0).then_some(t.grad_clip as f32),
+            dead_after_tokens: t.dead_after_tokens,
+            b_dec_init: match t.b_dec_init {
+                BDecInit::GeometricMedian => train::BDecInit::GeometricMedian,
+                BDecInit::Mean => train::BDecInit::Mean,
+                BDecInit::Zeros => train::BDecInit::Zero,
+            },
+            init_tokens: t.init_tokens,
+            scale_inputs: t.scale_inputs,
+            seed: self.run.seed,
+            log_every: t.log_every,
+            checkpoint_every: t
+                .checkpoint_every
+                .map_or(defaults.checkpoint_every, |tok| (tok / batch).max(1)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config;
+
+    #[test]
+    fn smoke_maps_onto_the_trainer() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/smoke.toml");
+        let p = config::load(
+            &path,
+            &["run.seed=3".into(), "train.checkpoint_every=1024".into()],
+        )
+        .unwrap();
+        let t = p.config.trainer_config();
+        assert_eq!(t.total_tokens, p.config.data.n_tokens);
+        assert_eq!(t.batch_tokens, p.config.train.batch_tokens);
+        assert_eq!(t.seed, 3);
+        assert_eq!(
+            t.checkpoint_every,
+            1024 / p.config.train.batch_tokens as u64
+        );
+        let steps = t.total_steps();
+        // smoke.toml: l1_warmup_steps = 2.
+        assert!((t.sparsity_warmup_frac - 2.0 / steps as f32).abs() < 1e-6);
+        assert_eq!(t.grad_clip, Some(1.0));
+        let off = config::load(
+            &path,
+            &["train.grad_clip=0".into(), "train.lr_decay=\"none\"".into()],
+        )
+        .unwrap();
+        let t = off.config.trainer_config();
+        assert_eq!((t.grad_clip, t.lr_decay_frac), (None, 0.0));
+    }
+}

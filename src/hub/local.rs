@@ -1,0 +1,138 @@
+//! `local:<dir>` model folders, local data paths/globs, and sharded-weights indexes.
+//! Part of [`super`].
+
+use std::path::Path;
+
+use super::{
+    HubError, ResolvedDataset, ResolvedModel, CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE,
+    WEIGHTS_FILE, WEIGHTS_INDEX_FILE,
+};
+use crate::config::DataConfig;
+
+pub(super) fn resolve_local_dir(dir: &Path) -> Result<ResolvedModel, HubError> {
+    let err = |message: String| HubError::LocalModel {
+        dir: dir.to_path_buf(),
+        message,
+    };
+    if !dir.is_dir() {
+        return Err(err("no such folder (give a folder in Hugging Face layout: config.json, tokenizer.json, model.safetensors or a sharded index)".into()));
+    }
+    let mut files = Vec::new();
+    for name in [CONFIG_FILE, TOKENIZER_FILE] {
+        let p = dir.join(name);
+        if !p.is_file() {
+            return Err(err(format!("{name} is missing")));
+        }
+        files.push(p);
+    }
+    let tc = dir.join(TOKENIZER_CONFIG_FILE);
+    if tc.is_file() {
+        files.push(tc);
+    }
+    let index = dir.join(WEIGHTS_INDEX_FILE);
+    if index.is_file() {
+        for s in shard_names(&index)? {
+            let p = dir.join(&s);
+            if !p.is_file() {
+                return Err(err(format!(
+                    "shard {s} listed in {WEIGHTS_INDEX_FILE} is missing"
+                )));
+            }
+            files.push(p);
+        }
+        files.insert(2, index);
+    } else if dir.join(WEIGHTS_FILE).is_file() {
+        files.push(dir.join(WEIGHTS_FILE));
+    } else {
+        return Err(err(format!(
+            "neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE} is there"
+        )));
+    }
+    Ok(ResolvedModel {
+        kind: "local".into(),
+        path: dir.to_path_buf(),
+        repo: None,
+        revision: None,
+        commit: None,
+        files,
+    })
+}
+
+/// The shard file names a `model.safetensors.index.json` lists, sorted, deduplicated.
+pub fn shard_names(index: &Path) -> Result<Vec<String>, HubError> {
+    let bad = |message: String| HubError::BadIndex {
+        path: index.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(index).map_err(|source| HubError::Io {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no \"weight_map\" object".into()))?;
+    let mut names = std::collections::BTreeSet::new();
+    for (tensor, file) in map {
+        let f = file
+            .as_str()
+            .ok_or_else(|| bad(format!("weight_map[{tensor}] is not a file name")))?;
+        let ok = !f.is_empty()
+            && !f.starts_with('/')
+            && !f.split(['/', '\\']).any(|c| c == ".." || c.is_empty());
+        if !ok {
+            return Err(bad(format!(
+                "shard name '{f}' is not a plain relative file name"
+            )));
+        }
+        names.insert(f.to_string());
+    }
+    if names.is_empty() {
+        return Err(bad("weight_map is empty".into()));
+    }
+    Ok(names.into_iter().collect())
+}
+
+pub(super) fn resolve_local_data(data: &DataConfig) -> Result<ResolvedDataset, HubError> {
+    let mut files = std::collections::BTreeSet::new();
+    for pat in &data.files {
+        let paths = glob::glob(pat).map_err(|e| HubError::LocalData {
+            message: format!("'{pat}' is not a valid glob: {e}"),
+        })?;
+        let mut n = 0;
+        for p in paths.flatten() {
+            if p.is_file() {
+                let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("");
+                if !["txt", "jsonl", "parquet"].contains(&ext) {
+                    return Err(HubError::LocalData {
+                        message: format!(
+                            "{}: text is read from .txt, .jsonl or .parquet files",
+                            p.display()
+                        ),
+                    });
+                }
+                files.insert(p);
+                n += 1;
+            }
+        }
+        if n == 0 {
+            return Err(HubError::LocalData {
+                message: format!(
+                    "'{pat}' matches no file (paths are relative to the working directory {})",
+                    std::env::current_dir()
+                        .map(|d| d.display().to_string())
+                        .unwrap_or_default()
+                ),
+            });
+        }
+    }
+    Ok(ResolvedDataset {
+        repo: None,
+        revision: None,
+        commit: None,
+        files: files.into_iter().collect(),
+        text_column: data.text_column.clone(),
+    })
+}
