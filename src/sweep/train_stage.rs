@@ -105,12 +105,6 @@ pub fn is_trained(u: &Unit) -> bool {
     read_done(&u.dir).is_some_and(|d| d.point_hash == u.point.hash)
 }
 
-/// The trainer config of a unit: the point's `[train]` with `run.seed` as the seed.
-fn trainer_config(p: &Point) -> crate::train::TrainConfig {
-    let mut t = p.config.train.clone();
-    t.seed = p.config.run.seed;
-    t
-}
 
 /// Rows held in a borrowed slice: how one shared batch is handed to each trainer.
 struct SliceSource<'a> {
@@ -281,7 +275,7 @@ fn train_group(
     src.seek(0)?;
     let mut running = Vec::with_capacity(group.len());
     for &u in group {
-        let cfg = trainer_config(u.point);
+        let cfg = u.point.config.trainer_config();
         let d_sae = u.point.config.sae.d_sae(d);
         let t0 = Instant::now();
         let mut s = SliceSource {
