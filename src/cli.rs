@@ -147,7 +147,29 @@ pub fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     init_logging(&cli.global);
     match cli.command {
-        Command::Run(_) => bail!("`saepipe run` is not implemented yet"),
+        Command::Run(args) => {
+            let pipeline = args.load()?;
+            let opts = args.hub_options(&pipeline);
+            let reporter = saepipe::report::reporter(cli.global.progress);
+            let name = args.pipeline.display();
+            saepipe::capture::stage::run_stage(&pipeline, &opts, args.force, reporter.as_ref())
+                .with_context(|| format!("saepipe run {name}: capture"))?;
+            saepipe::sweep::train_stage::train_stage(&pipeline, None, args.force, reporter.as_ref())
+                .with_context(|| format!("saepipe run {name}: train"))?;
+            let table = saepipe::sweep::eval_stage::evaluate_stage(
+                &pipeline,
+                &opts,
+                args.force,
+                reporter.as_ref(),
+            )
+            .with_context(|| format!("saepipe run {name}: evaluate"))?;
+            print!("{table}");
+            eprintln!(
+                "results: {}",
+                pipeline.run_dir().join("results").display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Download(args) => {
             let pipeline = args.load()?;
             let opts = args.hub_options(&pipeline);
@@ -187,8 +209,33 @@ pub fn run() -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Train(_) => bail!("`saepipe train` is not implemented yet"),
-        Command::Evaluate(_) => bail!("`saepipe evaluate` is not implemented yet"),
+        Command::Train(args) => {
+            let pipeline = args.pipeline.load()?;
+            let reporter = saepipe::report::reporter(cli.global.progress);
+            let n = saepipe::sweep::train_stage::train_stage(
+                &pipeline,
+                args.point.as_deref(),
+                args.pipeline.force,
+                reporter.as_ref(),
+            )
+            .with_context(|| format!("saepipe train {}", args.pipeline.pipeline.display()))?;
+            tracing::info!(trained = n, "train done");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Evaluate(args) => {
+            let pipeline = args.load()?;
+            let opts = args.hub_options(&pipeline);
+            let reporter = saepipe::report::reporter(cli.global.progress);
+            let table = saepipe::sweep::eval_stage::evaluate_stage(
+                &pipeline,
+                &opts,
+                args.force,
+                reporter.as_ref(),
+            )
+            .with_context(|| format!("saepipe evaluate {}", args.pipeline.display()))?;
+            print!("{table}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Inspect { path } => {
             print!("{}", saepipe::inspect::inspect(&path)?);
             Ok(ExitCode::SUCCESS)

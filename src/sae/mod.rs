@@ -317,6 +317,18 @@ impl ArchConfig {
         }
     }
 
+    /// The variant's sparsity parameter as `(name, value)`: what a sweep varies and the
+    /// results tables report (`k` for the TopK family, the penalty coefficient otherwise).
+    pub fn sparsity_param(&self) -> (&'static str, f64) {
+        match self {
+            ArchConfig::ReluL1(c) => ("l1_coefficient", c.l1_coefficient as f64),
+            ArchConfig::TopK(c) => ("k", c.k as f64),
+            ArchConfig::BatchTopK(c) => ("k", c.k as f64),
+            ArchConfig::JumpRelu(c) => ("l0_coefficient", c.l0_coefficient as f64),
+            ArchConfig::Gated(c) => ("l1_coefficient", c.l1_coefficient as f64),
+        }
+    }
+
     /// Recommended Adam `(lr, beta1, beta2)` for this variant (§9), used when the training
     /// config leaves them unset.
     pub fn recommended_adam(&self, d_sae: usize) -> (f32, f32, f32) {

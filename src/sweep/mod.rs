@@ -4,3 +4,5 @@
 pub mod pareto;
 pub mod plot;
 pub mod results;
+pub mod eval_stage;
+pub mod train_stage;

@@ -1,0 +1,433 @@
+//! The evaluate stage: every trained SAE on the held-out activations, its cost when spliced
+//! into the model, then the result tables, the plot and a terminal summary.
+//!
+//! Implements `pipeline.md` §1 (`saepipe evaluate`), §4 (results) and `sae_variants.md` §7.
+//! Reconstruction metrics are the streaming accumulators of [`crate::metrics`] (pooled R²
+//! with f64 sums, in raw activation space: the exported SAE has its input scaling folded
+//! in). CE-loss terms are computed here:
+//!
+//! ```text
+//! CE(model)      = mean over predicted positions t of −log softmax(logits_t)[id_{t+1}]
+//!                  (targets that are special tokens, and padding, are excluded)
+//! ce_delta       = CE_spliced − CE_clean
+//! ce_loss_score  = (CE_zero_abl − CE_spliced) / (CE_zero_abl − CE_clean)
+//! dead_frac      = share of latents with no activation in the last `eval.dead_window_tokens`
+//!                  evaluation tokens (all of them when unset)
+//! dense_frac     = share of latents active on more than 10% of evaluation tokens
+//! ```
+//!
+//! Decision: the SAE replaces the activation at every position except those holding a
+//! special token (BOS etc.), which it never saw in training (`sae_variants.md` §7.4 "keep
+//! BOS clean"). Zero ablation replaces all positions with zeros.
+//! Decision: the CE sequences are the first `eval.ce_sequences` windows of the held-out
+//! split, so clean, zero-ablated and spliced CE are measured on the same tokens.
+//! A unit's `metrics.json` is its completion marker; it records the point hash.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Tensor};
+
+use super::results::{self, MetricsRow};
+use super::train_stage::{read_done, units, Unit};
+use crate::capture::reader::{ActivationSet, Expect};
+use crate::capture::set_dir;
+use crate::capture::stage::{activations_dir, spec_from_pipeline};
+use crate::config::Pipeline;
+use crate::data::pack::{special_token_ids, SpecialIds, Window, WindowStream};
+use crate::data::Split;
+use crate::hub::HubOptions;
+use crate::metrics::Metrics;
+use crate::models::{HookedModel, Hookpoint, NoHooks, Replace};
+use crate::report::Reporter;
+use crate::sae::export::LoadedSae;
+use crate::sae::Workspace;
+
+/// A unit's evaluation record and completion marker.
+pub const METRICS_FILE: &str = "metrics.json";
+
+/// Rows per evaluation batch.
+const EVAL_BATCH: usize = 4096;
+
+/// What `metrics.json` holds.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct MetricsFile {
+    point_hash: String,
+    row: MetricsRow,
+}
+
+/// The model and held-out windows used for CE-loss metrics.
+struct CeContext {
+    model: Box<dyn HookedModel>,
+    windows: Vec<Window>,
+    special: Vec<u32>,
+    clean: f64,
+}
+
+/// Evaluate every trained unit that has no up-to-date `metrics.json` (all with `force`),
+/// then write `results/metrics.parquet`, `results/pareto.parquet`, `results/pareto.svg`
+/// and return the summary table printed at the end.
+pub fn evaluate_stage(
+    pipeline: &Pipeline,
+    opts: &HubOptions,
+    force: bool,
+    reporter: &dyn Reporter,
+) -> Result<String> {
+    let all = units(pipeline, None)?;
+    let trained: Vec<&Unit> = all
+        .iter()
+        .filter(|u| read_done(&u.dir).is_some_and(|d| d.point_hash == u.point.hash))
+        .collect();
+    let pending: Vec<&Unit> = trained
+        .iter()
+        .copied()
+        .filter(|u| force || read_metrics(&u.dir).is_none_or(|m| m.point_hash != u.point.hash))
+        .collect();
+    if trained.len() < all.len() {
+        reporter.message(&format!(
+            "evaluate: {} of {} SAEs are not trained yet (run `saepipe train`); evaluating the rest",
+            all.len() - trained.len(),
+            all.len()
+        ));
+    }
+    if !pending.is_empty() {
+        let ce = if pipeline.config.eval.ce_sequences > 0 {
+            Some(ce_context(pipeline, opts, reporter)?)
+        } else {
+            None
+        };
+        let mut hps: Vec<Hookpoint> = pending.iter().map(|u| u.hookpoint).collect();
+        hps.sort();
+        hps.dedup();
+        let prog = reporter.start("evaluate", Some(pending.len() as u64));
+        for hp in hps {
+            let dir = set_dir(&activations_dir(pipeline), hp, Split::Eval);
+            let set = ActivationSet::open(
+                &dir,
+                &Expect {
+                    hookpoint: Some(hp.to_string()),
+                    split: Some("eval".into()),
+                    ..Expect::default()
+                },
+            )
+            .with_context(|| {
+                format!(
+                    "opening the held-out {hp} activations in {}; set data.eval_tokens > 0 and run `saepipe capture`",
+                    dir.display()
+                )
+            })?;
+            let zero = match &ce {
+                Some(c) => Some(
+                    ce_of(c, hp, Mode::Zero).with_context(|| format!("zero-ablation CE at {hp}"))?,
+                ),
+                None => None,
+            };
+            for u in pending.iter().filter(|u| u.hookpoint == hp) {
+                prog.set_message(format!("{} @ {hp}", u.point.id));
+                let row = evaluate_unit(pipeline, u, &set, ce.as_ref(), zero)
+                    .with_context(|| format!("evaluating {}", u.dir.display()))?;
+                let text = serde_json::to_string_pretty(&MetricsFile {
+                    point_hash: u.point.hash.clone(),
+                    row,
+                })?;
+                crate::fsutil::atomic_write(&u.dir.join(METRICS_FILE), text.as_bytes())
+                    .with_context(|| format!("writing {}", u.dir.join(METRICS_FILE).display()))?;
+                prog.advance(1);
+            }
+        }
+        prog.finish();
+    }
+    let rows: Vec<MetricsRow> = trained
+        .iter()
+        .filter_map(|u| read_metrics(&u.dir).map(|m| m.row))
+        .collect();
+    let out = pipeline.run_dir().join("results");
+    results::write_results(&out, &rows)
+        .with_context(|| format!("writing results into {}", out.display()))?;
+    if !rows.is_empty() {
+        super::plot::plot_pareto(
+            &out.join("pareto.svg"),
+            &rows,
+            &format!("{}: R² vs L0 on held-out tokens", pipeline.config.run.name),
+        )?;
+    }
+    Ok(summary_table(&rows))
+}
+
+fn read_metrics(dir: &Path) -> Option<MetricsFile> {
+    let text = std::fs::read_to_string(dir.join(METRICS_FILE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Load the model, the held-out CE windows and the clean CE.
+fn ce_context(pipeline: &Pipeline, opts: &HubOptions, reporter: &dyn Reporter) -> Result<CeContext> {
+    let c = &pipeline.config;
+    let resolved = crate::hub::resolve_model(&pipeline.model_source(), opts, reporter)
+        .with_context(|| format!("resolving model {}", c.model.source))?;
+    let dataset = crate::hub::resolve_dataset(&c.data, opts, reporter)
+        .context("resolving the dataset of [data]")?;
+    let src = if resolved.kind == "gguf" {
+        crate::models::ModelSource::Gguf(resolved.path.clone())
+    } else {
+        crate::models::ModelSource::Local(resolved.path.clone())
+    };
+    let loaded = crate::models::load_source(&src, &crate::models::default_device())
+        .with_context(|| format!("loading model {}", c.model.source))?;
+    let tokenizer = Arc::new(loaded.tokenizer.with_context(|| {
+        format!("{}: no tokenizer found next to the weights", resolved.path.display())
+    })?);
+    let info = loaded.model.info().clone();
+    let special_ids = SpecialIds {
+        bos: info.bos_token_id,
+        eos: info.eos_token_ids.first().copied(),
+        pad: info.pad_token_id,
+    };
+    let spec = spec_from_pipeline(pipeline, String::new(), &dataset.files, false);
+    let stream = WindowStream::new(
+        &spec.source,
+        tokenizer.clone(),
+        &spec.pack,
+        spec.split,
+        Split::Eval,
+        special_ids,
+    )?;
+    let windows: Vec<Window> = stream
+        .take(c.eval.ce_sequences)
+        .collect::<Result<_, _>>()
+        .context("reading the held-out windows for CE")?;
+    if windows.is_empty() {
+        anyhow::bail!(
+            "no held-out windows for the CE-loss metrics: raise data.eval_fraction or set eval.ce_sequences = 0"
+        );
+    }
+    let special = special_token_ids(&tokenizer, special_ids, &info.eos_token_ids);
+    let mut ctx = CeContext {
+        model: loaded.model,
+        windows,
+        special,
+        clean: 0.0,
+    };
+    ctx.clean = ce_of(&ctx, Hookpoint::new(0, crate::models::Site::ResidPre), Mode::Clean)
+        .context("clean CE")?;
+    Ok(ctx)
+}
+
+/// What a CE forward pass does at the hookpoint.
+enum Mode<'a> {
+    /// Nothing: the clean model.
+    Clean,
+    /// Replace the activation with zeros.
+    Zero,
+    /// Replace the activation with `f(x, windows of this batch)`.
+    Splice(&'a mut dyn FnMut(&Tensor, &[Window]) -> candle_core::Result<Tensor>),
+}
+
+/// Mean next-token CE (nats) over the CE windows, with `hp` treated as `mode` says.
+fn ce_of(ctx: &CeContext, hp: Hookpoint, mut mode: Mode) -> Result<f64> {
+    let dev = ctx.model.device().clone();
+    let (mut sum, mut count) = (0.0f64, 0u64);
+    for chunk in ctx.windows.chunks(4) {
+        let s = chunk[0].ids.len();
+        let ids: Vec<u32> = chunk.iter().flat_map(|w| w.ids.iter().copied()).collect();
+        let ids_t = Tensor::from_vec(ids.clone(), (chunk.len(), s), &dev)?;
+        let logits = match &mut mode {
+            Mode::Clean => ctx.model.forward_hooked(&ids_t, &mut NoHooks, None)?,
+            Mode::Zero => {
+                let mut hook = Replace {
+                    target: hp,
+                    f: |x: &Tensor| x.zeros_like(),
+                };
+                ctx.model.forward_hooked(&ids_t, &mut hook, None)?
+            }
+            Mode::Splice(g) => {
+                let mut hook = Replace {
+                    target: hp,
+                    f: |x: &Tensor| g(x, chunk),
+                };
+                ctx.model.forward_hooked(&ids_t, &mut hook, None)?
+            }
+        }
+        .context("the forward pass stopped early")?;
+        let logits = logits.to_dtype(DType::F32)?;
+        let (b, s2, v) = logits.dims3()?;
+        let flat = logits.flatten_all()?.to_vec1::<f32>()?;
+        for (bi, w) in chunk.iter().enumerate().take(b) {
+            for t in 0..s2.saturating_sub(1) {
+                let target = ids[bi * s + t + 1];
+                if t + 1 >= w.n_real || ctx.special.contains(&target) {
+                    continue;
+                }
+                let row = &flat[(bi * s2 + t) * v..(bi * s2 + t + 1) * v];
+                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                let lse = m + row.iter().map(|&z| (z as f64 - m).exp()).sum::<f64>().ln();
+                sum += lse - row[target as usize] as f64;
+                count += 1;
+            }
+        }
+    }
+    anyhow::ensure!(count > 0, "no predicted positions in the CE windows");
+    let ce = sum / count as f64;
+    anyhow::ensure!(ce.is_finite(), "CE is not finite ({ce}) at {hp}");
+    Ok(ce)
+}
+
+fn evaluate_unit(
+    pipeline: &Pipeline,
+    u: &Unit,
+    set: &ActivationSet,
+    ce: Option<&CeContext>,
+    zero: Option<f64>,
+) -> Result<MetricsRow> {
+    let sae = LoadedSae::load(&u.dir)?;
+    let done = read_done(&u.dir).context("train_done.json vanished")?;
+    let (d, f) = (sae.t.d_in, sae.t.d_sae);
+    anyhow::ensure!(
+        d == set.d_model(),
+        "the SAE has d_in = {d} but the held-out activations have d_model = {}",
+        set.d_model()
+    );
+    let cfg = &pipeline.config.eval;
+    let limit = cfg.eval_tokens.unwrap_or(u64::MAX).min(set.n_tokens());
+    let mut metrics = Metrics::new(d, f);
+    let mut last_fire = vec![0u64; f];
+    let mut ws = Workspace::default();
+    let mut recon = Vec::new();
+    let mut seen = 0u64;
+    for batch in set.batches(EVAL_BATCH) {
+        let batch = batch?;
+        let n = (batch.act.len() / d).min((limit - seen) as usize);
+        if n == 0 {
+            break;
+        }
+        let x = &batch.act[..n * d];
+        crate::error::ensure_finite(x, "held-out activations", None)?;
+        sae.encode(x, n, &mut ws);
+        sae.decode(&ws.codes, &mut recon, &mut ws);
+        crate::error::ensure_finite(&recon, "SAE reconstruction", None)?;
+        metrics.update(x, &recon, &ws.codes);
+        for b in 0..ws.codes.n() {
+            let (ix, vs) = ws.codes.row(b);
+            for (&i, &v) in ix.iter().zip(vs) {
+                if v != 0.0 {
+                    last_fire[i as usize] = seen + b as u64 + 1;
+                }
+            }
+        }
+        seen += n as u64;
+        if seen >= limit {
+            break;
+        }
+    }
+    anyhow::ensure!(seen > 0, "no held-out tokens to evaluate on");
+    let m = metrics.finish();
+    let window = cfg.dead_window_tokens.unwrap_or(seen).min(seen);
+    let dead = last_fire.iter().filter(|&&t| t == 0 || t <= seen - window).count();
+    let (ce_clean, ce_spliced, ce_zero) = match ce {
+        Some(ctx) => {
+            // Splice the reconstruction in, keeping special-token positions clean.
+            let mut splice = |x: &Tensor, windows: &[Window]| -> candle_core::Result<Tensor> {
+                let (b, s, dd) = x.dims3()?;
+                let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut ws = Workspace::default();
+                let mut out = Vec::new();
+                sae.encode(&v, b * s, &mut ws);
+                sae.decode(&ws.codes, &mut out, &mut ws);
+                for (bi, w) in windows.iter().enumerate().take(b) {
+                    for (t, id) in w.ids.iter().enumerate().take(s) {
+                        if ctx.special.contains(id) {
+                            let at = (bi * s + t) * dd;
+                            out[at..at + dd].copy_from_slice(&v[at..at + dd]);
+                        }
+                    }
+                }
+                Tensor::from_vec(out, (b, s, dd), x.device())?.to_dtype(x.dtype())
+            };
+            let spliced = ce_of(ctx, u.hookpoint, Mode::Splice(&mut splice))?;
+            (Some(ctx.clean), Some(spliced), zero)
+        }
+        None => (None, None, None),
+    };
+    let (sp_name, sp_value) = u.point.config.sae.arch.sparsity_param();
+    let c = &pipeline.config;
+    Ok(MetricsRow {
+        run: c.run.name.clone(),
+        point_id: u.point.id.clone(),
+        model: c.model.source.clone(),
+        revision: set.manifest.meta.model_revision.clone(),
+        hookpoint: u.hookpoint.to_string(),
+        arch: u.point.config.sae.arch.kind().to_string(),
+        d_sae: f as u64,
+        expansion: f as f64 / d as f64,
+        sparsity_param: sp_name.to_string(),
+        sparsity_value: sp_value,
+        seed: u.point.config.run.seed,
+        optimizer: "adam".into(),
+        train_tokens: done.train_tokens,
+        eval_tokens: seen,
+        r2: m.r2,
+        fvu: m.fvu,
+        mse: m.mse,
+        l0: m.l0,
+        l1: m.l1,
+        dead_frac: dead as f64 / f as f64,
+        dense_frac: m.dense_frac_10pct,
+        ce_clean,
+        ce_spliced,
+        ce_delta: ce_spliced.zip(ce_clean).map(|(s, c)| s - c),
+        ce_zero_abl: ce_zero,
+        ce_loss_score: match (ce_clean, ce_spliced, ce_zero) {
+            (Some(c), Some(s), Some(z)) if (z - c).abs() > 1e-12 => Some((z - s) / (z - c)),
+            _ => None,
+        },
+        bipolar_frac: None,
+        jacobian_sparsity: None,
+        feature_recovery: None,
+        train_seconds: done.train_seconds,
+        train_tokens_per_s: done.train_tokens as f64 / done.train_seconds.max(1e-9),
+        sae_path: u.dir.display().to_string(),
+    })
+}
+
+/// Per hookpoint and arch: the best R² in each L0 band, and the dead fraction there.
+pub fn summary_table(rows: &[MetricsRow]) -> String {
+    const BANDS: [(f64, f64); 5] = [
+        (0.0, 16.0),
+        (16.0, 32.0),
+        (32.0, 64.0),
+        (64.0, 128.0),
+        (128.0, f64::INFINITY),
+    ];
+    let mut keys: Vec<(String, String)> = rows
+        .iter()
+        .map(|r| (r.hookpoint.clone(), r.arch.clone()))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    let mut out = format!("{:<26} {:<10}", "hookpoint", "arch");
+    for (lo, hi) in BANDS {
+        let label = if hi.is_finite() {
+            format!("L0 {lo:.0}-{hi:.0}")
+        } else {
+            format!("L0 {lo:.0}+")
+        };
+        out.push_str(&format!(" {label:>18}"));
+    }
+    out.push_str("\n (each cell: best R² / dead fraction of that SAE)\n");
+    for (hp, arch) in keys {
+        out.push_str(&format!("{hp:<26} {arch:<10}"));
+        for (lo, hi) in BANDS {
+            let best = rows
+                .iter()
+                .filter(|r| r.hookpoint == hp && r.arch == arch && r.l0 >= lo && r.l0 < hi)
+                .max_by(|a, b| a.r2.total_cmp(&b.r2));
+            let cell = match best {
+                Some(r) => format!("{:.3} / {:.2}", r.r2, r.dead_frac),
+                None => "-".into(),
+            };
+            out.push_str(&format!(" {cell:>18}"));
+        }
+        out.push('\n');
+    }
+    out
+}

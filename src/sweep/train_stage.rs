@@ -1,0 +1,369 @@
+//! The train stage: every (grid point × hookpoint) unit of a pipeline, trained from the
+//! captured activations, resumable, with one pass over the data feeding several SAEs.
+//!
+//! Implements `pipeline.md` §1 (`saepipe train`), §4 (SAE folders) and issue 5's shared
+//! data pass.
+//!
+//! Layout: `data/<run>/saes/<point-id>/<hookpoint>/` holds `cfg.json` +
+//! `sae_weights.safetensors` (SAELens v6), `train_log.parquet` and `train_done.json`, the
+//! completion marker, written last. A unit is skipped when its marker records the same
+//! point hash; anything else in the folder is overwritten.
+//!
+//! Decision: units of the same hookpoint and batch size train in lockstep on the same
+//! batches: each batch is read and decoded from Parquet once and handed to every SAE of
+//! the group (no anchor library does this by default; the read is the shared cost). So
+//! `run.seed` varies the SAE's initialisation, not the data order, which follows the
+//! pipeline's base `run.seed`.
+//! Decision: an interrupted group restarts its unfinished units from scratch; exact
+//! mid-run resume is the trainer's checkpoint mechanism, used for single runs.
+//! Decision: groups are capped by memory (weights, gradients and both Adam moments of
+//! every SAE in the group: 16 bytes per parameter) at [`GROUP_BYTES`].
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::capture::reader::{ActivationSet, Expect, ParquetSource, ShuffleConfig};
+use crate::capture::set_dir;
+use crate::capture::stage::activations_dir;
+use crate::config::{Pipeline, Point};
+use crate::data::Split;
+use crate::models::Hookpoint;
+use crate::report::Reporter;
+use crate::sae::export::ExportMeta;
+use crate::train::{ActivationSource, DataError, Trainer, LOG_FILE};
+
+/// The completion marker of a trained unit.
+pub const TRAIN_DONE: &str = "train_done.json";
+
+/// Memory cap of one lockstep group (weights, grads, Adam moments), bytes.
+pub const GROUP_BYTES: u64 = 6 << 30;
+
+/// Rows the shuffle buffer of the shared reader holds (at most this many floats / d).
+const SHUFFLE_FLOATS: usize = 1 << 25;
+
+/// One SAE to train: a grid point at one hookpoint.
+#[derive(Debug, Clone)]
+pub struct Unit<'a> {
+    /// The grid point.
+    pub point: &'a Point,
+    /// The hookpoint.
+    pub hookpoint: Hookpoint,
+    /// Its output folder.
+    pub dir: PathBuf,
+}
+
+/// What `train_done.json` records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainDone {
+    /// Grid point id.
+    pub point_id: String,
+    /// Hookpoint name.
+    pub hookpoint: String,
+    /// Hash of the point's resolved config.
+    pub point_hash: String,
+    /// Activation width.
+    pub d_in: usize,
+    /// Latents.
+    pub d_sae: usize,
+    /// Tokens trained on.
+    pub train_tokens: u64,
+    /// Seconds spent in this SAE's training steps plus its share of data reading.
+    pub train_seconds: f64,
+}
+
+/// The units of `pipeline`, all or the one grid point `only`.
+pub fn units<'a>(pipeline: &'a Pipeline, only: Option<&str>) -> Result<Vec<Unit<'a>>> {
+    let points: Vec<&Point> = match only {
+        Some(id) => vec![pipeline.point(id)?],
+        None => pipeline.points().iter().collect(),
+    };
+    let saes = pipeline.run_dir().join("saes");
+    let mut out = Vec::new();
+    for p in points {
+        for &hp in &p.config.capture.hookpoints {
+            out.push(Unit {
+                point: p,
+                hookpoint: hp,
+                dir: saes.join(&p.id).join(hp.to_string()),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Read `dir/train_done.json` if it is there and parses.
+pub fn read_done(dir: &Path) -> Option<TrainDone> {
+    let text = std::fs::read_to_string(dir.join(TRAIN_DONE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// Whether the unit is trained with its current config.
+pub fn is_trained(u: &Unit) -> bool {
+    read_done(&u.dir).is_some_and(|d| d.point_hash == u.point.hash)
+}
+
+
+/// Rows held in a borrowed slice: how one shared batch is handed to each trainer.
+struct SliceSource<'a> {
+    data: &'a [f32],
+    d: usize,
+    pos: usize,
+}
+
+impl ActivationSource for SliceSource<'_> {
+    fn d_in(&self) -> usize {
+        self.d
+    }
+    fn len_rows(&self) -> Option<u64> {
+        Some((self.data.len() / self.d) as u64)
+    }
+    fn next_batch(&mut self, rows: usize, out: &mut Vec<f32>) -> Result<usize, DataError> {
+        let n = rows.min(self.data.len() / self.d - self.pos);
+        out.extend_from_slice(&self.data[self.pos * self.d..(self.pos + n) * self.d]);
+        self.pos += n;
+        Ok(n)
+    }
+    fn position(&self) -> u64 {
+        self.pos as u64
+    }
+    fn seek(&mut self, pos: u64) -> Result<(), DataError> {
+        let len = (self.data.len() / self.d) as u64;
+        if pos > len {
+            return Err(DataError::Seek { pos, len });
+        }
+        self.pos = pos as usize;
+        Ok(())
+    }
+}
+
+/// Fill `buf` with exactly `rows` rows from `src`, starting again at row 0 at the end.
+fn read_rows(src: &mut ParquetSource, rows: usize, buf: &mut Vec<f32>) -> Result<()> {
+    buf.clear();
+    let d = src.d_in();
+    let mut wrapped = false;
+    while buf.len() < rows * d {
+        let got = src.next_batch(rows - buf.len() / d, buf)?;
+        if got == 0 {
+            if wrapped {
+                bail!("the activation set is empty");
+            }
+            src.seek(0)?;
+            wrapped = true;
+        } else {
+            wrapped = false;
+        }
+    }
+    Ok(())
+}
+
+/// Train every unit of `pipeline` (or of grid point `only`) that is not trained yet (all of
+/// them with `force`). Returns the number of units trained.
+pub fn train_stage(
+    pipeline: &Pipeline,
+    only: Option<&str>,
+    force: bool,
+    reporter: &dyn Reporter,
+) -> Result<usize> {
+    let all = units(pipeline, only)?;
+    let pending: Vec<&Unit> = all.iter().filter(|u| force || !is_trained(u)).collect();
+    if pending.is_empty() {
+        reporter.message(&format!("train: all {} SAEs already trained", all.len()));
+        return Ok(0);
+    }
+    reporter.message(&format!(
+        "train: {} of {} SAEs to train",
+        pending.len(),
+        all.len()
+    ));
+    let acts = activations_dir(pipeline);
+    let mut hookpoints: Vec<Hookpoint> = pending.iter().map(|u| u.hookpoint).collect();
+    hookpoints.sort();
+    hookpoints.dedup();
+    let mut trained = 0;
+    for hp in hookpoints {
+        let dir = set_dir(&acts, hp, Split::Train);
+        let set = ActivationSet::open(
+            &dir,
+            &Expect {
+                hookpoint: Some(hp.to_string()),
+                split: Some("train".into()),
+                model_repo: Some(pipeline.config.model.source.clone()),
+                ..Expect::default()
+            },
+        )
+        .with_context(|| {
+            format!(
+                "opening the {hp} activations in {}; run `saepipe capture` first",
+                dir.display()
+            )
+        })?;
+        let d = set.d_model();
+        let mut mine: Vec<&Unit> = pending
+            .iter()
+            .copied()
+            .filter(|u| u.hookpoint == hp)
+            .collect();
+        mine.sort_by_key(|u| u.point.config.train.batch_tokens);
+        for group in groups(&mine, d) {
+            trained += train_group(pipeline, &set, &group, reporter)
+                .with_context(|| format!("training SAEs on {hp}"))?;
+        }
+    }
+    Ok(trained)
+}
+
+/// Split units (sorted by batch size) into lockstep groups: same batch size, memory-capped.
+fn groups<'a, 'b>(units: &[&'b Unit<'a>], d: usize) -> Vec<Vec<&'b Unit<'a>>> {
+    let mut out: Vec<Vec<&Unit>> = Vec::new();
+    let mut bytes = 0u64;
+    for &u in units {
+        let d_sae = u.point.config.sae.d_sae(d);
+        let b = 16 * 2 * (d * d_sae) as u64;
+        let same_batch = out.last().is_some_and(|g| {
+            g[0].point.config.train.batch_tokens == u.point.config.train.batch_tokens
+        });
+        if same_batch && bytes + b <= GROUP_BYTES {
+            bytes += b;
+            out.last_mut()
+                .expect("invariant: same_batch implies a group")
+                .push(u);
+        } else {
+            bytes = b;
+            out.push(vec![u]);
+        }
+    }
+    out
+}
+
+struct Running<'u, 'a> {
+    unit: &'u Unit<'a>,
+    trainer: Trainer,
+    seconds: f64,
+    steps: u64,
+}
+
+fn train_group(
+    pipeline: &Pipeline,
+    set: &ActivationSet,
+    group: &[&Unit],
+    reporter: &dyn Reporter,
+) -> Result<usize> {
+    let d = set.d_model();
+    let batch = group[0].point.config.train.batch_tokens;
+    let capacity = (SHUFFLE_FLOATS / d).max(batch * 2);
+    let mut src = ParquetSource::new(
+        set.clone(),
+        ShuffleConfig {
+            batch_size: batch,
+            capacity,
+            seed: pipeline.config.run.seed,
+            repeat: false,
+        },
+    )?;
+    // 1. One init sample for every SAE of the group (scale estimate, b_dec init).
+    let init_rows = group
+        .iter()
+        .map(|u| u.point.config.train.init_tokens)
+        .max()
+        .unwrap_or(1)
+        .min(set.n_tokens() as usize);
+    let mut buf = Vec::new();
+    read_rows(&mut src, init_rows, &mut buf)?;
+    src.seek(0)?;
+    let mut running = Vec::with_capacity(group.len());
+    for &u in group {
+        let cfg = u.point.config.trainer_config();
+        let d_sae = u.point.config.sae.d_sae(d);
+        let t0 = Instant::now();
+        let mut s = SliceSource {
+            data: &buf,
+            d,
+            pos: 0,
+        };
+        let trainer = Trainer::new(cfg, &u.point.config.sae.arch, d_sae, &mut s)
+            .with_context(|| format!("setting up {} at {}", u.point.id, u.hookpoint))?;
+        running.push(Running {
+            unit: u,
+            steps: trainer.total_steps(),
+            trainer,
+            seconds: t0.elapsed().as_secs_f64(),
+        });
+    }
+    let total: u64 = running.iter().map(|r| r.steps).sum();
+    let max_steps = running.iter().map(|r| r.steps).max().unwrap_or(0);
+    let prog = reporter.start(
+        &format!("train {}", group[0].hookpoint),
+        Some(total * batch as u64),
+    );
+    // 2. Lockstep: one read per step, every unfinished SAE steps on it.
+    let mut done = 0;
+    for step in 0..max_steps {
+        let t0 = Instant::now();
+        read_rows(&mut src, batch, &mut buf)?;
+        let active = running.iter().filter(|r| r.steps > step).count().max(1);
+        let read_share = t0.elapsed().as_secs_f64() / active as f64;
+        let mut msg = String::new();
+        for r in running.iter_mut().filter(|r| r.steps > step) {
+            let t1 = Instant::now();
+            let mut s = SliceSource {
+                data: &buf,
+                d,
+                pos: 0,
+            };
+            let rec = r.trainer.step(&mut s).with_context(|| {
+                format!("training {} at {}", r.unit.point.id, r.unit.hookpoint)
+            })?;
+            r.seconds += t1.elapsed().as_secs_f64() + read_share;
+            prog.advance(batch as u64);
+            if msg.is_empty() {
+                msg = format!(
+                    "{}: loss {:.4} L0 {:.1} dead {:.3}",
+                    r.unit.point.id, rec.loss, rec.l0, rec.dead_frac
+                );
+            }
+            if step + 1 == r.steps {
+                finish(pipeline, set, r)?;
+                done += 1;
+            }
+        }
+        prog.set_message(msg);
+    }
+    prog.finish();
+    Ok(done)
+}
+
+/// Export a finished SAE, its log, then the completion marker.
+fn finish(pipeline: &Pipeline, set: &ActivationSet, r: &Running) -> Result<()> {
+    let u = r.unit;
+    std::fs::create_dir_all(&u.dir).with_context(|| format!("creating {}", u.dir.display()))?;
+    let meta = ExportMeta {
+        model_name: pipeline.config.model.source.clone(),
+        hook_name: u.hookpoint.to_string(),
+        context_size: pipeline.config.data.context_len,
+        dataset_path: set.manifest.meta.dataset.clone(),
+    };
+    r.trainer
+        .export(&u.dir, &meta)
+        .with_context(|| format!("exporting {}", u.dir.display()))?;
+    r.trainer
+        .log()
+        .write_parquet(&u.dir.join(LOG_FILE))
+        .with_context(|| format!("writing {}", u.dir.join(LOG_FILE).display()))?;
+    let (d_in, d_sae) = r.trainer.sae().dims();
+    let done = TrainDone {
+        point_id: u.point.id.clone(),
+        hookpoint: u.hookpoint.to_string(),
+        point_hash: u.point.hash.clone(),
+        d_in,
+        d_sae,
+        train_tokens: r.steps * u.point.config.train.batch_tokens as u64,
+        train_seconds: r.seconds,
+    };
+    let text = serde_json::to_string_pretty(&done)?;
+    crate::fsutil::atomic_write(&u.dir.join(TRAIN_DONE), text.as_bytes())
+        .with_context(|| format!("writing {}", u.dir.join(TRAIN_DONE).display()))?;
+    Ok(())
+}
