@@ -154,8 +154,13 @@ pub fn run() -> Result<ExitCode> {
             let name = args.pipeline.display();
             saepipe::capture::stage::run_stage(&pipeline, &opts, args.force, reporter.as_ref())
                 .with_context(|| format!("saepipe run {name}: capture"))?;
-            saepipe::sweep::train_stage::train_stage(&pipeline, None, args.force, reporter.as_ref())
-                .with_context(|| format!("saepipe run {name}: train"))?;
+            saepipe::sweep::train_stage::train_stage(
+                &pipeline,
+                None,
+                args.force,
+                reporter.as_ref(),
+            )
+            .with_context(|| format!("saepipe run {name}: train"))?;
             let table = saepipe::sweep::eval_stage::evaluate_stage(
                 &pipeline,
                 &opts,
@@ -164,10 +169,7 @@ pub fn run() -> Result<ExitCode> {
             )
             .with_context(|| format!("saepipe run {name}: evaluate"))?;
             print!("{table}");
-            eprintln!(
-                "results: {}",
-                pipeline.run_dir().join("results").display()
-            );
+            eprintln!("results: {}", pipeline.run_dir().join("results").display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Download(args) => {

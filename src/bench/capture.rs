@@ -30,7 +30,7 @@ pub struct BenchCaptureArgs {
     #[arg(long)]
     pub hookpoint: Option<String>,
     /// Text files or globs.
-    #[arg(long, default_value = "data/corpus/pydoc_topics.txt")]
+    #[arg(long, default_value = "data/corpus/pydoc_topics.jsonl")]
     pub corpus: Vec<String>,
     /// Token budgets, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "2000,20000")]

@@ -119,7 +119,8 @@ pub fn evaluate_stage(
             })?;
             let zero = match &ce {
                 Some(c) => Some(
-                    ce_of(c, hp, Mode::Zero).with_context(|| format!("zero-ablation CE at {hp}"))?,
+                    ce_of(c, hp, Mode::Zero)
+                        .with_context(|| format!("zero-ablation CE at {hp}"))?,
                 ),
                 None => None,
             };
@@ -161,7 +162,11 @@ fn read_metrics(dir: &Path) -> Option<MetricsFile> {
 }
 
 /// Load the model, the held-out CE windows and the clean CE.
-fn ce_context(pipeline: &Pipeline, opts: &HubOptions, reporter: &dyn Reporter) -> Result<CeContext> {
+fn ce_context(
+    pipeline: &Pipeline,
+    opts: &HubOptions,
+    reporter: &dyn Reporter,
+) -> Result<CeContext> {
     let c = &pipeline.config;
     let resolved = crate::hub::resolve_model(&pipeline.model_source(), opts, reporter)
         .with_context(|| format!("resolving model {}", c.model.source))?;
@@ -175,7 +180,10 @@ fn ce_context(pipeline: &Pipeline, opts: &HubOptions, reporter: &dyn Reporter) -
     let loaded = crate::models::load_source(&src, &crate::models::default_device())
         .with_context(|| format!("loading model {}", c.model.source))?;
     let tokenizer = Arc::new(loaded.tokenizer.with_context(|| {
-        format!("{}: no tokenizer found next to the weights", resolved.path.display())
+        format!(
+            "{}: no tokenizer found next to the weights",
+            resolved.path.display()
+        )
     })?);
     let info = loaded.model.info().clone();
     let special_ids = SpecialIds {
@@ -208,8 +216,12 @@ fn ce_context(pipeline: &Pipeline, opts: &HubOptions, reporter: &dyn Reporter) -
         special,
         clean: 0.0,
     };
-    ctx.clean = ce_of(&ctx, Hookpoint::new(0, crate::models::Site::ResidPre), Mode::Clean)
-        .context("clean CE")?;
+    ctx.clean = ce_of(
+        &ctx,
+        Hookpoint::new(0, crate::models::Site::ResidPre),
+        Mode::Clean,
+    )
+    .context("clean CE")?;
     Ok(ctx)
 }
 
@@ -303,7 +315,9 @@ fn evaluate_unit(
         let x = &batch.act[..n * d];
         crate::error::ensure_finite(x, "held-out activations", None)?;
         sae.encode(x, n, &mut ws);
-        sae.decode(&ws.codes, &mut recon, &mut ws);
+        let codes = std::mem::take(&mut ws.codes);
+        sae.decode(&codes, &mut recon, &mut ws);
+        ws.codes = codes;
         crate::error::ensure_finite(&recon, "SAE reconstruction", None)?;
         metrics.update(x, &recon, &ws.codes);
         for b in 0..ws.codes.n() {
@@ -322,7 +336,10 @@ fn evaluate_unit(
     anyhow::ensure!(seen > 0, "no held-out tokens to evaluate on");
     let m = metrics.finish();
     let window = cfg.dead_window_tokens.unwrap_or(seen).min(seen);
-    let dead = last_fire.iter().filter(|&&t| t == 0 || t <= seen - window).count();
+    let dead = last_fire
+        .iter()
+        .filter(|&&t| t == 0 || t <= seen - window)
+        .count();
     let (ce_clean, ce_spliced, ce_zero) = match ce {
         Some(ctx) => {
             // Splice the reconstruction in, keeping special-token positions clean.
@@ -332,7 +349,8 @@ fn evaluate_unit(
                 let mut ws = Workspace::default();
                 let mut out = Vec::new();
                 sae.encode(&v, b * s, &mut ws);
-                sae.decode(&ws.codes, &mut out, &mut ws);
+                let codes = std::mem::take(&mut ws.codes);
+                sae.decode(&codes, &mut out, &mut ws);
                 for (bi, w) in windows.iter().enumerate().take(b) {
                     for (t, id) in w.ids.iter().enumerate().take(s) {
                         if ctx.special.contains(id) {

@@ -105,7 +105,6 @@ pub fn is_trained(u: &Unit) -> bool {
     read_done(&u.dir).is_some_and(|d| d.point_hash == u.point.hash)
 }
 
-
 /// Rows held in a borrowed slice: how one shared batch is handed to each trainer.
 struct SliceSource<'a> {
     data: &'a [f32],
@@ -313,9 +312,10 @@ fn train_group(
                 d,
                 pos: 0,
             };
-            let rec = r.trainer.step(&mut s).with_context(|| {
-                format!("training {} at {}", r.unit.point.id, r.unit.hookpoint)
-            })?;
+            let rec = r
+                .trainer
+                .step(&mut s)
+                .with_context(|| format!("training {} at {}", r.unit.point.id, r.unit.hookpoint))?;
             r.seconds += t1.elapsed().as_secs_f64() + read_share;
             prog.advance(batch as u64);
             if msg.is_empty() {
