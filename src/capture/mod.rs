@@ -87,7 +87,7 @@ pub enum CaptureError {
         expected: String,
     },
     /// The corpus ran out before the budget was reached.
-    #[error("the corpus ({source_desc}) yields only {have} {split} tokens after packing and exclusions, but the budget asks for {need}; lower data.n_tokens / data.n_eval_tokens or add text")]
+    #[error("the corpus ({source_desc}) yields only {have} {split} tokens after packing and exclusions, but the budget asks for {need}; lower data.n_tokens / data.eval_tokens or add text")]
     CorpusTooSmall {
         /// `train` or `eval`.
         split: &'static str,
