@@ -5,6 +5,7 @@ CARGO        ?= cargo
 PYTHON       ?= python3
 PIPELINE     ?= pipelines/smollm2-gguf.toml
 GGUF         := data/models/SmolLM2-135M-Instruct.Q4_1.gguf
+CORPUS       := data/corpus/pydoc_topics.jsonl
 REF_PYTHON   ?= .venv-ref/bin/python
 SAEPIPE      := target/release/saepipe
 
@@ -52,7 +53,7 @@ smoke: release
 	$(SAEPIPE) run pipelines/smoke.toml
 
 ## Throughput and peak memory of the forward pass, capture and training.
-bench: release $(GGUF)
+bench: release $(GGUF) $(CORPUS)
 	$(SAEPIPE) bench forward --model gguf:$(GGUF) --batch 4 --seq 128
 	$(SAEPIPE) bench capture --model gguf:$(GGUF)
 	$(SAEPIPE) bench train
@@ -60,7 +61,6 @@ bench: release $(GGUF)
 all-checks: lint test
 
 ## The local English corpus of the default pipeline (Python's own docs; see the script).
-CORPUS := data/corpus/pydoc_topics.jsonl
 corpus: $(CORPUS)
 $(CORPUS):
 	$(PYTHON) scripts/make_corpus.py data/corpus
