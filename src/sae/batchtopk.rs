@@ -163,16 +163,7 @@ impl Sae for BatchTopK {
             f,
             Some(&p[B_ENC].data),
             |_, row, buf| {
-                let s = buf.main.len();
-                c::topk_select(row, cap, &mut buf.scratch, &mut buf.main);
-                let mut w = s;
-                for r in s..buf.main.len() {
-                    if buf.main[r].1 > 0.0 {
-                        buf.main[w] = buf.main[r];
-                        w += 1;
-                    }
-                }
-                buf.main.truncate(w);
+                c::topk_positive(row, cap, &mut buf.scratch, &mut buf.main);
                 push_aux(row, &dead, k_aux, buf);
             },
         );

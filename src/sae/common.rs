@@ -319,6 +319,26 @@ fn better(a: (f32, u32), b: (f32, u32)) -> std::cmp::Ordering {
     b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
 }
 
+/// [`topk_select`] followed by dropping the entries that are not positive: the TopK
+/// activation `ReLU(TopK(π))`, appended to `out` as `(index, value)`.
+pub fn topk_positive(
+    row: &[f32],
+    k: usize,
+    scratch: &mut Vec<(f32, u32)>,
+    out: &mut Vec<(u32, f32)>,
+) {
+    let s = out.len();
+    topk_select(row, k, scratch, out);
+    let mut w = s;
+    for r in s..out.len() {
+        if out[r].1 > 0.0 {
+            out[w] = out[r];
+            w += 1;
+        }
+    }
+    out.truncate(w);
+}
+
 /// The `k` largest entries of `row` (ties: lower index first), unsorted, appended to `out`
 /// as `(index, value)`.
 ///

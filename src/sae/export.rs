@@ -429,16 +429,7 @@ impl LoadedSae {
                     f,
                     Some(self.per("b_enc")),
                     |_, row, buf| {
-                        let s = buf.main.len();
-                        c::topk_select(row, k, &mut buf.scratch, &mut buf.main);
-                        let mut w = s;
-                        for r in s..buf.main.len() {
-                            if buf.main[r].1 > 0.0 {
-                                buf.main[w] = buf.main[r];
-                                w += 1;
-                            }
-                        }
-                        buf.main.truncate(w);
+                        c::topk_positive(row, k, &mut buf.scratch, &mut buf.main);
                     },
                 );
             }
