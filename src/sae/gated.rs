@@ -16,6 +16,18 @@
 //!
 //! Decision: the dictionary_learning form (frozen decoder and `b_dec` in the aux term, unit
 //! decoder), not SAELens's norm-weighted one. λ default 1.0 (SumD-MeanB, `E‖x‖ = √d`).
+//!
+//! Decision (initialisation, configurable by `init_l0`): §4.3's init (`b_gate = 0`,
+//! `r_mag = 0`, `W_gate = W_decᵀ`) opens about half the gates, so at `d_sae = 8·d_in` the first
+//! reconstruction is `≈ (d_sae / 2d_in)·x̃` and its error several times the signal energy;
+//! with few hundred steps the SAE never recovers from it (measured on SmolLM2 block 15:
+//! R² < −3 after 16 steps). We therefore start from data (§1.2's init sample):
+//! 1. `b_gate_i = −q_i`, with `q_i` the `1 − init_l0/d_sae` quantile of `u_i` on the sample,
+//!    so every latent fires on the same share of tokens and `E[L0] = init_l0`;
+//! 2. `r_mag = ln c` for all latents, with `c` the least-squares scale of the resulting
+//!    reconstruction (`c = Σ x̃·x̂₀ / Σ ‖x̂₀‖²`), so the first error is below the signal energy.
+//!
+//! `init_l0 = 0` keeps §4.3's init exactly.
 
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +36,7 @@ use super::{
     check_width, ArchConfig, ExportParts, Fold, Param, Sae, SaeError, StepInput, StepOutput,
 };
 use crate::rng::Rng;
+use rayon::prelude::*;
 
 /// Variant name.
 pub const ARCH: &str = "gated";
@@ -34,15 +47,23 @@ pub const ARCH: &str = "gated";
 pub struct Config {
     /// λ on `‖ReLU(π_gate)‖₁` (SumD-MeanB, `E‖x‖ = √d` inputs). Default 1.0.
     pub l1_coefficient: f32,
+    /// Expected L0 of the data-dependent initialisation (see the module doc); 0 keeps the
+    /// paper's `b_gate = r_mag = 0`. Default 64.
+    pub init_l0: f32,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
             l1_coefficient: 1.0,
+            init_l0: 64.0,
         }
     }
 }
+
+/// Rows of the init sample used by [`Sae::init_from_sample`] (bounds its `[rows, d_sae]`
+/// pre-activation buffer).
+const INIT_ROWS: usize = 2048;
 
 const W_GATE: usize = 0;
 const B_GATE: usize = 1;
@@ -67,6 +88,15 @@ impl Gated {
             return Err(SaeError::Config {
                 arch: ARCH,
                 msg: format!("l1_coefficient = {} must be >= 0", cfg.l1_coefficient),
+            });
+        }
+        if !(cfg.init_l0 >= 0.0 && cfg.init_l0 <= f as f32) {
+            return Err(SaeError::Config {
+                arch: ARCH,
+                msg: format!(
+                    "init_l0 = {} must be in [0, d_sae = {f}] (0 keeps the paper's init)",
+                    cfg.init_l0
+                ),
             });
         }
         let w_dec = c::random_rows(rng, f, d, 1.0);
@@ -273,6 +303,54 @@ impl Sae for Gated {
             loss: mse + l1 + aux,
             terms: vec![("mse", mse), ("l1", l1), ("aux", aux)],
         })
+    }
+
+    fn init_from_sample(&mut self, x: &[f32], n: usize) -> Result<(), SaeError> {
+        check_width(ARCH, self.d, x, n)?;
+        if self.cfg.init_l0 == 0.0 {
+            return Ok(());
+        }
+        let (d, f) = (self.d, self.f);
+        let m = n.min(INIT_ROWS);
+        let x = &x[..m * d];
+        // 1. u = W_gate x̃ on the sample, [m, f]; b_gate_i = −(1 − p) quantile of column i
+        let mut xt = Vec::new();
+        c::prepare_input(x, d, Some(&self.params[B_DEC].data), &mut xt);
+        let mut u = vec![0.0; m * f];
+        c::gemm_xwt(&xt, m, d, &self.params[W_GATE].data, f, None, &mut u);
+        let p_fire = (self.cfg.init_l0 / f as f32).clamp(0.0, 1.0);
+        let rank = (((1.0 - p_fire) * m as f32) as usize).min(m - 1);
+        self.params[B_GATE]
+            .data
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(i, bg)| {
+                let mut col: Vec<f32> = (0..m).map(|b| u[b * f + i]).collect();
+                let (_, q, _) = col.select_nth_unstable_by(rank, f32::total_cmp);
+                *bg = -*q;
+            });
+        drop(u);
+        // 2. least-squares scale of the reconstruction x̂₀ = Σ f_i d_i (r_mag = b_mag = 0)
+        self.params[R_MAG].data.fill(0.0);
+        let mut ws = Workspace::default();
+        self.encode(x, m, &mut ws)?;
+        let mut r = Vec::new();
+        c::decode(
+            &mut ws.scratch,
+            &ws.codes,
+            &self.params[W_DEC].data,
+            d,
+            f,
+            None,
+            &mut r,
+        );
+        let num: f64 = r.iter().zip(&xt).map(|(&a, &b)| a as f64 * b as f64).sum();
+        let den: f64 = r.iter().map(|&a| a as f64 * a as f64).sum();
+        if den > 0.0 && num > 0.0 {
+            let ln_c = (num / den).ln().clamp(-10.0, 10.0) as f32;
+            self.params[R_MAG].data.fill(ln_c);
+        }
+        Ok(())
     }
 
     fn export_parts(&self) -> ExportParts {

@@ -161,6 +161,13 @@ pub trait Sae: Send + Sync {
     /// Export tensors before folding.
     fn export_parts(&self) -> ExportParts;
 
+    /// Data-dependent initialisation, called once by the trainer before step 0 with the
+    /// scaled init sample `x: [n, d_in]`, after `b_dec` is set. Default: nothing.
+    fn init_from_sample(&mut self, x: &[f32], n: usize) -> Result<(), SaeError> {
+        let _ = (x, n);
+        Ok(())
+    }
+
     /// Decode codes into `out: [n, d_in]` (`x̂ = Σ f_i d_i + b_dec`, sparse).
     fn decode(&self, codes: &Codes, out: &mut Vec<f32>, ws: &mut Workspace) {
         let (d, f) = self.dims();
@@ -313,6 +320,7 @@ impl ArchConfig {
             }),
             ArchConfig::Gated(c) => ArchConfig::Gated(gated::Config {
                 l1_coefficient: c.l1_coefficient * factor,
+                ..c.clone()
             }),
         }
     }

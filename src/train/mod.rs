@@ -358,6 +358,7 @@ impl Trainer {
         if let Some(p) = sae.params_mut().iter_mut().find(|p| p.name == "b_dec") {
             p.data.copy_from_slice(&b_dec);
         }
+        sae.init_from_sample(&scaled, scaled.len() / d)?;
         let (lr0, b1, b2) = arch.recommended_adam(d_sae);
         let adam = Adam {
             lr: cfg.lr.unwrap_or(lr0),
