@@ -223,6 +223,18 @@ pub fn check(mut raw: Table, probs: &mut Problems) -> Option<PipelineConfig> {
             );
         }
     }
+    if matches!(config.train.optimizer, OptimizerConfig::PamSgd { .. })
+        && !config.sae.arch.supports_pam_sgd()
+    {
+        probs.add(
+            "train.optimizer.kind",
+            format!(
+                "\"pam_sgd\" supports sae.arch kinds {}, not `{}`; use kind = \"adam\" for this SAE",
+                crate::sae::ArchConfig::PAM_SGD_KINDS.join(", "),
+                config.sae.arch.kind()
+            ),
+        );
+    }
     let train_tokens = config.train.train_tokens.unwrap_or(config.data.n_tokens);
     if train_tokens < config.train.batch_tokens as u64 {
         probs.add(
@@ -375,12 +387,15 @@ fn check_capture(c: &CaptureConfig, probs: &mut Problems) {
 }
 
 fn check_train(t: &TrainConfig, probs: &mut Problems) {
-    let OptimizerConfig::Adam {
-        lr,
-        beta1,
-        beta2,
-        eps,
-    } = &t.optimizer;
+    let (lr, beta1, beta2, eps) = t.optimizer.adam();
+    let (lr, beta1, beta2, eps) = (&lr, &beta1, &beta2, &eps);
+    if let OptimizerConfig::PamSgd { .. } = &t.optimizer {
+        let cfg = PipelineConfig::pam_config(&t.optimizer);
+        for p in cfg.map(|c| c.problems()).unwrap_or_default() {
+            let (key, msg) = p.split_once(' ').unwrap_or((&p, ""));
+            probs.add(key.to_string(), msg.to_string());
+        }
+    }
     if let Some(lr) = lr {
         if !(lr.is_finite() && *lr > 0.0) {
             probs.add(

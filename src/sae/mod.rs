@@ -161,6 +161,20 @@ pub trait Sae: Send + Sync {
     /// Export tensors before folding.
     fn export_parts(&self) -> ExportParts;
 
+    /// PAM-SGD (`jsae_pamsgd.md` §2.2): install the closed-form decoder `w_dec [d_sae, d_in]`,
+    /// `b_dec [d_in]` solved for the current codes, keeping the variant's own constraints.
+    /// Variants that cannot be trained by PAM-SGD keep this default, which refuses.
+    fn install_decoder(&mut self, w_dec: &[f32], b_dec: &[f32]) -> Result<(), SaeError> {
+        let _ = (w_dec, b_dec);
+        Err(SaeError::Config {
+            arch: self.arch(),
+            msg: format!(
+                "PAM-SGD (train.optimizer.kind = \"pam_sgd\") supports sae.arch kinds {}",
+                ArchConfig::PAM_SGD_KINDS.join(", ")
+            ),
+        })
+    }
+
     /// Decode codes into `out: [n, d_in]` (`x̂ = Σ f_i d_i + b_dec`, sparse).
     fn decode(&self, codes: &Codes, out: &mut Vec<f32>, ws: &mut Workspace) {
         let (d, f) = self.dims();
@@ -233,6 +247,14 @@ pub enum ArchConfig {
 }
 
 impl ArchConfig {
+    /// The variants PAM-SGD can train (they implement [`Sae::install_decoder`]).
+    pub const PAM_SGD_KINDS: [&'static str; 2] = [topk::ARCH, relu_l1::ARCH];
+
+    /// Whether `train.optimizer.kind = "pam_sgd"` can train this variant.
+    pub fn supports_pam_sgd(&self) -> bool {
+        Self::PAM_SGD_KINDS.contains(&self.kind())
+    }
+
     /// Variant name (the serde `kind`).
     pub fn kind(&self) -> &'static str {
         match self {

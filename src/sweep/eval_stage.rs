@@ -380,7 +380,7 @@ fn evaluate_unit(
         sparsity_param: sp_name.to_string(),
         sparsity_value: sp_value,
         seed: u.point.config.run.seed,
-        optimizer: "adam".into(),
+        optimizer: u.point.config.train.optimizer.kind().into(),
         train_tokens: done.train_tokens,
         eval_tokens: seen,
         r2: m.r2,
