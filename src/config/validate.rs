@@ -462,6 +462,27 @@ fn check_sweep(s: &Table, probs: &mut Problems) {
                 format!("must be an array of values, not a {}", other.type_str()),
             ),
         }
+        if key == super::sweep::ROOT_AXIS {
+            for (i, item) in v.as_array().into_iter().flatten().enumerate() {
+                match item.as_table() {
+                    Some(t) => {
+                        for sec in t.keys() {
+                            if !SECTIONS.contains(&sec.as_str()) || sec == "sweep" {
+                                probs.add(
+                                    format!("sweep.\"{key}\"[{i}].{sec}"),
+                                    format!("is not a section that can be swept{}", suggest(sec, &SECTIONS)),
+                                );
+                            }
+                        }
+                    }
+                    None => probs.add(
+                        format!("sweep.\"{key}\"[{i}]"),
+                        format!("must be a table of sections, e.g. {{ sae = {{ arch = {{ kind = \"kmeans\" }} }} }}, not a {}", item.type_str()),
+                    ),
+                }
+            }
+            continue;
+        }
         match super::overrides::parse_key(key) {
             Ok(path) if path.first().map(String::as_str) == Some("sweep") => {
                 probs.add(join("sweep", key), "cannot sweep the sweep table")

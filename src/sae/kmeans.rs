@@ -344,6 +344,15 @@ impl Sae for KMeans {
         check_width(self.arch(), d, input.x, n)?;
         c::prepare_input(input.x, d, Some(&self.params[B_DEC].data), &mut ws.xt);
         if self.params[COUNTS].data.iter().all(|&v| v == 0.0) {
+            if self.k > n {
+                return Err(SaeError::Config {
+                    arch: self.arch(),
+                    msg: format!(
+                        "{} clusters (d_sae / (1 + rank)) are more than the {n} tokens of the first batch that k-means++ seeds them from; raise train.batch_tokens or lower d_sae",
+                        self.k
+                    ),
+                });
+            }
             let xt = std::mem::take(&mut ws.xt);
             self.seed_centroids(&xt, n);
             ws.xt = xt;
