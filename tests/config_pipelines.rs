@@ -261,7 +261,10 @@ fn root_axis_couples_sections_and_pam_sgd_is_refused_where_unsupported() {
     assert_eq!(pam, ["topk", "topk", "relu_l1"]);
     // the optimiser shows in the id; the Adam twin has a different one
     let ids: Vec<&str> = pts.iter().map(|pt| pt.id.as_str()).collect();
-    assert!(ids.iter().any(|i| i.starts_with("topk-k16-pam_sgd-")), "{ids:?}");
+    assert!(
+        ids.iter().any(|i| i.starts_with("topk-k16-pam_sgd-")),
+        "{ids:?}"
+    );
     assert!(ids.iter().any(|i| i.starts_with("kmeans-x1-")), "{ids:?}");
     let mut uniq = ids.clone();
     uniq.sort();
@@ -277,7 +280,9 @@ fn root_axis_couples_sections_and_pam_sgd_is_refused_where_unsupported() {
         &[],
     );
     assert!(
-        probs.iter().any(|(k, m)| k == "train.optimizer.kind" && m.contains("topk, relu_l1")),
+        probs
+            .iter()
+            .any(|(k, m)| k == "train.optimizer.kind" && m.contains("topk, relu_l1")),
         "{msg}"
     );
     let (msg, probs) = problems(

@@ -17,7 +17,11 @@ fn planes(n: usize, seed: u64) -> Vec<f32> {
         .map(|_| (0..D).map(|_| 6.0 * g.normal() as f32).collect())
         .collect();
     let bases: Vec<Vec<f32>> = (0..8)
-        .map(|_| (0..D).map(|_| g.normal() as f32 / (D as f32).sqrt()).collect())
+        .map(|_| {
+            (0..D)
+                .map(|_| g.normal() as f32 / (D as f32).sqrt())
+                .collect()
+        })
         .collect();
     let mut r = Rng::new(seed);
     let mut x = Vec::with_capacity(n * D);
@@ -26,7 +30,9 @@ fn planes(n: usize, seed: u64) -> Vec<f32> {
         let (u, v) = (r.normal() as f32, r.normal() as f32);
         for j in 0..D {
             x.push(
-                centres[c][j] + u * bases[2 * c][j] + v * bases[2 * c + 1][j]
+                centres[c][j]
+                    + u * bases[2 * c][j]
+                    + v * bases[2 * c + 1][j]
                     + 0.01 * r.normal() as f32,
             );
         }
@@ -42,7 +48,11 @@ fn r2(x: &[f32], xh: &[f32]) -> f64 {
             *m += *v as f64 / n as f64;
         }
     }
-    let sse: f64 = x.iter().zip(xh).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let sse: f64 = x
+        .iter()
+        .zip(xh)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
     let sst: f64 = x
         .chunks(D)
         .flat_map(|r| r.iter().zip(&mean).map(|(a, m)| (*a as f64 - m).powi(2)))
@@ -97,6 +107,9 @@ fn kmeans_and_local_pca_fit_and_export() {
     assert!(pca_l0 > 2.9 && pca_l0 <= 3.0, "{pca_l0}");
     // the centres carry most of the variance; the planes carry the rest
     assert!(km > 0.8, "kmeans R² {km}");
-    assert!(pca > 0.999 && pca > km + 0.005, "kmeans_pca R² {pca} vs kmeans {km}");
+    assert!(
+        pca > 0.999 && pca > km + 0.005,
+        "kmeans_pca R² {pca} vs kmeans {km}"
+    );
     assert!((km - km_export).abs() < 1e-4 && (pca - pca_export).abs() < 1e-4);
 }

@@ -105,7 +105,9 @@ fn pam_sgd_keeps_unit_rows_and_resumes_bit_exactly() {
         let mut src = InMemorySource::new(data.clone(), 32);
         let mut first = Trainer::new(cfg.clone(), &arch, 64, &mut src).unwrap();
         // stop mid outer iteration (step 10 of solve_every = 3)
-        first.run(&mut src, Some(dir.path()), &Silent, Some(10)).unwrap();
+        first
+            .run(&mut src, Some(dir.path()), &Silent, Some(10))
+            .unwrap();
         drop(first);
         let ck = dir.path().join(saepipe::train::CHECKPOINT_FILE);
         let mut src = InMemorySource::new(data.clone(), 32);
@@ -137,10 +139,15 @@ fn pam_sgd_refuses_other_variants_naming_the_key_and_the_supported_kinds() {
         optimizer: pam(),
         ..Default::default()
     };
-    let e = Trainer::new(cfg, &ArchConfig::Gated(gated::Config::default()), 64, &mut src)
-        .err()
-        .unwrap()
-        .to_string();
+    let e = Trainer::new(
+        cfg,
+        &ArchConfig::Gated(gated::Config::default()),
+        64,
+        &mut src,
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(
         e.contains("train.optimizer.kind") && e.contains("topk, relu_l1") && e.contains("gated"),
         "{e}"

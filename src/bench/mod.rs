@@ -80,6 +80,8 @@ mod tests {
     #[test]
     fn unknown_benchmark_names_the_choices() {
         let e = super::run("nope", &[]).unwrap_err();
-        assert!(e.to_string().contains("available: forward, capture, train, pam"));
+        assert!(e
+            .to_string()
+            .contains("available: forward, capture, train, pam"));
     }
 }

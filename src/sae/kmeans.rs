@@ -212,9 +212,9 @@ impl KMeans {
             let base = assign[b] as usize * s;
             let mu = &w_dec[base * d..(base + 1) * d];
             let x = &xt[b * d..(b + 1) * d];
-            for j in 1..s {
+            for (j, vj) in v.iter_mut().enumerate().skip(1) {
                 let e = &w_enc[(base + j) * d..(base + j + 1) * d];
-                v[j] = c::dot(e, x) - c::dot(e, mu);
+                *vj = c::dot(e, x) - c::dot(e, mu);
             }
         });
         ws.codes.clear();
@@ -487,7 +487,12 @@ mod tests {
     fn kmeans_finds_well_separated_clusters() {
         // 4 tight clusters in 3-d: after a few mini-batch steps every token reconstructs to
         // its own cluster centre.
-        let centres = [[5.0f32, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0], [-5.0, -5.0, 0.0]];
+        let centres = [
+            [5.0f32, 0.0, 0.0],
+            [0.0, 5.0, 0.0],
+            [0.0, 0.0, 5.0],
+            [-5.0, -5.0, 0.0],
+        ];
         let mut rng = Rng::new(3);
         let n = 256;
         let mut x = Vec::new();
@@ -498,13 +503,23 @@ mod tests {
             }
         }
         let mut sae = KMeans::new(0, 3, 4, &mut Rng::new(1)).unwrap();
-        let mut grads: Vec<Vec<f32>> = sae.params().iter().map(|p| vec![0.0; p.data.len()]).collect();
+        let mut grads: Vec<Vec<f32>> = sae
+            .params()
+            .iter()
+            .map(|p| vec![0.0; p.data.len()])
+            .collect();
         let mut ws = Workspace::default();
         let mut last = f64::INFINITY;
         for step in 0..5 {
             let out = sae
                 .forward_backward(
-                    &StepInput { x: &x, n, step, sparsity_scale: 1.0, dead: &[] },
+                    &StepInput {
+                        x: &x,
+                        n,
+                        step,
+                        sparsity_scale: 1.0,
+                        dead: &[],
+                    },
                     &mut grads,
                     &mut ws,
                 )

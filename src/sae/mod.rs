@@ -360,9 +360,9 @@ impl ArchConfig {
             }),
             // L0 = 1 by construction: no knob.
             ArchConfig::KMeans(c) => ArchConfig::KMeans(c.clone()),
-            ArchConfig::KMeansPca(c) => ArchConfig::KMeansPca(kmeans::PcaConfig {
-                rank: div(c.rank),
-            }),
+            ArchConfig::KMeansPca(c) => {
+                ArchConfig::KMeansPca(kmeans::PcaConfig { rank: div(c.rank) })
+            }
         }
     }
 

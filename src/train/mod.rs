@@ -265,21 +265,27 @@ impl PamRun {
             )));
         }
         let find = |name: &str| {
-            sae.params().iter().position(|p| p.name == name).ok_or_else(|| {
-                TrainError::Config(format!(
-                    "PAM-SGD needs a `{name}` parameter, which {} does not have",
-                    arch.kind()
-                ))
-            })
+            sae.params()
+                .iter()
+                .position(|p| p.name == name)
+                .ok_or_else(|| {
+                    TrainError::Config(format!(
+                        "PAM-SGD needs a `{name}` parameter, which {} does not have",
+                        arch.kind()
+                    ))
+                })
         };
         let (w_dec, b_dec) = (find("W_dec")?, find("b_dec")?);
         let (d, f) = sae.dims();
         let state = pam::PamState::new(
             f,
             d,
-            sae.params()
-                .iter()
-                .map(|p| (p.trainable && !pam::DECODER_PARAMS.contains(&p.name), &p.data[..])),
+            sae.params().iter().map(|p| {
+                (
+                    p.trainable && !pam::DECODER_PARAMS.contains(&p.name),
+                    &p.data[..],
+                )
+            }),
         );
         Ok(Self {
             cfg: cfg.clone(),
@@ -582,7 +588,9 @@ impl Trainer {
                     if !a.is_empty() {
                         let k = format!("pam_anchor.{}", p.name);
                         let t = ck.tensors.get(&k).ok_or_else(|| {
-                            cerr(format!("missing tensor {k}: the checkpoint was not made with PAM-SGD"))
+                            cerr(format!(
+                                "missing tensor {k}: the checkpoint was not made with PAM-SGD"
+                            ))
                         })?;
                         if t.len() != a.len() {
                             return Err(cerr(format!("tensor {k} has the wrong length")));

@@ -93,10 +93,12 @@ impl PamConfig {
             ("bias_ridge", self.bias_ridge),
         ] {
             if !(v.is_finite() && v >= 0.0) {
-                out.push(format!("train.optimizer.{k} = {v} must be a finite number >= 0"));
+                out.push(format!(
+                    "train.optimizer.{k} = {v} must be a finite number >= 0"
+                ));
             }
         }
-        if !(self.ridge + self.decoder_prox > 0.0) {
+        if self.ridge + self.decoder_prox <= 0.0 {
             out.push(
                 "train.optimizer.ridge + decoder_prox must be > 0: latents that never fire make the decoder system singular otherwise"
                     .to_string(),
@@ -449,11 +451,13 @@ pub fn cholesky(a: &mut [f64], m: usize) -> Result<(), usize> {
         let diag = &top[..];
         below.par_chunks_mut(m).for_each(|row| {
             for j in j0..j1 {
-                let mut v = row[j];
-                for k in j0..j {
-                    v -= row[k] * diag[j * m + k];
+                let (done, cur) = row.split_at_mut(j);
+                let dj = &diag[j * m..j * m + j];
+                let mut v = cur[0];
+                for (a, b) in done[j0..].iter().zip(&dj[j0..]) {
+                    v -= a * b;
                 }
-                row[j] = v / diag[j * m + j];
+                cur[0] = v / diag[j * m + j];
             }
         });
         // 3. trailing update A22 −= L21 L21ᵀ
@@ -715,10 +719,15 @@ mod tests {
                         .map(|r| z[r * m + i] as f64 * z[r * m + j] as f64)
                         .sum();
                     let got = st.g[i * m + j];
-                    assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()), "{got} {want}");
+                    assert!(
+                        (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                        "{got} {want}"
+                    );
                 }
                 for j in 0..d {
-                    let want: f64 = (0..n).map(|r| z[r * m + i] as f64 * x[r * d + j] as f64).sum();
+                    let want: f64 = (0..n)
+                        .map(|r| z[r * m + i] as f64 * x[r * d + j] as f64)
+                        .sum();
                     assert!((st.c[i * d + j] - want).abs() < 1e-4 * (1.0 + want.abs()));
                 }
             }
