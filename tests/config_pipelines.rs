@@ -247,3 +247,48 @@ fn table_values_couple_axes_for_paired_variants() {
         "{ids:?}"
     );
 }
+
+#[test]
+fn root_axis_couples_sections_and_pam_sgd_is_refused_where_unsupported() {
+    let p = config::load(root().join("pipelines/pam-kmeans-smollm2.toml"), &[]).unwrap();
+    let pts = p.points();
+    assert_eq!(pts.len(), 9);
+    let pam: Vec<&str> = pts
+        .iter()
+        .filter(|pt| pt.config.train.optimizer.kind() == "pam_sgd")
+        .map(|pt| pt.config.sae.arch.kind())
+        .collect();
+    assert_eq!(pam, ["topk", "topk", "relu_l1"]);
+    // the optimiser shows in the id; the Adam twin has a different one
+    let ids: Vec<&str> = pts.iter().map(|pt| pt.id.as_str()).collect();
+    assert!(
+        ids.iter().any(|i| i.starts_with("topk-k16-pam_sgd-")),
+        "{ids:?}"
+    );
+    assert!(ids.iter().any(|i| i.starts_with("kmeans-x1-")), "{ids:?}");
+    let mut uniq = ids.clone();
+    uniq.sort();
+    uniq.dedup();
+    assert_eq!(uniq.len(), ids.len());
+    // a PAM-SGD point on a variant it cannot train is an error naming the key
+    let text = std::fs::read_to_string(smoke()).unwrap();
+    let base = &text[..text.find("[sweep]").unwrap()];
+    let (msg, probs) = problems(
+        &format!(
+            "{base}[sweep]\n\".\" = [{{ sae = {{ arch = {{ kind = \"gated\" }} }}, train = {{ optimizer = {{ kind = \"pam_sgd\" }} }} }}]\n"
+        ),
+        &[],
+    );
+    assert!(
+        probs
+            .iter()
+            .any(|(k, m)| k == "train.optimizer.kind" && m.contains("topk, relu_l1")),
+        "{msg}"
+    );
+    let (msg, probs) = problems(
+        &format!("{base}[sweep]\n\".\" = [{{ sea = {{ d_sae = 4 }} }}, 3]\n"),
+        &[],
+    );
+    assert!(probs.iter().any(|(k, _)| k.contains("[0].sea")), "{msg}");
+    assert!(probs.iter().any(|(k, _)| k.ends_with("[1]")), "{msg}");
+}

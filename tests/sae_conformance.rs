@@ -104,6 +104,10 @@ fn same_seed_same_weights() {
 #[test]
 fn loss_falls_and_invariants_hold_after_every_update() {
     for arch in ArchConfig::examples() {
+        // The k-means baselines are seeded by k-means++ on their first batch, so their first
+        // loss is already near the k-means optimum (here it falls 6-11% in 60 steps); their
+        // fitting is tested in tests/kmeans_baselines.rs.
+        let loss_must_fall = !arch.kind().starts_with("kmeans");
         let mut src = InMemorySource::new(data(4096, 3), D);
         let mut t = Trainer::new(cfg(60), &arch, F, &mut src).unwrap();
         let mut losses = Vec::new();
@@ -118,7 +122,7 @@ fn loss_falls_and_invariants_hold_after_every_update() {
         let first: f64 = losses[..5].iter().sum::<f64>() / 5.0;
         let last: f64 = losses[55..].iter().sum::<f64>() / 5.0;
         assert!(
-            last < 0.8 * first,
+            last < 0.8 * first || (!loss_must_fall && last < first),
             "{}: loss {first} -> {last}",
             arch.kind()
         );
@@ -156,6 +160,11 @@ fn trained_l0(arch: &ArchConfig, factor: f32) -> f64 {
 #[test]
 fn l0_responds_monotonically_to_the_sparsity_knob() {
     for arch in ArchConfig::examples() {
+        if arch.kind() == "kmeans" {
+            // L0 = 1 by construction (one centroid per token): no sparsity knob.
+            assert_eq!(trained_l0(&arch, 1.0), 1.0);
+            continue;
+        }
         let l0s: Vec<f64> = [0.25, 1.0, 4.0]
             .iter()
             .map(|&f| trained_l0(&arch, f))

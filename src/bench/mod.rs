@@ -6,13 +6,14 @@
 
 pub mod capture;
 pub mod forward;
+pub mod pam;
 pub mod train;
 
 /// Why a benchmark could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     /// No benchmark of that name.
-    #[error("unknown benchmark '{0}'; available: forward, capture, train")]
+    #[error("unknown benchmark '{0}'; available: forward, capture, train, pam")]
     Unknown(String),
     /// Bad arguments (the message is clap's usage text).
     #[error("{0}")]
@@ -50,6 +51,10 @@ pub fn run(what: &str, args: &[String]) -> Result<(), BenchError> {
             print!("{table}");
             Ok(())
         }
+        "pam" => {
+            print!("{}", pam::run(args)?);
+            Ok(())
+        }
         other => Err(BenchError::Unknown(other.to_string())),
     }
 }
@@ -75,6 +80,8 @@ mod tests {
     #[test]
     fn unknown_benchmark_names_the_choices() {
         let e = super::run("nope", &[]).unwrap_err();
-        assert!(e.to_string().contains("available: forward, capture, train"));
+        assert!(e
+            .to_string()
+            .contains("available: forward, capture, train, pam"));
     }
 }

@@ -247,6 +247,93 @@ pub enum OptimizerConfig {
         #[serde(default = "default_eps")]
         eps: f64,
     },
+    /// PAM-SGD (`jsae_pamsgd.md` §2.2), for `topk` and `relu_l1` SAEs: the encoder by Adam
+    /// (settings as for `adam`) with a proximal term, the decoder by an exact closed-form
+    /// solve from statistics streamed over each outer iteration.
+    PamSgd {
+        /// Encoder Adam peak learning rate. Absent: the variant's recommendation.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lr: Option<f64>,
+        /// Encoder Adam β1. Absent: the variant's recommendation.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        beta1: Option<f64>,
+        /// Encoder Adam β2. Absent: 0.999.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        beta2: Option<f64>,
+        /// Encoder Adam epsilon. Default 1e-8.
+        #[serde(default = "default_eps")]
+        eps: f64,
+        /// Optimiser steps per outer iteration (one decoder solve). Default 8.
+        #[serde(default = "default_solve_every")]
+        solve_every: u64,
+        /// μ_enc, proximal weight on ‖W_enc − W_enc^t‖². Default 1e-3.
+        #[serde(default = "default_enc_prox")]
+        encoder_prox: f64,
+        /// ν_enc, proximal weight on ‖b_enc − b_enc^t‖². Default 1e-3.
+        #[serde(default = "default_enc_prox")]
+        encoder_bias_prox: f64,
+        /// μ̃_dec, proximal weight on ‖W_dec − W_dec^t‖² per token of statistics. Default 1e-4.
+        #[serde(default = "default_dec_prox")]
+        decoder_prox: f64,
+        /// ν̃_dec, proximal weight on ‖b_dec − b_dec^t‖² per token. Default 0.
+        #[serde(default)]
+        decoder_bias_prox: f64,
+        /// α̃, ridge on ‖W_dec‖² per token of statistics. Default 1e-6.
+        #[serde(default = "default_ridge")]
+        ridge: f64,
+        /// β̃, ridge on ‖b_dec‖² per token. Default 0.
+        #[serde(default)]
+        bias_ridge: f64,
+        /// Statistics kept after each solve: 0 = fresh per outer iteration, in (0, 1) = an
+        /// exponential average. Default 0.5.
+        #[serde(default = "default_stats_decay")]
+        stats_decay: f64,
+    },
+}
+
+impl OptimizerConfig {
+    /// `kind` as written in the file (`adam`, `pam_sgd`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            OptimizerConfig::Adam { .. } => "adam",
+            OptimizerConfig::PamSgd { .. } => "pam_sgd",
+        }
+    }
+
+    /// The Adam settings `(lr, beta1, beta2, eps)` (of the encoder step for PAM-SGD).
+    pub fn adam(&self) -> (Option<f64>, Option<f64>, Option<f64>, f64) {
+        match *self {
+            OptimizerConfig::Adam {
+                lr,
+                beta1,
+                beta2,
+                eps,
+            }
+            | OptimizerConfig::PamSgd {
+                lr,
+                beta1,
+                beta2,
+                eps,
+                ..
+            } => (lr, beta1, beta2, eps),
+        }
+    }
+}
+
+fn default_solve_every() -> u64 {
+    crate::train::pam::PamConfig::default().solve_every
+}
+fn default_enc_prox() -> f64 {
+    crate::train::pam::PamConfig::default().encoder_prox as f64
+}
+fn default_dec_prox() -> f64 {
+    crate::train::pam::PamConfig::default().decoder_prox
+}
+fn default_stats_decay() -> f64 {
+    crate::train::pam::PamConfig::default().stats_decay
+}
+fn default_ridge() -> f64 {
+    crate::train::pam::PamConfig::default().ridge
 }
 
 impl Default for OptimizerConfig {

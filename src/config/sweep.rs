@@ -13,6 +13,9 @@
 //! An axis `sae = [{ expansion_factor = 2, arch = { kind = "gated" } }, ...]` therefore
 //! couples width and variant (Gated at 2H against SA-GSAE at H) where a plain product
 //! cannot. Axes are applied wider key first, so `sae.arch.k` refines `sae`.
+//! The root axis `"." = [{ sae = {...}, train = {...} }, ...]` couples keys of different
+//! sections the same way (each value is merged into the whole file), e.g. PAM-SGD runs
+//! (`train.optimizer`) only for the variants that support them, next to k-means baselines.
 
 use toml::{Table, Value};
 
@@ -49,7 +52,12 @@ pub fn expand(config: &PipelineConfig, probs: &mut Problems) -> Vec<Point> {
     };
     let mut axes: Vec<(String, Vec<String>, Vec<Value>)> = Vec::new();
     for (key, v) in &config.sweep {
-        let (Ok(path), Some(values)) = (parse_key(key), v.as_array()) else {
+        let path = if key == ROOT_AXIS {
+            Ok(Vec::new())
+        } else {
+            parse_key(key)
+        };
+        let (Ok(path), Some(values)) = (path, v.as_array()) else {
             continue; // reported by validate::check_sweep
         };
         axes.push((key.clone(), path, values.clone()));
@@ -65,7 +73,17 @@ pub fn expand(config: &PipelineConfig, probs: &mut Problems) -> Vec<Point> {
         let mut overrides = Vec::with_capacity(axes.len());
         let mut set_failed = false;
         for ((key, path, values), &i) in axes.iter().zip(&idx) {
-            if let Err(e) = assign(&mut raw, path, values[i].clone()) {
+            let result = match (path.is_empty(), &values[i]) {
+                (true, Value::Table(t)) => t
+                    .iter()
+                    .try_for_each(|(k, v)| assign(&mut raw, std::slice::from_ref(k), v.clone())),
+                (true, other) => Err(format!(
+                    "values of the root axis must be tables of sections, not a {}",
+                    other.type_str()
+                )),
+                (false, v) => assign(&mut raw, path, v.clone()),
+            };
+            if let Err(e) = result {
                 probs.add(format!("sweep.\"{key}\""), e);
                 set_failed = true;
             }
@@ -113,6 +131,9 @@ pub fn expand(config: &PipelineConfig, probs: &mut Problems) -> Vec<Point> {
     points
 }
 
+/// Key of the root axis, whose values are merged into the whole file.
+pub const ROOT_AXIS: &str = ".";
+
 /// The id of a point with arch `kind` and (sorted) `overrides`.
 pub fn point_id(kind: &str, overrides: &[(String, Value)]) -> String {
     let canon = overrides
@@ -122,7 +143,11 @@ pub fn point_id(kind: &str, overrides: &[(String, Value)]) -> String {
     let hash = sha256_hex(canon.as_bytes());
     let mut labels: Vec<(u8, String)> = Vec::new();
     for (k, v) in overrides {
-        let path = parse_key(k).unwrap_or_else(|_| vec![k.clone()]);
+        let path = if k == ROOT_AXIS {
+            Vec::new()
+        } else {
+            parse_key(k).unwrap_or_else(|_| vec![k.clone()])
+        };
         push_labels(&path, v, &mut labels);
     }
     labels.sort_by_key(|l| l.0);
@@ -155,6 +180,8 @@ fn push_labels(path: &[String], v: &Value, out: &mut Vec<(u8, String)>) {
         _ => "v".to_string(),
     };
     let (order, label) = match (path.first().map(String::as_str), last) {
+        // the optimiser is not the arch prefix: name it when it is not the default
+        (Some("train"), "kind") if value != "adam" => (5, value),
         (_, "kind") => return,
         (_, "expansion_factor") => (0, format!("x{value}")),
         (_, "d_sae") => (0, format!("d{value}")),

@@ -9,6 +9,33 @@ use super::schema::{BDecInit, LrDecay, OptimizerConfig, PipelineConfig};
 use crate::train;
 
 impl PipelineConfig {
+    /// The trainer's PAM-SGD settings when `[train] optimizer` is `pam_sgd`.
+    pub fn pam_config(opt: &OptimizerConfig) -> Option<train::pam::PamConfig> {
+        match *opt {
+            OptimizerConfig::Adam { .. } => None,
+            OptimizerConfig::PamSgd {
+                solve_every,
+                encoder_prox,
+                encoder_bias_prox,
+                decoder_prox,
+                decoder_bias_prox,
+                ridge,
+                bias_ridge,
+                stats_decay,
+                ..
+            } => Some(train::pam::PamConfig {
+                solve_every,
+                encoder_prox: encoder_prox as f32,
+                encoder_bias_prox: encoder_bias_prox as f32,
+                decoder_prox,
+                decoder_bias_prox,
+                ridge,
+                bias_ridge,
+                stats_decay,
+            }),
+        }
+    }
+
     /// The trainer's configuration for this pipeline (or sweep point).
     pub fn trainer_config(&self) -> train::TrainConfig {
         let t = &self.train;
@@ -17,12 +44,11 @@ impl PipelineConfig {
         let batch = t.batch_tokens.max(1) as u64;
         let steps = (total_tokens / batch).max(1);
         let frac = |s: u64| (s as f64 / steps as f64).min(1.0) as f32;
-        let OptimizerConfig::Adam {
-            lr,
-            beta1,
-            beta2,
-            eps,
-        } = t.optimizer;
+        let (lr, beta1, beta2, eps) = t.optimizer.adam();
+        let optimizer = match Self::pam_config(&t.optimizer) {
+            Some(p) => train::Optimizer::PamSgd(p),
+            None => train::Optimizer::Adam,
+        };
         train::TrainConfig {
             batch_tokens: t.batch_tokens,
             total_tokens,
@@ -52,6 +78,7 @@ impl PipelineConfig {
             checkpoint_every: t
                 .checkpoint_every
                 .map_or(defaults.checkpoint_every, |tok| (tok / batch).max(1)),
+            optimizer,
         }
     }
 }
@@ -87,5 +114,54 @@ mod tests {
         .unwrap();
         let t = off.config.trainer_config();
         assert_eq!((t.grad_clip, t.lr_decay_frac), (None, 0.0));
+    }
+
+    #[test]
+    fn pam_sgd_maps_onto_the_trainer_and_refuses_other_variants() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/smoke.toml");
+        let p = config::load(
+            &path,
+            &[
+                "train.optimizer={ kind = \"pam_sgd\", solve_every = 4, lr = 1e-3 }".into(),
+                "sae.arch={ kind = \"topk\", k = 8 }".into(),
+            ],
+        )
+        .unwrap();
+        let t = p.config.trainer_config();
+        assert_eq!(t.lr, Some(1e-3));
+        match t.optimizer {
+            crate::train::Optimizer::PamSgd(c) => {
+                assert_eq!(c.solve_every, 4);
+                assert_eq!(c.stats_decay, 0.5);
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = config::load(
+            &path,
+            &[
+                "train.optimizer={ kind = \"pam_sgd\" }".into(),
+                "sae.arch={ kind = \"gated\" }".into(),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("train.optimizer.kind") && e.contains("topk, relu_l1"),
+            "{e}"
+        );
+        let e = config::load(
+            &path,
+            &["train.optimizer={ kind = \"pam_sgd\", stats_decay = 1.5, solvevery = 2 }".into()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("solvevery"), "{e}");
+        let e = config::load(
+            &path,
+            &["train.optimizer={ kind = \"pam_sgd\", stats_decay = 1.5 }".into()],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("train.optimizer.stats_decay"), "{e}");
     }
 }

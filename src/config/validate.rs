@@ -223,6 +223,18 @@ pub fn check(mut raw: Table, probs: &mut Problems) -> Option<PipelineConfig> {
             );
         }
     }
+    if matches!(config.train.optimizer, OptimizerConfig::PamSgd { .. })
+        && !config.sae.arch.supports_pam_sgd()
+    {
+        probs.add(
+            "train.optimizer.kind",
+            format!(
+                "\"pam_sgd\" supports sae.arch kinds {}, not `{}`; use kind = \"adam\" for this SAE",
+                crate::sae::ArchConfig::PAM_SGD_KINDS.join(", "),
+                config.sae.arch.kind()
+            ),
+        );
+    }
     let train_tokens = config.train.train_tokens.unwrap_or(config.data.n_tokens);
     if train_tokens < config.train.batch_tokens as u64 {
         probs.add(
@@ -375,12 +387,15 @@ fn check_capture(c: &CaptureConfig, probs: &mut Problems) {
 }
 
 fn check_train(t: &TrainConfig, probs: &mut Problems) {
-    let OptimizerConfig::Adam {
-        lr,
-        beta1,
-        beta2,
-        eps,
-    } = &t.optimizer;
+    let (lr, beta1, beta2, eps) = t.optimizer.adam();
+    let (lr, beta1, beta2, eps) = (&lr, &beta1, &beta2, &eps);
+    if let OptimizerConfig::PamSgd { .. } = &t.optimizer {
+        let cfg = PipelineConfig::pam_config(&t.optimizer);
+        for p in cfg.map(|c| c.problems()).unwrap_or_default() {
+            let (key, msg) = p.split_once(' ').unwrap_or((&p, ""));
+            probs.add(key.to_string(), msg.to_string());
+        }
+    }
     if let Some(lr) = lr {
         if !(lr.is_finite() && *lr > 0.0) {
             probs.add(
@@ -446,6 +461,27 @@ fn check_sweep(s: &Table, probs: &mut Problems) {
                 k,
                 format!("must be an array of values, not a {}", other.type_str()),
             ),
+        }
+        if key == super::sweep::ROOT_AXIS {
+            for (i, item) in v.as_array().into_iter().flatten().enumerate() {
+                match item.as_table() {
+                    Some(t) => {
+                        for sec in t.keys() {
+                            if !SECTIONS.contains(&sec.as_str()) || sec == "sweep" {
+                                probs.add(
+                                    format!("sweep.\"{key}\"[{i}].{sec}"),
+                                    format!("is not a section that can be swept{}", suggest(sec, &SECTIONS)),
+                                );
+                            }
+                        }
+                    }
+                    None => probs.add(
+                        format!("sweep.\"{key}\"[{i}]"),
+                        format!("must be a table of sections, e.g. {{ sae = {{ arch = {{ kind = \"kmeans\" }} }} }}, not a {}", item.type_str()),
+                    ),
+                }
+            }
+            continue;
         }
         match super::overrides::parse_key(key) {
             Ok(path) if path.first().map(String::as_str) == Some("sweep") => {

@@ -690,6 +690,35 @@ pub fn normalize_rows(w: &mut [f32], d: usize) {
     });
 }
 
+/// Install a PAM-SGD decoder solution `new_w` into `w_dec` with unit rows, moving each
+/// row's norm `s_i` into the encoder (`w_enc` row `i` and `b_enc[i]` times `s_i`), so a latent
+/// with the same pre-activation sign contributes exactly what the solved decoder would (exact
+/// for ReLU, which is positively homogeneous; for TopK the ranking becomes `s_i·π_i`). Rows
+/// solved to (near) zero keep their old direction and leave the encoder alone.
+pub fn install_unit_decoder(
+    new_w: &[f32],
+    w_dec: &mut [f32],
+    w_enc: &mut [f32],
+    b_enc: &mut [f32],
+    d: usize,
+) {
+    w_dec
+        .par_chunks_mut(d)
+        .zip(w_enc.par_chunks_mut(d))
+        .zip(b_enc.par_iter_mut())
+        .zip(new_w.par_chunks(d))
+        .for_each(|(((dec, enc), be), nw)| {
+            let s = dot(nw, nw).sqrt();
+            if s > 1e-6 && s.is_finite() {
+                for (o, v) in dec.iter_mut().zip(nw) {
+                    *o = v / s;
+                }
+                enc.iter_mut().for_each(|v| *v *= s);
+                *be *= s;
+            }
+        });
+}
+
 /// `f` random directions in `R^d` with norm `norm` each, `[f, d]`.
 pub fn random_rows(rng: &mut Rng, f: usize, d: usize, norm: f32) -> Vec<f32> {
     let mut w: Vec<f32> = (0..f * d).map(|_| rng.normal() as f32).collect();

@@ -276,9 +276,9 @@ impl LoadedSae {
             .to_string();
         if !matches!(
             architecture.as_str(),
-            "standard" | "topk" | "jumprelu" | "gated"
+            "standard" | "topk" | "jumprelu" | "gated" | "kmeans"
         ) {
-            return Err(fmt_err(&cpath, format!("architecture `{architecture}` is not supported (standard, topk, jumprelu, gated)")));
+            return Err(fmt_err(&cpath, format!("architecture `{architecture}` is not supported (standard, topk, jumprelu, gated, kmeans)")));
         }
         let version = cfg["metadata"]["sae_lens_version"].as_str().unwrap_or("0");
         if version
@@ -331,6 +331,7 @@ impl LoadedSae {
         let names: &[&str] = match architecture.as_str() {
             "gated" => &["b_gate", "b_mag", "r_mag"],
             "jumprelu" => &["b_enc", "threshold"],
+            "kmeans" => &["b_enc", "code_value"],
             _ => &["b_enc"],
         };
         let mut per_latent = Vec::new();
@@ -340,6 +341,25 @@ impl LoadedSae {
         let k = cfg["k"].as_u64().map(|v| v as usize);
         if architecture == "topk" && !k.is_some_and(|k| k >= 1 && k <= f) {
             return Err(fmt_err(&cpath, "topk needs an integer `k` in 1..=d_sae"));
+        }
+        let mut extra_cfg = vec![];
+        if architecture == "kmeans" {
+            // saepipe's own architecture (jsae_pamsgd.md §2.4, sae/kmeans.rs): cluster c owns
+            // latents c(1+rank) .. c(1+rank)+rank.
+            let rank = cfg["rank"].as_u64();
+            let clusters = cfg["n_clusters"].as_u64();
+            match (rank, clusters) {
+                (Some(r), Some(kc)) if kc >= 1 && kc * (1 + r) <= f as u64 => {
+                    extra_cfg.push(("rank".to_string(), serde_json::json!(r)));
+                    extra_cfg.push(("n_clusters".to_string(), serde_json::json!(kc)));
+                }
+                _ => {
+                    return Err(fmt_err(
+                        &cpath,
+                        "kmeans needs integers `rank` and `n_clusters` with n_clusters·(1+rank) <= d_sae",
+                    ))
+                }
+            }
         }
         Ok(Self {
             hook_name: cfg["metadata"]["hook_name"]
@@ -356,7 +376,7 @@ impl LoadedSae {
                 per_latent,
                 apply_b_dec_to_input: cfg["apply_b_dec_to_input"].as_bool().unwrap_or(true),
                 k,
-                extra_cfg: vec![],
+                extra_cfg,
                 saepipe_arch: cfg["metadata"]["saepipe_arch"]
                     .as_str()
                     .unwrap_or("")
@@ -416,6 +436,43 @@ impl LoadedSae {
                                 .filter(|(_, (&v, &h))| v > h && v > 0.0)
                                 .map(|(i, (&v, _))| (i as u32, v)),
                         );
+                    },
+                );
+            }
+            "kmeans" => {
+                let get = |name: &str| {
+                    t.extra_cfg
+                        .iter()
+                        .find(|(k, _)| k == name)
+                        .and_then(|(_, v)| v.as_u64())
+                        .unwrap_or(0) as usize
+                };
+                let (s, kc) = (1 + get("rank"), get("n_clusters"));
+                let cv = self.per("code_value");
+                c::encode_collect(
+                    ws,
+                    n,
+                    d,
+                    &t.w_enc,
+                    f,
+                    Some(self.per("b_enc")),
+                    |_, row, buf| {
+                        // nearest centroid = argmax over the centroid latents
+                        let mut best = 0;
+                        for cl in 1..kc {
+                            if row[cl * s] > row[best * s] {
+                                best = cl;
+                            }
+                        }
+                        let base = best * s;
+                        if cv[base] != 0.0 {
+                            buf.main.push((base as u32, cv[base]));
+                        }
+                        for j in 1..s {
+                            if row[base + j] != 0.0 {
+                                buf.main.push(((base + j) as u32, row[base + j]));
+                            }
+                        }
                     },
                 );
             }

@@ -17,6 +17,7 @@ pub mod common;
 pub mod export;
 pub mod gated;
 pub mod jumprelu;
+pub mod kmeans;
 pub mod relu_l1;
 pub mod topk;
 
@@ -168,6 +169,20 @@ pub trait Sae: Send + Sync {
         Ok(())
     }
 
+    /// PAM-SGD (`jsae_pamsgd.md` §2.2): install the closed-form decoder `w_dec [d_sae, d_in]`,
+    /// `b_dec [d_in]` solved for the current codes, keeping the variant's own constraints.
+    /// Variants that cannot be trained by PAM-SGD keep this default, which refuses.
+    fn install_decoder(&mut self, w_dec: &[f32], b_dec: &[f32]) -> Result<(), SaeError> {
+        let _ = (w_dec, b_dec);
+        Err(SaeError::Config {
+            arch: self.arch(),
+            msg: format!(
+                "PAM-SGD (train.optimizer.kind = \"pam_sgd\") supports sae.arch kinds {}",
+                ArchConfig::PAM_SGD_KINDS.join(", ")
+            ),
+        })
+    }
+
     /// Decode codes into `out: [n, d_in]` (`x̂ = Σ f_i d_i + b_dec`, sparse).
     fn decode(&self, codes: &Codes, out: &mut Vec<f32>, ws: &mut Workspace) {
         let (d, f) = self.dims();
@@ -237,9 +252,24 @@ pub enum ArchConfig {
     JumpRelu(jumprelu::Config),
     /// Gated SAE with `r_mag` sharing (Rajamanoharan et al. 2024), §4.
     Gated(gated::Config),
+    /// k-means autoencoder (a Top-1 SAE with code 1), the SplInterp baseline
+    /// (`jsae_pamsgd.md` §2.4). `d_sae` = number of clusters; L0 = 1.
+    #[serde(rename = "kmeans")]
+    KMeans(kmeans::Config),
+    /// k-means + local-PCA autoencoder (rank-r affine map per Voronoi cell), §2.4.
+    #[serde(rename = "kmeans_pca")]
+    KMeansPca(kmeans::PcaConfig),
 }
 
 impl ArchConfig {
+    /// The variants PAM-SGD can train (they implement [`Sae::install_decoder`]).
+    pub const PAM_SGD_KINDS: [&'static str; 2] = [topk::ARCH, relu_l1::ARCH];
+
+    /// Whether `train.optimizer.kind = "pam_sgd"` can train this variant.
+    pub fn supports_pam_sgd(&self) -> bool {
+        Self::PAM_SGD_KINDS.contains(&self.kind())
+    }
+
     /// Variant name (the serde `kind`).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -248,6 +278,8 @@ impl ArchConfig {
             ArchConfig::BatchTopK(_) => batchtopk::ARCH,
             ArchConfig::JumpRelu(_) => jumprelu::ARCH,
             ArchConfig::Gated(_) => gated::ARCH,
+            ArchConfig::KMeans(_) => kmeans::ARCH,
+            ArchConfig::KMeansPca(_) => kmeans::ARCH_PCA,
         }
     }
 
@@ -272,6 +304,16 @@ impl ArchConfig {
                 Box::new(jumprelu::JumpRelu::new(c.clone(), d_in, d_sae, &mut rng)?)
             }
             ArchConfig::Gated(c) => Box::new(gated::Gated::new(c.clone(), d_in, d_sae, &mut rng)?),
+            ArchConfig::KMeans(_) => Box::new(kmeans::KMeans::new(0, d_in, d_sae, &mut rng)?),
+            ArchConfig::KMeansPca(c) => {
+                if c.rank == 0 {
+                    return Err(SaeError::Config {
+                        arch: kmeans::ARCH_PCA,
+                        msg: "rank must be >= 1 (rank 0 is kind = \"kmeans\")".into(),
+                    });
+                }
+                Box::new(kmeans::KMeans::new(c.rank, d_in, d_sae, &mut rng)?)
+            }
         })
     }
 
@@ -294,6 +336,8 @@ impl ArchConfig {
             }),
             ArchConfig::JumpRelu(jumprelu::Config::default()),
             ArchConfig::Gated(gated::Config::default()),
+            ArchConfig::KMeans(kmeans::Config {}),
+            ArchConfig::KMeansPca(kmeans::PcaConfig { rank: 2 }),
         ]
     }
 
@@ -322,6 +366,11 @@ impl ArchConfig {
                 l1_coefficient: c.l1_coefficient * factor,
                 ..c.clone()
             }),
+            // L0 = 1 by construction: no knob.
+            ArchConfig::KMeans(c) => ArchConfig::KMeans(c.clone()),
+            ArchConfig::KMeansPca(c) => {
+                ArchConfig::KMeansPca(kmeans::PcaConfig { rank: div(c.rank) })
+            }
         }
     }
 
@@ -334,6 +383,8 @@ impl ArchConfig {
             ArchConfig::BatchTopK(c) => ("k", c.k as f64),
             ArchConfig::JumpRelu(c) => ("l0_coefficient", c.l0_coefficient as f64),
             ArchConfig::Gated(c) => ("l1_coefficient", c.l1_coefficient as f64),
+            ArchConfig::KMeans(_) => ("rank", 0.0),
+            ArchConfig::KMeansPca(c) => ("rank", c.rank as f64),
         }
     }
 
@@ -347,6 +398,8 @@ impl ArchConfig {
             }
             ArchConfig::JumpRelu(_) => (7e-5, 0.0, 0.999),
             ArchConfig::Gated(_) => (3e-4, 0.0, 0.999),
+            // Only the local-PCA subspaces use Adam (centroids are mini-batch k-means).
+            ArchConfig::KMeans(_) | ArchConfig::KMeansPca(_) => (1e-3, 0.9, 0.999),
         }
     }
 }

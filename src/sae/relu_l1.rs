@@ -216,6 +216,24 @@ impl Sae for ReluL1 {
         })
     }
 
+    /// PAM-SGD: unit rows with the norms moved into the encoder, an exact symmetry of the
+    /// whole loss (ReLU is positively homogeneous and the penalty is `Σ f_i ‖d_i‖`).
+    fn install_decoder(&mut self, w_dec: &[f32], b_dec: &[f32]) -> Result<(), SaeError> {
+        let d = self.d;
+        let (enc, rest) = self.params.split_at_mut(B_ENC);
+        let (be, rest) = rest.split_at_mut(1);
+        let (wd, bd) = rest.split_at_mut(1);
+        c::install_unit_decoder(
+            w_dec,
+            &mut wd[0].data,
+            &mut enc[W_ENC].data,
+            &mut be[0].data,
+            d,
+        );
+        bd[0].data.copy_from_slice(b_dec);
+        Ok(())
+    }
+
     fn export_parts(&self) -> ExportParts {
         let p = &self.params;
         ExportParts {

@@ -350,6 +350,33 @@ impl Sae for TopK {
         })
     }
 
+    /// PAM-SGD: `b_enc += W_enc (b_new − b_old)` first, so that `π = W_enc(x − b_dec) + b_enc`
+    /// is unchanged by the new `b_dec`; then unit rows with the norms moved into the encoder
+    /// ([`c::install_unit_decoder`]).
+    fn install_decoder(&mut self, w_dec: &[f32], b_dec: &[f32]) -> Result<(), SaeError> {
+        let d = self.d;
+        let delta: Vec<f32> = b_dec
+            .iter()
+            .zip(&self.params[B_DEC].data)
+            .map(|(n, o)| n - o)
+            .collect();
+        let (enc, rest) = self.params.split_at_mut(B_ENC);
+        let (be, rest) = rest.split_at_mut(1);
+        for (b, row) in be[0].data.iter_mut().zip(enc[W_ENC].data.chunks(d)) {
+            *b += c::dot(row, &delta);
+        }
+        let (wd, bd) = rest.split_at_mut(1);
+        c::install_unit_decoder(
+            w_dec,
+            &mut wd[0].data,
+            &mut enc[W_ENC].data,
+            &mut be[0].data,
+            d,
+        );
+        bd[0].data.copy_from_slice(b_dec);
+        Ok(())
+    }
+
     fn export_parts(&self) -> ExportParts {
         let mut e = topk_export(&self.params, "topk");
         e.extra_cfg = vec![

@@ -380,7 +380,7 @@ fn evaluate_unit(
         sparsity_param: sp_name.to_string(),
         sparsity_value: sp_value,
         seed: u.point.config.run.seed,
-        optimizer: "adam".into(),
+        optimizer: u.point.config.train.optimizer.kind().into(),
         train_tokens: done.train_tokens,
         eval_tokens: seen,
         r2: m.r2,
@@ -418,11 +418,11 @@ pub fn summary_table(rows: &[MetricsRow]) -> String {
     ];
     let mut keys: Vec<(String, String)> = rows
         .iter()
-        .map(|r| (r.hookpoint.clone(), r.arch.clone()))
+        .map(|r| (r.hookpoint.clone(), r.series()))
         .collect();
     keys.sort();
     keys.dedup();
-    let mut out = format!("{:<26} {:<10}", "hookpoint", "arch");
+    let mut out = format!("{:<26} {:<16}", "hookpoint", "arch");
     for (lo, hi) in BANDS {
         let label = if hi.is_finite() {
             format!("L0 {lo:.0}-{hi:.0}")
@@ -433,11 +433,11 @@ pub fn summary_table(rows: &[MetricsRow]) -> String {
     }
     out.push_str("\n (each cell: best R² / dead fraction of that SAE)\n");
     for (hp, arch) in keys {
-        out.push_str(&format!("{hp:<26} {arch:<10}"));
+        out.push_str(&format!("{hp:<26} {arch:<16}"));
         for (lo, hi) in BANDS {
             let best = rows
                 .iter()
-                .filter(|r| r.hookpoint == hp && r.arch == arch && r.l0 >= lo && r.l0 < hi)
+                .filter(|r| r.hookpoint == hp && r.series() == arch && r.l0 >= lo && r.l0 < hi)
                 .max_by(|a, b| a.r2.total_cmp(&b.r2));
             let cell = match best {
                 Some(r) => format!("{:.3} / {:.2}", r.r2, r.dead_frac),

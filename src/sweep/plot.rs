@@ -48,7 +48,7 @@ pub fn plot_pareto(path: &Path, rows: &[MetricsRow], title: &str) -> Result<(), 
 
     let mut groups: Vec<(String, String)> = pts
         .iter()
-        .map(|r| (r.hookpoint.clone(), r.arch.clone()))
+        .map(|r| (r.hookpoint.clone(), r.series()))
         .collect();
     groups.sort();
     groups.dedup();
@@ -78,7 +78,7 @@ pub fn plot_pareto(path: &Path, rows: &[MetricsRow], title: &str) -> Result<(), 
             let color = Palette99::pick(gi).to_rgba();
             let mine: Vec<(f64, f64)> = pts
                 .iter()
-                .filter(|r| &r.hookpoint == hp && &r.arch == arch)
+                .filter(|r| &r.hookpoint == hp && &r.series() == arch)
                 .map(|r| (r.l0, r.r2))
                 .collect();
             let front: Vec<(f64, f64)> = pareto::frontier((pareto::L0, pareto::R2), &mine)

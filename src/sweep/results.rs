@@ -86,6 +86,19 @@ pub struct MetricsRow {
     pub sae_path: String,
 }
 
+impl MetricsRow {
+    /// The series a row belongs to on the plot and in the frontier: the arch, with the
+    /// optimiser appended when it is not Adam (`topk+pam_sgd`), so that PAM-SGD and Adam
+    /// runs of one variant get separate frontiers.
+    pub fn series(&self) -> String {
+        if self.optimizer.is_empty() || self.optimizer == "adam" {
+            self.arch.clone()
+        } else {
+            format!("{}+{}", self.arch, self.optimizer)
+        }
+    }
+}
+
 /// Errors writing or reading result tables.
 #[derive(Debug, thiserror::Error)]
 pub enum ResultsError {
@@ -197,12 +210,15 @@ pub fn to_batch(rows: &[MetricsRow], is_pareto: &[bool]) -> Result<RecordBatch, 
     Ok(RecordBatch::try_new(Arc::new(schema()), columns)?)
 }
 
-/// Which rows lie on the (L0, R²) frontier of their (model, hookpoint, arch) group.
+/// Which rows lie on the (L0, R²) frontier of their (model, hookpoint, series) group
+/// (series = arch, plus the optimiser when it is not Adam: [`MetricsRow::series`]).
 pub fn pareto_mask(rows: &[MetricsRow]) -> Vec<bool> {
     let mut mask = vec![false; rows.len()];
+    let series: Vec<String> = rows.iter().map(MetricsRow::series).collect();
     let mut groups: Vec<(&str, &str, &str)> = rows
         .iter()
-        .map(|r| (r.model.as_str(), r.hookpoint.as_str(), r.arch.as_str()))
+        .zip(&series)
+        .map(|(r, s)| (r.model.as_str(), r.hookpoint.as_str(), s.as_str()))
         .collect();
     groups.sort();
     groups.dedup();
@@ -212,7 +228,7 @@ pub fn pareto_mask(rows: &[MetricsRow]) -> Vec<bool> {
                 (
                     rows[i].model.as_str(),
                     rows[i].hookpoint.as_str(),
-                    rows[i].arch.as_str(),
+                    series[i].as_str(),
                 ) == g
             })
             .collect();
@@ -345,5 +361,15 @@ mod tests {
         // topk: (8, .5) and (32, .8) on the frontier; (16, .4) dominated; gated alone.
         assert_eq!(front[0].num_rows(), 3);
         assert_eq!(pareto_mask(&rows), vec![true, false, true, true]);
+    }
+
+    #[test]
+    fn pam_sgd_rows_get_their_own_frontier() {
+        let mut pam = example_row("topk", 16.0, 0.1);
+        pam.optimizer = "pam_sgd".into();
+        assert_eq!(pam.series(), "topk+pam_sgd");
+        let rows = vec![example_row("topk", 8.0, 0.5), pam];
+        // dominated by the Adam row, but alone in its own series
+        assert_eq!(pareto_mask(&rows), vec![true, true]);
     }
 }

@@ -3,6 +3,8 @@
 //! A checkpoint is one safetensors file, written atomically (`*.tmp` then rename):
 //! - `param.<name>` (every parameter and state buffer), `adam_m.<name>`, `adam_v.<name>`
 //!   (trainable ones), `tokens_since_fired` (I64), `log.<column>` (F64);
+//! - PAM-SGD runs also: `pam_anchor.<name>` (F32, encoder anchors) and the decoder
+//!   statistics `pam.G`, `pam.C`, `pam.sz`, `pam.sx`, `pam.n` (F64);
 //! - `__metadata__["saepipe"]`: JSON [`CheckpointMeta`] (step, tokens, RNG state, data
 //!   position, input scale, variant and configs).
 //!
@@ -102,6 +104,15 @@ impl TrainLog {
 
     /// Write `train_log.parquet` atomically.
     pub fn write_parquet(&self, path: &Path) -> Result<(), TrainError> {
+        if self.columns.is_empty() {
+            // Nothing logged yet (checkpoint before the first log row): an empty table
+            // with the two key columns, not an error.
+            let empty = TrainLog {
+                columns: vec!["step".into(), "tokens".into()],
+                data: vec![Vec::new(), Vec::new()],
+            };
+            return empty.write_parquet(path);
+        }
         let fields: Vec<Field> = self
             .columns
             .iter()
@@ -154,6 +165,8 @@ pub struct CheckpointData {
     pub meta: CheckpointMeta,
     /// `param.*`, `adam_m.*`, `adam_v.*` tensors.
     pub tensors: HashMap<String, Vec<f32>>,
+    /// F64 tensors other than the log (PAM-SGD statistics).
+    pub tensors64: HashMap<String, Vec<f64>>,
     /// Firing counters.
     pub tokens_since_fired: Vec<u64>,
     /// The log so far.
@@ -169,12 +182,21 @@ pub fn save(
     path: &Path,
     meta: &CheckpointMeta,
     tensors: &[(String, &[f32])],
+    tensors64: &[(String, &[f64])],
     tsf: &[u64],
     log: &TrainLog,
 ) -> Result<(), TrainError> {
     let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
     for (name, v) in tensors {
         owned.push((name.clone(), Dtype::F32, vec![v.len()], bytes_f32(v)));
+    }
+    for (name, v) in tensors64 {
+        owned.push((
+            name.clone(),
+            Dtype::F64,
+            vec![v.len()],
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ));
     }
     owned.push((
         "tokens_since_fired".into(),
@@ -238,6 +260,7 @@ pub fn load(path: &Path) -> Result<CheckpointData, TrainError> {
         return Err(cerr(format!("format {} is not {FORMAT}", meta.format)));
     }
     let mut tensors = HashMap::new();
+    let mut tensors64 = HashMap::new();
     let mut tsf = Vec::new();
     let mut log = TrainLog {
         columns: meta.log_columns.clone(),
@@ -257,6 +280,13 @@ pub fn load(path: &Path) -> Result<CheckpointData, TrainError> {
                     .map(|b| f64::from_le_bytes(b.try_into().expect("invariant: chunks of 8")))
                     .collect();
             }
+        } else if t.dtype() == Dtype::F64 {
+            tensors64.insert(
+                name,
+                data.chunks_exact(8)
+                    .map(|b| f64::from_le_bytes(b.try_into().expect("invariant: chunks of 8")))
+                    .collect(),
+            );
         } else {
             if t.dtype() != Dtype::F32 {
                 return Err(cerr(format!(
@@ -275,6 +305,7 @@ pub fn load(path: &Path) -> Result<CheckpointData, TrainError> {
     Ok(CheckpointData {
         meta,
         tensors,
+        tensors64,
         tokens_since_fired: tsf,
         log,
     })

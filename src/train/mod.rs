@@ -19,6 +19,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod optim;
+pub mod pam;
 
 use std::path::{Path, PathBuf};
 
@@ -51,6 +52,28 @@ pub enum BDecInit {
     Mean,
     /// Zero.
     Zero,
+}
+
+/// The optimiser of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Optimizer {
+    /// Adam on every trainable parameter.
+    #[default]
+    Adam,
+    /// PAM-SGD (`jsae_pamsgd.md` §2.2): Adam with a proximal term on the encoder, the
+    /// decoder by a closed-form solve every `solve_every` steps. TopK and ReLU+L1 only.
+    PamSgd(pam::PamConfig),
+}
+
+impl Optimizer {
+    /// Name as in the metrics tables (`adam`, `pam_sgd`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Optimizer::Adam => "adam",
+            Optimizer::PamSgd(_) => "pam_sgd",
+        }
+    }
 }
 
 /// Training hyperparameters shared by every variant.
@@ -91,6 +114,8 @@ pub struct TrainConfig {
     pub log_every: u64,
     /// Checkpoint every this many steps (0 = only at the end). Default 1000.
     pub checkpoint_every: u64,
+    /// Optimiser: Adam (default) or PAM-SGD (whose encoder step uses the Adam settings above).
+    pub optimizer: Optimizer,
 }
 
 impl Default for TrainConfig {
@@ -113,6 +138,7 @@ impl Default for TrainConfig {
             seed: 0,
             log_every: 10,
             checkpoint_every: 1000,
+            optimizer: Optimizer::Adam,
         }
     }
 }
@@ -216,6 +242,77 @@ pub struct Trainer {
     log: TrainLog,
     ws: Workspace,
     batch: Vec<f32>,
+    pam: Option<PamRun>,
+}
+
+/// PAM-SGD bookkeeping of a run.
+struct PamRun {
+    cfg: pam::PamConfig,
+    state: pam::PamState,
+    /// Indices of `W_dec` and `b_dec` in the SAE's parameters.
+    w_dec: usize,
+    b_dec: usize,
+}
+
+impl PamRun {
+    /// Set up for `sae`, or explain why PAM-SGD cannot train it.
+    fn new(cfg: &pam::PamConfig, arch: &ArchConfig, sae: &dyn Sae) -> Result<Self, TrainError> {
+        if !arch.supports_pam_sgd() {
+            return Err(TrainError::Config(format!(
+                "train.optimizer.kind = \"pam_sgd\" supports sae.arch kinds {}; this SAE is `{}` (use kind = \"adam\" for it)",
+                ArchConfig::PAM_SGD_KINDS.join(", "),
+                arch.kind()
+            )));
+        }
+        let find = |name: &str| {
+            sae.params()
+                .iter()
+                .position(|p| p.name == name)
+                .ok_or_else(|| {
+                    TrainError::Config(format!(
+                        "PAM-SGD needs a `{name}` parameter, which {} does not have",
+                        arch.kind()
+                    ))
+                })
+        };
+        let (w_dec, b_dec) = (find("W_dec")?, find("b_dec")?);
+        let (d, f) = sae.dims();
+        let state = pam::PamState::new(
+            f,
+            d,
+            sae.params().iter().map(|p| {
+                (
+                    p.trainable && !pam::DECODER_PARAMS.contains(&p.name),
+                    &p.data[..],
+                )
+            }),
+        );
+        Ok(Self {
+            cfg: cfg.clone(),
+            state,
+            w_dec,
+            b_dec,
+        })
+    }
+
+    fn is_decoder(&self, i: usize) -> bool {
+        i == self.w_dec || i == self.b_dec
+    }
+
+    /// Closed-form decoder from the statistics, installed by the variant; then new anchors.
+    fn solve(&mut self, sae: &mut dyn Sae) -> Result<(), TrainError> {
+        let arch = sae.arch();
+        let (w, b) = {
+            let p = sae.params();
+            self.state
+                .solve(&self.cfg, &p[self.w_dec].data, &p[self.b_dec].data)
+                .map_err(|e| TrainError::Config(format!("{arch}: {e}")))?
+        };
+        sae.install_decoder(&w, &b)?;
+        self.state.refresh_anchors(sae.params());
+        self.state.decay(self.cfg.stats_decay);
+        Ok(())
+    }
 }
 
 fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
@@ -242,6 +339,9 @@ fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
     }
     if cfg.init_tokens == 0 {
         bad.push("init_tokens must be > 0".into());
+    }
+    if let Optimizer::PamSgd(p) = &cfg.optimizer {
+        bad.extend(p.problems());
     }
     if bad.is_empty() {
         Ok(())
@@ -379,7 +479,12 @@ impl Trainer {
                 .collect::<Vec<_>>()
         };
         let rng = Rng::new(cfg.seed.wrapping_add(0xA11CE));
+        let pam = match &cfg.optimizer {
+            Optimizer::PamSgd(p) => Some(PamRun::new(p, arch, &*sae)?),
+            Optimizer::Adam => None,
+        };
         Ok(Self {
+            pam,
             grads: sae
                 .params()
                 .iter()
@@ -432,6 +537,18 @@ impl Trainer {
                 ck.meta.arch
             )));
         }
+        let want_opt = serde_json::to_value(&cfg.optimizer).map_err(|e| cerr(e.to_string()))?;
+        let have_opt = ck
+            .meta
+            .train
+            .get("optimizer")
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({ "kind": "adam" }));
+        if have_opt != want_opt {
+            return Err(cerr(format!(
+                "it was trained with optimizer {have_opt} but the config asks for {want_opt}; resume with the same train.optimizer or start a new run"
+            )));
+        }
         if src.d_in() != ck.meta.d_in {
             return Err(TrainError::Width {
                 expected: ck.meta.d_in,
@@ -465,6 +582,46 @@ impl Trainer {
                 v.push(Vec::new());
             }
         }
+        let pam = match &cfg.optimizer {
+            Optimizer::PamSgd(p) => {
+                let mut pr = PamRun::new(p, arch, &*sae)?;
+                for (a, p) in pr.state.anchors.iter_mut().zip(sae.params()) {
+                    if !a.is_empty() {
+                        let k = format!("pam_anchor.{}", p.name);
+                        let t = ck.tensors.get(&k).ok_or_else(|| {
+                            cerr(format!(
+                                "missing tensor {k}: the checkpoint was not made with PAM-SGD"
+                            ))
+                        })?;
+                        if t.len() != a.len() {
+                            return Err(cerr(format!("tensor {k} has the wrong length")));
+                        }
+                        a.copy_from_slice(t);
+                    }
+                }
+                let st = &mut pr.state;
+                let mut n = [0.0f64];
+                for (k, dst) in [
+                    ("pam.G", &mut st.g[..]),
+                    ("pam.C", &mut st.c[..]),
+                    ("pam.sz", &mut st.sz[..]),
+                    ("pam.sx", &mut st.sx[..]),
+                    ("pam.n", &mut n[..]),
+                ] {
+                    let t = ck
+                        .tensors64
+                        .get(k)
+                        .ok_or_else(|| cerr(format!("missing PAM-SGD statistics {k}")))?;
+                    if t.len() != dst.len() {
+                        return Err(cerr(format!("tensor {k} has the wrong length")));
+                    }
+                    dst.copy_from_slice(t);
+                }
+                st.n = n[0];
+                Some(pr)
+            }
+            Optimizer::Adam => None,
+        };
         let rng_state: Result<Vec<u64>, _> = ck.meta.rng.iter().map(|s| s.parse::<u64>()).collect();
         let rng_state = rng_state.map_err(|e| cerr(format!("bad rng state: {e}")))?;
         src.seek(ck.meta.data_position)?;
@@ -473,6 +630,7 @@ impl Trainer {
             return Err(cerr("tokens_since_fired has the wrong length".into()));
         }
         Ok(Self {
+            pam,
             grads: sae
                 .params()
                 .iter()
@@ -592,9 +750,20 @@ impl Trainer {
             dead: &self.dead,
         };
         // 3. forward/backward
-        let out = self
+        let mut out = self
             .sae
             .forward_backward(&input, &mut self.grads, &mut self.ws)?;
+        // 3b. PAM-SGD: the decoder is frozen during the encoder step, which gets the
+        //     proximal term towards its anchor.
+        if let Some(pr) = &self.pam {
+            common::zero(&mut self.grads[pr.w_dec]);
+            common::zero(&mut self.grads[pr.b_dec]);
+            let params = self.sae.params();
+            pr.state.add_prox_grads(&pr.cfg, params, &mut self.grads);
+            let prox = pr.state.prox_loss(&pr.cfg, params);
+            out.loss += prox;
+            out.terms.push(("prox", prox));
+        }
         // 4. NaN guard
         let mut vals: Vec<f32> = vec![out.loss as f32];
         vals.extend(out.terms.iter().map(|t| t.1 as f32));
@@ -635,7 +804,7 @@ impl Trainer {
         let warm = self.cfg.lr_warmup_steps.min(self.total_steps / 10);
         let lr = self.adam.lr * optim::lr_factor(t, self.total_steps, warm, self.cfg.lr_decay_frac);
         for (i, p) in self.sae.params_mut().iter_mut().enumerate() {
-            if !p.trainable {
+            if !p.trainable || self.pam.as_ref().is_some_and(|pr| pr.is_decoder(i)) {
                 continue;
             }
             self.adam.update(
@@ -648,6 +817,14 @@ impl Trainer {
             );
             if p.unit_rows {
                 common::normalize_rows(&mut p.data, d);
+            }
+        }
+        // 5b. PAM-SGD: statistics of this batch's codes; the decoder solve closes an outer
+        //     iteration every `solve_every` steps and at the end of the run.
+        if let Some(pr) = &mut self.pam {
+            pr.state.accumulate(&self.ws.codes, &self.batch, d);
+            if (t + 1).is_multiple_of(pr.cfg.solve_every) || t + 1 == self.total_steps {
+                pr.solve(&mut *self.sae)?;
             }
         }
         // 6. firing bookkeeping
@@ -757,7 +934,23 @@ impl Trainer {
                 tensors.push((format!("adam_v.{}", p.name), &self.v[i]));
             }
         }
-        checkpoint::save(path, &meta, &tensors, &self.tsf, &self.log)
+        let mut tensors64: Vec<(String, &[f64])> = Vec::new();
+        if let Some(pr) = &self.pam {
+            for (p, a) in self.sae.params().iter().zip(&pr.state.anchors) {
+                if !a.is_empty() {
+                    tensors.push((format!("pam_anchor.{}", p.name), a));
+                }
+            }
+            let st = &pr.state;
+            tensors64.extend([
+                ("pam.G".to_string(), &st.g[..]),
+                ("pam.C".to_string(), &st.c[..]),
+                ("pam.sz".to_string(), &st.sz[..]),
+                ("pam.sx".to_string(), &st.sx[..]),
+                ("pam.n".to_string(), std::slice::from_ref(&st.n)),
+            ]);
+        }
+        checkpoint::save(path, &meta, &tensors, &tensors64, &self.tsf, &self.log)
     }
 
     /// Export the SAE in SAELens v6 format (scale and decoder norms folded) into `dir`.

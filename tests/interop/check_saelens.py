@@ -28,6 +28,10 @@ def main():
     print(f"sae_lens {sae_lens.__version__}, torch {torch.__version__}")
     for d in sorted(p for p in root.iterdir() if (p / "cfg.json").exists()):
         cfg = json.loads((d / "cfg.json").read_text())
+        if cfg["architecture"] == "kmeans":
+            # saepipe's own k-means baselines: no SAELens architecture (README, "SAEs").
+            print(f"{d.name:10s} arch=kmeans    skipped (not a SAELens architecture)")
+            continue
         io = load_file(str(d / "io.safetensors"))
         sae = SAE.load_from_disk(str(d), device="cpu")
         sae.eval()
