@@ -1,4 +1,4 @@
-//! Sparse-autoencoder variants behind one trait (STYLE.md §2.3; sae_variants.md §2–5).
+//! Sparse-autoencoder variants behind one trait (STYLE.md §2.3; sae_variants.md §2–6).
 //!
 //! Every variant is one file with its `Config`, its struct and `impl Sae`. The trainer,
 //! metrics and I/O only see [`Sae`], [`Param`] and [`common::Codes`]. Adding a variant
@@ -18,6 +18,7 @@ pub mod export;
 pub mod gated;
 pub mod jumprelu;
 pub mod relu_l1;
+pub mod sa_gsae;
 pub mod topk;
 
 use serde::{Deserialize, Serialize};
@@ -161,6 +162,15 @@ pub trait Sae: Send + Sync {
     /// Export tensors before folding.
     fn export_parts(&self) -> ExportParts;
 
+    /// Called by the trainer after every step with the number of steps done and the dead
+    /// mask (`tokens_since_fired > dead_after_tokens`): a variant may reset parameters of
+    /// dead latents (SA-GSAE threshold resets, sae_variants.md §6.5). Returns the
+    /// `(parameter index, element index)` pairs it reset; the trainer zeroes their Adam
+    /// moments. Default: nothing.
+    fn revive_dead(&mut self, _steps_done: u64, _dead: &[bool]) -> Vec<(usize, usize)> {
+        Vec::new()
+    }
+
     /// Decode codes into `out: [n, d_in]` (`x̂ = Σ f_i d_i + b_dec`, sparse).
     fn decode(&self, codes: &Codes, out: &mut Vec<f32>, ws: &mut Workspace) {
         let (d, f) = self.dims();
@@ -230,6 +240,8 @@ pub enum ArchConfig {
     JumpRelu(jumprelu::Config),
     /// Gated SAE with `r_mag` sharing (Rajamanoharan et al. 2024), §4.
     Gated(gated::Config),
+    /// Sign-Aware Gated SAE with Bi-Jump-ReLU (arXiv 2605.28149), §6.
+    SaGsae(sa_gsae::Config),
 }
 
 impl ArchConfig {
@@ -241,6 +253,7 @@ impl ArchConfig {
             ArchConfig::BatchTopK(_) => batchtopk::ARCH,
             ArchConfig::JumpRelu(_) => jumprelu::ARCH,
             ArchConfig::Gated(_) => gated::ARCH,
+            ArchConfig::SaGsae(_) => sa_gsae::ARCH,
         }
     }
 
@@ -265,6 +278,9 @@ impl ArchConfig {
                 Box::new(jumprelu::JumpRelu::new(c.clone(), d_in, d_sae, &mut rng)?)
             }
             ArchConfig::Gated(c) => Box::new(gated::Gated::new(c.clone(), d_in, d_sae, &mut rng)?),
+            ArchConfig::SaGsae(c) => {
+                Box::new(sa_gsae::SaGsae::new(c.clone(), d_in, d_sae, &mut rng)?)
+            }
         })
     }
 
@@ -287,6 +303,7 @@ impl ArchConfig {
             }),
             ArchConfig::JumpRelu(jumprelu::Config::default()),
             ArchConfig::Gated(gated::Config::default()),
+            ArchConfig::SaGsae(sa_gsae::Config::default()),
         ]
     }
 
@@ -314,6 +331,10 @@ impl ArchConfig {
             ArchConfig::Gated(c) => ArchConfig::Gated(gated::Config {
                 l1_coefficient: c.l1_coefficient * factor,
             }),
+            ArchConfig::SaGsae(c) => ArchConfig::SaGsae(sa_gsae::Config {
+                l1_coefficient: c.l1_coefficient * factor,
+                ..c.clone()
+            }),
         }
     }
 
@@ -326,6 +347,7 @@ impl ArchConfig {
             ArchConfig::BatchTopK(c) => ("k", c.k as f64),
             ArchConfig::JumpRelu(c) => ("l0_coefficient", c.l0_coefficient as f64),
             ArchConfig::Gated(c) => ("l1_coefficient", c.l1_coefficient as f64),
+            ArchConfig::SaGsae(c) => ("l1_coefficient", c.l1_coefficient as f64),
         }
     }
 
@@ -338,7 +360,7 @@ impl ArchConfig {
                 (2e-4 / ((d_sae as f32) / 16384.0).sqrt(), 0.9, 0.999)
             }
             ArchConfig::JumpRelu(_) => (7e-5, 0.0, 0.999),
-            ArchConfig::Gated(_) => (3e-4, 0.0, 0.999),
+            ArchConfig::Gated(_) | ArchConfig::SaGsae(_) => (3e-4, 0.0, 0.999),
         }
     }
 }
