@@ -174,6 +174,13 @@ pub fn run() -> Result<ExitCode> {
         }
         Command::Download(args) => {
             let pipeline = args.load()?;
+            if pipeline.config.synthetic.is_some() {
+                eprintln!(
+                    "{}: [synthetic] pipeline, nothing to download",
+                    args.pipeline.display()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             let opts = args.hub_options(&pipeline);
             let reporter = saepipe::report::reporter(cli.global.progress);
             let m =

@@ -125,6 +125,10 @@ pub fn run_stage(
     reporter: &dyn Reporter,
 ) -> Result<Vec<SetSummary>> {
     let c = &pipeline.config;
+    if c.synthetic.is_some() {
+        reporter.message("capture: [synthetic] pipeline, nothing to capture");
+        return Ok(Vec::new());
+    }
     let resolved = crate::hub::resolve_model(&pipeline.model_source(), opts, reporter)
         .with_context(|| format!("resolving model {}", c.model.source))?;
     let dataset = crate::hub::resolve_dataset(&c.data, opts, reporter)

@@ -40,6 +40,11 @@ pub struct PipelineConfig {
     /// product. Optional section; empty means a single point (the file itself).
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
     pub sweep: toml::Table,
+    /// `[synthetic]`: train and evaluate on a known sparse dictionary instead of a model's
+    /// activations (no download or capture; `[model]`, `[capture]` and `data.files` may be
+    /// left out). Optional section.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub synthetic: Option<crate::synthetic::SyntheticSection>,
 }
 
 /// `[run]`.

@@ -38,9 +38,20 @@ pub enum ModelSource {
     },
 }
 
-const SECTIONS: [&str; 8] = [
-    "run", "model", "data", "capture", "train", "sae", "eval", "sweep",
+const SECTIONS: [&str; 9] = [
+    "run",
+    "model",
+    "data",
+    "capture",
+    "train",
+    "sae",
+    "eval",
+    "sweep",
+    "synthetic",
 ];
+/// Model source and hookpoint that stand in for the model in a `[synthetic]` pipeline.
+pub const SYNTHETIC_MODEL: &str = "synthetic";
+const SYNTHETIC_HOOKPOINT: &str = "blocks.0.hook_resid_post";
 const REQUIRED: [&str; 5] = ["run", "model", "data", "capture", "sae"];
 const DATA_EXTENSIONS: [&str; 3] = ["txt", "jsonl", "parquet"];
 
@@ -125,6 +136,10 @@ fn pinned_revision(rev: Option<&str>, repo: &str, section: &str) -> Result<Strin
 /// Check a whole raw file; `Some` when every section could be built (semantic problems
 /// may still have been recorded in `probs`).
 pub fn check(mut raw: Table, probs: &mut Problems) -> Option<PipelineConfig> {
+    let synthetic = raw.contains_key("synthetic");
+    if synthetic {
+        fill_synthetic_defaults(&mut raw);
+    }
     for key in raw.keys() {
         if !SECTIONS.contains(&key.as_str()) {
             probs.add(
@@ -173,17 +188,29 @@ pub fn check(mut raw: Table, probs: &mut Problems) -> Option<PipelineConfig> {
     let sae = sec!("sae", SaeConfig);
     let eval = sec!("eval", EvalConfig);
     let sweep = sec!("sweep", Table);
+    let syn = if synthetic {
+        sec!("synthetic", crate::synthetic::SyntheticSection).map(Some)
+    } else {
+        Some(None)
+    };
+    if let Some(Some(s)) = &syn {
+        for (key, msg) in s.problems() {
+            probs.add(key, msg);
+        }
+    }
 
     if let Some(r) = &run {
         check_run(r, probs);
     }
-    if let Some(m) = &model {
+    if let Some(m) = model.as_ref().filter(|_| !synthetic) {
         if let Err((key, msg)) = model_source(m) {
             probs.add(key, msg);
         }
     }
-    if let Some(d) = &data {
-        check_data(d, probs);
+    match &data {
+        Some(d) if synthetic => positive(probs, "data.n_tokens", d.n_tokens),
+        Some(d) => check_data(d, probs),
+        None => {}
     }
     if let Some(c) = &capture {
         check_capture(c, probs);
@@ -210,6 +237,7 @@ pub fn check(mut raw: Table, probs: &mut Problems) -> Option<PipelineConfig> {
         sae: sae?,
         eval: eval?,
         sweep: sweep?,
+        synthetic: syn?,
     };
     // Cross-section rules.
     if let Some(e) = config.eval.eval_tokens {
@@ -246,6 +274,37 @@ pub fn check(mut raw: Table, probs: &mut Problems) -> Option<PipelineConfig> {
         );
     }
     Some(config)
+}
+
+/// A `[synthetic]` pipeline needs no model, text or hookpoints: fill in what the other
+/// sections would require (`model.source = "synthetic"`, `data.files = []`,
+/// `data.context_len = 1`, one stand-in hookpoint), keeping anything the file sets.
+fn fill_synthetic_defaults(raw: &mut Table) {
+    let mut defaults = |section: &str, entries: Vec<(&str, Value)>| {
+        if let Value::Table(t) = raw
+            .entry(section)
+            .or_insert_with(|| Value::Table(Table::new()))
+        {
+            for (k, v) in entries {
+                t.entry(k).or_insert(v);
+            }
+        }
+    };
+    defaults("model", vec![("source", Value::from(SYNTHETIC_MODEL))]);
+    defaults(
+        "data",
+        vec![
+            ("files", Value::Array(vec![])),
+            ("context_len", Value::from(1)),
+        ],
+    );
+    defaults(
+        "capture",
+        vec![(
+            "hookpoints",
+            Value::Array(vec![Value::from(SYNTHETIC_HOOKPOINT)]),
+        )],
+    );
 }
 
 /// Parse each hookpoint name, report each bad one with its index, and drop them so the

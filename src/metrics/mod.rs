@@ -11,7 +11,14 @@
 //! L1   = (1/N) Σ_t Σ_i |f_{t,i}|
 //! dead fraction  = (1/F) #{i : f_{t,i} = 0 for every t in the window}
 //! dense fraction(τ) = (1/F) #{i : (1/N) #{t : f_{t,i} ≠ 0} > τ}
+//! bipolar census (sae_variants.md §6.7): n⁺_i = #{t : f_{t,i} > 0}, n⁻_i = #{t : f_{t,i} < 0};
+//!   latent i is bipolar if n⁺_i + n⁻_i ≥ 100 and min(n⁺_i, n⁻_i)/(n⁺_i + n⁻_i) ≥ 0.1
+//! bipolar fraction  = (1/F) #{bipolar i}
+//! bipolar var share = Σ_{bipolar i} E_i / Σ_i E_i,   E_i = Σ_t f_{t,i}² ‖d_i‖²
 //! ```
+//! Decision: `E_i` (the energy latent i adds to the reconstruction, cross terms left out) is
+//! accumulated from the codes alone, so it is `Σ_t f²` of an SAE with unit decoder rows,
+//! which every exported SAE has (export folds the norms into the codes).
 //! Decision: metrics are computed in raw (unscaled) activation space; callers pass raw `x`
 //! and raw reconstructions. The dead fraction here is over the evaluated window of `N`
 //! tokens (state `N` with it); the trainer's running dead fraction uses its token counter.
@@ -88,7 +95,14 @@ pub struct SparsityStats {
     nnz: u64,
     l1: f64,
     fires: Vec<u64>,
+    neg: Vec<u64>,
+    energy: Vec<f64>,
 }
+
+/// Minimum firings for a latent to enter the bipolar census (§6.7).
+pub const BIPOLAR_MIN_FIRES: u64 = 100;
+/// Minimum share of the rarer sign for a latent to count as bipolar (§6.7).
+pub const BIPOLAR_MIN_SHARE: f64 = 0.1;
 
 impl SparsityStats {
     /// Empty accumulator for `d_sae` latents.
@@ -98,6 +112,8 @@ impl SparsityStats {
             nnz: 0,
             l1: 0.0,
             fires: vec![0; d_sae],
+            neg: vec![0; d_sae],
+            energy: vec![0.0; d_sae],
         }
     }
     /// Add the codes of a batch.
@@ -109,6 +125,8 @@ impl SparsityStats {
                     self.nnz += 1;
                     self.l1 += v.abs() as f64;
                     self.fires[i as usize] += 1;
+                    self.neg[i as usize] += (v < 0.0) as u64;
+                    self.energy[i as usize] += (v as f64) * (v as f64);
                 }
             }
             self.n += 1;
@@ -136,6 +154,33 @@ impl SparsityStats {
     pub fn fires(&self) -> &[u64] {
         &self.fires
     }
+    /// Per-latent counts of negative activations (`n⁻`).
+    pub fn negative_fires(&self) -> &[u64] {
+        &self.neg
+    }
+    /// Whether latent `i` is bipolar by the §6.7 census.
+    pub fn is_bipolar(&self, i: usize) -> bool {
+        let (all, neg) = (self.fires[i], self.neg[i]);
+        all >= BIPOLAR_MIN_FIRES && (neg.min(all - neg) as f64) >= BIPOLAR_MIN_SHARE * all as f64
+    }
+    /// Share of latents that fire with both signs (§6.7).
+    pub fn bipolar_frac(&self) -> f64 {
+        let f = self.fires.len();
+        (0..f).filter(|&i| self.is_bipolar(i)).count() as f64 / f.max(1) as f64
+    }
+    /// Share of the code energy `Σ f²` (reconstruction variance with unit decoder rows)
+    /// carried by bipolar latents; 0 when nothing fired.
+    pub fn bipolar_var_share(&self) -> f64 {
+        let total: f64 = self.energy.iter().sum();
+        if total <= 0.0 {
+            return 0.0;
+        }
+        let bip: f64 = (0..self.fires.len())
+            .filter(|&i| self.is_bipolar(i))
+            .map(|i| self.energy[i])
+            .sum();
+        bip / total
+    }
 }
 
 /// Final metric values of one evaluation.
@@ -159,6 +204,10 @@ pub struct MetricValues {
     pub dense_frac_1pct: f64,
     /// Fraction of latents firing on > 10% of tokens.
     pub dense_frac_10pct: f64,
+    /// Share of latents firing with both signs (§6.7 census).
+    pub bipolar_frac: f64,
+    /// Share of the reconstruction energy carried by bipolar latents.
+    pub bipolar_var_share: f64,
 }
 
 /// Whether a larger value of metric `name` is better (`None` for descriptive metrics);
@@ -205,6 +254,8 @@ impl Metrics {
             dead_frac: self.sparsity.dead_frac(),
             dense_frac_1pct: self.sparsity.dense_frac(0.01),
             dense_frac_10pct: self.sparsity.dense_frac(0.1),
+            bipolar_frac: self.sparsity.bipolar_frac(),
+            bipolar_var_share: self.sparsity.bipolar_var_share(),
         }
     }
 }
@@ -224,5 +275,52 @@ mod tests {
         let mut m = ReconStats::new(2);
         m.update(&x, &pred);
         assert!(m.r2().abs() < 1e-12, "{}", m.r2());
+    }
+}
+
+#[cfg(test)]
+mod census_tests {
+    use super::*;
+
+    fn codes(rows: &[Vec<(u32, f32)>]) -> Codes {
+        let mut c = Codes::default();
+        c.clear();
+        for r in rows {
+            for &(i, v) in r {
+                c.idx.push(i);
+                c.val.push(v);
+            }
+            c.indptr.push(c.idx.len());
+        }
+        c
+    }
+
+    #[test]
+    fn l0_counts_negatives_and_the_census_finds_bipolar_latents() {
+        // latent 0: 60 positive, 60 negative (bipolar); latent 1: 150 positive, 5 negative
+        // (rarer sign 3%: not bipolar); latent 2: 20 each sign (too few firings); latent 3 dead.
+        let mut rows = Vec::new();
+        for t in 0..200 {
+            let mut r = Vec::new();
+            if t < 120 {
+                r.push((0, if t % 2 == 0 { 2.0 } else { -2.0 }));
+            }
+            if t < 155 {
+                r.push((1, if t < 150 { 1.0 } else { -1.0 }));
+            }
+            if t < 40 {
+                r.push((2, if t % 2 == 0 { 1.0 } else { -1.0 }));
+            }
+            rows.push(r);
+        }
+        let mut s = SparsityStats::new(4);
+        s.update(&codes(&rows));
+        assert_eq!(s.l0(), (120.0 + 155.0 + 40.0) / 200.0);
+        assert_eq!(s.negative_fires(), &[60, 5, 20, 0]);
+        assert!(s.is_bipolar(0) && !s.is_bipolar(1) && !s.is_bipolar(2) && !s.is_bipolar(3));
+        assert_eq!(s.bipolar_frac(), 0.25);
+        let e0 = 120.0 * 4.0;
+        assert!((s.bipolar_var_share() - e0 / (e0 + 155.0 + 40.0)).abs() < 1e-12);
+        assert_eq!(s.dead_frac(), 0.25);
     }
 }

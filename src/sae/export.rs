@@ -13,6 +13,14 @@
 //! (standard/topk/jumprelu), `threshold` (jumprelu, BatchTopK), `b_gate`, `b_mag`, `r_mag`
 //! (gated; no `b_enc`). Extra `cfg.json` key `metadata.saepipe_arch` names our variant
 //! (SAELens drops unknown keys).
+//!
+//! Two architectures are our own (SA-GSAE, sae_variants.md §6.3; SAELens cannot load them):
+//! - `bi_jumprelu`: `W_enc`, `b_enc`, `threshold_pos` (τ⁺ ≥ 0 when sign-consistent),
+//!   `threshold_neg` (τ⁻), `apply_b_dec_to_input = false`;
+//!   `m = x W_enc + b_enc`, `f = m·(1[m > τ⁺] + 1[m < τ⁻])`, `x̂ = f W_dec + b_dec`.
+//! - `sa_gsae` (untied magnitudes): the gate form with `b_gate`, `threshold_pos`,
+//!   `threshold_neg`, `r_mag_pos`, `r_mag_neg`, `b_mag_pos`, `b_mag_neg` and the cfg key
+//!   `sign_consistent`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -276,9 +284,9 @@ impl LoadedSae {
             .to_string();
         if !matches!(
             architecture.as_str(),
-            "standard" | "topk" | "jumprelu" | "gated" | "kmeans"
+            "standard" | "topk" | "jumprelu" | "gated" | "kmeans" | "bi_jumprelu" | "sa_gsae"
         ) {
-            return Err(fmt_err(&cpath, format!("architecture `{architecture}` is not supported (standard, topk, jumprelu, gated, kmeans)")));
+            return Err(fmt_err(&cpath, format!("architecture `{architecture}` is not supported (standard, topk, jumprelu, gated, kmeans, bi_jumprelu, sa_gsae)")));
         }
         let version = cfg["metadata"]["sae_lens_version"].as_str().unwrap_or("0");
         if version
@@ -332,6 +340,16 @@ impl LoadedSae {
             "gated" => &["b_gate", "b_mag", "r_mag"],
             "jumprelu" => &["b_enc", "threshold"],
             "kmeans" => &["b_enc", "code_value"],
+            "bi_jumprelu" => &["b_enc", "threshold_pos", "threshold_neg"],
+            "sa_gsae" => &[
+                "b_gate",
+                "threshold_pos",
+                "threshold_neg",
+                "r_mag_pos",
+                "r_mag_neg",
+                "b_mag_pos",
+                "b_mag_neg",
+            ],
             _ => &["b_enc"],
         };
         let mut per_latent = Vec::new();
@@ -376,7 +394,13 @@ impl LoadedSae {
                 per_latent,
                 apply_b_dec_to_input: cfg["apply_b_dec_to_input"].as_bool().unwrap_or(true),
                 k,
-                extra_cfg,
+                extra_cfg: extra_cfg
+                    .into_iter()
+                    .chain(
+                        cfg.get("sign_consistent")
+                            .map(|v| ("sign_consistent".to_string(), v.clone())),
+                    )
+                    .collect(),
                 saepipe_arch: cfg["metadata"]["saepipe_arch"]
                     .as_str()
                     .unwrap_or("")
@@ -415,6 +439,55 @@ impl LoadedSae {
                             if m > 0.0 {
                                 buf.main.push((i as u32, m));
                             }
+                        }
+                    }
+                });
+            }
+            "bi_jumprelu" => {
+                let (tp, tn) = (self.per("threshold_pos"), self.per("threshold_neg"));
+                c::encode_collect(
+                    ws,
+                    n,
+                    d,
+                    &t.w_enc,
+                    f,
+                    Some(self.per("b_enc")),
+                    |_, row, buf| {
+                        for (i, &m) in row.iter().enumerate() {
+                            if (m > tp[i] || m < tn[i]) && m != 0.0 {
+                                buf.main.push((i as u32, m));
+                            }
+                        }
+                    },
+                );
+            }
+            "sa_gsae" => {
+                let sign = !t
+                    .extra_cfg
+                    .iter()
+                    .any(|(k, v)| k == "sign_consistent" && v == &serde_json::Value::Bool(false));
+                let bg = self.per("b_gate");
+                let th = [self.per("threshold_pos"), self.per("threshold_neg")];
+                let r = [self.per("r_mag_pos"), self.per("r_mag_neg")];
+                let bm = [self.per("b_mag_pos"), self.per("b_mag_neg")];
+                c::encode_collect(ws, n, d, &t.w_enc, f, None, |_, row, buf| {
+                    for (i, &u) in row.iter().enumerate() {
+                        let pi = u + bg[i];
+                        let s = if pi > th[0][i] {
+                            0
+                        } else if -pi > th[1][i] {
+                            1
+                        } else {
+                            continue;
+                        };
+                        let m = r[s][i].exp() * u + bm[s][i];
+                        let keep = match (sign, s) {
+                            (false, _) => m != 0.0,
+                            (true, 0) => m > 0.0,
+                            _ => m < 0.0,
+                        };
+                        if keep {
+                            buf.main.push((i as u32, m));
                         }
                     }
                 });

@@ -1,4 +1,4 @@
-//! Sparse-autoencoder variants behind one trait (STYLE.md §2.3; sae_variants.md §2–5).
+//! Sparse-autoencoder variants behind one trait (STYLE.md §2.3; sae_variants.md §2–6).
 //!
 //! Every variant is one file with its `Config`, its struct and `impl Sae`. The trainer,
 //! metrics and I/O only see [`Sae`], [`Param`] and [`common::Codes`]. Adding a variant
@@ -19,6 +19,7 @@ pub mod gated;
 pub mod jumprelu;
 pub mod kmeans;
 pub mod relu_l1;
+pub mod sa_gsae;
 pub mod topk;
 
 use serde::{Deserialize, Serialize};
@@ -183,6 +184,15 @@ pub trait Sae: Send + Sync {
         })
     }
 
+    /// Called by the trainer after every step with the number of steps done and the dead
+    /// mask (`tokens_since_fired > dead_after_tokens`): a variant may reset parameters of
+    /// dead latents (SA-GSAE threshold resets, sae_variants.md §6.5). Returns the
+    /// `(parameter index, element index)` pairs it reset; the trainer zeroes their Adam
+    /// moments. Default: nothing.
+    fn revive_dead(&mut self, _steps_done: u64, _dead: &[bool]) -> Vec<(usize, usize)> {
+        Vec::new()
+    }
+
     /// Decode codes into `out: [n, d_in]` (`x̂ = Σ f_i d_i + b_dec`, sparse).
     fn decode(&self, codes: &Codes, out: &mut Vec<f32>, ws: &mut Workspace) {
         let (d, f) = self.dims();
@@ -259,6 +269,8 @@ pub enum ArchConfig {
     /// k-means + local-PCA autoencoder (rank-r affine map per Voronoi cell), §2.4.
     #[serde(rename = "kmeans_pca")]
     KMeansPca(kmeans::PcaConfig),
+    /// Sign-Aware Gated SAE with Bi-Jump-ReLU (arXiv 2605.28149), §6.
+    SaGsae(sa_gsae::Config),
 }
 
 impl ArchConfig {
@@ -280,6 +292,7 @@ impl ArchConfig {
             ArchConfig::Gated(_) => gated::ARCH,
             ArchConfig::KMeans(_) => kmeans::ARCH,
             ArchConfig::KMeansPca(_) => kmeans::ARCH_PCA,
+            ArchConfig::SaGsae(_) => sa_gsae::ARCH,
         }
     }
 
@@ -314,6 +327,9 @@ impl ArchConfig {
                 }
                 Box::new(kmeans::KMeans::new(c.rank, d_in, d_sae, &mut rng)?)
             }
+            ArchConfig::SaGsae(c) => {
+                Box::new(sa_gsae::SaGsae::new(c.clone(), d_in, d_sae, &mut rng)?)
+            }
         })
     }
 
@@ -338,6 +354,7 @@ impl ArchConfig {
             ArchConfig::Gated(gated::Config::default()),
             ArchConfig::KMeans(kmeans::Config {}),
             ArchConfig::KMeansPca(kmeans::PcaConfig { rank: 2 }),
+            ArchConfig::SaGsae(sa_gsae::Config::default()),
         ]
     }
 
@@ -371,6 +388,10 @@ impl ArchConfig {
             ArchConfig::KMeansPca(c) => {
                 ArchConfig::KMeansPca(kmeans::PcaConfig { rank: div(c.rank) })
             }
+            ArchConfig::SaGsae(c) => ArchConfig::SaGsae(sa_gsae::Config {
+                l1_coefficient: c.l1_coefficient * factor,
+                ..c.clone()
+            }),
         }
     }
 
@@ -385,6 +406,7 @@ impl ArchConfig {
             ArchConfig::Gated(c) => ("l1_coefficient", c.l1_coefficient as f64),
             ArchConfig::KMeans(_) => ("rank", 0.0),
             ArchConfig::KMeansPca(c) => ("rank", c.rank as f64),
+            ArchConfig::SaGsae(c) => ("l1_coefficient", c.l1_coefficient as f64),
         }
     }
 
@@ -397,7 +419,7 @@ impl ArchConfig {
                 (2e-4 / ((d_sae as f32) / 16384.0).sqrt(), 0.9, 0.999)
             }
             ArchConfig::JumpRelu(_) => (7e-5, 0.0, 0.999),
-            ArchConfig::Gated(_) => (3e-4, 0.0, 0.999),
+            ArchConfig::Gated(_) | ArchConfig::SaGsae(_) => (3e-4, 0.0, 0.999),
             // Only the local-PCA subspaces use Adam (centroids are mini-batch k-means).
             ArchConfig::KMeans(_) | ArchConfig::KMeansPca(_) => (1e-3, 0.9, 0.999),
         }

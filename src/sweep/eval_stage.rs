@@ -16,6 +16,9 @@
 //! dense_frac     = share of latents active on more than 10% of evaluation tokens
 //! ```
 //!
+//! Decision: a `[synthetic]` pipeline is evaluated on the held-out stream of its
+//! dictionary (a seed stream disjoint from training), without CE terms (null), and with
+//! `feature_recovery` = MMCS of the exported decoder rows against the true directions.
 //! Decision: the SAE replaces the activation at every position except those holding a
 //! special token (BOS etc.), which it never saw in training (`sae_variants.md` §7.4 "keep
 //! BOS clean"). Zero ablation replaces all positions with zeros.
@@ -43,6 +46,7 @@ use crate::models::{HookedModel, Hookpoint, NoHooks, Replace};
 use crate::report::Reporter;
 use crate::sae::export::LoadedSae;
 use crate::sae::Workspace;
+use crate::synthetic::{mmcs, SyntheticData};
 
 /// A unit's evaluation record and completion marker.
 pub const METRICS_FILE: &str = "metrics.json";
@@ -92,7 +96,7 @@ pub fn evaluate_stage(
         ));
     }
     if !pending.is_empty() {
-        let ce = if pipeline.config.eval.ce_sequences > 0 {
+        let ce = if pipeline.config.eval.ce_sequences > 0 && pipeline.config.synthetic.is_none() {
             Some(ce_context(pipeline, opts, reporter)?)
         } else {
             None
@@ -101,7 +105,25 @@ pub fn evaluate_stage(
         hps.sort();
         hps.dedup();
         let prog = reporter.start("evaluate", Some(pending.len() as u64));
-        for hp in hps {
+        if let Some(syn) = &pipeline.config.synthetic {
+            let truth = syn.data();
+            for u in &pending {
+                prog.set_message(format!("{} (synthetic)", u.point.id));
+                let data = EvalData::Synthetic {
+                    truth: &truth,
+                    seed: syn.eval_seed(),
+                    rows: pipeline.config.data.eval_tokens,
+                };
+                let row = evaluate_unit(pipeline, u, &data, None, None)
+                    .with_context(|| format!("evaluating {}", u.dir.display()))?;
+                write_metrics(u, row)?;
+                prog.advance(1);
+            }
+        }
+        for hp in hps
+            .into_iter()
+            .filter(|_| pipeline.config.synthetic.is_none())
+        {
             let dir = set_dir(&activations_dir(pipeline), hp, Split::Eval);
             let set = ActivationSet::open(
                 &dir,
@@ -126,14 +148,9 @@ pub fn evaluate_stage(
             };
             for u in pending.iter().filter(|u| u.hookpoint == hp) {
                 prog.set_message(format!("{} @ {hp}", u.point.id));
-                let row = evaluate_unit(pipeline, u, &set, ce.as_ref(), zero)
+                let row = evaluate_unit(pipeline, u, &EvalData::Set(&set), ce.as_ref(), zero)
                     .with_context(|| format!("evaluating {}", u.dir.display()))?;
-                let text = serde_json::to_string_pretty(&MetricsFile {
-                    point_hash: u.point.hash.clone(),
-                    row,
-                })?;
-                crate::fsutil::atomic_write(&u.dir.join(METRICS_FILE), text.as_bytes())
-                    .with_context(|| format!("writing {}", u.dir.join(METRICS_FILE).display()))?;
+                write_metrics(u, row)?;
                 prog.advance(1);
             }
         }
@@ -154,6 +171,75 @@ pub fn evaluate_stage(
         )?;
     }
     Ok(summary_table(&rows))
+}
+
+/// Write a unit's `metrics.json` (its completion marker) atomically.
+fn write_metrics(u: &Unit, row: MetricsRow) -> Result<()> {
+    let text = serde_json::to_string_pretty(&MetricsFile {
+        point_hash: u.point.hash.clone(),
+        row,
+    })?;
+    crate::fsutil::atomic_write(&u.dir.join(METRICS_FILE), text.as_bytes())
+        .with_context(|| format!("writing {}", u.dir.join(METRICS_FILE).display()))
+}
+
+/// The held-out rows of an evaluation.
+enum EvalData<'a> {
+    /// Captured activations.
+    Set(&'a ActivationSet),
+    /// The held-out stream of a synthetic dictionary (also the ground truth).
+    Synthetic {
+        truth: &'a SyntheticData,
+        seed: u64,
+        rows: u64,
+    },
+}
+
+impl EvalData<'_> {
+    fn d(&self) -> usize {
+        match self {
+            EvalData::Set(s) => s.d_model(),
+            EvalData::Synthetic { truth, .. } => truth.cfg.d,
+        }
+    }
+    fn n_tokens(&self) -> u64 {
+        match self {
+            EvalData::Set(s) => s.n_tokens(),
+            EvalData::Synthetic { rows, .. } => *rows,
+        }
+    }
+    fn revision(&self) -> String {
+        match self {
+            EvalData::Set(s) => s.manifest.meta.model_revision.clone(),
+            EvalData::Synthetic { .. } => "synthetic".into(),
+        }
+    }
+    /// Call `f` on batches of at most [`EVAL_BATCH`] rows until it returns false.
+    fn for_each(&self, mut f: impl FnMut(&[f32]) -> Result<bool>) -> Result<()> {
+        match self {
+            EvalData::Set(set) => {
+                for batch in set.batches(EVAL_BATCH) {
+                    if !f(&batch?.act)? {
+                        break;
+                    }
+                }
+            }
+            EvalData::Synthetic { truth, seed, rows } => {
+                let mut buf = Vec::new();
+                let mut at = 0u64;
+                while at < *rows {
+                    let n = (EVAL_BATCH as u64).min(rows - at) as usize;
+                    buf.clear();
+                    truth.rows(at, n, *seed, &mut buf);
+                    at += n as u64;
+                    if !f(&buf)? {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn read_metrics(dir: &Path) -> Option<MetricsFile> {
@@ -287,7 +373,7 @@ fn ce_of(ctx: &CeContext, hp: Hookpoint, mut mode: Mode) -> Result<f64> {
 fn evaluate_unit(
     pipeline: &Pipeline,
     u: &Unit,
-    set: &ActivationSet,
+    data: &EvalData,
     ce: Option<&CeContext>,
     zero: Option<f64>,
 ) -> Result<MetricsRow> {
@@ -295,24 +381,23 @@ fn evaluate_unit(
     let done = read_done(&u.dir).context("train_done.json vanished")?;
     let (d, f) = (sae.t.d_in, sae.t.d_sae);
     anyhow::ensure!(
-        d == set.d_model(),
+        d == data.d(),
         "the SAE has d_in = {d} but the held-out activations have d_model = {}",
-        set.d_model()
+        data.d()
     );
     let cfg = &pipeline.config.eval;
-    let limit = cfg.eval_tokens.unwrap_or(u64::MAX).min(set.n_tokens());
+    let limit = cfg.eval_tokens.unwrap_or(u64::MAX).min(data.n_tokens());
     let mut metrics = Metrics::new(d, f);
     let mut last_fire = vec![0u64; f];
     let mut ws = Workspace::default();
     let mut recon = Vec::new();
     let mut seen = 0u64;
-    for batch in set.batches(EVAL_BATCH) {
-        let batch = batch?;
-        let n = (batch.act.len() / d).min((limit - seen) as usize);
+    data.for_each(|act| {
+        let n = (act.len() / d).min((limit - seen) as usize);
         if n == 0 {
-            break;
+            return Ok(false);
         }
-        let x = &batch.act[..n * d];
+        let x = &act[..n * d];
         crate::error::ensure_finite(x, "held-out activations", None)?;
         sae.encode(x, n, &mut ws);
         let codes = std::mem::take(&mut ws.codes);
@@ -329,10 +414,8 @@ fn evaluate_unit(
             }
         }
         seen += n as u64;
-        if seen >= limit {
-            break;
-        }
-    }
+        Ok(seen < limit)
+    })?;
     anyhow::ensure!(seen > 0, "no held-out tokens to evaluate on");
     let m = metrics.finish();
     let window = cfg.dead_window_tokens.unwrap_or(seen).min(seen);
@@ -372,7 +455,7 @@ fn evaluate_unit(
         run: c.run.name.clone(),
         point_id: u.point.id.clone(),
         model: c.model.source.clone(),
-        revision: set.manifest.meta.model_revision.clone(),
+        revision: data.revision(),
         hookpoint: u.hookpoint.to_string(),
         arch: u.point.config.sae.arch.kind().to_string(),
         d_sae: f as u64,
@@ -398,9 +481,13 @@ fn evaluate_unit(
             (Some(c), Some(s), Some(z)) if (z - c).abs() > 1e-12 => Some((z - s) / (z - c)),
             _ => None,
         },
-        bipolar_frac: None,
+        bipolar_frac: Some(m.bipolar_frac),
+        bipolar_var_share: Some(m.bipolar_var_share),
         jacobian_sparsity: None,
-        feature_recovery: None,
+        feature_recovery: match data {
+            EvalData::Synthetic { truth, .. } => Some(mmcs(&truth.dict, &sae.t.w_dec, d)),
+            EvalData::Set(_) => None,
+        },
         train_seconds: done.train_seconds,
         train_tokens_per_s: done.train_tokens as f64 / done.train_seconds.max(1e-9),
         sae_path: u.dir.display().to_string(),

@@ -72,8 +72,12 @@ pub struct MetricsRow {
     pub ce_zero_abl: Option<f64>,
     /// `(ce_zero_abl − ce_spliced) / (ce_zero_abl − ce_clean)`.
     pub ce_loss_score: Option<f64>,
-    /// Signed variants: share of latents firing with both signs.
+    /// Share of latents firing with both signs (sae_variants.md §6.7 census).
     pub bipolar_frac: Option<f64>,
+    /// Share of the reconstruction energy (Σ f² with unit decoder rows) carried by the
+    /// bipolar latents.
+    #[serde(default)]
+    pub bipolar_var_share: Option<f64>,
     /// JSAE: share of Jacobian entries above 0.01.
     pub jacobian_sparsity: Option<f64>,
     /// Synthetic sources: mean max cosine similarity to the true dictionary.
@@ -149,6 +153,7 @@ fn schema() -> Schema {
         f("ce_zero_abl", Float64, true),
         f("ce_loss_score", Float64, true),
         f("bipolar_frac", Float64, true),
+        f("bipolar_var_share", Float64, true),
         f("jacobian_sparsity", Float64, true),
         f("feature_recovery", Float64, true),
         f("train_seconds", Float64, false),
@@ -200,6 +205,7 @@ pub fn to_batch(rows: &[MetricsRow], is_pareto: &[bool]) -> Result<RecordBatch, 
         o(rows, |r| r.ce_zero_abl),
         o(rows, |r| r.ce_loss_score),
         o(rows, |r| r.bipolar_frac),
+        o(rows, |r| r.bipolar_var_share),
         o(rows, |r| r.jacobian_sparsity),
         o(rows, |r| r.feature_recovery),
         x(rows, |r| r.train_seconds),
@@ -323,6 +329,7 @@ pub(crate) fn example_row(arch: &str, l0: f64, r2: f64) -> MetricsRow {
         ce_zero_abl: None,
         ce_loss_score: None,
         bipolar_frac: None,
+        bipolar_var_share: None,
         jacobian_sparsity: None,
         feature_recovery: None,
         train_seconds: 1.0,

@@ -16,6 +16,8 @@
 //! pipeline's base `run.seed`.
 //! Decision: an interrupted group restarts its unfinished units from scratch; exact
 //! mid-run resume is the trainer's checkpoint mechanism, used for single runs.
+//! Decision: a `[synthetic]` pipeline trains on [`SyntheticSource`] rows (the training
+//! stream of its dictionary, in order) instead of captured activations.
 //! Decision: groups are capped by memory (weights, gradients and both Adam moments of
 //! every SAE in the group: 16 bytes per parameter) at [`GROUP_BYTES`].
 
@@ -33,6 +35,7 @@ use crate::data::Split;
 use crate::models::Hookpoint;
 use crate::report::Reporter;
 use crate::sae::export::ExportMeta;
+use crate::synthetic::SyntheticSource;
 use crate::train::{ActivationSource, DataError, Trainer, LOG_FILE};
 
 /// The completion marker of a trained unit.
@@ -138,8 +141,17 @@ impl ActivationSource for SliceSource<'_> {
     }
 }
 
+/// The training rows of one lockstep group.
+struct Data<'s> {
+    src: &'s mut dyn ActivationSource,
+    /// Rows available.
+    rows: u64,
+    /// What `cfg.json` records as the dataset.
+    dataset: String,
+}
+
 /// Fill `buf` with exactly `rows` rows from `src`, starting again at row 0 at the end.
-fn read_rows(src: &mut ParquetSource, rows: usize, buf: &mut Vec<f32>) -> Result<()> {
+fn read_rows(src: &mut dyn ActivationSource, rows: usize, buf: &mut Vec<f32>) -> Result<()> {
     buf.clear();
     let d = src.d_in();
     let mut wrapped = false;
@@ -183,6 +195,27 @@ pub fn train_stage(
     hookpoints.dedup();
     let mut trained = 0;
     for hp in hookpoints {
+        let mut mine: Vec<&Unit> = pending
+            .iter()
+            .copied()
+            .filter(|u| u.hookpoint == hp)
+            .collect();
+        mine.sort_by_key(|u| u.point.config.train.batch_tokens);
+        if let Some(syn) = &pipeline.config.synthetic {
+            // A known dictionary instead of captured activations (synthetic.rs).
+            let n = pipeline.config.data.n_tokens;
+            for group in groups(&mine, syn.d) {
+                let mut src = SyntheticSource::new(syn.data(), syn.train_seed(), n);
+                let data = Data {
+                    src: &mut src,
+                    rows: n,
+                    dataset: "synthetic".into(),
+                };
+                trained += train_group(pipeline, data, &group, reporter)
+                    .with_context(|| format!("training SAEs on synthetic data ({hp})"))?;
+            }
+            continue;
+        }
         let dir = set_dir(&acts, hp, Split::Train);
         let set = ActivationSet::open(
             &dir,
@@ -200,14 +233,24 @@ pub fn train_stage(
             )
         })?;
         let d = set.d_model();
-        let mut mine: Vec<&Unit> = pending
-            .iter()
-            .copied()
-            .filter(|u| u.hookpoint == hp)
-            .collect();
-        mine.sort_by_key(|u| u.point.config.train.batch_tokens);
         for group in groups(&mine, d) {
-            trained += train_group(pipeline, &set, &group, reporter)
+            let batch = group[0].point.config.train.batch_tokens;
+            let capacity = (SHUFFLE_FLOATS / d).max(batch * 2);
+            let mut src = ParquetSource::new(
+                set.clone(),
+                ShuffleConfig {
+                    batch_size: batch,
+                    capacity,
+                    seed: pipeline.config.run.seed,
+                    repeat: false,
+                },
+            )?;
+            let data = Data {
+                src: &mut src,
+                rows: set.n_tokens(),
+                dataset: set.manifest.meta.dataset.clone(),
+            };
+            trained += train_group(pipeline, data, &group, reporter)
                 .with_context(|| format!("training SAEs on {hp}"))?;
         }
     }
@@ -246,31 +289,22 @@ struct Running<'u, 'a> {
 
 fn train_group(
     pipeline: &Pipeline,
-    set: &ActivationSet,
+    data: Data,
     group: &[&Unit],
     reporter: &dyn Reporter,
 ) -> Result<usize> {
-    let d = set.d_model();
+    let src = data.src;
+    let d = src.d_in();
     let batch = group[0].point.config.train.batch_tokens;
-    let capacity = (SHUFFLE_FLOATS / d).max(batch * 2);
-    let mut src = ParquetSource::new(
-        set.clone(),
-        ShuffleConfig {
-            batch_size: batch,
-            capacity,
-            seed: pipeline.config.run.seed,
-            repeat: false,
-        },
-    )?;
     // 1. One init sample for every SAE of the group (scale estimate, b_dec init).
     let init_rows = group
         .iter()
         .map(|u| u.point.config.train.init_tokens)
         .max()
         .unwrap_or(1)
-        .min(set.n_tokens() as usize);
+        .min(data.rows as usize);
     let mut buf = Vec::new();
-    read_rows(&mut src, init_rows, &mut buf)?;
+    read_rows(src, init_rows, &mut buf)?;
     src.seek(0)?;
     let mut running = Vec::with_capacity(group.len());
     for &u in group {
@@ -301,7 +335,7 @@ fn train_group(
     let mut done = 0;
     for step in 0..max_steps {
         let t0 = Instant::now();
-        read_rows(&mut src, batch, &mut buf)?;
+        read_rows(src, batch, &mut buf)?;
         let active = running.iter().filter(|r| r.steps > step).count().max(1);
         let read_share = t0.elapsed().as_secs_f64() / active as f64;
         let mut msg = String::new();
@@ -325,7 +359,7 @@ fn train_group(
                 );
             }
             if step + 1 == r.steps {
-                finish(pipeline, set, r)?;
+                finish(pipeline, &data.dataset, r)?;
                 done += 1;
             }
         }
@@ -336,14 +370,14 @@ fn train_group(
 }
 
 /// Export a finished SAE, its log, then the completion marker.
-fn finish(pipeline: &Pipeline, set: &ActivationSet, r: &Running) -> Result<()> {
+fn finish(pipeline: &Pipeline, dataset: &str, r: &Running) -> Result<()> {
     let u = r.unit;
     std::fs::create_dir_all(&u.dir).with_context(|| format!("creating {}", u.dir.display()))?;
     let meta = ExportMeta {
         model_name: pipeline.config.model.source.clone(),
         hook_name: u.hookpoint.to_string(),
         context_size: pipeline.config.data.context_len,
-        dataset_path: set.manifest.meta.dataset.clone(),
+        dataset_path: dataset.to_string(),
     };
     r.trainer
         .export(&u.dir, &meta)

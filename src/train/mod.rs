@@ -8,7 +8,8 @@
 //! 4. NaN guard on the loss terms (the error names the step and the variant);
 //! 5. project unit-norm decoder gradients (§1.3 A), clip the global norm, Adam with the
 //!    scheduled LR, renormalise unit-norm rows;
-//! 6. firing bookkeeping in tokens since last fired (§1.5), log row, progress, checkpoint.
+//! 6. firing bookkeeping in tokens since last fired (§1.5), log row, progress, checkpoint;
+//! 7. [`Sae::revive_dead`] with the updated dead mask (Adam moments of reset entries zeroed).
 //!
 //! Before step 0: estimate `c = √d / E‖x‖₂` (§1.1, SAELens `expected_average_only_in`) and
 //! initialise `b_dec` (geometric median by Weiszfeld, §1.2, or the mean) on the first
@@ -841,6 +842,16 @@ impl Trainer {
         }
         self.step += 1;
         self.tokens += n as u64;
+        // 7. variant-specific revival of dead latents (SA-GSAE threshold resets)
+        for (dd, &c) in self.dead.iter_mut().zip(&self.tsf) {
+            *dd = c > self.cfg.dead_after_tokens;
+        }
+        for (pi, e) in self.sae.revive_dead(self.step, &self.dead) {
+            if let (Some(m), Some(v)) = (self.m[pi].get_mut(e), self.v[pi].get_mut(e)) {
+                *m = 0.0;
+                *v = 0.0;
+            }
+        }
         let rec = StepRecord {
             step: self.step,
             tokens: self.tokens,

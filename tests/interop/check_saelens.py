@@ -8,7 +8,8 @@ Not part of `make test` (needs the reference venv with sae-lens). Usage:
     # 2. compare
     /work/.venv-ref/bin/python tests/interop/check_saelens.py /tmp/interop
 
-For every `<dir>/<variant>/` it runs `SAE.load_from_disk`, encodes the stored raw inputs `x`,
+For every `<dir>/<variant>/` it runs `SAE.load_from_disk` (for our own `bi_jumprelu`
+architecture, the README formula in torch), encodes the stored raw inputs `x`,
 decodes, and compares with our dense codes `feats` and reconstructions `recon`
 (`io.safetensors`). Exits non-zero on any mismatch.
 """
@@ -33,11 +34,19 @@ def main():
             print(f"{d.name:10s} arch=kmeans    skipped (not a SAELens architecture)")
             continue
         io = load_file(str(d / "io.safetensors"))
-        sae = SAE.load_from_disk(str(d), device="cpu")
-        sae.eval()
-        with torch.no_grad():
-            feats = sae.encode(io["x"])
-            recon = sae.decode(feats)
+        if cfg["architecture"] == "bi_jumprelu":
+            # Our own architecture (SA-GSAE): the README formula, computed independently.
+            w = load_file(str(d / "sae_weights.safetensors"))
+            m = io["x"] @ w["W_enc"] + w["b_enc"]
+            feats = m * ((m > w["threshold_pos"]) | (m < w["threshold_neg"]))
+            recon = feats @ w["W_dec"] + w["b_dec"]
+            sae = None
+        else:
+            sae = SAE.load_from_disk(str(d), device="cpu")
+            sae.eval()
+            with torch.no_grad():
+                feats = sae.encode(io["x"])
+                recon = sae.decode(feats)
         same_support = torch.equal(feats != 0, io["feats"] != 0)
         df = (feats - io["feats"]).abs().max().item()
         dr = (recon - io["recon"]).abs().max().item()
