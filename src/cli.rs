@@ -161,6 +161,8 @@ pub fn run() -> Result<ExitCode> {
                 reporter.as_ref(),
             )
             .with_context(|| format!("saepipe run {name}: train"))?;
+            saepipe::jsae::stage::jsae_stage(&pipeline, &opts, args.force, reporter.as_ref())
+                .with_context(|| format!("saepipe run {name}: jsae"))?;
             let table = saepipe::sweep::eval_stage::evaluate_stage(
                 &pipeline,
                 &opts,

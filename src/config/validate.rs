@@ -38,8 +38,8 @@ pub enum ModelSource {
     },
 }
 
-const SECTIONS: [&str; 8] = [
-    "run", "model", "data", "capture", "train", "sae", "eval", "sweep",
+const SECTIONS: [&str; 9] = [
+    "run", "model", "data", "capture", "train", "sae", "eval", "jsae", "sweep",
 ];
 const REQUIRED: [&str; 5] = ["run", "model", "data", "capture", "sae"];
 const DATA_EXTENSIONS: [&str; 3] = ["txt", "jsonl", "parquet"];
@@ -139,6 +139,7 @@ pub fn check(mut raw: Table, probs: &mut Problems) -> Option<PipelineConfig> {
         }
     }
     precheck_hookpoints(&mut raw, probs);
+    let has_jsae = raw.contains_key("jsae");
     let mut take = |name: &str| {
         raw.remove(name)
             .unwrap_or_else(|| Value::Table(Table::new()))
@@ -173,6 +174,11 @@ pub fn check(mut raw: Table, probs: &mut Problems) -> Option<PipelineConfig> {
     let sae = sec!("sae", SaeConfig);
     let eval = sec!("eval", EvalConfig);
     let sweep = sec!("sweep", Table);
+    let jsae = if has_jsae {
+        sec!("jsae", JsaeConfig).map(Some)
+    } else {
+        Some(None)
+    };
 
     if let Some(r) = &run {
         check_run(r, probs);
@@ -210,7 +216,22 @@ pub fn check(mut raw: Table, probs: &mut Problems) -> Option<PipelineConfig> {
         sae: sae?,
         eval: eval?,
         sweep: sweep?,
+        jsae: jsae?,
     };
+    if let Some(j) = &config.jsae {
+        for site in [crate::models::Site::MlpIn, crate::models::Site::MlpOut] {
+            let hp = Hookpoint::new(j.layer, site);
+            if !config.capture.hookpoints.contains(&hp) {
+                probs.add(
+                    "jsae.layer",
+                    format!("[jsae] layer = {} needs \"{hp}\" in capture.hookpoints; add it", j.layer),
+                );
+            }
+        }
+        if j.k == 0 {
+            probs.add("jsae.k", "must be at least 1");
+        }
+    }
     // Cross-section rules.
     if let Some(e) = config.eval.eval_tokens {
         if e > config.data.eval_tokens {
@@ -475,6 +496,8 @@ mod tests {
             revision: revision.map(Into::into),
             dtype: Dtype::F32,
             device: DeviceKind::Cpu,
+            random_init: false,
+            random_init_seed: 0,
         }
     }
 
