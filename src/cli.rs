@@ -223,6 +223,19 @@ pub fn run() -> Result<ExitCode> {
                 reporter.as_ref(),
             )
             .with_context(|| format!("saepipe train {}", args.pipeline.pipeline.display()))?;
+            // The JSAE pairs of `[jsae]` train with the rest (they need the model's MLP).
+            if args.point.is_none() {
+                let opts = args.pipeline.hub_options(&pipeline);
+                saepipe::jsae::stage::jsae_stage(
+                    &pipeline,
+                    &opts,
+                    args.pipeline.force,
+                    reporter.as_ref(),
+                )
+                .with_context(|| {
+                    format!("saepipe train {}: jsae", args.pipeline.pipeline.display())
+                })?;
+            }
             tracing::info!(trained = n, "train done");
             Ok(ExitCode::SUCCESS)
         }

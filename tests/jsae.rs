@@ -30,7 +30,10 @@ fn ids(b: usize, s: usize, seed: u64) -> Tensor {
 
 /// `mlp_in` and `mlp_out` of block [`LAYER`], `[b·s, d]` each.
 fn record(model: &dyn HookedModel, ids: &Tensor) -> (Vec<f32>, Vec<f32>) {
-    let (hi, ho) = (Hookpoint::new(LAYER, Site::MlpIn), Hookpoint::new(LAYER, Site::MlpOut));
+    let (hi, ho) = (
+        Hookpoint::new(LAYER, Site::MlpIn),
+        Hookpoint::new(LAYER, Site::MlpOut),
+    );
     let mut rec = Recorder::new([hi, ho]);
     model.forward_hooked(ids, &mut rec, Some(LAYER)).unwrap();
     let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
@@ -66,7 +69,12 @@ fn mlp_out_of(model: &dyn HookedModel, ids: &Tensor, x: &[f32]) -> Vec<f32> {
         out: None,
     };
     model.forward_hooked(ids, &mut h, Some(LAYER)).unwrap();
-    h.out.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    h.out
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
 }
 
 fn pair_cfg(k: usize, d_sae: usize, lambda: f32, steps: u64) -> PairConfig {
@@ -102,8 +110,14 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
 fn jacobian_block_matches_finite_differences_through_the_real_mlp() {
     let tmp = tempfile::tempdir().unwrap();
     for (name, dir) in [
-        ("gpt_neox", common::tiny_gpt_neox(&tmp.path().join("neox"), 5)),
-        ("llama", common::tiny_llama(&tmp.path().join("llama"), 5, false)),
+        (
+            "gpt_neox",
+            common::tiny_gpt_neox(&tmp.path().join("neox"), 5),
+        ),
+        (
+            "llama",
+            common::tiny_llama(&tmp.path().join("llama"), 5, false),
+        ),
     ] {
         let loaded = load_dir(&dir, &Device::Cpu).unwrap();
         let model = loaded.model.as_ref();
@@ -117,7 +131,10 @@ fn jacobian_block_matches_finite_differences_through_the_real_mlp() {
         for t in 0..n {
             mlp.forward_token(&x[t * d..(t + 1) * d], &mut hid, &mut yy);
             for (a, b) in yy.iter().zip(&y[t * d..(t + 1) * d]) {
-                assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{name}: MLP {a} vs model {b}");
+                assert!(
+                    (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                    "{name}: MLP {a} vs model {b}"
+                );
             }
         }
         let mut pair = JsaePair::new(pair_cfg(4, 32, 0.5, 10), mlp, &x, &y).unwrap();
@@ -134,14 +151,21 @@ fn jacobian_block_matches_finite_differences_through_the_real_mlp() {
         );
         // Output pre-activation of latent j on raw y: W_enc[j]·(c_y y − b_dec) + b_enc[j].
         let pre = |yr: &[f32], j: usize| -> f64 {
-            let ys: Vec<f32> = yr.iter().zip(b_dec).map(|(v, b)| (*v as f64 * cy) as f32 - b).collect();
+            let ys: Vec<f32> = yr
+                .iter()
+                .zip(b_dec)
+                .map(|(v, b)| (*v as f64 * cy) as f32 - b)
+                .collect();
             dot(&w_enc[j * d..(j + 1) * d], &ys) + b_enc[j] as f64
         };
         let eps = 1e-2f64;
         let (mut worst, mut biggest, mut checked) = (0.0f64, 0.0f64, 0);
         for t in [0usize, 3, 9, 14] {
             let (ax, ay, jb) = &blocks[t];
-            assert!(!ax.is_empty() && !ay.is_empty(), "{name}: token {t} has no active latents");
+            assert!(
+                !ax.is_empty() && !ay.is_empty(),
+                "{name}: token {t} has no active latents"
+            );
             for (a, &i) in ax.iter().enumerate() {
                 let dir_i = &w_dec[i as usize * d..(i as usize + 1) * d];
                 let shifted = |sign: f64| -> Vec<f32> {
@@ -164,7 +188,10 @@ fn jacobian_block_matches_finite_differences_through_the_real_mlp() {
             }
         }
         assert!(checked >= 16, "{name}: only {checked} entries checked");
-        assert!(biggest > 1e-2, "{name}: trivial Jacobian (max |J| {biggest})");
+        assert!(
+            biggest > 1e-2,
+            "{name}: trivial Jacobian (max |J| {biggest})"
+        );
         assert!(
             worst < 1e-2 * (1.0 + biggest),
             "{name}: max |J − FD| = {worst} (max |J| {biggest})"
@@ -189,8 +216,12 @@ fn jsae_pair_is_sparser_than_the_plain_pair() {
         let mut pair = JsaePair::new(pair_cfg(8, 128, lambda, steps), mlp.clone(), &x, &y).unwrap();
         for s in 0..steps as usize {
             let lo = (s * batch) % (n - batch);
-            pair.step(&x[lo * d..(lo + batch) * d], &y[lo * d..(lo + batch) * d], batch)
-                .unwrap();
+            pair.step(
+                &x[lo * d..(lo + batch) * d],
+                &y[lo * d..(lo + batch) * d],
+                batch,
+            )
+            .unwrap();
         }
         let mut acc = pair.new_eval();
         pair.evaluate(&xe, &ye, xe.len() / d, &mut acc).unwrap();
@@ -330,9 +361,18 @@ lambda = 1.0
         );
     };
     run(&[]);
-    run(&["--set", "model.random_init=true", "--set", "run.name=jsae-tiny-random"]);
+    run(&[
+        "--set",
+        "model.random_init=true",
+        "--set",
+        "run.name=jsae-tiny-random",
+    ]);
     for name in ["jsae-tiny", "jsae-tiny-random"] {
-        let path = tmp.path().join("runs").join(name).join("results/metrics.parquet");
+        let path = tmp
+            .path()
+            .join("runs")
+            .join(name)
+            .join("results/metrics.parquet");
         let f = std::fs::File::open(&path).unwrap();
         let b = ParquetRecordBatchReaderBuilder::try_new(f)
             .unwrap()
@@ -351,10 +391,18 @@ lambda = 1.0
         for i in 0..b.num_rows() {
             let a = arch.value(i);
             if a == "jsae" || a == "topk_pair" {
-                assert!(!jac.is_null(i) && (0.0..=1.0).contains(&jac.value(i)), "{name} {a}");
+                assert!(
+                    !jac.is_null(i) && (0.0..=1.0).contains(&jac.value(i)),
+                    "{name} {a}"
+                );
                 assert!(mean.value(i) > 0.0 && mean.value(i).is_finite());
                 assert!(ce.value(i).is_finite());
-                assert!(r2.value(i) > 0.0, "{name} {a} {}: R² {}", hp.value(i), r2.value(i));
+                assert!(
+                    r2.value(i) > 0.0,
+                    "{name} {a} {}: R² {}",
+                    hp.value(i),
+                    r2.value(i)
+                );
                 seen.push(format!("{a} {}", hp.value(i)));
             } else {
                 assert!(jac.is_null(i), "plain SAE rows have no Jacobian");
@@ -374,7 +422,9 @@ lambda = 1.0
         let jdir = tmp.path().join("runs").join(name).join("jsae/jsae");
         assert!(jdir.join("jsae_done.json").is_file());
         assert!(jdir.join("blocks.1.hook_mlp_in/cfg.json").is_file());
-        assert!(jdir.join("blocks.1.hook_mlp_out/sae_weights.safetensors").is_file());
+        assert!(jdir
+            .join("blocks.1.hook_mlp_out/sae_weights.safetensors")
+            .is_file());
     }
     // A second run finds everything done and changes nothing.
     let done = tmp.path().join("runs/jsae-tiny/jsae/jsae/jsae_done.json");

@@ -224,7 +224,10 @@ pub fn check(mut raw: Table, probs: &mut Problems) -> Option<PipelineConfig> {
             if !config.capture.hookpoints.contains(&hp) {
                 probs.add(
                     "jsae.layer",
-                    format!("[jsae] layer = {} needs \"{hp}\" in capture.hookpoints; add it", j.layer),
+                    format!(
+                        "[jsae] layer = {} needs \"{hp}\" in capture.hookpoints; add it",
+                        j.layer
+                    ),
                 );
             }
         }

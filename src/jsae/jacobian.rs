@@ -52,7 +52,13 @@ pub struct JacTables {
 impl JacTables {
     /// Build `P_p = W^x_dec W_pᵀ` and `Qᵀ = W^y_enc W_out` (`W^x_dec: [m_x, d]`,
     /// `W^y_enc: [m_y, d]`, the encoder applied as `W^y_enc y`).
-    pub fn build(mlp: &MlpWeights, w_dec_x: &[f32], m_x: usize, w_enc_y: &[f32], m_y: usize) -> Self {
+    pub fn build(
+        mlp: &MlpWeights,
+        w_dec_x: &[f32],
+        m_x: usize,
+        w_enc_y: &[f32],
+        m_y: usize,
+    ) -> Self {
         let (d, h) = (mlp.d, mlp.h);
         let p = mlp
             .w_in
@@ -91,7 +97,15 @@ impl JacTables {
 
     /// The block `J[j·kx + i]` (`j` over `ay`, `i` over `ax`) of one token with gains
     /// `gains: [n_proj·h]`; `m: [kx·h]` scratch (left holding `M`).
-    pub fn block(&self, ax: &[u32], ay: &[u32], gains: &[f32], r: f32, m: &mut Vec<f32>, j: &mut Vec<f32>) {
+    pub fn block(
+        &self,
+        ax: &[u32],
+        ay: &[u32],
+        gains: &[f32],
+        r: f32,
+        m: &mut Vec<f32>,
+        j: &mut Vec<f32>,
+    ) {
         let (h, kx) = (self.h, ax.len());
         c::resize(m, kx * h);
         self.fill_m(ax, gains, m);
@@ -402,7 +416,16 @@ mod tests {
         };
         let w_in = (0..np).map(|_| randv(rng, h * d, 0.3)).collect();
         let b_in = (0..np).map(|_| randv(rng, h, 0.1)).collect();
-        MlpWeights::new(kind, act, d, h, w_in, b_in, randv(rng, d * h, 0.3), randv(rng, d, 0.1))
+        MlpWeights::new(
+            kind,
+            act,
+            d,
+            h,
+            w_in,
+            b_in,
+            randv(rng, d * h, 0.3),
+            randv(rng, d, 0.1),
+        )
     }
 
     /// Random sparse codes: `k` distinct latents per token (values irrelevant here).
@@ -424,7 +447,16 @@ mod tests {
         c
     }
 
-    fn sum_abs(m: &MlpWeights, wd: &[f32], we: &[f32], mm: usize, cx: &Codes, cy: &Codes, g: &[f32], r: f32) -> f64 {
+    fn sum_abs(
+        m: &MlpWeights,
+        wd: &[f32],
+        we: &[f32],
+        mm: usize,
+        cx: &Codes,
+        cy: &Codes,
+        g: &[f32],
+        r: f32,
+    ) -> f64 {
         let t = JacTables::build(m, wd, mm, we, mm);
         let mut s = JacStats::new(1, 1);
         accumulate_stats(&t, cx, cy, g, m.n_proj() * m.h, r, &mut s);
@@ -451,9 +483,24 @@ mod tests {
             let t = JacTables::build(&m, &wd, mm, &we, mm);
             let (mut gd, mut ge) = (vec![0.0; mm * d], vec![0.0; mm * d]);
             let mut st = JacStats::new(k, k);
-            let s = penalty_step(&m, &t, &cx, &cy, &g, r, coef, &mut gd, &mut ge, &mut JacGrads::default(), &mut st);
+            let s = penalty_step(
+                &m,
+                &t,
+                &cx,
+                &cy,
+                &g,
+                r,
+                coef,
+                &mut gd,
+                &mut ge,
+                &mut JacGrads::default(),
+                &mut st,
+            );
             let s0 = sum_abs(&m, &wd, &we, mm, &cx, &cy, &g, r);
-            assert!((s - s0).abs() < 1e-3 * s0, "{kind:?}: step Σ|J| {s} vs stats {s0}");
+            assert!(
+                (s - s0).abs() < 1e-3 * s0,
+                "{kind:?}: step Σ|J| {s} vs stats {s0}"
+            );
             assert_eq!(st.tokens, n as u64);
             let eps = 1e-3f32;
             for (which, grad) in [(0, &gd), (1, &ge)] {
@@ -475,7 +522,10 @@ mod tests {
                     let err = (fd - grad[e] as f64).abs() / (1.0 + fd.abs());
                     worst = worst.max(err);
                 }
-                assert!(worst < 2e-2, "{kind:?} param {which}: worst relative error {worst}");
+                assert!(
+                    worst < 2e-2,
+                    "{kind:?} param {which}: worst relative error {worst}"
+                );
             }
             assert!(gd.iter().any(|&v| v != 0.0) && ge.iter().any(|&v| v != 0.0));
         }

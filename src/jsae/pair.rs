@@ -87,7 +87,9 @@ pub enum PairError {
     #[error("JSAE pair: {0}")]
     Shape(String),
     /// Training diverged.
-    #[error("JSAE pair: non-finite {what} at step {step}; lower train.optimizer.lr or jsae.lambda")]
+    #[error(
+        "JSAE pair: non-finite {what} at step {step}; lower train.optimizer.lr or jsae.lambda"
+    )]
     NonFinite {
         /// What went non-finite.
         what: &'static str,
@@ -105,9 +107,10 @@ pub struct PairStep {
     pub mse_x: f64,
     /// Output-SAE reconstruction term.
     pub mse_y: f64,
-    /// Mean `|J|` over the `k²` entries per token.
+    /// Mean `|J|` over the `k²` entries per token (NaN for a plain pair, λ = 0, whose
+    /// training does not compute J; evaluate it with [`JsaePair::evaluate`]).
     pub jac_mean_abs: f64,
-    /// Share of `|J|` above 0.01.
+    /// Share of `|J|` above 0.01 (NaN for a plain pair).
     pub jac_frac: f64,
 }
 
@@ -175,7 +178,12 @@ fn scaled(x: &[f32], s: f32, out: &mut Vec<f32>) {
 impl JsaePair {
     /// A fresh pair around `mlp`, its input scales and `b_dec` from the init sample
     /// `init_x`, `init_y` (`[n, d]` raw `mlp_in` / `mlp_out` rows).
-    pub fn new(cfg: PairConfig, mlp: MlpWeights, init_x: &[f32], init_y: &[f32]) -> Result<Self, PairError> {
+    pub fn new(
+        cfg: PairConfig,
+        mlp: MlpWeights,
+        init_x: &[f32],
+        init_y: &[f32],
+    ) -> Result<Self, PairError> {
         let d = mlp.d;
         if init_x.len() != init_y.len() || init_x.is_empty() || init_x.len() % d != 0 {
             return Err(PairError::Shape(format!(
@@ -302,37 +310,46 @@ impl JsaePair {
         let out_y = self
             .sae_y
             .forward_backward(&input_y, &mut self.grads[1], &mut self.ws[1])?;
-        // 2. The Jacobian term on the active blocks.
-        self.fill_gains(x, n);
-        let lam = self.cfg.lambda * optim::sparsity_factor(t, self.cfg.lambda_warmup_steps);
-        let coef = lam * d as f32 / (n as f64 * self.k2()) as f32;
-        let tables = JacTables::build(
-            &self.mlp,
-            &self.sae_x.params()[W_DEC].data,
-            f,
-            &self.sae_y.params()[W_ENC].data,
-            f,
-        );
+        // 2. The Jacobian term on the active blocks (skipped for the plain pair, λ = 0:
+        //    the pair's training is then two independent TopK SAEs).
         let mut stats = JacStats::new(self.cfg.k, self.cfg.k);
-        let r = self.ratio();
-        let (gx, gy) = self.grads.split_at_mut(1);
-        let sum_j = jacobian::penalty_step(
-            &self.mlp,
-            &tables,
-            &self.ws[0].codes,
-            &self.ws[1].codes,
-            &self.gains,
-            r,
-            coef,
-            &mut gx[0][W_DEC],
-            &mut gy[0][W_ENC],
-            &mut self.jg,
-            &mut stats,
-        );
-        let jac_loss = coef as f64 * sum_j;
+        let jac_loss = if self.cfg.lambda == 0.0 {
+            stats.sum_abs = f64::NAN;
+            0.0
+        } else {
+            self.fill_gains(x, n);
+            let lam = self.cfg.lambda * optim::sparsity_factor(t, self.cfg.lambda_warmup_steps);
+            let coef = lam * d as f32 / (n as f64 * self.k2()) as f32;
+            let tables = JacTables::build(
+                &self.mlp,
+                &self.sae_x.params()[W_DEC].data,
+                f,
+                &self.sae_y.params()[W_ENC].data,
+                f,
+            );
+            let r = self.ratio();
+            let (gx, gy) = self.grads.split_at_mut(1);
+            let sum_j = jacobian::penalty_step(
+                &self.mlp,
+                &tables,
+                &self.ws[0].codes,
+                &self.ws[1].codes,
+                &self.gains,
+                r,
+                coef,
+                &mut gx[0][W_DEC],
+                &mut gy[0][W_ENC],
+                &mut self.jg,
+                &mut stats,
+            );
+            coef as f64 * sum_j
+        };
         let loss = out_x.loss + out_y.loss + jac_loss;
         if !loss.is_finite() {
-            return Err(PairError::NonFinite { what: "loss", step: t });
+            return Err(PairError::NonFinite {
+                what: "loss",
+                step: t,
+            });
         }
         // 3. Unit-norm decoders: project, clip, Adam, renormalise.
         for (s, sae) in [&self.sae_x, &self.sae_y].into_iter().enumerate() {
@@ -347,7 +364,10 @@ impl JsaePair {
                 .sum::<f64>()
                 .sqrt();
             if !norm.is_finite() {
-                return Err(PairError::NonFinite { what: "gradient", step: t });
+                return Err(PairError::NonFinite {
+                    what: "gradient",
+                    step: t,
+                });
             }
             if norm > self.cfg.grad_clip as f64 {
                 let s = (self.cfg.grad_clip as f64 / norm) as f32;
@@ -387,7 +407,11 @@ impl JsaePair {
             mse_x: out_x.loss,
             mse_y: out_y.loss,
             jac_mean_abs: stats.mean_abs(),
-            jac_frac: stats.frac_above(0),
+            jac_frac: if self.cfg.lambda == 0.0 {
+                f64::NAN
+            } else {
+                stats.frac_above(0)
+            },
         })
     }
 
@@ -405,7 +429,13 @@ impl JsaePair {
 
     /// Encode and decode raw rows `x: [n, d]` with SAE `side` (0 input, 1 output); the codes
     /// stay in the workspace and the raw reconstruction is written to `out`.
-    pub fn reconstruct(&mut self, side: usize, x: &[f32], n: usize, out: &mut Vec<f32>) -> Result<(), PairError> {
+    pub fn reconstruct(
+        &mut self,
+        side: usize,
+        x: &[f32],
+        n: usize,
+        out: &mut Vec<f32>,
+    ) -> Result<(), PairError> {
         let (sae, s) = if side == 0 {
             (&self.sae_x, self.scale_x)
         } else {
@@ -423,7 +453,13 @@ impl JsaePair {
 
     /// Add `n` held-out paired raw rows to `acc`: both SAEs' reconstruction and sparsity and
     /// the Jacobian sparsity of the frozen pair (tables built once per call).
-    pub fn evaluate(&mut self, x: &[f32], y: &[f32], n: usize, acc: &mut PairEval) -> Result<(), PairError> {
+    pub fn evaluate(
+        &mut self,
+        x: &[f32],
+        y: &[f32],
+        n: usize,
+        acc: &mut PairEval,
+    ) -> Result<(), PairError> {
         let mut rx = Vec::new();
         let mut ry = Vec::new();
         self.reconstruct(0, x, n, &mut rx)?;
@@ -459,7 +495,12 @@ impl JsaePair {
 
     /// The Jacobian blocks of `n` raw rows as computed in training (for tests): per token,
     /// `(A_x, A_y, J)` with `J[j·|A_x| + i]`.
-    pub fn blocks(&mut self, x: &[f32], y: &[f32], n: usize) -> Result<Vec<(Vec<u32>, Vec<u32>, Vec<f32>)>, PairError> {
+    pub fn blocks(
+        &mut self,
+        x: &[f32],
+        y: &[f32],
+        n: usize,
+    ) -> Result<Vec<(Vec<u32>, Vec<u32>, Vec<f32>)>, PairError> {
         let mut rx = Vec::new();
         self.reconstruct(0, x, n, &mut rx)?;
         let mut ry = Vec::new();
@@ -479,7 +520,14 @@ impl JsaePair {
         for t in 0..n {
             let (ax, _) = self.ws[0].codes.row(t);
             let (ay, _) = self.ws[1].codes.row(t);
-            tables.block(ax, ay, &self.gains[t * gw..(t + 1) * gw], self.ratio(), &mut m, &mut j);
+            tables.block(
+                ax,
+                ay,
+                &self.gains[t * gw..(t + 1) * gw],
+                self.ratio(),
+                &mut m,
+                &mut j,
+            );
             out.push((ax.to_vec(), ay.to_vec(), j.clone()));
         }
         Ok(out)

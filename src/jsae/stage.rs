@@ -40,7 +40,7 @@ use crate::config::{BDecInit, LrDecay, OptimizerConfig, Pipeline};
 use crate::data::pack::Window;
 use crate::data::Split;
 use crate::hub::HubOptions;
-use crate::models::{Hookpoint, Hooks, Site};
+use crate::models::{HookedModel, Hookpoint, Hooks, Site};
 use crate::report::Reporter;
 use crate::rng::Rng;
 use crate::sae::export::ExportMeta;
@@ -166,7 +166,9 @@ impl PairedReader {
                 .min(n - got);
             for r in 0..avail {
                 let (a, b) = (self.at[0] + r, self.at[1] + r);
-                if self.bufs[0].seq[a] != self.bufs[1].seq[b] || self.bufs[0].pos[a] != self.bufs[1].pos[b] {
+                if self.bufs[0].seq[a] != self.bufs[1].seq[b]
+                    || self.bufs[0].pos[a] != self.bufs[1].pos[b]
+                {
                     bail!(
                         "the mlp_in and mlp_out activations are not aligned: row {got} is (seq {}, pos {}) in {} but (seq {}, pos {}) in {}; capture both hookpoints in the same run (`saepipe capture --force`)",
                         self.bufs[0].seq[a],
@@ -206,10 +208,14 @@ impl Batches {
             if self.next >= self.order.len() {
                 self.block.0.clear();
                 self.block.1.clear();
-                let mut got = self.reader.take(SHUFFLE_ROWS, &mut self.block.0, &mut self.block.1)?;
+                let mut got =
+                    self.reader
+                        .take(SHUFFLE_ROWS, &mut self.block.0, &mut self.block.1)?;
                 if got == 0 {
                     self.reader.restart();
-                    got = self.reader.take(SHUFFLE_ROWS, &mut self.block.0, &mut self.block.1)?;
+                    got = self
+                        .reader
+                        .take(SHUFFLE_ROWS, &mut self.block.0, &mut self.block.1)?;
                     if got == 0 {
                         bail!("the mlp_in/mlp_out activation sets are empty");
                     }
@@ -240,10 +246,16 @@ fn open_pair(p: &Pipeline, layer: usize, split: Split) -> Result<[ActivationSet;
             &Expect {
                 hookpoint: Some(hp.to_string()),
                 split: Some(split.name().into()),
+                model_repo: Some(p.config.model.source.clone()),
                 ..Expect::default()
             },
         )
-        .with_context(|| format!("opening the {hp} activations in {}; run `saepipe capture` first", dir.display()))
+        .with_context(|| {
+            format!(
+                "opening the {hp} activations in {}; run `saepipe capture` first",
+                dir.display()
+            )
+        })
     };
     let sets = [open(Site::MlpIn)?, open(Site::MlpOut)?];
     if sets[0].n_tokens() != sets[1].n_tokens() || sets[0].d_model() != sets[1].d_model() {
@@ -291,27 +303,61 @@ impl Hooks for PairSplice<'_> {
                 }
             }
         }
-        Ok(Some(Tensor::from_vec(out, (b, s, d), x.device())?.to_dtype(x.dtype())?))
+        Ok(Some(
+            Tensor::from_vec(out, (b, s, d), x.device())?.to_dtype(x.dtype())?,
+        ))
     }
 }
 
+/// Load the pipeline's model (random-initialised when `model.random_init`).
+fn load_model(
+    p: &Pipeline,
+    opts: &HubOptions,
+    reporter: &dyn Reporter,
+) -> Result<Box<dyn HookedModel>> {
+    let c = &p.config;
+    let resolved = crate::hub::resolve_model(&p.model_source(), opts, reporter)
+        .with_context(|| format!("resolving model {}", c.model.source))?;
+    let src = if resolved.kind == "gguf" {
+        crate::models::ModelSource::Gguf(resolved.path.clone())
+    } else {
+        crate::models::ModelSource::Local(resolved.path.clone())
+    };
+    let loaded = crate::models::load_source_with(
+        &src,
+        &crate::models::default_device(),
+        c.model.random_init(),
+    )
+    .with_context(|| format!("loading model {}", c.model.source))?;
+    Ok(loaded.model)
+}
+
 fn ce_pair(ctx: &CeContext, layer: usize, mut pair: Option<&mut JsaePair>) -> Result<f64> {
-    ce_with(ctx, &format!("blocks.{layer} (mlp_in + mlp_out)"), &mut |ids, chunk| {
-        let mut hooks = PairSplice {
-            layer,
-            pair: pair.as_deref_mut(),
-            windows: chunk,
-            special: &ctx.special,
-        };
-        ctx.model.forward_hooked(ids, &mut hooks, None)
-    })
+    ce_with(
+        ctx,
+        &format!("blocks.{layer} (mlp_in + mlp_out)"),
+        &mut |ids, chunk| {
+            let mut hooks = PairSplice {
+                layer,
+                pair: pair.as_deref_mut(),
+                windows: chunk,
+                special: &ctx.special,
+            };
+            ctx.model.forward_hooked(ids, &mut hooks, None)
+        },
+    )
 }
 
 fn pair_config(p: &Pipeline, d: usize, lambda: f64, total_steps: u64) -> PairConfig {
     let c = &p.config;
     let j = c.jsae.as_ref().expect("invariant: only called with [jsae]");
     let t = &c.train;
-    let OptimizerConfig::Adam { lr, beta1, beta2, eps } = &t.optimizer;
+    let OptimizerConfig::Adam {
+        lr,
+        beta1,
+        beta2,
+        eps,
+    } = &t.optimizer;
     let d_sae = j.d_sae.unwrap_or(j.expansion_factor * d);
     let decay_frac = match t.lr_decay {
         LrDecay::None => 0.0,
@@ -346,7 +392,12 @@ fn pair_config(p: &Pipeline, d: usize, lambda: f64, total_steps: u64) -> PairCon
 
 /// Train and evaluate the pairs of `[jsae]` that are not done yet (all with `force`).
 /// Returns the number of pairs trained (0 without `[jsae]`).
-pub fn jsae_stage(p: &Pipeline, opts: &HubOptions, force: bool, reporter: &dyn Reporter) -> Result<usize> {
+pub fn jsae_stage(
+    p: &Pipeline,
+    opts: &HubOptions,
+    force: bool,
+    reporter: &dyn Reporter,
+) -> Result<usize> {
     let Some(j) = &p.config.jsae else {
         return Ok(0);
     };
@@ -362,20 +413,35 @@ pub fn jsae_stage(p: &Pipeline, opts: &HubOptions, force: bool, reporter: &dyn R
     let hash = config_hash(p);
     let todo: Vec<(&str, f64)> = variants(p, d)
         .into_iter()
-        .filter(|(v, _)| force || read_done(&variant_dir(p, v)).is_none_or(|dn| dn.config_hash != hash))
+        .filter(|(v, _)| {
+            force || read_done(&variant_dir(p, v)).is_none_or(|dn| dn.config_hash != hash)
+        })
         .collect();
     if todo.is_empty() {
         reporter.message("jsae: all pairs already trained");
         return Ok(0);
     }
     let c = &p.config;
-    // 1. The model: its MLP (frozen, for J) and the CE windows.
-    let ce = ce_context(p, opts, reporter).context("loading the model for the JSAE stage")?;
-    let mlp = ce
-        .model
+    // 1. The model: its MLP (frozen, for J) and, unless eval.ce_sequences = 0, the CE windows.
+    let (ce, own_model) = if c.eval.ce_sequences > 0 {
+        let ce = ce_context(p, opts, reporter).context("loading the model for the JSAE stage")?;
+        (Some(ce), None)
+    } else {
+        (None, Some(load_model(p, opts, reporter)?))
+    };
+    let model: &dyn HookedModel = match (&ce, &own_model) {
+        (Some(ctx), _) => ctx.model.as_ref(),
+        (None, Some(m)) => m.as_ref(),
+        (None, None) => unreachable!("one of the two is loaded above"),
+    };
+    let mlp = model
         .mlp_weights(layer)
         .with_context(|| format!("extracting the MLP of block {layer}"))?;
-    anyhow::ensure!(mlp.d == d, "the model's MLP has width {} but the activations have {d}", mlp.d);
+    anyhow::ensure!(
+        mlp.d == d,
+        "the model's MLP has width {} but the activations have {d}",
+        mlp.d
+    );
     // 2. Init sample, then the pairs (same seed: same init).
     let train_tokens = c.train.train_tokens.unwrap_or(c.data.n_tokens);
     let batch = c.train.batch_tokens.max(1);
@@ -388,7 +454,11 @@ pub fn jsae_stage(p: &Pipeline, opts: &HubOptions, force: bool, reporter: &dyn R
         next: 0,
     };
     let (mut ix, mut iy) = (Vec::new(), Vec::new());
-    let init_rows = c.train.init_tokens.min(train_sets[0].n_tokens() as usize).max(1);
+    let init_rows = c
+        .train
+        .init_tokens
+        .min(train_sets[0].n_tokens() as usize)
+        .max(1);
     PairedReader::new(train_sets.clone()).take(init_rows, &mut ix, &mut iy)?;
     let mut pairs = Vec::new();
     for &(v, lam) in &todo {
@@ -396,7 +466,10 @@ pub fn jsae_stage(p: &Pipeline, opts: &HubOptions, force: bool, reporter: &dyn R
         pairs.push((v, lam, JsaePair::new(cfg, mlp.clone(), &ix, &iy)?, 0.0f64));
     }
     // 3. Lockstep training.
-    let prog = reporter.start(&format!("jsae L{layer}"), Some(total_steps * batch as u64 * pairs.len() as u64));
+    let prog = reporter.start(
+        &format!("jsae L{layer}"),
+        Some(total_steps * batch as u64 * pairs.len() as u64),
+    );
     let (mut x, mut y) = (Vec::new(), Vec::new());
     for _ in 0..total_steps {
         batches.next_batch(batch, &mut x, &mut y)?;
@@ -406,7 +479,10 @@ pub fn jsae_stage(p: &Pipeline, opts: &HubOptions, force: bool, reporter: &dyn R
             let s = pair.step(&x, &y, batch)?;
             *secs += t0.elapsed().as_secs_f64();
             prog.advance(batch as u64);
-            msg.push_str(&format!("{v}: mse {:.3}/{:.3} |J| {:.4}  ", s.mse_x, s.mse_y, s.jac_mean_abs));
+            msg.push_str(&format!(
+                "{v}: mse {:.3}/{:.3} |J| {:.4}  ",
+                s.mse_x, s.mse_y, s.jac_mean_abs
+            ));
         }
         prog.set_message(msg);
     }
@@ -414,8 +490,15 @@ pub fn jsae_stage(p: &Pipeline, opts: &HubOptions, force: bool, reporter: &dyn R
     // 4. Held-out metrics, CE with both SAEs spliced in, export, marker.
     let eval_sets = open_pair(p, layer, Split::Eval)
         .context("the JSAE stage evaluates on the held-out split; set data.eval_tokens > 0")?;
-    let limit = c.eval.eval_tokens.unwrap_or(u64::MAX).min(eval_sets[0].n_tokens());
-    let zero = ce_pair(&ce, layer, None).context("CE with mlp_in and mlp_out zeroed")?;
+    let limit = c
+        .eval
+        .eval_tokens
+        .unwrap_or(u64::MAX)
+        .min(eval_sets[0].n_tokens());
+    let zero = match &ce {
+        Some(ctx) => Some(ce_pair(ctx, layer, None).context("CE with mlp_in and mlp_out zeroed")?),
+        None => None,
+    };
     let revision = train_sets[0].manifest.meta.model_revision.clone();
     for (v, lam, pair, secs) in pairs.iter_mut() {
         let mut acc = pair.new_eval();
@@ -432,13 +515,20 @@ pub fn jsae_stage(p: &Pipeline, opts: &HubOptions, force: bool, reporter: &dyn R
             seen += n as u64;
         }
         anyhow::ensure!(seen > 0, "no held-out mlp_in/mlp_out rows to evaluate on");
-        let spliced = ce_pair(&ce, layer, Some(pair)).with_context(|| format!("CE with the {v} pair spliced in"))?;
+        let spliced = match &ce {
+            Some(ctx) => Some(
+                ce_pair(ctx, layer, Some(pair))
+                    .with_context(|| format!("CE with the {v} pair spliced in"))?,
+            ),
+            None => None,
+        };
         let dir = variant_dir(p, v);
         let mut rows = Vec::new();
         for (side, site) in [(0usize, Site::MlpIn), (1, Site::MlpOut)] {
             let hp = Hookpoint::new(layer, site);
             let sae_dir = dir.join(hp.to_string());
-            std::fs::create_dir_all(&sae_dir).with_context(|| format!("creating {}", sae_dir.display()))?;
+            std::fs::create_dir_all(&sae_dir)
+                .with_context(|| format!("creating {}", sae_dir.display()))?;
             let (sae, scale): (&dyn crate::sae::Sae, f32) = if side == 0 {
                 (&pair.sae_x, pair.scale_x)
             } else {
@@ -452,31 +542,37 @@ pub fn jsae_stage(p: &Pipeline, opts: &HubOptions, force: bool, reporter: &dyn R
             };
             crate::sae::export::save_saelens(sae, scale, &meta, &sae_dir)
                 .with_context(|| format!("exporting {}", sae_dir.display()))?;
-            rows.push(row(p, RowParts {
-                variant: v,
-                lambda: *lam,
-                hp,
-                acc: &acc,
-                side,
-                revision: &revision,
-                train_tokens: total_steps * batch as u64,
-                eval_tokens: seen,
-                ce: (ce.clean, spliced, zero),
-                secs: *secs,
-                dir: &sae_dir,
-                d_in: d,
-            }));
+            rows.push(row(
+                p,
+                RowParts {
+                    variant: v,
+                    lambda: *lam,
+                    hp,
+                    acc: &acc,
+                    side,
+                    revision: &revision,
+                    train_tokens: total_steps * batch as u64,
+                    eval_tokens: seen,
+                    ce: (ce.as_ref().map(|x| x.clean), spliced, zero),
+                    secs: *secs,
+                    dir: &sae_dir,
+                    d_in: d,
+                },
+            ));
         }
-        let text = serde_json::to_string_pretty(&JsaeDone { config_hash: hash.clone(), rows })?;
+        let text = serde_json::to_string_pretty(&JsaeDone {
+            config_hash: hash.clone(),
+            rows,
+        })?;
         crate::fsutil::atomic_write(&dir.join(JSAE_DONE), text.as_bytes())
             .with_context(|| format!("writing {}", dir.join(JSAE_DONE).display()))?;
         reporter.message(&format!(
-            "jsae {v} (λ = {lam:.4}): |J| > 0.01 on {:.1}% of entries, mean |J| {:.4}, R² {:.3} / {:.3}, CE {:.4} → {:.4}",
+            "jsae {v} (λ = {lam:.4}): |J| > 0.01 on {:.1}% of entries, mean |J| {:.4}, R² {:.3} / {:.3}, CE {:?} → {:?}",
             100.0 * acc.jac.frac_above(0),
             acc.jac.mean_abs(),
             acc.recon_x.r2(),
             acc.recon_y.r2(),
-            ce.clean,
+            ce.as_ref().map(|x| x.clean),
             spliced
         ));
     }
@@ -492,7 +588,7 @@ struct RowParts<'a> {
     revision: &'a str,
     train_tokens: u64,
     eval_tokens: u64,
-    ce: (f64, f64, f64),
+    ce: (Option<f64>, Option<f64>, Option<f64>),
     secs: f64,
     dir: &'a Path,
     d_in: usize,
@@ -531,11 +627,14 @@ fn row(p: &Pipeline, r: RowParts) -> MetricsRow {
         l1: sp.l1(),
         dead_frac: sp.dead_frac(),
         dense_frac: sp.dense_frac(0.1),
-        ce_clean: Some(clean),
-        ce_spliced: Some(spliced),
-        ce_delta: Some(spliced - clean),
-        ce_zero_abl: Some(zero),
-        ce_loss_score: ((zero - clean).abs() > 1e-12).then(|| (zero - spliced) / (zero - clean)),
+        ce_clean: clean,
+        ce_spliced: spliced,
+        ce_delta: spliced.zip(clean).map(|(s, c)| s - c),
+        ce_zero_abl: zero,
+        ce_loss_score: match (clean, spliced, zero) {
+            (Some(c), Some(s), Some(z)) if (z - c).abs() > 1e-12 => Some((z - s) / (z - c)),
+            _ => None,
+        },
         bipolar_frac: None,
         jacobian_sparsity: Some(r.acc.jac.frac_above(0)),
         jacobian_frac_0_1: Some(r.acc.jac.frac_above(1)),

@@ -30,9 +30,9 @@ use candle_nn::{Linear, Module};
 
 use super::error::ModelError;
 use super::hooks::{Hookpoint, Hooks, Site};
+use super::mlp::{MlpError, MlpKind, MlpWeights};
 use super::nn::{self, Act, OneOrMany, Rope, RopeParameters};
 use super::weights::Weights;
-use super::mlp::{MlpError, MlpKind, MlpWeights};
 use super::{HookedModel, ModelInfo};
 
 fn default_hidden_act() -> String {
@@ -356,8 +356,13 @@ impl HookedModel for GptNeoX {
             layer,
             n_layers: self.layers.len(),
         })?;
-        MlpWeights::from_linears(MlpKind::Plain, self.act.into(), &[&blk.dense_h_to_4h], &blk.dense_4h_to_h)
-            .map_err(|source| MlpError::Candle { layer, source })
+        MlpWeights::from_linears(
+            MlpKind::Plain,
+            self.act.into(),
+            &[&blk.dense_h_to_4h],
+            &blk.dense_4h_to_h,
+        )
+        .map_err(|source| MlpError::Candle { layer, source })
     }
 
     /// # Shapes

@@ -24,9 +24,9 @@ use candle_nn::{Linear, Module};
 
 use super::error::ModelError;
 use super::hooks::{Hookpoint, Hooks, Site};
+use super::mlp::{MlpError, MlpKind, MlpWeights};
 use super::nn::{self, Act, OneOrMany, Rope, RopeParameters};
 use super::weights::Weights;
-use super::mlp::{MlpError, MlpKind, MlpWeights};
 use super::{HookedModel, ModelInfo};
 
 fn default_hidden_act() -> String {
@@ -365,8 +365,13 @@ impl HookedModel for Llama {
             layer,
             n_layers: self.layers.len(),
         })?;
-        MlpWeights::from_linears(MlpKind::Gated, self.act.into(), &[&blk.gate_proj, &blk.up_proj], &blk.down_proj)
-            .map_err(|source| MlpError::Candle { layer, source })
+        MlpWeights::from_linears(
+            MlpKind::Gated,
+            self.act.into(),
+            &[&blk.gate_proj, &blk.up_proj],
+            &blk.down_proj,
+        )
+        .map_err(|source| MlpError::Candle { layer, source })
     }
 
     /// # Shapes

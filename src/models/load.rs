@@ -177,7 +177,11 @@ fn initializer_range(text: &str) -> f32 {
 }
 
 /// [`load_dir`], optionally randomly re-initialised (see [`load_source_with`]).
-pub fn load_dir_with(dir: &Path, device: &Device, random_init: Option<u64>) -> Result<LoadedModel, ModelError> {
+pub fn load_dir_with(
+    dir: &Path,
+    device: &Device,
+    random_init: Option<u64>,
+) -> Result<LoadedModel, ModelError> {
     let (config_path, text, model_type) = read_config(dir)?;
     let weights = |dir: &Path, model_type: &str| -> Result<super::weights::Weights, ModelError> {
         let mut w = super::weights::Weights::from_dir(dir, model_type, device)?;
@@ -233,7 +237,11 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel, ModelError
 }
 
 /// [`load_gguf`], optionally randomly re-initialised (σ = 0.02; see [`load_source_with`]).
-pub fn load_gguf_with(path: &Path, device: &Device, random_init: Option<u64>) -> Result<LoadedModel, ModelError> {
+pub fn load_gguf_with(
+    path: &Path,
+    device: &Device,
+    random_init: Option<u64>,
+) -> Result<LoadedModel, ModelError> {
     if !path.is_file() {
         return Err(ModelError::Io {
             path: path.to_path_buf(),

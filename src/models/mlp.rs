@@ -81,7 +81,8 @@ impl MlpAct {
     pub fn value(self, z: f32) -> f32 {
         match self {
             MlpAct::GeluErf => {
-                0.5 * z * (1.0 + candle_core::cpu::erf::erf_f32(z * std::f32::consts::FRAC_1_SQRT_2))
+                0.5 * z
+                    * (1.0 + candle_core::cpu::erf::erf_f32(z * std::f32::consts::FRAC_1_SQRT_2))
             }
             MlpAct::GeluTanh => {
                 0.5 * z * (1.0 + (SQRT_2_OVER_PI * (z + GELU_C * z * z * z)).tanh())
@@ -96,8 +97,8 @@ impl MlpAct {
     pub fn deriv(self, z: f32) -> f32 {
         match self {
             MlpAct::GeluErf => {
-                let cdf =
-                    0.5 * (1.0 + candle_core::cpu::erf::erf_f32(z * std::f32::consts::FRAC_1_SQRT_2));
+                let cdf = 0.5
+                    * (1.0 + candle_core::cpu::erf::erf_f32(z * std::f32::consts::FRAC_1_SQRT_2));
                 let pdf = (-0.5 * z * z).exp() * 0.398_942_3;
                 cdf + z * pdf
             }
@@ -267,9 +268,7 @@ impl MlpWeights {
         match self.kind {
             MlpKind::Plain => {
                 self.pre(0, x, &mut gains[..h]);
-                gains[..h]
-                    .iter_mut()
-                    .for_each(|z| *z = self.act.deriv(*z));
+                gains[..h].iter_mut().for_each(|z| *z = self.act.deriv(*z));
             }
             MlpKind::Gated => {
                 let (g1, g2) = gains.split_at_mut(h);
@@ -299,7 +298,10 @@ mod tests {
                     - act.value((z as f64 - e) as f32) as f64)
                     / (2.0 * e);
                 let an = act.deriv(z) as f64;
-                assert!((fd - an).abs() < 2e-3, "{act:?} at {z}: fd {fd} analytic {an}");
+                assert!(
+                    (fd - an).abs() < 2e-3,
+                    "{act:?} at {z}: fd {fd} analytic {an}"
+                );
             }
         }
     }

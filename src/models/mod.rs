@@ -20,11 +20,11 @@ use candle_core::{Device, Tensor};
 
 pub use error::{ModelError, SUPPORTED_MODEL_TYPES};
 pub use hooks::{Hookpoint, HookpointError, Hooks, NoHooks, Recorder, Replace, Site};
-pub use mlp::{MlpAct, MlpError, MlpKind, MlpWeights};
 pub use load::{
     load_dir, load_dir_with, load_gguf, load_gguf_with, load_source, load_source_with, LoadedModel,
     ModelSource,
 };
+pub use mlp::{MlpAct, MlpError, MlpKind, MlpWeights};
 pub use nn::{OneOrMany, RopeParameters};
 
 /// The device forward passes run on: the first CUDA GPU when built with the `cuda`

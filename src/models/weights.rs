@@ -111,7 +111,13 @@ impl Weights {
         self.random = Some((seed, std));
     }
 
-    fn random_tensor(&self, name: &str, shape: &[usize], seed: u64, std: f32) -> Result<Tensor, ModelError> {
+    fn random_tensor(
+        &self,
+        name: &str,
+        shape: &[usize],
+        seed: u64,
+        std: f32,
+    ) -> Result<Tensor, ModelError> {
         let n: usize = shape.iter().product();
         let data: Vec<f32> = if name.ends_with("norm.weight") {
             vec![1.0; n]
@@ -119,9 +125,9 @@ impl Weights {
             vec![0.0; n]
         } else {
             // FNV-1a of the name, so each tensor's values do not depend on load order.
-            let h = name
-                .bytes()
-                .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+            let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+            });
             let mut rng = crate::rng::Rng::new(seed ^ h);
             (0..n).map(|_| rng.normal() as f32 * std).collect()
         };

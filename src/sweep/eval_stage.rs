@@ -179,9 +179,12 @@ pub(crate) fn ce_context(
     } else {
         crate::models::ModelSource::Local(resolved.path.clone())
     };
-    let loaded =
-        crate::models::load_source_with(&src, &crate::models::default_device(), c.model.random_init())
-            .with_context(|| format!("loading model {}", c.model.source))?;
+    let loaded = crate::models::load_source_with(
+        &src,
+        &crate::models::default_device(),
+        c.model.random_init(),
+    )
+    .with_context(|| format!("loading model {}", c.model.source))?;
     let tokenizer = Arc::new(loaded.tokenizer.with_context(|| {
         format!(
             "{}: no tokenizer found next to the weights",
@@ -241,21 +244,21 @@ enum Mode<'a> {
 /// Mean next-token CE (nats) over the CE windows, with `hp` treated as `mode` says.
 fn ce_of(ctx: &CeContext, hp: Hookpoint, mut mode: Mode) -> Result<f64> {
     ce_with(ctx, &hp.to_string(), &mut |ids_t, chunk| match &mut mode {
-            Mode::Clean => ctx.model.forward_hooked(ids_t, &mut NoHooks, None),
-            Mode::Zero => {
-                let mut hook = Replace {
-                    target: hp,
-                    f: |x: &Tensor| x.zeros_like(),
-                };
-                ctx.model.forward_hooked(ids_t, &mut hook, None)
-            }
-            Mode::Splice(g) => {
-                let mut hook = Replace {
-                    target: hp,
-                    f: |x: &Tensor| g(x, chunk),
-                };
-                ctx.model.forward_hooked(ids_t, &mut hook, None)
-            }
+        Mode::Clean => ctx.model.forward_hooked(ids_t, &mut NoHooks, None),
+        Mode::Zero => {
+            let mut hook = Replace {
+                target: hp,
+                f: |x: &Tensor| x.zeros_like(),
+            };
+            ctx.model.forward_hooked(ids_t, &mut hook, None)
+        }
+        Mode::Splice(g) => {
+            let mut hook = Replace {
+                target: hp,
+                f: |x: &Tensor| g(x, chunk),
+            };
+            ctx.model.forward_hooked(ids_t, &mut hook, None)
+        }
     })
 }
 
