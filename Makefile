@@ -48,6 +48,12 @@ fixtures: $(GGUF)
 sweep: release $(GGUF) $(CORPUS)
 	$(SAEPIPE) run $(PIPELINE)
 
+## Jacobian SAEs (issue 7): JSAE vs plain TopK pair on SmolLM2 block 6, then the same on a
+## randomly re-initialised copy of the model (the paper's randomised-LLM control).
+jsae: release $(GGUF) $(CORPUS)
+	$(SAEPIPE) run pipelines/jsae-smollm2.toml
+	$(SAEPIPE) run pipelines/jsae-smollm2.toml --set model.random_init=true --set run.name=jsae-smollm2-random
+
 ## A tiny end-to-end run, for a quick look.
 smoke: release
 	$(SAEPIPE) run pipelines/smoke.toml

@@ -161,6 +161,8 @@ pub fn run() -> Result<ExitCode> {
                 reporter.as_ref(),
             )
             .with_context(|| format!("saepipe run {name}: train"))?;
+            saepipe::jsae::stage::jsae_stage(&pipeline, &opts, args.force, reporter.as_ref())
+                .with_context(|| format!("saepipe run {name}: jsae"))?;
             let table = saepipe::sweep::eval_stage::evaluate_stage(
                 &pipeline,
                 &opts,
@@ -228,6 +230,19 @@ pub fn run() -> Result<ExitCode> {
                 reporter.as_ref(),
             )
             .with_context(|| format!("saepipe train {}", args.pipeline.pipeline.display()))?;
+            // The JSAE pairs of `[jsae]` train with the rest (they need the model's MLP).
+            if args.point.is_none() {
+                let opts = args.pipeline.hub_options(&pipeline);
+                saepipe::jsae::stage::jsae_stage(
+                    &pipeline,
+                    &opts,
+                    args.pipeline.force,
+                    reporter.as_ref(),
+                )
+                .with_context(|| {
+                    format!("saepipe train {}: jsae", args.pipeline.pipeline.display())
+                })?;
+            }
             tracing::info!(trained = n, "train done");
             Ok(ExitCode::SUCCESS)
         }

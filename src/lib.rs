@@ -22,6 +22,7 @@ pub mod error;
 pub mod fsutil;
 pub mod hub;
 pub mod inspect;
+pub mod jsae;
 pub mod metrics;
 pub mod models;
 pub mod report;

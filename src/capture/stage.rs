@@ -138,8 +138,12 @@ pub fn run_stage(
     } else {
         ModelSource::Local(resolved.path.clone())
     };
-    let loaded = crate::models::load_source(&src, &crate::models::default_device())
-        .with_context(|| format!("loading model {}", c.model.source))?;
+    let loaded = crate::models::load_source_with(
+        &src,
+        &crate::models::default_device(),
+        c.model.random_init(),
+    )
+    .with_context(|| format!("loading model {}", c.model.source))?;
     let tokenizer = loaded.tokenizer.with_context(|| {
         format!(
             "{}: no tokenizer found (tokenizer.json next to the weights)",

@@ -36,6 +36,10 @@ pub struct PipelineConfig {
     /// `[eval]`: evaluation budgets. Optional section.
     #[serde(default)]
     pub eval: EvalConfig,
+    /// `[jsae]`: Jacobian SAE pairs around one MLP (jsae_pamsgd.md §1). Optional section;
+    /// absent: no JSAE stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jsae: Option<JsaeConfig>,
     /// `[sweep]`: grid axes, `"dotted.key" = [values...]`; the grid is their Cartesian
     /// product. Optional section; empty means a single point (the file itself).
     #[serde(default, skip_serializing_if = "toml::Table::is_empty")]
@@ -112,6 +116,30 @@ pub struct ModelConfig {
     /// Device. Default `"cpu"`.
     #[serde(default)]
     pub device: DeviceKind,
+    /// Replace every trained weight by a random one (the JSAE paper's randomised-LLM
+    /// control, jsae_pamsgd.md §1.6 item 6): matrices and embeddings ~ N(0, σ²) with σ the
+    /// config's `initializer_range` (0.02 when absent, and for GGUF), biases 0, norm gains 1.
+    /// Seeded by `random_init_seed`. Default false.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub random_init: bool,
+    /// Seed of `random_init`. Default 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub random_init_seed: u64,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+impl ModelConfig {
+    /// The seed of the random re-initialisation, when `random_init` is on.
+    pub fn random_init(&self) -> Option<u64> {
+        self.random_init.then_some(self.random_init_seed)
+    }
 }
 
 /// `[data]`.
@@ -513,4 +541,48 @@ impl Default for EvalConfig {
             .try_into()
             .expect("invariant: every EvalConfig field has a default")
     }
+}
+
+/// `[jsae]`: a JSAE pair (and, by default, a plain TopK pair at the same k) around the MLP
+/// of one block, trained on the captured `blocks.L.hook_mlp_in` / `hook_mlp_out`
+/// activations (both must be in `capture.hookpoints`). Training reads `[train]`
+/// (optimizer, batch_tokens, train_tokens, schedules, grad_clip, scale_inputs,
+/// b_dec_init, init_tokens); evaluation reads `[eval]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JsaeConfig {
+    /// The block whose MLP the pair sits around. Required.
+    pub layer: usize,
+    /// Active latents per token of both SAEs. Default 32.
+    #[serde(default = "default_jsae_k")]
+    pub k: usize,
+    /// Latents of each SAE per input dimension. Default 8 (ignored when `d_sae` is set).
+    #[serde(default = "default_jsae_expansion")]
+    pub expansion_factor: usize,
+    /// Latents of each SAE, directly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub d_sae: Option<usize>,
+    /// Jacobian coefficient λ. Absent: the authors' rule 0.5·k²/d_model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lambda: Option<f64>,
+    /// Also train the plain pair (λ = 0) on the same batches, the paper's baseline.
+    /// Default true.
+    #[serde(default = "yes")]
+    pub baseline: bool,
+    /// Where the MLP gains of J are evaluated: `"true_input"` (default, the authors' code)
+    /// or `"reconstruction"`.
+    #[serde(default)]
+    pub jac_at: crate::jsae::JacAt,
+    /// Adam learning rate when `[train].optimizer` sets none. Default 5e-4 (the authors').
+    #[serde(default = "default_jsae_lr")]
+    pub lr: f64,
+}
+
+fn default_jsae_k() -> usize {
+    32
+}
+fn default_jsae_expansion() -> usize {
+    8
+}
+fn default_jsae_lr() -> f64 {
+    5e-4
 }

@@ -38,7 +38,7 @@ pub enum ModelSource {
     },
 }
 
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "run",
     "model",
     "data",
@@ -46,6 +46,7 @@ const SECTIONS: [&str; 9] = [
     "train",
     "sae",
     "eval",
+    "jsae",
     "sweep",
     "synthetic",
 ];
@@ -154,6 +155,7 @@ pub fn check(mut raw: Table, probs: &mut Problems) -> Option<PipelineConfig> {
         }
     }
     precheck_hookpoints(&mut raw, probs);
+    let has_jsae = raw.contains_key("jsae");
     let mut take = |name: &str| {
         raw.remove(name)
             .unwrap_or_else(|| Value::Table(Table::new()))
@@ -198,6 +200,11 @@ pub fn check(mut raw: Table, probs: &mut Problems) -> Option<PipelineConfig> {
             probs.add(key, msg);
         }
     }
+    let jsae = if has_jsae {
+        sec!("jsae", JsaeConfig).map(Some)
+    } else {
+        Some(None)
+    };
 
     if let Some(r) = &run {
         check_run(r, probs);
@@ -238,7 +245,25 @@ pub fn check(mut raw: Table, probs: &mut Problems) -> Option<PipelineConfig> {
         eval: eval?,
         sweep: sweep?,
         synthetic: syn?,
+        jsae: jsae?,
     };
+    if let Some(j) = &config.jsae {
+        for site in [crate::models::Site::MlpIn, crate::models::Site::MlpOut] {
+            let hp = Hookpoint::new(j.layer, site);
+            if !config.capture.hookpoints.contains(&hp) {
+                probs.add(
+                    "jsae.layer",
+                    format!(
+                        "[jsae] layer = {} needs \"{hp}\" in capture.hookpoints; add it",
+                        j.layer
+                    ),
+                );
+            }
+        }
+        if j.k == 0 {
+            probs.add("jsae.k", "must be at least 1");
+        }
+    }
     // Cross-section rules.
     if let Some(e) = config.eval.eval_tokens {
         if e > config.data.eval_tokens {
@@ -570,6 +595,8 @@ mod tests {
             revision: revision.map(Into::into),
             dtype: Dtype::F32,
             device: DeviceKind::Cpu,
+            random_init: false,
+            random_init_seed: 0,
         }
     }
 

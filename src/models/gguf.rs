@@ -305,6 +305,16 @@ fn unpermute(t: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
 /// (q/k un-permuted), the model built by [`Llama::new`], the tokenizer rebuilt from the
 /// metadata.
 pub fn load_llama(path: &Path, device: &Device) -> Result<(Llama, Tokenizer), ModelError> {
+    load_llama_with(path, device, None)
+}
+
+/// [`load_llama`], with every weight randomly re-initialised (σ = 0.02) when `random_init`
+/// is `Some(seed)`.
+pub fn load_llama_with(
+    path: &Path,
+    device: &Device,
+    random_init: Option<u64>,
+) -> Result<(Llama, Tokenizer), ModelError> {
     let content = read_content(path)?;
     check_architecture(path, &content)?;
     let cfg = llama_config(path, &content)?;
@@ -335,7 +345,10 @@ pub fn load_llama(path: &Path, device: &Device) -> Result<(Llama, Tokenizer), Mo
         };
         tensors.insert(hf, t);
     }
-    let weights = Weights::from_tensors(path, "llama (GGUF)", tensors, device);
+    let mut weights = Weights::from_tensors(path, "llama (GGUF)", tensors, device);
+    if let Some(seed) = random_init {
+        weights.randomize(seed, 0.02);
+    }
     let model = Llama::new(&cfg, &weights)?;
     let tokenizer = tokenizer_from_content(path, &content)?;
     Ok((model, tokenizer))

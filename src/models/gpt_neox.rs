@@ -30,6 +30,7 @@ use candle_nn::{Linear, Module};
 
 use super::error::ModelError;
 use super::hooks::{Hookpoint, Hooks, Site};
+use super::mlp::{MlpError, MlpKind, MlpWeights};
 use super::nn::{self, Act, OneOrMany, Rope, RopeParameters};
 use super::weights::Weights;
 use super::{HookedModel, ModelInfo};
@@ -348,6 +349,20 @@ impl HookedModel for GptNeoX {
 
     fn max_positions(&self) -> Option<usize> {
         self.max_positions
+    }
+
+    fn mlp_weights(&self, layer: usize) -> Result<MlpWeights, MlpError> {
+        let blk = self.layers.get(layer).ok_or(MlpError::Layer {
+            layer,
+            n_layers: self.layers.len(),
+        })?;
+        MlpWeights::from_linears(
+            MlpKind::Plain,
+            self.act.into(),
+            &[&blk.dense_h_to_4h],
+            &blk.dense_4h_to_h,
+        )
+        .map_err(|source| MlpError::Candle { layer, source })
     }
 
     /// # Shapes

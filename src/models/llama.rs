@@ -24,6 +24,7 @@ use candle_nn::{Linear, Module};
 
 use super::error::ModelError;
 use super::hooks::{Hookpoint, Hooks, Site};
+use super::mlp::{MlpError, MlpKind, MlpWeights};
 use super::nn::{self, Act, OneOrMany, Rope, RopeParameters};
 use super::weights::Weights;
 use super::{HookedModel, ModelInfo};
@@ -357,6 +358,20 @@ impl HookedModel for Llama {
 
     fn max_positions(&self) -> Option<usize> {
         self.max_positions
+    }
+
+    fn mlp_weights(&self, layer: usize) -> Result<MlpWeights, MlpError> {
+        let blk = self.layers.get(layer).ok_or(MlpError::Layer {
+            layer,
+            n_layers: self.layers.len(),
+        })?;
+        MlpWeights::from_linears(
+            MlpKind::Gated,
+            self.act.into(),
+            &[&blk.gate_proj, &blk.up_proj],
+            &blk.down_proj,
+        )
+        .map_err(|source| MlpError::Candle { layer, source })
     }
 
     /// # Shapes

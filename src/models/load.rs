@@ -126,9 +126,19 @@ impl LoadedModel {
 /// Open any local source; hub sources are answered with [`ModelError::HubSource`] (they
 /// must be resolved to a snapshot directory by the download stage first).
 pub fn load_source(source: &ModelSource, device: &Device) -> Result<LoadedModel, ModelError> {
+    load_source_with(source, device, None)
+}
+
+/// [`load_source`], with every weight randomly re-initialised when `random_init` is
+/// `Some(seed)` (see [`super::weights::Weights::randomize`]; σ = `initializer_range`).
+pub fn load_source_with(
+    source: &ModelSource,
+    device: &Device,
+    random_init: Option<u64>,
+) -> Result<LoadedModel, ModelError> {
     match source {
-        ModelSource::Local(dir) => load_dir(dir, device),
-        ModelSource::Gguf(file) => load_gguf(file, device),
+        ModelSource::Local(dir) => load_dir_with(dir, device, random_init),
+        ModelSource::Gguf(file) => load_gguf_with(file, device, random_init),
         ModelSource::Hub { .. } => Err(ModelError::HubSource {
             repo: source.to_string(),
         }),
@@ -155,19 +165,43 @@ pub fn read_config(dir: &Path) -> Result<(PathBuf, String, String), ModelError> 
 /// Open a Hugging Face layout directory: `config.json`, `model.safetensors` (or a sharded
 /// index) in f32/f16/bf16, and `tokenizer.json` when present.
 pub fn load_dir(dir: &Path, device: &Device) -> Result<LoadedModel, ModelError> {
+    load_dir_with(dir, device, None)
+}
+
+/// `initializer_range` of a config.json text (0.02, the Hugging Face default, when absent).
+fn initializer_range(text: &str) -> f32 {
+    serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .and_then(|v| v.get("initializer_range").and_then(|r| r.as_f64()))
+        .unwrap_or(0.02) as f32
+}
+
+/// [`load_dir`], optionally randomly re-initialised (see [`load_source_with`]).
+pub fn load_dir_with(
+    dir: &Path,
+    device: &Device,
+    random_init: Option<u64>,
+) -> Result<LoadedModel, ModelError> {
     let (config_path, text, model_type) = read_config(dir)?;
+    let weights = |dir: &Path, model_type: &str| -> Result<super::weights::Weights, ModelError> {
+        let mut w = super::weights::Weights::from_dir(dir, model_type, device)?;
+        if let Some(seed) = random_init {
+            w.randomize(seed, initializer_range(&text));
+        }
+        Ok(w)
+    };
     let malformed = |source| ModelError::malformed_config(&config_path, &text, source);
     let model: Box<dyn HookedModel> = match model_type.as_str() {
         "gpt_neox" => {
             let cfg: GptNeoXConfig = serde_json::from_str(&text).map_err(malformed)?;
             cfg.validate(&config_path)?;
-            let w = super::weights::Weights::from_dir(dir, &model_type, device)?;
+            let w = weights(dir, &model_type)?;
             Box::new(GptNeoX::new(&cfg, &w)?)
         }
         "llama" | "smollm3" => {
             let cfg: LlamaConfig = serde_json::from_str(&text).map_err(malformed)?;
             cfg.validate(&config_path)?;
-            let w = super::weights::Weights::from_dir(dir, &model_type, device)?;
+            let w = weights(dir, &model_type)?;
             Box::new(Llama::new(&cfg, &w)?)
         }
         _ => {
@@ -199,13 +233,22 @@ pub fn load_dir(dir: &Path, device: &Device) -> Result<LoadedModel, ModelError> 
 /// Open a llama-family GGUF: weights dequantised to f32, q/k un-permuted, tokenizer
 /// rebuilt from the metadata.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel, ModelError> {
+    load_gguf_with(path, device, None)
+}
+
+/// [`load_gguf`], optionally randomly re-initialised (σ = 0.02; see [`load_source_with`]).
+pub fn load_gguf_with(
+    path: &Path,
+    device: &Device,
+    random_init: Option<u64>,
+) -> Result<LoadedModel, ModelError> {
     if !path.is_file() {
         return Err(ModelError::Io {
             path: path.to_path_buf(),
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "GGUF file not found"),
         });
     }
-    let (model, tokenizer) = super::gguf::load_llama(path, device)?;
+    let (model, tokenizer) = super::gguf::load_llama_with(path, device, random_init)?;
     Ok(LoadedModel {
         model: Box::new(model),
         tokenizer: Some(tokenizer),

@@ -12,6 +12,7 @@ pub mod gpt_neox;
 pub mod hooks;
 pub mod llama;
 pub mod load;
+pub mod mlp;
 pub(crate) mod nn;
 pub mod weights;
 
@@ -19,7 +20,11 @@ use candle_core::{Device, Tensor};
 
 pub use error::{ModelError, SUPPORTED_MODEL_TYPES};
 pub use hooks::{Hookpoint, HookpointError, Hooks, NoHooks, Recorder, Replace, Site};
-pub use load::{load_dir, load_gguf, load_source, LoadedModel, ModelSource};
+pub use load::{
+    load_dir, load_dir_with, load_gguf, load_gguf_with, load_source, load_source_with, LoadedModel,
+    ModelSource,
+};
+pub use mlp::{MlpAct, MlpError, MlpKind, MlpWeights};
 pub use nn::{OneOrMany, RopeParameters};
 
 /// The device forward passes run on: the first CUDA GPU when built with the `cuda`
@@ -86,6 +91,15 @@ pub trait HookedModel: Send + Sync {
         hooks: &mut dyn Hooks,
         stop_after: Option<usize>,
     ) -> candle_core::Result<Option<Tensor>>;
+
+    /// Block `layer`'s MLP as plain f32 matrices (`mlp_in` → `mlp_out`), for the Jacobian
+    /// SAEs of `crate::jsae`.
+    fn mlp_weights(&self, layer: usize) -> Result<MlpWeights, MlpError> {
+        let _ = layer;
+        Err(MlpError::Unsupported {
+            model_type: self.info().model_type.clone(),
+        })
+    }
 
     /// Check that `hp` exists in this model, with an error that names the fix.
     fn check_hookpoint(&self, hp: Hookpoint) -> Result<(), HookpointError> {

@@ -34,6 +34,9 @@ pub struct Weights {
     model_type: String,
     device: Device,
     store: Store,
+    /// `(seed, σ)`: answer every request with a seeded random tensor instead (the
+    /// randomised-LLM control); shapes are still checked against the checkpoint.
+    random: Option<(u64, f32)>,
 }
 
 impl Weights {
@@ -80,6 +83,7 @@ impl Weights {
             model_type: model_type.to_string(),
             device: device.clone(),
             store: Store::Safetensors { files, index },
+            random: None,
         })
     }
 
@@ -96,7 +100,38 @@ impl Weights {
             model_type: model_type.to_string(),
             device: device.clone(),
             store: Store::Memory(tensors),
+            random: None,
         }
+    }
+
+    /// Answer every later [`Weights::get`] with a random re-initialisation seeded by `seed`
+    /// and the tensor's name: `*norm.weight` → 1, `*.bias` → 0, everything else (linear
+    /// weights, embeddings) ~ N(0, `std`²), as Hugging Face's `_init_weights` does.
+    pub fn randomize(&mut self, seed: u64, std: f32) {
+        self.random = Some((seed, std));
+    }
+
+    fn random_tensor(
+        &self,
+        name: &str,
+        shape: &[usize],
+        seed: u64,
+        std: f32,
+    ) -> Result<Tensor, ModelError> {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = if name.ends_with("norm.weight") {
+            vec![1.0; n]
+        } else if name.ends_with(".bias") {
+            vec![0.0; n]
+        } else {
+            // FNV-1a of the name, so each tensor's values do not depend on load order.
+            let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+            });
+            let mut rng = crate::rng::Rng::new(seed ^ h);
+            (0..n).map(|_| rng.normal() as f32 * std).collect()
+        };
+        Tensor::from_vec(data, shape, &self.device).map_err(ModelError::candle(&self.origin))
     }
 
     /// The directory or file the weights come from.
@@ -119,6 +154,14 @@ impl Weights {
 
     /// The tensor `name` as contiguous f32 on the target device, checked to have `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        let loaded = self.get_stored(name, shape)?;
+        match self.random {
+            Some((seed, std)) => self.random_tensor(name, loaded.dims(), seed, std),
+            None => Ok(loaded),
+        }
+    }
+
+    fn get_stored(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
         let (path, tensor) = match &self.store {
             Store::Safetensors { files, index } => {
                 let Some(&i) = index.get(name) else {

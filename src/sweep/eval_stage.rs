@@ -62,11 +62,11 @@ struct MetricsFile {
 }
 
 /// The model and held-out windows used for CE-loss metrics.
-struct CeContext {
-    model: Box<dyn HookedModel>,
-    windows: Vec<Window>,
-    special: Vec<u32>,
-    clean: f64,
+pub(crate) struct CeContext {
+    pub(crate) model: Box<dyn HookedModel>,
+    pub(crate) windows: Vec<Window>,
+    pub(crate) special: Vec<u32>,
+    pub(crate) clean: f64,
 }
 
 /// Evaluate every trained unit that has no up-to-date `metrics.json` (all with `force`),
@@ -156,10 +156,12 @@ pub fn evaluate_stage(
         }
         prog.finish();
     }
-    let rows: Vec<MetricsRow> = trained
+    let mut rows: Vec<MetricsRow> = trained
         .iter()
         .filter_map(|u| read_metrics(&u.dir).map(|m| m.row))
         .collect();
+    // JSAE pairs (`[jsae]`) keep their own records; their rows join the same tables.
+    rows.extend(crate::jsae::stage::metric_rows(pipeline));
     let out = pipeline.run_dir().join("results");
     results::write_results(&out, &rows)
         .with_context(|| format!("writing results into {}", out.display()))?;
@@ -248,7 +250,7 @@ fn read_metrics(dir: &Path) -> Option<MetricsFile> {
 }
 
 /// Load the model, the held-out CE windows and the clean CE.
-fn ce_context(
+pub(crate) fn ce_context(
     pipeline: &Pipeline,
     opts: &HubOptions,
     reporter: &dyn Reporter,
@@ -263,8 +265,12 @@ fn ce_context(
     } else {
         crate::models::ModelSource::Local(resolved.path.clone())
     };
-    let loaded = crate::models::load_source(&src, &crate::models::default_device())
-        .with_context(|| format!("loading model {}", c.model.source))?;
+    let loaded = crate::models::load_source_with(
+        &src,
+        &crate::models::default_device(),
+        c.model.random_init(),
+    )
+    .with_context(|| format!("loading model {}", c.model.source))?;
     let tokenizer = Arc::new(loaded.tokenizer.with_context(|| {
         format!(
             "{}: no tokenizer found next to the weights",
@@ -323,30 +329,39 @@ enum Mode<'a> {
 
 /// Mean next-token CE (nats) over the CE windows, with `hp` treated as `mode` says.
 fn ce_of(ctx: &CeContext, hp: Hookpoint, mut mode: Mode) -> Result<f64> {
+    ce_with(ctx, &hp.to_string(), &mut |ids_t, chunk| match &mut mode {
+        Mode::Clean => ctx.model.forward_hooked(ids_t, &mut NoHooks, None),
+        Mode::Zero => {
+            let mut hook = Replace {
+                target: hp,
+                f: |x: &Tensor| x.zeros_like(),
+            };
+            ctx.model.forward_hooked(ids_t, &mut hook, None)
+        }
+        Mode::Splice(g) => {
+            let mut hook = Replace {
+                target: hp,
+                f: |x: &Tensor| g(x, chunk),
+            };
+            ctx.model.forward_hooked(ids_t, &mut hook, None)
+        }
+    })
+}
+
+/// Mean next-token CE (nats) over the CE windows, `forward(ids, windows)` running the model
+/// (with whatever hooks) on each chunk of windows and returning its logits.
+pub(crate) fn ce_with(
+    ctx: &CeContext,
+    label: &str,
+    forward: &mut dyn FnMut(&Tensor, &[Window]) -> candle_core::Result<Option<Tensor>>,
+) -> Result<f64> {
     let dev = ctx.model.device().clone();
     let (mut sum, mut count) = (0.0f64, 0u64);
     for chunk in ctx.windows.chunks(4) {
         let s = chunk[0].ids.len();
         let ids: Vec<u32> = chunk.iter().flat_map(|w| w.ids.iter().copied()).collect();
         let ids_t = Tensor::from_vec(ids.clone(), (chunk.len(), s), &dev)?;
-        let logits = match &mut mode {
-            Mode::Clean => ctx.model.forward_hooked(&ids_t, &mut NoHooks, None)?,
-            Mode::Zero => {
-                let mut hook = Replace {
-                    target: hp,
-                    f: |x: &Tensor| x.zeros_like(),
-                };
-                ctx.model.forward_hooked(&ids_t, &mut hook, None)?
-            }
-            Mode::Splice(g) => {
-                let mut hook = Replace {
-                    target: hp,
-                    f: |x: &Tensor| g(x, chunk),
-                };
-                ctx.model.forward_hooked(&ids_t, &mut hook, None)?
-            }
-        }
-        .context("the forward pass stopped early")?;
+        let logits = forward(&ids_t, chunk)?.context("the forward pass stopped early")?;
         let logits = logits.to_dtype(DType::F32)?;
         let (b, s2, v) = logits.dims3()?;
         let flat = logits.flatten_all()?.to_vec1::<f32>()?;
@@ -366,7 +381,7 @@ fn ce_of(ctx: &CeContext, hp: Hookpoint, mut mode: Mode) -> Result<f64> {
     }
     anyhow::ensure!(count > 0, "no predicted positions in the CE windows");
     let ce = sum / count as f64;
-    anyhow::ensure!(ce.is_finite(), "CE is not finite ({ce}) at {hp}");
+    anyhow::ensure!(ce.is_finite(), "CE is not finite ({ce}) at {label}");
     Ok(ce)
 }
 
@@ -484,6 +499,10 @@ fn evaluate_unit(
         bipolar_frac: Some(m.bipolar_frac),
         bipolar_var_share: Some(m.bipolar_var_share),
         jacobian_sparsity: None,
+        jacobian_frac_0_1: None,
+        jacobian_frac_1: None,
+        jacobian_mean_abs: None,
+        jsae_lambda: None,
         feature_recovery: match data {
             EvalData::Synthetic { truth, .. } => Some(mmcs(&truth.dict, &sae.t.w_dec, d)),
             EvalData::Set(_) => None,

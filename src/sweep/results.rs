@@ -80,6 +80,18 @@ pub struct MetricsRow {
     pub bipolar_var_share: Option<f64>,
     /// JSAE: share of Jacobian entries above 0.01.
     pub jacobian_sparsity: Option<f64>,
+    /// JSAE: share of the k² Jacobian entries per token with |J| above 0.1.
+    #[serde(default)]
+    pub jacobian_frac_0_1: Option<f64>,
+    /// JSAE: share of the k² Jacobian entries per token with |J| above 1.
+    #[serde(default)]
+    pub jacobian_frac_1: Option<f64>,
+    /// JSAE: mean |J| over the k² entries per token (SAE-latent units).
+    #[serde(default)]
+    pub jacobian_mean_abs: Option<f64>,
+    /// JSAE: the Jacobian coefficient λ the pair was trained with (0: plain TopK pair).
+    #[serde(default)]
+    pub jsae_lambda: Option<f64>,
     /// Synthetic sources: mean max cosine similarity to the true dictionary.
     pub feature_recovery: Option<f64>,
     /// Wall seconds spent training.
@@ -155,6 +167,10 @@ fn schema() -> Schema {
         f("bipolar_frac", Float64, true),
         f("bipolar_var_share", Float64, true),
         f("jacobian_sparsity", Float64, true),
+        f("jacobian_frac_0_1", Float64, true),
+        f("jacobian_frac_1", Float64, true),
+        f("jacobian_mean_abs", Float64, true),
+        f("jsae_lambda", Float64, true),
         f("feature_recovery", Float64, true),
         f("train_seconds", Float64, false),
         f("train_tokens_per_s", Float64, false),
@@ -207,6 +223,10 @@ pub fn to_batch(rows: &[MetricsRow], is_pareto: &[bool]) -> Result<RecordBatch, 
         o(rows, |r| r.bipolar_frac),
         o(rows, |r| r.bipolar_var_share),
         o(rows, |r| r.jacobian_sparsity),
+        o(rows, |r| r.jacobian_frac_0_1),
+        o(rows, |r| r.jacobian_frac_1),
+        o(rows, |r| r.jacobian_mean_abs),
+        o(rows, |r| r.jsae_lambda),
         o(rows, |r| r.feature_recovery),
         x(rows, |r| r.train_seconds),
         x(rows, |r| r.train_tokens_per_s),
@@ -331,6 +351,10 @@ pub(crate) fn example_row(arch: &str, l0: f64, r2: f64) -> MetricsRow {
         bipolar_frac: None,
         bipolar_var_share: None,
         jacobian_sparsity: None,
+        jacobian_frac_0_1: None,
+        jacobian_frac_1: None,
+        jacobian_mean_abs: None,
+        jsae_lambda: None,
         feature_recovery: None,
         train_seconds: 1.0,
         train_tokens_per_s: 1000.0,

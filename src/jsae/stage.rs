@@ -1,0 +1,649 @@
+//! The JSAE stage of `saepipe run` (`[jsae]` in a pipeline file): train a JSAE pair and the
+//! plain TopK pair around block L's MLP on the captured `mlp_in`/`mlp_out` activations,
+//! evaluate both on the held-out split, and leave their rows for `metrics.parquet`.
+//!
+//! Implements `../shared/specs/jsae_pamsgd.md` §1.5–§1.6 (items 1–3 and 6). Layout:
+//! `data/<run>/jsae/<variant>/` (`variant` = `jsae` or `topk_pair`) holds one SAELens folder
+//! per SAE (`blocks.L.hook_mlp_in/`, `blocks.L.hook_mlp_out/`) and `jsae_done.json`, the
+//! completion marker with both metrics rows, written last.
+//!
+//! ```text
+//! rows per pair: one per SAE (hookpoint mlp_in / mlp_out), each with the pair's
+//!   jacobian_sparsity = share of |J| > 0.01, jacobian_frac_0_1, jacobian_frac_1,
+//!   jacobian_mean_abs (over the k² entries per token, J in SAE-latent units),
+//!   ce_spliced = CE with BOTH SAEs spliced in (mlp_in ← x̂, then mlp_out ← ŷ of the MLP
+//!   output of x̂), ce_zero_abl = CE with both sites zeroed.
+//! ```
+//!
+//! Decision: both pairs start from the same initialisation (`run.seed`) and see the same
+//! batches, so they differ only in λ.
+//! Decision: paired rows are read in capture order and shuffled within blocks of
+//! [`SHUFFLE_ROWS`] rows (a seeded permutation per block), because the two hookpoints'
+//! shuffle readers are independent; alignment of `(seq, pos)` is checked on every row.
+//! Decision: the randomised-LLM control is a second run of the same file with
+//! `--set model.random_init=true --set run.name=<other>`, so its activations, SAEs and
+//! rows are kept apart (the `model` column is the same; the run name tells them apart).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use super::pair::{JsaePair, PairConfig, PairEval};
+use crate::capture::reader::{ActBatch, ActivationSet, Expect, SeqReader};
+use crate::capture::set_dir;
+use crate::capture::stage::activations_dir;
+use crate::config::{BDecInit, LrDecay, OptimizerConfig, Pipeline};
+use crate::data::pack::Window;
+use crate::data::Split;
+use crate::hub::HubOptions;
+use crate::models::{HookedModel, Hookpoint, Hooks, Site};
+use crate::report::Reporter;
+use crate::rng::Rng;
+use crate::sae::export::ExportMeta;
+use crate::sweep::eval_stage::{ce_context, ce_with, CeContext};
+use crate::sweep::results::MetricsRow;
+use crate::train::optim::Adam;
+
+/// The completion marker of a trained and evaluated pair.
+pub const JSAE_DONE: &str = "jsae_done.json";
+
+/// Rows per shuffle block of the paired training reader.
+pub const SHUFFLE_ROWS: usize = 1 << 15;
+
+/// Rows per evaluation batch.
+const EVAL_BATCH: usize = 2048;
+
+/// What `jsae_done.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct JsaeDone {
+    config_hash: String,
+    rows: Vec<MetricsRow>,
+}
+
+/// Hash of everything that changes a pair: model, data, capture, train, eval, jsae, seed.
+fn config_hash(p: &Pipeline) -> String {
+    let c = &p.config;
+    let v = serde_json::json!({
+        "model": c.model, "data": c.data, "capture": c.capture, "train": c.train,
+        "eval": c.eval, "jsae": c.jsae, "seed": c.run.seed,
+    });
+    hex::encode(&sha2::Sha256::digest(v.to_string().as_bytes())[..8])
+}
+
+/// The pairs of a pipeline: `(variant, λ)`.
+fn variants(p: &Pipeline, d: usize) -> Vec<(&'static str, f64)> {
+    let Some(j) = &p.config.jsae else {
+        return vec![];
+    };
+    let lam = j
+        .lambda
+        .unwrap_or(0.5 * (j.k * j.k) as f64 / d.max(1) as f64);
+    let mut v = vec![("jsae", lam)];
+    if j.baseline {
+        v.push(("topk_pair", 0.0));
+    }
+    v
+}
+
+/// Folder of a variant.
+pub fn variant_dir(p: &Pipeline, variant: &str) -> PathBuf {
+    p.run_dir().join("jsae").join(variant)
+}
+
+fn read_done(dir: &Path) -> Option<JsaeDone> {
+    let text = std::fs::read_to_string(dir.join(JSAE_DONE)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// The metrics rows of every finished, up-to-date pair of `pipeline` (none without `[jsae]`).
+pub fn metric_rows(p: &Pipeline) -> Vec<MetricsRow> {
+    if p.config.jsae.is_none() {
+        return vec![];
+    }
+    let hash = config_hash(p);
+    let mut rows = Vec::new();
+    for variant in ["jsae", "topk_pair"] {
+        if let Some(done) = read_done(&variant_dir(p, variant)) {
+            if done.config_hash == hash {
+                rows.extend(done.rows);
+            }
+        }
+    }
+    rows
+}
+
+/// Reads `mlp_in` and `mlp_out` rows in lockstep, checking that they come from the same
+/// `(seq, pos)`.
+struct PairedReader {
+    sets: [ActivationSet; 2],
+    readers: [SeqReader; 2],
+    bufs: [ActBatch; 2],
+    at: [usize; 2],
+    d: usize,
+}
+
+impl PairedReader {
+    fn new(sets: [ActivationSet; 2]) -> Self {
+        let d = sets[0].d_model();
+        let readers = [sets[0].batches(4096), sets[1].batches(4096)];
+        Self {
+            sets,
+            readers,
+            bufs: [ActBatch::default(), ActBatch::default()],
+            at: [0, 0],
+            d,
+        }
+    }
+
+    fn restart(&mut self) {
+        self.readers = [self.sets[0].batches(4096), self.sets[1].batches(4096)];
+        self.bufs = [ActBatch::default(), ActBatch::default()];
+        self.at = [0, 0];
+    }
+
+    /// Append up to `n` paired rows to `x`, `y`; returns how many (0 at the end).
+    fn take(&mut self, n: usize, x: &mut Vec<f32>, y: &mut Vec<f32>) -> Result<usize> {
+        let d = self.d;
+        let mut got = 0;
+        while got < n {
+            for s in 0..2 {
+                if self.at[s] >= self.bufs[s].seq.len() {
+                    match self.readers[s].next() {
+                        Some(b) => {
+                            self.bufs[s] = b?;
+                            self.at[s] = 0;
+                        }
+                        None => return Ok(got),
+                    }
+                }
+            }
+            let avail = (self.bufs[0].seq.len() - self.at[0])
+                .min(self.bufs[1].seq.len() - self.at[1])
+                .min(n - got);
+            for r in 0..avail {
+                let (a, b) = (self.at[0] + r, self.at[1] + r);
+                if self.bufs[0].seq[a] != self.bufs[1].seq[b]
+                    || self.bufs[0].pos[a] != self.bufs[1].pos[b]
+                {
+                    bail!(
+                        "the mlp_in and mlp_out activations are not aligned: row {got} is (seq {}, pos {}) in {} but (seq {}, pos {}) in {}; capture both hookpoints in the same run (`saepipe capture --force`)",
+                        self.bufs[0].seq[a],
+                        self.bufs[0].pos[a],
+                        self.sets[0].dir.display(),
+                        self.bufs[1].seq[b],
+                        self.bufs[1].pos[b],
+                        self.sets[1].dir.display()
+                    );
+                }
+            }
+            x.extend_from_slice(&self.bufs[0].act[self.at[0] * d..(self.at[0] + avail) * d]);
+            y.extend_from_slice(&self.bufs[1].act[self.at[1] * d..(self.at[1] + avail) * d]);
+            self.at[0] += avail;
+            self.at[1] += avail;
+            got += avail;
+        }
+        Ok(got)
+    }
+}
+
+/// Seeded block shuffle over a [`PairedReader`], cycling through the data.
+struct Batches {
+    reader: PairedReader,
+    rng: Rng,
+    block: (Vec<f32>, Vec<f32>),
+    order: Vec<usize>,
+    next: usize,
+}
+
+impl Batches {
+    fn next_batch(&mut self, n: usize, x: &mut Vec<f32>, y: &mut Vec<f32>) -> Result<()> {
+        let d = self.reader.d;
+        x.clear();
+        y.clear();
+        for _ in 0..n {
+            if self.next >= self.order.len() {
+                self.block.0.clear();
+                self.block.1.clear();
+                let mut got =
+                    self.reader
+                        .take(SHUFFLE_ROWS, &mut self.block.0, &mut self.block.1)?;
+                if got == 0 {
+                    self.reader.restart();
+                    got = self
+                        .reader
+                        .take(SHUFFLE_ROWS, &mut self.block.0, &mut self.block.1)?;
+                    if got == 0 {
+                        bail!("the mlp_in/mlp_out activation sets are empty");
+                    }
+                }
+                self.order = (0..got).collect();
+                for i in (1..got).rev() {
+                    let j = self.rng.below(i as u64 + 1) as usize;
+                    self.order.swap(i, j);
+                }
+                self.next = 0;
+            }
+            let r = self.order[self.next];
+            self.next += 1;
+            x.extend_from_slice(&self.block.0[r * d..(r + 1) * d]);
+            y.extend_from_slice(&self.block.1[r * d..(r + 1) * d]);
+        }
+        Ok(())
+    }
+}
+
+fn open_pair(p: &Pipeline, layer: usize, split: Split) -> Result<[ActivationSet; 2]> {
+    let acts = activations_dir(p);
+    let open = |site| -> Result<ActivationSet> {
+        let hp = Hookpoint::new(layer, site);
+        let dir = set_dir(&acts, hp, split);
+        ActivationSet::open(
+            &dir,
+            &Expect {
+                hookpoint: Some(hp.to_string()),
+                split: Some(split.name().into()),
+                model_repo: Some(p.config.model.source.clone()),
+                ..Expect::default()
+            },
+        )
+        .with_context(|| {
+            format!(
+                "opening the {hp} activations in {}; run `saepipe capture` first",
+                dir.display()
+            )
+        })
+    };
+    let sets = [open(Site::MlpIn)?, open(Site::MlpOut)?];
+    if sets[0].n_tokens() != sets[1].n_tokens() || sets[0].d_model() != sets[1].d_model() {
+        bail!(
+            "{} has {} rows of width {} but {} has {} rows of width {}; capture both hookpoints in the same run",
+            sets[0].dir.display(),
+            sets[0].n_tokens(),
+            sets[0].d_model(),
+            sets[1].dir.display(),
+            sets[1].n_tokens(),
+            sets[1].d_model()
+        );
+    }
+    Ok(sets)
+}
+
+/// Splices both SAEs of a pair in (or zeroes both sites), keeping special-token positions
+/// clean as the evaluate stage does.
+struct PairSplice<'a> {
+    layer: usize,
+    pair: Option<&'a mut JsaePair>,
+    windows: &'a [Window],
+    special: &'a [u32],
+}
+
+impl Hooks for PairSplice<'_> {
+    fn wants(&self, hp: Hookpoint) -> bool {
+        hp.layer == self.layer && matches!(hp.site, Site::MlpIn | Site::MlpOut)
+    }
+    fn visit(&mut self, hp: Hookpoint, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (b, s, d) = x.dims3()?;
+        let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let Some(pair) = self.pair.as_deref_mut() else {
+            return Ok(Some(x.zeros_like()?));
+        };
+        let side = usize::from(hp.site == Site::MlpOut);
+        let mut out = Vec::new();
+        pair.reconstruct(side, &v, b * s, &mut out)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        for (bi, w) in self.windows.iter().enumerate().take(b) {
+            for (t, id) in w.ids.iter().enumerate().take(s) {
+                if self.special.contains(id) {
+                    let at = (bi * s + t) * d;
+                    out[at..at + d].copy_from_slice(&v[at..at + d]);
+                }
+            }
+        }
+        Ok(Some(
+            Tensor::from_vec(out, (b, s, d), x.device())?.to_dtype(x.dtype())?,
+        ))
+    }
+}
+
+/// Load the pipeline's model (random-initialised when `model.random_init`).
+fn load_model(
+    p: &Pipeline,
+    opts: &HubOptions,
+    reporter: &dyn Reporter,
+) -> Result<Box<dyn HookedModel>> {
+    let c = &p.config;
+    let resolved = crate::hub::resolve_model(&p.model_source(), opts, reporter)
+        .with_context(|| format!("resolving model {}", c.model.source))?;
+    let src = if resolved.kind == "gguf" {
+        crate::models::ModelSource::Gguf(resolved.path.clone())
+    } else {
+        crate::models::ModelSource::Local(resolved.path.clone())
+    };
+    let loaded = crate::models::load_source_with(
+        &src,
+        &crate::models::default_device(),
+        c.model.random_init(),
+    )
+    .with_context(|| format!("loading model {}", c.model.source))?;
+    Ok(loaded.model)
+}
+
+fn ce_pair(ctx: &CeContext, layer: usize, mut pair: Option<&mut JsaePair>) -> Result<f64> {
+    ce_with(
+        ctx,
+        &format!("blocks.{layer} (mlp_in + mlp_out)"),
+        &mut |ids, chunk| {
+            let mut hooks = PairSplice {
+                layer,
+                pair: pair.as_deref_mut(),
+                windows: chunk,
+                special: &ctx.special,
+            };
+            ctx.model.forward_hooked(ids, &mut hooks, None)
+        },
+    )
+}
+
+fn pair_config(p: &Pipeline, d: usize, lambda: f64, total_steps: u64) -> PairConfig {
+    let c = &p.config;
+    let j = c.jsae.as_ref().expect("invariant: only called with [jsae]");
+    let t = &c.train;
+    let OptimizerConfig::Adam {
+        lr,
+        beta1,
+        beta2,
+        eps,
+    } = &t.optimizer;
+    let d_sae = j.d_sae.unwrap_or(j.expansion_factor * d);
+    let decay_frac = match t.lr_decay {
+        LrDecay::None => 0.0,
+        LrDecay::Linear => match t.lr_decay_steps {
+            Some(s) => s as f32 / total_steps.max(1) as f32,
+            None => 0.2,
+        },
+    };
+    PairConfig {
+        k: j.k,
+        d_sae,
+        lambda: lambda as f32,
+        lambda_warmup_steps: t
+            .l1_warmup_steps
+            .unwrap_or((total_steps as f64 * 0.05).ceil() as u64),
+        jac_at: j.jac_at,
+        adam: Adam {
+            lr: lr.unwrap_or(j.lr) as f32,
+            beta1: beta1.unwrap_or(0.9) as f32,
+            beta2: beta2.unwrap_or(0.999) as f32,
+            eps: *eps as f32,
+        },
+        lr_warmup_steps: t.lr_warmup_steps.min(total_steps / 10),
+        lr_decay_frac: decay_frac,
+        grad_clip: t.grad_clip as f32,
+        b_dec_mean: t.b_dec_init != BDecInit::Zeros,
+        scale_inputs: t.scale_inputs,
+        total_steps,
+        seed: c.run.seed,
+    }
+}
+
+/// Train and evaluate the pairs of `[jsae]` that are not done yet (all with `force`).
+/// Returns the number of pairs trained (0 without `[jsae]`).
+pub fn jsae_stage(
+    p: &Pipeline,
+    opts: &HubOptions,
+    force: bool,
+    reporter: &dyn Reporter,
+) -> Result<usize> {
+    let Some(j) = &p.config.jsae else {
+        return Ok(0);
+    };
+    let layer = j.layer;
+    for site in [Site::MlpIn, Site::MlpOut] {
+        let hp = Hookpoint::new(layer, site);
+        if !p.config.capture.hookpoints.contains(&hp) {
+            bail!("[jsae] layer = {layer} needs {hp} in capture.hookpoints; add it");
+        }
+    }
+    let train_sets = open_pair(p, layer, Split::Train)?;
+    let d = train_sets[0].d_model();
+    let hash = config_hash(p);
+    let todo: Vec<(&str, f64)> = variants(p, d)
+        .into_iter()
+        .filter(|(v, _)| {
+            force || read_done(&variant_dir(p, v)).is_none_or(|dn| dn.config_hash != hash)
+        })
+        .collect();
+    if todo.is_empty() {
+        reporter.message("jsae: all pairs already trained");
+        return Ok(0);
+    }
+    let c = &p.config;
+    // 1. The model: its MLP (frozen, for J) and, unless eval.ce_sequences = 0, the CE windows.
+    let (ce, own_model) = if c.eval.ce_sequences > 0 {
+        let ce = ce_context(p, opts, reporter).context("loading the model for the JSAE stage")?;
+        (Some(ce), None)
+    } else {
+        (None, Some(load_model(p, opts, reporter)?))
+    };
+    let model: &dyn HookedModel = match (&ce, &own_model) {
+        (Some(ctx), _) => ctx.model.as_ref(),
+        (None, Some(m)) => m.as_ref(),
+        (None, None) => unreachable!("one of the two is loaded above"),
+    };
+    let mlp = model
+        .mlp_weights(layer)
+        .with_context(|| format!("extracting the MLP of block {layer}"))?;
+    anyhow::ensure!(
+        mlp.d == d,
+        "the model's MLP has width {} but the activations have {d}",
+        mlp.d
+    );
+    // 2. Init sample, then the pairs (same seed: same init).
+    let train_tokens = c.train.train_tokens.unwrap_or(c.data.n_tokens);
+    let batch = c.train.batch_tokens.max(1);
+    let total_steps = (train_tokens / batch as u64).max(1);
+    let mut batches = Batches {
+        reader: PairedReader::new(train_sets.clone()),
+        rng: Rng::new(c.run.seed ^ 0x4a53_4145),
+        block: (Vec::new(), Vec::new()),
+        order: Vec::new(),
+        next: 0,
+    };
+    let (mut ix, mut iy) = (Vec::new(), Vec::new());
+    let init_rows = c
+        .train
+        .init_tokens
+        .min(train_sets[0].n_tokens() as usize)
+        .max(1);
+    PairedReader::new(train_sets.clone()).take(init_rows, &mut ix, &mut iy)?;
+    let mut pairs = Vec::new();
+    for &(v, lam) in &todo {
+        let cfg = pair_config(p, d, lam, total_steps);
+        pairs.push((v, lam, JsaePair::new(cfg, mlp.clone(), &ix, &iy)?, 0.0f64));
+    }
+    // 3. Lockstep training.
+    let prog = reporter.start(
+        &format!("jsae L{layer}"),
+        Some(total_steps * batch as u64 * pairs.len() as u64),
+    );
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    for _ in 0..total_steps {
+        batches.next_batch(batch, &mut x, &mut y)?;
+        let mut msg = String::new();
+        for (v, _, pair, secs) in pairs.iter_mut() {
+            let t0 = Instant::now();
+            let s = pair.step(&x, &y, batch)?;
+            *secs += t0.elapsed().as_secs_f64();
+            prog.advance(batch as u64);
+            msg.push_str(&format!(
+                "{v}: mse {:.3}/{:.3} |J| {:.4}  ",
+                s.mse_x, s.mse_y, s.jac_mean_abs
+            ));
+        }
+        prog.set_message(msg);
+    }
+    prog.finish();
+    // 4. Held-out metrics, CE with both SAEs spliced in, export, marker.
+    let eval_sets = open_pair(p, layer, Split::Eval)
+        .context("the JSAE stage evaluates on the held-out split; set data.eval_tokens > 0")?;
+    let limit = c
+        .eval
+        .eval_tokens
+        .unwrap_or(u64::MAX)
+        .min(eval_sets[0].n_tokens());
+    let zero = match &ce {
+        Some(ctx) => Some(ce_pair(ctx, layer, None).context("CE with mlp_in and mlp_out zeroed")?),
+        None => None,
+    };
+    let revision = train_sets[0].manifest.meta.model_revision.clone();
+    for (v, lam, pair, secs) in pairs.iter_mut() {
+        let mut acc = pair.new_eval();
+        let mut reader = PairedReader::new(eval_sets.clone());
+        let mut seen = 0u64;
+        while seen < limit {
+            x.clear();
+            y.clear();
+            let n = reader.take(EVAL_BATCH.min((limit - seen) as usize), &mut x, &mut y)?;
+            if n == 0 {
+                break;
+            }
+            pair.evaluate(&x, &y, n, &mut acc)?;
+            seen += n as u64;
+        }
+        anyhow::ensure!(seen > 0, "no held-out mlp_in/mlp_out rows to evaluate on");
+        let spliced = match &ce {
+            Some(ctx) => Some(
+                ce_pair(ctx, layer, Some(pair))
+                    .with_context(|| format!("CE with the {v} pair spliced in"))?,
+            ),
+            None => None,
+        };
+        let dir = variant_dir(p, v);
+        let mut rows = Vec::new();
+        for (side, site) in [(0usize, Site::MlpIn), (1, Site::MlpOut)] {
+            let hp = Hookpoint::new(layer, site);
+            let sae_dir = dir.join(hp.to_string());
+            std::fs::create_dir_all(&sae_dir)
+                .with_context(|| format!("creating {}", sae_dir.display()))?;
+            let (sae, scale): (&dyn crate::sae::Sae, f32) = if side == 0 {
+                (&pair.sae_x, pair.scale_x)
+            } else {
+                (&pair.sae_y, pair.scale_y)
+            };
+            let meta = ExportMeta {
+                model_name: c.model.source.clone(),
+                hook_name: hp.to_string(),
+                context_size: c.data.context_len,
+                dataset_path: train_sets[0].manifest.meta.dataset.clone(),
+            };
+            crate::sae::export::save_saelens(sae, scale, &meta, &sae_dir)
+                .with_context(|| format!("exporting {}", sae_dir.display()))?;
+            rows.push(row(
+                p,
+                RowParts {
+                    variant: v,
+                    lambda: *lam,
+                    hp,
+                    acc: &acc,
+                    side,
+                    revision: &revision,
+                    train_tokens: total_steps * batch as u64,
+                    eval_tokens: seen,
+                    ce: (ce.as_ref().map(|x| x.clean), spliced, zero),
+                    secs: *secs,
+                    dir: &sae_dir,
+                    d_in: d,
+                },
+            ));
+        }
+        let text = serde_json::to_string_pretty(&JsaeDone {
+            config_hash: hash.clone(),
+            rows,
+        })?;
+        crate::fsutil::atomic_write(&dir.join(JSAE_DONE), text.as_bytes())
+            .with_context(|| format!("writing {}", dir.join(JSAE_DONE).display()))?;
+        reporter.message(&format!(
+            "jsae {v} (λ = {lam:.4}): |J| > 0.01 on {:.1}% of entries, mean |J| {:.4}, R² {:.3} / {:.3}, CE {:?} → {:?}",
+            100.0 * acc.jac.frac_above(0),
+            acc.jac.mean_abs(),
+            acc.recon_x.r2(),
+            acc.recon_y.r2(),
+            ce.as_ref().map(|x| x.clean),
+            spliced
+        ));
+    }
+    Ok(pairs.len())
+}
+
+struct RowParts<'a> {
+    variant: &'a str,
+    lambda: f64,
+    hp: Hookpoint,
+    acc: &'a PairEval,
+    side: usize,
+    revision: &'a str,
+    train_tokens: u64,
+    eval_tokens: u64,
+    ce: (Option<f64>, Option<f64>, Option<f64>),
+    secs: f64,
+    dir: &'a Path,
+    d_in: usize,
+}
+
+fn row(p: &Pipeline, r: RowParts) -> MetricsRow {
+    let c = &p.config;
+    let j = c.jsae.as_ref().expect("invariant: only called with [jsae]");
+    let (recon, sp) = if r.side == 0 {
+        (&r.acc.recon_x, &r.acc.sparsity_x)
+    } else {
+        (&r.acc.recon_y, &r.acc.sparsity_y)
+    };
+    let f = sp.fires().len();
+    let expansion = f as f64 / r.d_in.max(1) as f64;
+    let (clean, spliced, zero) = r.ce;
+    MetricsRow {
+        run: c.run.name.clone(),
+        point_id: r.variant.to_string(),
+        model: c.model.source.clone(),
+        revision: r.revision.to_string(),
+        hookpoint: r.hp.to_string(),
+        arch: r.variant.to_string(),
+        d_sae: f as u64,
+        expansion,
+        sparsity_param: "k".into(),
+        sparsity_value: j.k as f64,
+        seed: c.run.seed,
+        optimizer: "adam".into(),
+        train_tokens: r.train_tokens,
+        eval_tokens: r.eval_tokens,
+        r2: recon.r2(),
+        fvu: recon.fvu(),
+        mse: recon.mse(),
+        l0: sp.l0(),
+        l1: sp.l1(),
+        dead_frac: sp.dead_frac(),
+        dense_frac: sp.dense_frac(0.1),
+        ce_clean: clean,
+        ce_spliced: spliced,
+        ce_delta: spliced.zip(clean).map(|(s, c)| s - c),
+        ce_zero_abl: zero,
+        ce_loss_score: match (clean, spliced, zero) {
+            (Some(c), Some(s), Some(z)) if (z - c).abs() > 1e-12 => Some((z - s) / (z - c)),
+            _ => None,
+        },
+        bipolar_frac: None,
+        jacobian_sparsity: Some(r.acc.jac.frac_above(0)),
+        jacobian_frac_0_1: Some(r.acc.jac.frac_above(1)),
+        jacobian_frac_1: Some(r.acc.jac.frac_above(2)),
+        jacobian_mean_abs: Some(r.acc.jac.mean_abs()),
+        jsae_lambda: Some(r.lambda),
+        feature_recovery: None,
+        train_seconds: r.secs,
+        train_tokens_per_s: r.train_tokens as f64 / r.secs.max(1e-9),
+        sae_path: r.dir.display().to_string(),
+    }
+}
