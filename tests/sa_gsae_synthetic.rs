@@ -89,6 +89,7 @@ fn sa_gsae_at_h_matches_gated_at_2h_on_bipolar_features_with_fewer_dead() {
     let g = train(
         &ArchConfig::Gated(gated::Config {
             l1_coefficient: LAMBDA,
+            ..Default::default()
         }),
         2 * H,
         &synth,

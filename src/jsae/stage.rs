@@ -36,7 +36,7 @@ use super::pair::{JsaePair, PairConfig, PairEval};
 use crate::capture::reader::{ActBatch, ActivationSet, Expect, SeqReader};
 use crate::capture::set_dir;
 use crate::capture::stage::activations_dir;
-use crate::config::{BDecInit, LrDecay, OptimizerConfig, Pipeline};
+use crate::config::{BDecInit, LrDecay, Pipeline};
 use crate::data::pack::Window;
 use crate::data::Split;
 use crate::hub::HubOptions;
@@ -352,12 +352,8 @@ fn pair_config(p: &Pipeline, d: usize, lambda: f64, total_steps: u64) -> PairCon
     let c = &p.config;
     let j = c.jsae.as_ref().expect("invariant: only called with [jsae]");
     let t = &c.train;
-    let OptimizerConfig::Adam {
-        lr,
-        beta1,
-        beta2,
-        eps,
-    } = &t.optimizer;
+    // The pair always trains with Adam; under PAM-SGD its encoder Adam settings are used.
+    let (lr, beta1, beta2, eps) = t.optimizer.adam();
     let d_sae = j.d_sae.unwrap_or(j.expansion_factor * d);
     let decay_frac = match t.lr_decay {
         LrDecay::None => 0.0,
@@ -378,7 +374,7 @@ fn pair_config(p: &Pipeline, d: usize, lambda: f64, total_steps: u64) -> PairCon
             lr: lr.unwrap_or(j.lr) as f32,
             beta1: beta1.unwrap_or(0.9) as f32,
             beta2: beta2.unwrap_or(0.999) as f32,
-            eps: *eps as f32,
+            eps: eps as f32,
         },
         lr_warmup_steps: t.lr_warmup_steps.min(total_steps / 10),
         lr_decay_frac: decay_frac,
@@ -636,6 +632,7 @@ fn row(p: &Pipeline, r: RowParts) -> MetricsRow {
             _ => None,
         },
         bipolar_frac: None,
+        bipolar_var_share: None,
         jacobian_sparsity: Some(r.acc.jac.frac_above(0)),
         jacobian_frac_0_1: Some(r.acc.jac.frac_above(1)),
         jacobian_frac_1: Some(r.acc.jac.frac_above(2)),

@@ -23,7 +23,7 @@
 //! with few hundred steps the SAE never recovers from it (measured on SmolLM2 block 15:
 //! R² < −3 after 16 steps). We therefore start from data (§1.2's init sample):
 //! 1. `b_gate_i = −q_i`, with `q_i` the `1 − init_l0/d_sae` quantile of `u_i` on the sample,
-//!    so every latent fires on the same share of tokens and `E[L0] = init_l0`;
+//!    so every latent fires on the same share of tokens and `E[L0] = min(init_l0, d_in/4)`;
 //! 2. `r_mag = ln c` for all latents, with `c` the least-squares scale of the resulting
 //!    reconstruction (`c = Σ x̃·x̂₀ / Σ ‖x̂₀‖²`), so the first error is below the signal energy.
 //!
@@ -47,8 +47,8 @@ pub const ARCH: &str = "gated";
 pub struct Config {
     /// λ on `‖ReLU(π_gate)‖₁` (SumD-MeanB, `E‖x‖ = √d` inputs). Default 1.0.
     pub l1_coefficient: f32,
-    /// Expected L0 of the data-dependent initialisation (see the module doc); 0 keeps the
-    /// paper's `b_gate = r_mag = 0`. Default 64.
+    /// Expected L0 of the data-dependent initialisation (see the module doc), capped at
+    /// `d_in / 4`; 0 keeps the paper's `b_gate = r_mag = 0`. Default 64.
     pub init_l0: f32,
 }
 
@@ -59,6 +59,12 @@ impl Default for Config {
             init_l0: 64.0,
         }
     }
+}
+
+/// The L0 the data-dependent init aims at: `init_l0`, at most `d_in / 4` (a small SAE on
+/// low-dimensional data should not start with most of its latents on).
+pub(crate) fn init_l0(cfg_l0: f32, d_in: usize) -> f32 {
+    cfg_l0.min((d_in as f32 / 4.0).max(1.0))
 }
 
 /// Rows of the init sample used by [`Sae::init_from_sample`] (bounds its `[rows, d_sae]`
@@ -90,11 +96,11 @@ impl Gated {
                 msg: format!("l1_coefficient = {} must be >= 0", cfg.l1_coefficient),
             });
         }
-        if !(cfg.init_l0 >= 0.0 && cfg.init_l0 <= f as f32) {
+        if !(cfg.init_l0 >= 0.0 && cfg.init_l0.is_finite()) {
             return Err(SaeError::Config {
                 arch: ARCH,
                 msg: format!(
-                    "init_l0 = {} must be in [0, d_sae = {f}] (0 keeps the paper's init)",
+                    "init_l0 = {} must be a finite number >= 0 (0 keeps the paper's init)",
                     cfg.init_l0
                 ),
             });
@@ -318,7 +324,7 @@ impl Sae for Gated {
         c::prepare_input(x, d, Some(&self.params[B_DEC].data), &mut xt);
         let mut u = vec![0.0; m * f];
         c::gemm_xwt(&xt, m, d, &self.params[W_GATE].data, f, None, &mut u);
-        let p_fire = (self.cfg.init_l0 / f as f32).clamp(0.0, 1.0);
+        let p_fire = (init_l0(self.cfg.init_l0, d) / f as f32).clamp(0.0, 1.0);
         let rank = (((1.0 - p_fire) * m as f32) as usize).min(m - 1);
         self.params[B_GATE]
             .data

@@ -65,6 +65,7 @@ fn negative_side_off_is_the_gated_sae() {
     let mut g = Gated::new(
         gated::Config {
             l1_coefficient: 0.7,
+            ..gated::Config::default()
         },
         D,
         F,
