@@ -447,6 +447,7 @@ mod tests {
         c
     }
 
+    #[allow(clippy::too_many_arguments)] // a test helper mirroring the kernel's inputs
     fn sum_abs(
         m: &MlpWeights,
         wd: &[f32],

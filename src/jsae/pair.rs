@@ -46,6 +46,9 @@ pub enum JacAt {
     Reconstruction,
 }
 
+/// One token's Jacobian block: input-SAE latents, output-SAE latents, `[k_out, k_in]` values.
+pub type TokenJacobian = (Vec<u32>, Vec<u32>, Vec<f32>);
+
 /// How a pair is trained.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PairConfig {
@@ -185,7 +188,7 @@ impl JsaePair {
         init_y: &[f32],
     ) -> Result<Self, PairError> {
         let d = mlp.d;
-        if init_x.len() != init_y.len() || init_x.is_empty() || init_x.len() % d != 0 {
+        if init_x.len() != init_y.len() || init_x.is_empty() || !init_x.len().is_multiple_of(d) {
             return Err(PairError::Shape(format!(
                 "the init samples must be non-empty [n, {d}] rows of equal length (got {} and {} floats)",
                 init_x.len(),
@@ -500,7 +503,7 @@ impl JsaePair {
         x: &[f32],
         y: &[f32],
         n: usize,
-    ) -> Result<Vec<(Vec<u32>, Vec<u32>, Vec<f32>)>, PairError> {
+    ) -> Result<Vec<TokenJacobian>, PairError> {
         let mut rx = Vec::new();
         self.reconstruct(0, x, n, &mut rx)?;
         let mut ry = Vec::new();

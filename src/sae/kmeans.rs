@@ -388,7 +388,7 @@ impl Sae for KMeans {
             c::resize(&mut ws.coef, ws.codes.nnz());
             c::resize(&mut ws.aux_coef, ws.codes.nnz());
             for (e, &i) in ws.codes.idx.iter().enumerate() {
-                let sub = (i as usize) % s != 0;
+                let sub = !(i as usize).is_multiple_of(s);
                 ws.coef[e] = if sub { ws.gvals[e] } else { 0.0 };
                 ws.aux_coef[e] = if sub { ws.codes.val[e] } else { 0.0 };
             }

@@ -42,7 +42,7 @@
 //!    gradient to π, JumpReLU style). The spec's third form, L1 on |π| with no threshold, is
 //!    not offered: it penalises every (token, latent) pair densely and the spec itself notes
 //!    that thresholds are still needed with it.
-//! 5. + 7. `decoder_norm`: `unit` (unit-norm decoder rows, frozen decoder in the aux term) |
+//! 5. (and 7.) `decoder_norm`: `unit` (unit-norm decoder rows, frozen decoder in the aux term) |
 //!    `penalty` (no constraint, λ Σ ‖d_i‖|s_i|, aux term through the live decoder, SAELens
 //!    convention; norms are folded at export).
 //! 6. `threshold_ste`: false (θ learns only from the sparsity and aux terms; §6.8 prototype) |

@@ -348,13 +348,13 @@ fn ce_of(ctx: &CeContext, hp: Hookpoint, mut mode: Mode) -> Result<f64> {
     })
 }
 
+/// A forward pass over one chunk of CE windows, returning its logits.
+pub(crate) type ChunkForward<'a> =
+    dyn FnMut(&Tensor, &[Window]) -> candle_core::Result<Option<Tensor>> + 'a;
+
 /// Mean next-token CE (nats) over the CE windows, `forward(ids, windows)` running the model
 /// (with whatever hooks) on each chunk of windows and returning its logits.
-pub(crate) fn ce_with(
-    ctx: &CeContext,
-    label: &str,
-    forward: &mut dyn FnMut(&Tensor, &[Window]) -> candle_core::Result<Option<Tensor>>,
-) -> Result<f64> {
+pub(crate) fn ce_with(ctx: &CeContext, label: &str, forward: &mut ChunkForward) -> Result<f64> {
     let dev = ctx.model.device().clone();
     let (mut sum, mut count) = (0.0f64, 0u64);
     for chunk in ctx.windows.chunks(4) {

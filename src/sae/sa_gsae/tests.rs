@@ -145,6 +145,7 @@ fn fd_check(cfg: Config, names: &[&str]) {
     let mut checked = 0;
     for name in names {
         let pi = s.params().iter().position(|p| p.name == *name).unwrap();
+        #[allow(clippy::needless_range_loop)] // perturbs params in place while reading grads
         for e in 0..s.params()[pi].data.len() {
             let v0 = s.params()[pi].data[e];
             s.params_mut()[pi].data[e] = v0 + h;
