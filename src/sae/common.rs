@@ -148,6 +148,18 @@ pub fn zero(v: &mut [f32]) {
     v.par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0));
 }
 
+/// `ln c` of the least-squares scale `c = Σ target·recon / Σ recon²` (the data-dependent
+/// initialisations of Gated and SA-GSAE), clamped to `[−10, 10]`; `None` when `c ≤ 0`.
+pub fn ln_lsq_scale(recon: &[f32], target: &[f32]) -> Option<f32> {
+    let num: f64 = recon
+        .iter()
+        .zip(target)
+        .map(|(&a, &b)| a as f64 * b as f64)
+        .sum();
+    let den: f64 = recon.iter().map(|&a| a as f64 * a as f64).sum();
+    (den > 0.0 && num > 0.0).then(|| (num / den).ln().clamp(-10.0, 10.0) as f32)
+}
+
 /// `out[b, i] = Σ_j x[b, j]·w[i, j] + bias[i]` for `x: [c, d]`, `w: [f, d]`,
 /// `out: [c, f]`, using the multi-threaded `gemm` crate.
 pub fn gemm_xwt(

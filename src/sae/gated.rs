@@ -350,10 +350,7 @@ impl Sae for Gated {
             None,
             &mut r,
         );
-        let num: f64 = r.iter().zip(&xt).map(|(&a, &b)| a as f64 * b as f64).sum();
-        let den: f64 = r.iter().map(|&a| a as f64 * a as f64).sum();
-        if den > 0.0 && num > 0.0 {
-            let ln_c = (num / den).ln().clamp(-10.0, 10.0) as f32;
+        if let Some(ln_c) = c::ln_lsq_scale(&r, &xt) {
             self.params[R_MAG].data.fill(ln_c);
         }
         Ok(())

@@ -786,10 +786,7 @@ impl Sae for SaGsae {
         );
         let mut xt = Vec::new();
         c::prepare_input(&x[..m * d], d, self.pre_sub(), &mut xt);
-        let num: f64 = r.iter().zip(&xt).map(|(&a, &b)| a as f64 * b as f64).sum();
-        let den: f64 = r.iter().map(|&a| a as f64 * a as f64).sum();
-        if den > 0.0 && num > 0.0 {
-            let ln_c = (num / den).ln().clamp(-10.0, 10.0) as f32;
+        if let Some(ln_c) = c::ln_lsq_scale(&r, &xt) {
             for s in 0..2 {
                 self.params[self.ix.r[s]].data.fill(ln_c);
             }
