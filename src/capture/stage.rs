@@ -117,6 +117,31 @@ pub fn spec_from_pipeline(
     }
 }
 
+/// Resolve the pipeline's `[model]` (hub cache, `local:` or `gguf:`) and load it on the
+/// default device, random-initialised when `model.random_init`. Shared by capture, the
+/// CE evaluation and the JSAE stage.
+pub fn load_pipeline_model(
+    pipeline: &Pipeline,
+    opts: &HubOptions,
+    reporter: &dyn Reporter,
+) -> Result<(ResolvedModel, crate::models::LoadedModel)> {
+    let c = &pipeline.config;
+    let resolved = crate::hub::resolve_model(&pipeline.model_source(), opts, reporter)
+        .with_context(|| format!("resolving model {}", c.model.source))?;
+    let src = if resolved.kind == "gguf" {
+        ModelSource::Gguf(resolved.path.clone())
+    } else {
+        ModelSource::Local(resolved.path.clone())
+    };
+    let loaded = crate::models::load_source_with(
+        &src,
+        &crate::models::default_device(),
+        c.model.random_init(),
+    )
+    .with_context(|| format!("loading model {}", c.model.source))?;
+    Ok((resolved, loaded))
+}
+
 /// Run the capture stage of `pipeline`.
 pub fn run_stage(
     pipeline: &Pipeline,
@@ -129,21 +154,9 @@ pub fn run_stage(
         reporter.message("capture: [synthetic] pipeline, nothing to capture");
         return Ok(Vec::new());
     }
-    let resolved = crate::hub::resolve_model(&pipeline.model_source(), opts, reporter)
-        .with_context(|| format!("resolving model {}", c.model.source))?;
+    let (resolved, loaded) = load_pipeline_model(pipeline, opts, reporter)?;
     let dataset = crate::hub::resolve_dataset(&c.data, opts, reporter)
         .context("resolving the dataset of [data]")?;
-    let src = if resolved.kind == "gguf" {
-        ModelSource::Gguf(resolved.path.clone())
-    } else {
-        ModelSource::Local(resolved.path.clone())
-    };
-    let loaded = crate::models::load_source_with(
-        &src,
-        &crate::models::default_device(),
-        c.model.random_init(),
-    )
-    .with_context(|| format!("loading model {}", c.model.source))?;
     let tokenizer = loaded.tokenizer.with_context(|| {
         format!(
             "{}: no tokenizer found (tokenizer.json next to the weights)",

@@ -315,20 +315,7 @@ fn load_model(
     opts: &HubOptions,
     reporter: &dyn Reporter,
 ) -> Result<Box<dyn HookedModel>> {
-    let c = &p.config;
-    let resolved = crate::hub::resolve_model(&p.model_source(), opts, reporter)
-        .with_context(|| format!("resolving model {}", c.model.source))?;
-    let src = if resolved.kind == "gguf" {
-        crate::models::ModelSource::Gguf(resolved.path.clone())
-    } else {
-        crate::models::ModelSource::Local(resolved.path.clone())
-    };
-    let loaded = crate::models::load_source_with(
-        &src,
-        &crate::models::default_device(),
-        c.model.random_init(),
-    )
-    .with_context(|| format!("loading model {}", c.model.source))?;
+    let (_, loaded) = crate::capture::stage::load_pipeline_model(p, opts, reporter)?;
     Ok(loaded.model)
 }
 

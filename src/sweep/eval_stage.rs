@@ -256,21 +256,9 @@ pub(crate) fn ce_context(
     reporter: &dyn Reporter,
 ) -> Result<CeContext> {
     let c = &pipeline.config;
-    let resolved = crate::hub::resolve_model(&pipeline.model_source(), opts, reporter)
-        .with_context(|| format!("resolving model {}", c.model.source))?;
+    let (resolved, loaded) = crate::capture::stage::load_pipeline_model(pipeline, opts, reporter)?;
     let dataset = crate::hub::resolve_dataset(&c.data, opts, reporter)
         .context("resolving the dataset of [data]")?;
-    let src = if resolved.kind == "gguf" {
-        crate::models::ModelSource::Gguf(resolved.path.clone())
-    } else {
-        crate::models::ModelSource::Local(resolved.path.clone())
-    };
-    let loaded = crate::models::load_source_with(
-        &src,
-        &crate::models::default_device(),
-        c.model.random_init(),
-    )
-    .with_context(|| format!("loading model {}", c.model.source))?;
     let tokenizer = Arc::new(loaded.tokenizer.with_context(|| {
         format!(
             "{}: no tokenizer found next to the weights",
