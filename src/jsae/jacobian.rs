@@ -32,8 +32,17 @@ use crate::sae::common::{self as c, Codes};
 /// Tokens per Jacobian chunk.
 pub const TOKEN_CHUNK: usize = 128;
 
-/// Thresholds of the Jacobian-sparsity metrics: share of `|J|` entries above each.
-pub const THRESHOLDS: [f64; 3] = [0.01, 0.1, 1.0];
+/// Thresholds of the raw Jacobian-sparsity metrics: share of `|J|` entries above each. The
+/// first four are the spec's headline τ (jsae_pamsgd.md §1.6 item 1); 0.1 and 1 show the tail.
+pub const THRESHOLDS: [f64; 6] = [0.005, 0.01, 0.015, 0.02, 0.1, 1.0];
+
+/// Thresholds of the normalised counts: share of entries with `|J_t| / RMS(J_t)` above each,
+/// where `RMS(J_t)` is the root mean square of token t's block. The spec's guard against
+/// "sparser" meaning only "smaller" (§1.6 item 1, [D]: per-token RMS). Decision: τ = 0.1 and
+/// 1 (an entry above a tenth of / above the token's RMS); the raw τ ≤ 0.02 would count
+/// nearly every non-zero entry once J has unit RMS. A dense, flat block has about half its
+/// entries above its RMS and all above 0.1·RMS; a sparse block few of either.
+pub const RMS_THRESHOLDS: [f64; 2] = [0.1, 1.0];
 
 /// Per-step tables of path P.
 pub struct JacTables {
@@ -128,7 +137,9 @@ pub struct JacStats {
     /// block, or of latents ReLU'd to zero, count as zero).
     pub k2: u64,
     /// Entries with `|J|` above each of [`THRESHOLDS`].
-    pub above: [u64; 3],
+    pub above: [u64; THRESHOLDS.len()],
+    /// Entries with `|J_t| / RMS(J_t)` above each of [`RMS_THRESHOLDS`].
+    pub above_rms: [u64; RMS_THRESHOLDS.len()],
     /// `Σ |J|`.
     pub sum_abs: f64,
 }
@@ -142,15 +153,30 @@ impl JacStats {
         }
     }
 
-    /// Add one token's block.
+    /// Add one token's block. Its RMS is taken over the entries of the block as computed
+    /// (`k_x(t)·k_y(t)`, which is k² for TopK codes); an all-zero block adds no normalised
+    /// counts.
     pub fn add_block(&mut self, j: &[f32]) {
         self.tokens += 1;
+        let mut sq = 0.0f64;
         for &v in j {
             let a = v.abs() as f64;
             self.sum_abs += a;
+            sq += a * a;
             for (n, &t) in self.above.iter_mut().zip(&THRESHOLDS) {
                 if a > t {
                     *n += 1;
+                }
+            }
+        }
+        let rms = (sq / j.len().max(1) as f64).sqrt();
+        if rms > 0.0 {
+            for &v in j {
+                let a = v.abs() as f64 / rms;
+                for (n, &t) in self.above_rms.iter_mut().zip(&RMS_THRESHOLDS) {
+                    if a > t {
+                        *n += 1;
+                    }
                 }
             }
         }
@@ -163,21 +189,37 @@ impl JacStats {
         for (a, b) in self.above.iter_mut().zip(&o.above) {
             *a += b;
         }
+        for (a, b) in self.above_rms.iter_mut().zip(&o.above_rms) {
+            *a += b;
+        }
     }
 
     fn denom(&self) -> f64 {
         (self.tokens * self.k2).max(1) as f64
     }
 
-    /// Share of the `k²` entries per token with `|J|` above `THRESHOLDS[i]`.
-    pub fn frac_above(&self, i: usize) -> f64 {
-        self.above[i] as f64 / self.denom()
+    /// Share of the `k²` entries per token with `|J|` above `tau`, one of [`THRESHOLDS`].
+    pub fn frac_above(&self, tau: f64) -> f64 {
+        self.above[threshold_index(&THRESHOLDS, tau)] as f64 / self.denom()
+    }
+
+    /// Share of the `k²` entries per token with `|J_t| / RMS(J_t)` above `tau`, one of
+    /// [`RMS_THRESHOLDS`].
+    pub fn frac_above_rms(&self, tau: f64) -> f64 {
+        self.above_rms[threshold_index(&RMS_THRESHOLDS, tau)] as f64 / self.denom()
     }
 
     /// Mean `|J|` over the `k²` entries per token.
     pub fn mean_abs(&self) -> f64 {
         self.sum_abs / self.denom()
     }
+}
+
+/// Position of `tau` in `set`; the thresholds are compile-time constants, so a miss is a bug.
+fn threshold_index(set: &[f64], tau: f64) -> usize {
+    set.iter()
+        .position(|&t| t == tau)
+        .unwrap_or_else(|| panic!("invariant: {tau} is not one of the thresholds {set:?}"))
 }
 
 /// Gains of every token of `x: [n, d]` (raw MLP inputs), `[n, n_proj·h]`.
@@ -530,5 +572,38 @@ mod tests {
             }
             assert!(gd.iter().any(|&v| v != 0.0) && ge.iter().any(|&v| v != 0.0));
         }
+    }
+
+    /// Raw counts see scale; the RMS-normalised counts do not: a block and the same block
+    /// times 100 differ in the first, not in the second. A flat block has every entry at its
+    /// RMS (none strictly above 1·RMS); a one-hot block has one entry above its RMS.
+    #[test]
+    fn rms_normalised_counts_ignore_scale() {
+        let mut rng = Rng::new(7);
+        let j = randv(&mut rng, 16, 0.003);
+        let big: Vec<f32> = j.iter().map(|v| v * 100.0).collect();
+        let (mut a, mut b) = (JacStats::new(4, 4), JacStats::new(4, 4));
+        a.add_block(&j);
+        b.add_block(&big);
+        assert!(a.frac_above(0.02) < b.frac_above(0.02));
+        for tau in RMS_THRESHOLDS {
+            assert_eq!(a.frac_above_rms(tau), b.frac_above_rms(tau));
+        }
+        let mut flat = JacStats::new(4, 4);
+        flat.add_block(&[0.5; 16]);
+        assert_eq!(flat.frac_above_rms(0.1), 1.0);
+        assert_eq!(flat.frac_above_rms(1.0), 0.0);
+        let mut one_hot = JacStats::new(4, 4);
+        let mut oh = [0.0f32; 16];
+        oh[3] = -2.0;
+        one_hot.add_block(&oh);
+        assert_eq!(one_hot.frac_above_rms(1.0), 1.0 / 16.0);
+        assert_eq!(one_hot.frac_above(0.005), 1.0 / 16.0);
+        let mut zero = JacStats::new(4, 4);
+        zero.add_block(&[0.0; 16]);
+        assert_eq!(zero.frac_above_rms(0.1), 0.0);
+        // merge adds both kinds of counts
+        a.merge(&one_hot);
+        assert_eq!(a.above_rms[1], b.above_rms[1] + 1);
     }
 }

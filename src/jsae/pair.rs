@@ -258,6 +258,65 @@ impl JsaePair {
         self.step
     }
 
+    /// Every tensor the next step depends on, by name: `{x,y}.param.<name>` (both SAEs'
+    /// parameters) and `{x,y}.adam_m.<name>`, `{x,y}.adam_v.<name>` (their Adam moments).
+    /// With [`Self::step_count`] and the input scales (recomputed from the same init sample
+    /// by [`Self::new`]), this is the whole training state.
+    pub fn state(&self) -> Vec<(String, &[f32])> {
+        let mut out = Vec::new();
+        for (s, side) in [(0usize, "x"), (1, "y")] {
+            let sae = if s == 0 { &self.sae_x } else { &self.sae_y };
+            for (i, p) in sae.params().iter().enumerate() {
+                out.push((format!("{side}.param.{}", p.name), p.data.as_slice()));
+                out.push((format!("{side}.adam_m.{}", p.name), self.m[s][i].as_slice()));
+                out.push((format!("{side}.adam_v.{}", p.name), self.v[s][i].as_slice()));
+            }
+        }
+        out
+    }
+
+    /// Put back a state written by [`Self::state`] after `step` steps. Every tensor must be
+    /// present with its length; on error the pair is left unchanged.
+    pub fn restore(
+        &mut self,
+        step: u64,
+        tensors: &std::collections::HashMap<String, Vec<f32>>,
+    ) -> Result<(), PairError> {
+        let names = self
+            .state()
+            .into_iter()
+            .map(|(n, v)| (n, v.len()))
+            .collect::<Vec<_>>();
+        for (name, len) in &names {
+            match tensors.get(name) {
+                Some(t) if t.len() == *len => {}
+                Some(t) => {
+                    return Err(PairError::Shape(format!(
+                        "checkpoint tensor {name} has {} values, the pair needs {len}",
+                        t.len()
+                    )))
+                }
+                None => return Err(PairError::Shape(format!("checkpoint has no tensor {name}"))),
+            }
+        }
+        let get = |name: String| &tensors[&name];
+        for (s, side) in [(0usize, "x"), (1, "y")] {
+            let sae = if s == 0 {
+                &mut self.sae_x
+            } else {
+                &mut self.sae_y
+            };
+            for (i, p) in sae.params_mut().iter_mut().enumerate() {
+                p.data
+                    .copy_from_slice(get(format!("{side}.param.{}", p.name)));
+                self.m[s][i].copy_from_slice(get(format!("{side}.adam_m.{}", p.name)));
+                self.v[s][i].copy_from_slice(get(format!("{side}.adam_v.{}", p.name)));
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+
     /// `r = c_y / c_x`: the factor that puts `J` in the SAE latents' units.
     fn ratio(&self) -> f32 {
         self.scale_y / self.scale_x
@@ -413,7 +472,7 @@ impl JsaePair {
             jac_frac: if self.cfg.lambda == 0.0 {
                 f64::NAN
             } else {
-                stats.frac_above(0)
+                stats.frac_above(0.01)
             },
         })
     }

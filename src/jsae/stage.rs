@@ -5,12 +5,16 @@
 //! Implements `../shared/specs/jsae_pamsgd.md` §1.5–§1.6 (items 1–3 and 6). Layout:
 //! `data/<run>/jsae/<variant>/` (`variant` = `jsae` or `topk_pair`) holds one SAELens folder
 //! per SAE (`blocks.L.hook_mlp_in/`, `blocks.L.hook_mlp_out/`) and `jsae_done.json`, the
-//! completion marker with both metrics rows, written last.
+//! completion marker with both metrics rows, written last. While the pairs train,
+//! `data/<run>/jsae/checkpoint.safetensors` holds all their states (one file, so they are
+//! never caught at different steps) every `train.checkpoint_every` tokens; an interrupted
+//! stage resumes from it with the same weights, bit for bit, as an uninterrupted run.
 //!
 //! ```text
 //! rows per pair: one per SAE (hookpoint mlp_in / mlp_out), each with the pair's
-//!   jacobian_sparsity = share of |J| > 0.01, jacobian_frac_0_1, jacobian_frac_1,
+//!   jacobian_sparsity = share of |J| > 0.01, jacobian_frac_{0_005,0_015,0_02,0_1,1},
 //!   jacobian_mean_abs (over the k² entries per token, J in SAE-latent units),
+//!   jacobian_rms_frac_{0_1,1} = share with |J_t| / RMS(J_t) above 0.1 / 1,
 //!   ce_spliced = CE with BOTH SAEs spliced in (mlp_in ← x̂, then mlp_out ← ŷ of the MLP
 //!   output of x̂), ce_zero_abl = CE with both sites zeroed.
 //! ```
@@ -51,6 +55,14 @@ use crate::train::optim::Adam;
 /// The completion marker of a trained and evaluated pair.
 pub const JSAE_DONE: &str = "jsae_done.json";
 
+/// The in-progress training state of the pairs (`data/<run>/jsae/`), written every
+/// `train.checkpoint_every` tokens (default: as the SAE trainer, every 1000 steps) and
+/// removed once every pair's [`JSAE_DONE`] is written.
+pub const JSAE_CHECKPOINT: &str = "checkpoint.safetensors";
+
+/// Format tag of [`JSAE_CHECKPOINT`].
+const CHECKPOINT_FORMAT: &str = "saepipe-jsae-checkpoint-1";
+
 /// Rows per shuffle block of the paired training reader.
 pub const SHUFFLE_ROWS: usize = 1 << 15;
 
@@ -63,6 +75,116 @@ struct JsaeDone {
     config_hash: String,
     rows: Vec<MetricsRow>,
 }
+
+/// Scalars of the stage checkpoint (`__metadata__["saepipe"]`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PairCheckpointMeta {
+    format: String,
+    config_hash: String,
+    /// The pairs it holds, in training order; their tensors are prefixed `<variant>.`.
+    variants: Vec<String>,
+    step: u64,
+    /// Training seconds of each pair so far.
+    train_seconds: Vec<f64>,
+}
+
+/// Where the stage checkpoint of a pipeline lives.
+fn checkpoint_path(p: &Pipeline) -> PathBuf {
+    p.run_dir().join("jsae").join(JSAE_CHECKPOINT)
+}
+
+/// Write the state of every pair trained in lockstep (see [`JsaePair::state`]) into one
+/// file, atomically, so the pairs can never be caught at different steps.
+fn save_checkpoint(path: &Path, hash: &str, pairs: &[TrainingPair]) -> Result<()> {
+    let mut names = Vec::new();
+    let mut bytes: Vec<Vec<u8>> = Vec::new();
+    for (v, _, pair, _) in pairs {
+        for (name, t) in pair.state() {
+            names.push(format!("{v}.{name}"));
+            bytes.push(t.iter().flat_map(|x| x.to_le_bytes()).collect());
+        }
+    }
+    let mut views = Vec::with_capacity(names.len());
+    for (name, b) in names.iter().zip(&bytes) {
+        views.push((
+            name.clone(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![b.len() / 4], b)?,
+        ));
+    }
+    let meta = PairCheckpointMeta {
+        format: CHECKPOINT_FORMAT.into(),
+        config_hash: hash.into(),
+        variants: pairs.iter().map(|(v, ..)| v.to_string()).collect(),
+        step: pairs.first().map_or(0, |(_, _, pair, _)| pair.step_count()),
+        train_seconds: pairs.iter().map(|(.., secs)| *secs).collect(),
+    };
+    let md =
+        std::collections::HashMap::from([("saepipe".to_string(), serde_json::to_string(&meta)?)]);
+    let out = safetensors::serialize(views, Some(md))?;
+    crate::fsutil::atomic_write(path, &out).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Put the state of a checkpoint written by [`save_checkpoint`] back into `pairs` and return
+/// its step; `None` (pairs untouched) when there is no checkpoint, or it was written by
+/// another configuration or for another set of pairs (the next save overwrites it).
+fn restore_checkpoint(path: &Path, hash: &str, pairs: &mut [TrainingPair]) -> Result<Option<u64>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let bad = |what: String| {
+        anyhow::anyhow!(
+            "{}: {what}; delete it to retrain the JSAE pairs from the start",
+            path.display()
+        )
+    };
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| bad(format!("not a safetensors file ({e})")))?;
+    let meta: PairCheckpointMeta = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("saepipe"))
+        .ok_or_else(|| bad("no saepipe metadata".into()))
+        .and_then(|m| serde_json::from_str(m).map_err(|e| bad(format!("bad metadata ({e})"))))?;
+    if meta.format != CHECKPOINT_FORMAT {
+        return Err(bad(format!(
+            "format {} is not {CHECKPOINT_FORMAT}",
+            meta.format
+        )));
+    }
+    let ours: Vec<String> = pairs.iter().map(|(v, ..)| v.to_string()).collect();
+    if meta.config_hash != hash || meta.variants != ours || meta.train_seconds.len() != ours.len() {
+        return Ok(None);
+    }
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .map_err(|e| bad(format!("not a safetensors file ({e})")))?;
+    for ((v, _, pair, secs), s0) in pairs.iter_mut().zip(&meta.train_seconds) {
+        let mut tensors = std::collections::HashMap::new();
+        let prefix = format!("{v}.");
+        for (name, t) in st.tensors() {
+            let Some(rest) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            if t.dtype() != safetensors::Dtype::F32 {
+                return Err(bad(format!("tensor {name} is {:?}, not F32", t.dtype())));
+            }
+            let vals = t
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            tensors.insert(rest.to_string(), vals);
+        }
+        pair.restore(meta.step, &tensors)
+            .map_err(|e| bad(format!("the {v} pair: {e}")))?;
+        *secs = *s0;
+    }
+    Ok(Some(meta.step))
+}
+
+/// A pair being trained: variant, λ, the pair, its training seconds.
+type TrainingPair = (&'static str, f64, JsaePair, f64);
 
 /// Hash of everything that changes a pair: model, data, capture, train, eval, jsae, seed.
 fn config_hash(p: &Pipeline) -> String {
@@ -448,13 +570,36 @@ pub fn jsae_stage(
         let cfg = pair_config(p, d, lam, total_steps);
         pairs.push((v, lam, JsaePair::new(cfg, mlp.clone(), &ix, &iy)?, 0.0f64));
     }
-    // 3. Lockstep training.
+    // 3. Resume: put back the checkpoint of these pairs, if any, and replay the data
+    //    stream up to its step (reading only), so a resumed run sees the batches an
+    //    uninterrupted one would and ends with the same weights.
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    let ckpt = checkpoint_path(p);
+    let mut start = 0u64;
+    if !force {
+        if let Some(step) = restore_checkpoint(&ckpt, &hash, &mut pairs)? {
+            start = step.min(total_steps);
+            for _ in 0..start {
+                batches.next_batch(batch, &mut x, &mut y)?;
+            }
+            reporter.message(&format!(
+                "jsae: resuming {} pair(s) at step {start} of {total_steps} from {}",
+                pairs.len(),
+                ckpt.display()
+            ));
+        }
+    }
+    let every = c.train.checkpoint_every.map_or(
+        crate::train::TrainConfig::default().checkpoint_every,
+        |tok| (tok / batch as u64).max(1),
+    );
+    // 4. Lockstep training.
     let prog = reporter.start(
         &format!("jsae L{layer}"),
         Some(total_steps * batch as u64 * pairs.len() as u64),
     );
-    let (mut x, mut y) = (Vec::new(), Vec::new());
-    for _ in 0..total_steps {
+    prog.advance(start * batch as u64 * pairs.len() as u64);
+    for step in start..total_steps {
         batches.next_batch(batch, &mut x, &mut y)?;
         let mut msg = String::new();
         for (v, _, pair, secs) in pairs.iter_mut() {
@@ -468,9 +613,12 @@ pub fn jsae_stage(
             ));
         }
         prog.set_message(msg);
+        if (step + 1) % every == 0 && step + 1 < total_steps {
+            save_checkpoint(&ckpt, &hash, &pairs)?;
+        }
     }
     prog.finish();
-    // 4. Held-out metrics, CE with both SAEs spliced in, export, marker.
+    // 5. Held-out metrics, CE with both SAEs spliced in, export, marker.
     let eval_sets = open_pair(p, layer, Split::Eval)
         .context("the JSAE stage evaluates on the held-out split; set data.eval_tokens > 0")?;
     let limit = c
@@ -551,13 +699,19 @@ pub fn jsae_stage(
             .with_context(|| format!("writing {}", dir.join(JSAE_DONE).display()))?;
         reporter.message(&format!(
             "jsae {v} (λ = {lam:.4}): |J| > 0.01 on {:.1}% of entries, mean |J| {:.4}, R² {:.3} / {:.3}, CE {:?} → {:?}",
-            100.0 * acc.jac.frac_above(0),
+            100.0 * acc.jac.frac_above(0.01),
             acc.jac.mean_abs(),
             acc.recon_x.r2(),
             acc.recon_y.r2(),
             ce.as_ref().map(|x| x.clean),
             spliced
         ));
+    }
+    match std::fs::remove_file(&ckpt) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", ckpt.display()));
+        }
+        _ => {}
     }
     Ok(pairs.len())
 }
@@ -620,10 +774,15 @@ fn row(p: &Pipeline, r: RowParts) -> MetricsRow {
         },
         bipolar_frac: None,
         bipolar_var_share: None,
-        jacobian_sparsity: Some(r.acc.jac.frac_above(0)),
-        jacobian_frac_0_1: Some(r.acc.jac.frac_above(1)),
-        jacobian_frac_1: Some(r.acc.jac.frac_above(2)),
+        jacobian_sparsity: Some(r.acc.jac.frac_above(0.01)),
+        jacobian_frac_0_005: Some(r.acc.jac.frac_above(0.005)),
+        jacobian_frac_0_015: Some(r.acc.jac.frac_above(0.015)),
+        jacobian_frac_0_02: Some(r.acc.jac.frac_above(0.02)),
+        jacobian_frac_0_1: Some(r.acc.jac.frac_above(0.1)),
+        jacobian_frac_1: Some(r.acc.jac.frac_above(1.0)),
         jacobian_mean_abs: Some(r.acc.jac.mean_abs()),
+        jacobian_rms_frac_0_1: Some(r.acc.jac.frac_above_rms(0.1)),
+        jacobian_rms_frac_1: Some(r.acc.jac.frac_above_rms(1.0)),
         jsae_lambda: Some(r.lambda),
         feature_recovery: None,
         train_seconds: r.secs,

@@ -80,6 +80,15 @@ pub struct MetricsRow {
     pub bipolar_var_share: Option<f64>,
     /// JSAE: share of Jacobian entries above 0.01.
     pub jacobian_sparsity: Option<f64>,
+    /// JSAE: share of the k² Jacobian entries per token with |J| above 0.005.
+    #[serde(default)]
+    pub jacobian_frac_0_005: Option<f64>,
+    /// JSAE: share of the k² Jacobian entries per token with |J| above 0.015.
+    #[serde(default)]
+    pub jacobian_frac_0_015: Option<f64>,
+    /// JSAE: share of the k² Jacobian entries per token with |J| above 0.02.
+    #[serde(default)]
+    pub jacobian_frac_0_02: Option<f64>,
     /// JSAE: share of the k² Jacobian entries per token with |J| above 0.1.
     #[serde(default)]
     pub jacobian_frac_0_1: Option<f64>,
@@ -89,6 +98,12 @@ pub struct MetricsRow {
     /// JSAE: mean |J| over the k² entries per token (SAE-latent units).
     #[serde(default)]
     pub jacobian_mean_abs: Option<f64>,
+    /// JSAE: share of the k² entries per token with |J_t| / RMS(J_t) above 0.1.
+    #[serde(default)]
+    pub jacobian_rms_frac_0_1: Option<f64>,
+    /// JSAE: share of the k² entries per token with |J_t| / RMS(J_t) above 1.
+    #[serde(default)]
+    pub jacobian_rms_frac_1: Option<f64>,
     /// JSAE: the Jacobian coefficient λ the pair was trained with (0: plain TopK pair).
     #[serde(default)]
     pub jsae_lambda: Option<f64>,
@@ -167,9 +182,14 @@ fn schema() -> Schema {
         f("bipolar_frac", Float64, true),
         f("bipolar_var_share", Float64, true),
         f("jacobian_sparsity", Float64, true),
+        f("jacobian_frac_0_005", Float64, true),
+        f("jacobian_frac_0_015", Float64, true),
+        f("jacobian_frac_0_02", Float64, true),
         f("jacobian_frac_0_1", Float64, true),
         f("jacobian_frac_1", Float64, true),
         f("jacobian_mean_abs", Float64, true),
+        f("jacobian_rms_frac_0_1", Float64, true),
+        f("jacobian_rms_frac_1", Float64, true),
         f("jsae_lambda", Float64, true),
         f("feature_recovery", Float64, true),
         f("train_seconds", Float64, false),
@@ -223,9 +243,14 @@ pub fn to_batch(rows: &[MetricsRow], is_pareto: &[bool]) -> Result<RecordBatch, 
         o(rows, |r| r.bipolar_frac),
         o(rows, |r| r.bipolar_var_share),
         o(rows, |r| r.jacobian_sparsity),
+        o(rows, |r| r.jacobian_frac_0_005),
+        o(rows, |r| r.jacobian_frac_0_015),
+        o(rows, |r| r.jacobian_frac_0_02),
         o(rows, |r| r.jacobian_frac_0_1),
         o(rows, |r| r.jacobian_frac_1),
         o(rows, |r| r.jacobian_mean_abs),
+        o(rows, |r| r.jacobian_rms_frac_0_1),
+        o(rows, |r| r.jacobian_rms_frac_1),
         o(rows, |r| r.jsae_lambda),
         o(rows, |r| r.feature_recovery),
         x(rows, |r| r.train_seconds),
@@ -351,9 +376,14 @@ pub(crate) fn example_row(arch: &str, l0: f64, r2: f64) -> MetricsRow {
         bipolar_frac: None,
         bipolar_var_share: None,
         jacobian_sparsity: None,
+        jacobian_frac_0_005: None,
+        jacobian_frac_0_015: None,
+        jacobian_frac_0_02: None,
         jacobian_frac_0_1: None,
         jacobian_frac_1: None,
         jacobian_mean_abs: None,
+        jacobian_rms_frac_0_1: None,
+        jacobian_rms_frac_1: None,
         jsae_lambda: None,
         feature_recovery: None,
         train_seconds: 1.0,
