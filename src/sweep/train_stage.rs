@@ -18,6 +18,8 @@
 //! mid-run resume is the trainer's checkpoint mechanism, used for single runs.
 //! Decision: a `[synthetic]` pipeline trains on [`SyntheticSource`] rows (the training
 //! stream of its dictionary, in order) instead of captured activations.
+//! Decision: the SAEs of a group take each step in parallel (rayon), so `train_seconds` is
+//! an SAE's wall time while it shares the cores with the rest of its group.
 //! Decision: groups are capped by memory (weights, gradients and both Adam moments of
 //! every SAE in the group: 16 bytes per parameter) at [`GROUP_BYTES`].
 
@@ -25,6 +27,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::capture::reader::{ActivationSet, Expect, ParquetSource, ShuffleConfig};
@@ -36,7 +39,7 @@ use crate::models::Hookpoint;
 use crate::report::Reporter;
 use crate::sae::export::ExportMeta;
 use crate::synthetic::SyntheticSource;
-use crate::train::{ActivationSource, DataError, Trainer, LOG_FILE};
+use crate::train::{ActivationSource, DataError, StepRecord, Trainer, LOG_FILE};
 
 /// The completion marker of a trained unit.
 pub const TRAIN_DONE: &str = "train_done.json";
@@ -338,20 +341,33 @@ fn train_group(
         read_rows(src, batch, &mut buf)?;
         let active = running.iter().filter(|r| r.steps > step).count().max(1);
         let read_share = t0.elapsed().as_secs_f64() / active as f64;
+        // The SAEs of the group step in parallel (each also parallel inside, through rayon's
+        // shared pool): at these sizes one SAE's kernels are too small to keep both cores
+        // busy on their own.
+        let prog_ref = &prog;
+        let records: Vec<Result<(usize, StepRecord)>> = running
+            .par_iter_mut()
+            .enumerate()
+            .filter(|(_, r)| r.steps > step)
+            .map(|(i, r)| {
+                let t1 = Instant::now();
+                let mut s = SliceSource {
+                    data: &buf,
+                    d,
+                    pos: 0,
+                };
+                let rec = r.trainer.step(&mut s).with_context(|| {
+                    format!("training {} at {}", r.unit.point.id, r.unit.hookpoint)
+                })?;
+                r.seconds += t1.elapsed().as_secs_f64() + read_share;
+                prog_ref.advance(batch as u64);
+                Ok((i, rec))
+            })
+            .collect();
         let mut msg = String::new();
-        for r in running.iter_mut().filter(|r| r.steps > step) {
-            let t1 = Instant::now();
-            let mut s = SliceSource {
-                data: &buf,
-                d,
-                pos: 0,
-            };
-            let rec = r
-                .trainer
-                .step(&mut s)
-                .with_context(|| format!("training {} at {}", r.unit.point.id, r.unit.hookpoint))?;
-            r.seconds += t1.elapsed().as_secs_f64() + read_share;
-            prog.advance(batch as u64);
+        for res in records {
+            let (i, rec) = res?;
+            let r = &running[i];
             if msg.is_empty() {
                 msg = format!(
                     "{}: loss {:.4} L0 {:.1} dead {:.3}",
