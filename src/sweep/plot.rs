@@ -95,6 +95,15 @@ pub fn plot_pareto(path: &Path, rows: &[MetricsRow], title: &str) -> Result<(), 
                 .map_err(|e| draw_err(&e))?;
             chart
                 .configure_mesh()
+                .x_labels(6)
+                .x_label_formatter(&|v: &f64| {
+                    if *v < 1.0 {
+                        format!("{v:.2}")
+                    } else {
+                        format!("{v:.0}")
+                    }
+                })
+                .light_line_style(RGBColor(238, 238, 238))
                 .x_desc("L0 (active latents per token, log)")
                 .y_desc("R² (pooled, held-out)")
                 .draw()
