@@ -317,6 +317,19 @@ impl JsaePair {
         Ok(())
     }
 
+    /// This step's path-P tables from the current decoder of the input SAE and encoder of
+    /// the output SAE.
+    fn tables(&self) -> JacTables {
+        let f = self.cfg.d_sae;
+        JacTables::build(
+            &self.mlp,
+            &self.sae_x.params()[W_DEC].data,
+            f,
+            &self.sae_y.params()[W_ENC].data,
+            f,
+        )
+    }
+
     /// `r = c_y / c_x`: the factor that puts `J` in the SAE latents' units.
     fn ratio(&self) -> f32 {
         self.scale_y / self.scale_x
@@ -340,7 +353,7 @@ impl JsaePair {
 
     /// One optimiser step on `n` paired raw rows `x = mlp_in`, `y = mlp_out`.
     pub fn step(&mut self, x: &[f32], y: &[f32], n: usize) -> Result<PairStep, PairError> {
-        let (d, f) = (self.mlp.d, self.cfg.d_sae);
+        let d = self.mlp.d;
         if x.len() != n * d || y.len() != n * d || n == 0 {
             return Err(PairError::Shape(format!(
                 "a step needs two [{n}, {d}] batches (got {} and {} floats)",
@@ -382,13 +395,7 @@ impl JsaePair {
             self.fill_gains(x, n);
             let lam = self.cfg.lambda * optim::sparsity_factor(t, self.cfg.lambda_warmup_steps);
             let coef = lam * d as f32 / (n as f64 * self.k2()) as f32;
-            let tables = JacTables::build(
-                &self.mlp,
-                &self.sae_x.params()[W_DEC].data,
-                f,
-                &self.sae_y.params()[W_ENC].data,
-                f,
-            );
+            let tables = self.tables();
             let r = self.ratio();
             let (gx, gy) = self.grads.split_at_mut(1);
             let sum_j = jacobian::penalty_step(
@@ -534,14 +541,7 @@ impl JsaePair {
             JacAt::TrueInput => jacobian::gains_of(&self.mlp, x, n, &mut self.gains),
             JacAt::Reconstruction => jacobian::gains_of(&self.mlp, &rx, n, &mut self.gains),
         }
-        let f = self.cfg.d_sae;
-        let tables = JacTables::build(
-            &self.mlp,
-            &self.sae_x.params()[W_DEC].data,
-            f,
-            &self.sae_y.params()[W_ENC].data,
-            f,
-        );
+        let tables = self.tables();
         let gw = self.mlp.n_proj() * self.mlp.h;
         jacobian::accumulate_stats(
             &tables,
@@ -568,14 +568,7 @@ impl JsaePair {
         let mut ry = Vec::new();
         self.reconstruct(1, y, n, &mut ry)?;
         jacobian::gains_of(&self.mlp, x, n, &mut self.gains);
-        let f = self.cfg.d_sae;
-        let tables = JacTables::build(
-            &self.mlp,
-            &self.sae_x.params()[W_DEC].data,
-            f,
-            &self.sae_y.params()[W_ENC].data,
-            f,
-        );
+        let tables = self.tables();
         let gw = self.mlp.n_proj() * self.mlp.h;
         let (mut m, mut j) = (Vec::new(), Vec::new());
         let mut out = Vec::with_capacity(n);
