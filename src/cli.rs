@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use saepipe::report::ProgressMode;
+use saepipe::util::progress::ProgressMode;
 
 /// From a Hugging Face language model to a Pareto sweep of sparse autoencoders.
 #[derive(Debug, Parser)]
@@ -150,20 +150,15 @@ pub fn run() -> Result<ExitCode> {
         Command::Run(args) => {
             let pipeline = args.load()?;
             let opts = args.hub_options(&pipeline);
-            let reporter = saepipe::report::reporter(cli.global.progress);
+            let reporter = saepipe::util::progress::reporter(cli.global.progress);
             let name = args.pipeline.display();
-            saepipe::capture::stage::run_stage(&pipeline, &opts, args.force, reporter.as_ref())
+            saepipe::pipeline::capture::run_stage(&pipeline, &opts, args.force, reporter.as_ref())
                 .with_context(|| format!("saepipe run {name}: capture"))?;
-            saepipe::sweep::train_stage::train_stage(
-                &pipeline,
-                None,
-                args.force,
-                reporter.as_ref(),
-            )
-            .with_context(|| format!("saepipe run {name}: train"))?;
-            saepipe::jsae::stage::jsae_stage(&pipeline, &opts, args.force, reporter.as_ref())
+            saepipe::pipeline::train::train_stage(&pipeline, None, args.force, reporter.as_ref())
+                .with_context(|| format!("saepipe run {name}: train"))?;
+            saepipe::pipeline::jsae::jsae_stage(&pipeline, &opts, args.force, reporter.as_ref())
                 .with_context(|| format!("saepipe run {name}: jsae"))?;
-            let table = saepipe::sweep::eval_stage::evaluate_stage(
+            let table = saepipe::pipeline::evaluate::evaluate_stage(
                 &pipeline,
                 &opts,
                 args.force,
@@ -184,9 +179,9 @@ pub fn run() -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let opts = args.hub_options(&pipeline);
-            let reporter = saepipe::report::reporter(cli.global.progress);
-            let m =
-                saepipe::hub::download(&pipeline, &opts, reporter.as_ref()).with_context(|| {
+            let reporter = saepipe::util::progress::reporter(cli.global.progress);
+            let m = saepipe::pipeline::download::download(&pipeline, &opts, reporter.as_ref())
+                .with_context(|| {
                     format!(
                         "downloading the model and dataset of {}",
                         args.pipeline.display()
@@ -195,7 +190,7 @@ pub fn run() -> Result<ExitCode> {
             tracing::info!(
                 model = %m.model.path.display(),
                 dataset_files = m.dataset.files.len(),
-                manifest = %pipeline.run_dir().join(saepipe::hub::MANIFEST_FILE).display(),
+                manifest = %pipeline.run_dir().join(saepipe::pipeline::download::MANIFEST_FILE).display(),
                 "download done"
             );
             Ok(ExitCode::SUCCESS)
@@ -203,10 +198,14 @@ pub fn run() -> Result<ExitCode> {
         Command::Capture(args) => {
             let pipeline = args.load()?;
             let opts = args.hub_options(&pipeline);
-            let reporter = saepipe::report::reporter(cli.global.progress);
-            let sums =
-                saepipe::capture::stage::run_stage(&pipeline, &opts, args.force, reporter.as_ref())
-                    .with_context(|| format!("saepipe capture {}", args.pipeline.display()))?;
+            let reporter = saepipe::util::progress::reporter(cli.global.progress);
+            let sums = saepipe::pipeline::capture::run_stage(
+                &pipeline,
+                &opts,
+                args.force,
+                reporter.as_ref(),
+            )
+            .with_context(|| format!("saepipe capture {}", args.pipeline.display()))?;
             for s in sums {
                 tracing::info!(
                     hookpoint = %s.hookpoint,
@@ -222,8 +221,8 @@ pub fn run() -> Result<ExitCode> {
         }
         Command::Train(args) => {
             let pipeline = args.pipeline.load()?;
-            let reporter = saepipe::report::reporter(cli.global.progress);
-            let n = saepipe::sweep::train_stage::train_stage(
+            let reporter = saepipe::util::progress::reporter(cli.global.progress);
+            let n = saepipe::pipeline::train::train_stage(
                 &pipeline,
                 args.point.as_deref(),
                 args.pipeline.force,
@@ -233,7 +232,7 @@ pub fn run() -> Result<ExitCode> {
             // The JSAE pairs of `[jsae]` train with the rest (they need the model's MLP).
             if args.point.is_none() {
                 let opts = args.pipeline.hub_options(&pipeline);
-                saepipe::jsae::stage::jsae_stage(
+                saepipe::pipeline::jsae::jsae_stage(
                     &pipeline,
                     &opts,
                     args.pipeline.force,
@@ -249,8 +248,8 @@ pub fn run() -> Result<ExitCode> {
         Command::Evaluate(args) => {
             let pipeline = args.load()?;
             let opts = args.hub_options(&pipeline);
-            let reporter = saepipe::report::reporter(cli.global.progress);
-            let table = saepipe::sweep::eval_stage::evaluate_stage(
+            let reporter = saepipe::util::progress::reporter(cli.global.progress);
+            let table = saepipe::pipeline::evaluate::evaluate_stage(
                 &pipeline,
                 &opts,
                 args.force,
@@ -261,21 +260,22 @@ pub fn run() -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Inspect { path } => {
-            print!("{}", saepipe::inspect::inspect(&path)?);
+            print!("{}", saepipe::tools::inspect::inspect(&path)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Trace(args) => trace(args),
         Command::Bench { what, args } => {
-            saepipe::bench::run(&what, &args).with_context(|| format!("saepipe bench {what}"))?;
+            saepipe::tools::bench::run(&what, &args)
+                .with_context(|| format!("saepipe bench {what}"))?;
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
-/// `saepipe trace`: parse the arguments into a [`saepipe::trace::TraceRequest`] and run it.
+/// `saepipe trace`: parse the arguments into a [`saepipe::tools::trace::TraceRequest`] and run it.
 fn trace(a: TraceArgs) -> Result<ExitCode> {
     use saepipe::models::ModelSource;
-    use saepipe::trace::{TraceInput, TraceRequest};
+    use saepipe::tools::trace::{TraceInput, TraceRequest};
     let source: ModelSource = a.model.parse()?;
     // Hub sources are resolved to a snapshot directory by the hub code (hubconfig); until
     // that is wired in here, load_source answers them with a clear error.
@@ -292,7 +292,7 @@ fn trace(a: TraceArgs) -> Result<ExitCode> {
         logits: a.logits,
         out: a.out,
     };
-    let summary = saepipe::trace::trace(&req, &saepipe::models::default_device())
+    let summary = saepipe::tools::trace::trace(&req, &saepipe::models::default_device())
         .with_context(|| format!("tracing {}", a.model))?;
     eprintln!(
         "wrote {} ({} tokens: {})",

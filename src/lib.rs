@@ -14,21 +14,29 @@
 //!
 //! The contract users see is `../shared/specs/pipeline.md`.
 
-pub mod bench;
+//! Layout, from the bottom up (a module imports only from lines above its own; the test
+//! `tests/layers.rs` keeps it so):
+//!
+//! | layer | modules | what |
+//! |---|---|---|
+//! | primitives | [`util`], [`kernels`] | errors, files, RNG, progress; dense and sparse f32 kernels |
+//! | things | [`models`], [`hub`], [`data`], [`store`], [`sae`] | hookable LMs, the hub, text → windows, Parquet activations, SAE variants |
+//! | processes | [`eval`], [`train`], [`capture`], [`jsae`], [`synthetic`] | metrics, the training engine, capture, Jacobian pairs, synthetic data |
+//! | wiring | [`config`], [`pipeline`] | the pipeline file; the stages of a run |
+//! | edges | [`tools`] (and the binary's `cli.rs`) | inspect, trace, bench |
+
 pub mod capture;
 pub mod config;
 pub mod data;
-pub mod error;
-pub mod fsutil;
+pub mod eval;
 pub mod hub;
-pub mod inspect;
 pub mod jsae;
-pub mod metrics;
+pub mod kernels;
 pub mod models;
-pub mod report;
-pub mod rng;
+pub mod pipeline;
 pub mod sae;
-pub mod sweep;
+pub mod store;
 pub mod synthetic;
-pub mod trace;
+pub mod tools;
 pub mod train;
+pub mod util;

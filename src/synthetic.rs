@@ -20,9 +20,9 @@
 
 use rayon::prelude::*;
 
-use crate::rng::Rng;
-use crate::sae::common::{dot, random_rows};
-use crate::train::{ActivationSource, DataError};
+use crate::kernels::{dot, random_rows};
+use crate::store::{ActivationSource, DataError};
+use crate::util::rng::Rng;
 
 /// Shape of the synthetic data.
 #[derive(Debug, Clone, PartialEq)]
@@ -141,7 +141,7 @@ impl SyntheticData {
             if j < self.n_bipolar && rng.uniform() < 0.5 {
                 c = -c;
             }
-            crate::sae::common::axpy(c, &self.dict[j * d..(j + 1) * d], row);
+            crate::kernels::axpy(c, &self.dict[j * d..(j + 1) * d], row);
             j += 1;
         }
         if self.cfg.noise > 0.0 {

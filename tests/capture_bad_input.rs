@@ -212,7 +212,7 @@ fn corrupt_or_foreign_shards_are_named() {
     }
 
     // The reader refuses another model / hookpoint, naming the key.
-    use saepipe::capture::reader::{ActivationSet, Expect};
+    use saepipe::store::reader::{ActivationSet, Expect};
     let e = ActivationSet::open(
         &set,
         &Expect {
@@ -261,7 +261,7 @@ fn corrupt_or_foreign_shards_are_named() {
     fails_with(&o, &["part-00001.parquet"]);
     let e = ActivationSet::open(&set.join("eval"), &Expect::default());
     assert!(e.is_ok(), "the eval set is untouched");
-    let e = saepipe::capture::reader::read_shard_meta(&p)
+    let e = saepipe::store::reader::read_shard_meta(&p)
         .unwrap_err()
         .to_string();
     assert!(e.contains("truncated or corrupt"), "{e}");

@@ -192,7 +192,7 @@ fn changed_config_is_refused_unless_forced() {
 
 #[test]
 fn captured_rows_equal_trace_of_the_same_window() {
-    use saepipe::capture::reader::{ActivationSet, Expect};
+    use saepipe::store::reader::{ActivationSet, Expect};
     let f = fixture(1500);
     let d = f.root.join("t");
     ok(&run(&args(&f, &d, 2048)));

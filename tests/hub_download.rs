@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use saepipe::config::ModelSource;
 use saepipe::hub::{self, HubError, HubOptions};
-use saepipe::report::Silent;
+use saepipe::models::ModelSource;
+use saepipe::util::progress::Silent;
 use sha2::{Digest, Sha256};
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
@@ -388,7 +388,7 @@ fn opts(hub: &FakeHub, cache: &Path, offline: bool) -> HubOptions {
 fn hub_src(repo: &str, rev: &str) -> ModelSource {
     ModelSource::Hub {
         repo: repo.into(),
-        revision: rev.into(),
+        revision: Some(rev.into()),
     }
 }
 
@@ -702,10 +702,13 @@ fn download_command_writes_a_manifest() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let pipeline = saepipe::config::load(root.join("pipelines/smoke.toml"), &sets).unwrap();
     let cache = tmp.path().join("hub");
-    let m = hub::download(&pipeline, &opts(&hub, &cache, false), &Silent).unwrap();
-    let path = data_dir.join("smoke").join(hub::MANIFEST_FILE);
+    let m = saepipe::pipeline::download::download(&pipeline, &opts(&hub, &cache, false), &Silent)
+        .unwrap();
+    let path = data_dir
+        .join("smoke")
+        .join(saepipe::pipeline::download::MANIFEST_FILE);
     assert!(path.is_file());
-    let back = hub::read_manifest(&data_dir.join("smoke")).unwrap();
+    let back = saepipe::pipeline::download::read_manifest(&data_dir.join("smoke")).unwrap();
     assert_eq!(back, m);
     assert_eq!(back.config_hash, pipeline.hash());
     assert_eq!(back.model.commit.as_deref(), Some(COMMIT));
@@ -778,7 +781,7 @@ type TaskState = Arc<Mutex<(u64, bool)>>;
 
 struct RecTask(TaskState);
 
-impl saepipe::report::Progress for RecTask {
+impl saepipe::util::progress::Progress for RecTask {
     fn advance(&self, n: u64) {
         self.0.lock().unwrap().0 += n;
     }
@@ -791,8 +794,8 @@ impl saepipe::report::Progress for RecTask {
     }
 }
 
-impl saepipe::report::Reporter for Recording {
-    fn start(&self, name: &str, total: Option<u64>) -> Box<dyn saepipe::report::Progress> {
+impl saepipe::util::progress::Reporter for Recording {
+    fn start(&self, name: &str, total: Option<u64>) -> Box<dyn saepipe::util::progress::Progress> {
         let state = Arc::new(Mutex::new((0, false)));
         self.0
             .lock()

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use saepipe::capture::{ActDtype, ActMeta, Rows, ShardWriter, WriterSettings};
+use saepipe::store::{ActDtype, ActMeta, Rows, ShardWriter, WriterSettings};
 
 fn meta(dtype: ActDtype) -> ActMeta {
     ActMeta {

@@ -2,11 +2,11 @@
 //! trainer: k-means finds well-separated clusters; k-means + local PCA recovers per-cluster
 //! planes (R² → 1 where k-means alone cannot); both evaluate identically after export.
 
-use saepipe::report::Silent;
-use saepipe::rng::Rng;
 use saepipe::sae::export::{save_saelens, ExportMeta, LoadedSae};
 use saepipe::sae::{kmeans, ArchConfig, Workspace};
 use saepipe::train::{InMemorySource, TrainConfig, Trainer};
+use saepipe::util::progress::Silent;
+use saepipe::util::rng::Rng;
 
 const D: usize = 8;
 

@@ -9,13 +9,13 @@
 //! ReLU λ = 1:  8k tokens R² 0.56 at L0 75 (Adam) vs 0.92 at L0 64 (PAM); 32k 0.89 at L0 35
 //! vs 0.87 at L0 19. The assertions are those measured facts, with margin.
 
-use saepipe::report::Silent;
 use saepipe::sae::{gated, relu_l1, ArchConfig, Param};
 use saepipe::synthetic::SyntheticConfig;
 use saepipe::train::pam::PamConfig;
 use saepipe::train::{InMemorySource, Optimizer, TrainConfig, Trainer};
+use saepipe::util::progress::Silent;
 
-use saepipe::bench::pam::{fit, topk_arch, FitSpec};
+use saepipe::tools::bench::pam::{fit, topk_arch, FitSpec};
 
 fn spec(arch: ArchConfig, opt: Optimizer, tokens: u64, seed: u64) -> FitSpec {
     FitSpec {

@@ -15,10 +15,10 @@
 //! no more dead ones. The test asserts what was measured: recovery within 0.03 of Gated's on
 //! both scores, a dead fraction no higher than Gated's, and signed latents.
 
-use saepipe::report::Silent;
 use saepipe::sae::{gated, sa_gsae, ArchConfig, Param, Workspace};
 use saepipe::synthetic::{mmcs, SyntheticConfig, SyntheticData};
 use saepipe::train::{InMemorySource, TrainConfig, Trainer};
+use saepipe::util::progress::Silent;
 
 const D: usize = 32;
 const N_FEATURES: usize = 64;
@@ -52,7 +52,7 @@ fn train(arch: &ArchConfig, width: usize, synth: &SyntheticData) -> Scores {
     let x: Vec<f32> = synth.sample(n, 77).iter().map(|v| v * t.scale()).collect();
     let mut ws = Workspace::default();
     t.sae().encode(&x, n, &mut ws).unwrap();
-    let mut stats = saepipe::metrics::SparsityStats::new(width);
+    let mut stats = saepipe::eval::SparsityStats::new(width);
     stats.update(&ws.codes);
     let neg: Vec<bool> = stats.negative_fires().iter().map(|&c| c > 0).collect();
     let pos: Vec<bool> = stats

@@ -1,10 +1,10 @@
 //! SAE conformance suite (STYLE.md §2.9 item 4): every variant from `ArchConfig::examples()`
 //! gets the same checks, so a new variant is tested by adding it to `examples()`.
 
-use saepipe::report::Silent;
 use saepipe::sae::{ArchConfig, Param, Workspace};
 use saepipe::synthetic::{SyntheticConfig, SyntheticData};
 use saepipe::train::{BDecInit, InMemorySource, TrainConfig, TrainError, Trainer};
+use saepipe::util::progress::Silent;
 
 const D: usize = 16;
 const F: usize = 48;

@@ -6,11 +6,11 @@
 //! raw inputs `x`, our dense codes `feats` and reconstructions `recon`; the script
 //! `tests/interop/check_saelens.py` loads them with SAELens and compares.
 
-use saepipe::report::Silent;
 use saepipe::sae::export::{ExportMeta, LoadedSae};
 use saepipe::sae::{ArchConfig, Workspace};
 use saepipe::synthetic::{SyntheticConfig, SyntheticData};
 use saepipe::train::{InMemorySource, TrainConfig, Trainer};
+use saepipe::util::progress::Silent;
 
 const D: usize = 16;
 const F: usize = 48;

@@ -2,8 +2,8 @@
 //! against a naive reference.
 
 use proptest::prelude::*;
-use saepipe::metrics::{Metrics, ReconStats};
-use saepipe::sae::common::{self, topk_naive, topk_select, Codes};
+use saepipe::eval::{Metrics, ReconStats};
+use saepipe::kernels::{self, topk_naive, topk_select, Codes};
 use saepipe::sae::{topk, ArchConfig, Workspace};
 
 fn sorted(mut v: Vec<(u32, f32)>) -> Vec<(u32, u32)> {
@@ -37,7 +37,7 @@ proptest! {
     fn topk_l0_at_most_k(seed in 0u64..1000, k in 1usize..12, n in 1usize..40) {
         let (d, f) = (8, 24);
         let sae = ArchConfig::TopK(topk::Config { k, ..Default::default() }).build(d, f, seed).unwrap();
-        let mut rng = saepipe::rng::Rng::new(seed);
+        let mut rng = saepipe::util::rng::Rng::new(seed);
         let x: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32 * 3.0).collect();
         let mut ws = Workspace::default();
         sae.encode(&x, n, &mut ws).unwrap();
@@ -50,7 +50,7 @@ proptest! {
     #[test]
     fn sparse_decode_equals_dense_matmul(seed in 0u64..1000, density in 0.0f64..0.6) {
         let (n, d, f) = (30, 7, 20);
-        let mut rng = saepipe::rng::Rng::new(seed);
+        let mut rng = saepipe::util::rng::Rng::new(seed);
         let w: Vec<f32> = (0..f * d).map(|_| rng.normal() as f32).collect();
         let bias: Vec<f32> = (0..d).map(|_| rng.normal() as f32).collect();
         let mut codes = Codes::default();
@@ -66,7 +66,7 @@ proptest! {
         }
         let mut ws = Workspace::default();
         let mut out = Vec::new();
-        common::decode(&mut ws.scratch, &codes, &w, d, f, Some(&bias), &mut out);
+        kernels::decode(&mut ws.scratch, &codes, &w, d, f, Some(&bias), &mut out);
         let dense = codes.to_dense(f);
         for b in 0..n {
             for j in 0..d {
@@ -81,7 +81,7 @@ proptest! {
     #[test]
     fn streaming_metrics_split_invariant(seed in 0u64..1000, cuts in prop::collection::vec(1usize..50, 1..6)) {
         let (n, d, f) = (60, 5, 12);
-        let mut rng = saepipe::rng::Rng::new(seed);
+        let mut rng = saepipe::util::rng::Rng::new(seed);
         let x: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32 * 2.0 + 1.0).collect();
         let r: Vec<f32> = x.iter().map(|v| v + 0.3 * rng.normal() as f32).collect();
         let mut codes = Codes::default();

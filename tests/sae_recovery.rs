@@ -5,10 +5,10 @@
 //! Claim checked: mean max cosine similarity (MMCS) of the true features with the learned
 //! decoder rows is >= 0.9.
 
-use saepipe::report::Silent;
 use saepipe::sae::{topk, ArchConfig, Param};
 use saepipe::synthetic::{mmcs, SyntheticConfig, SyntheticData};
 use saepipe::train::{InMemorySource, TrainConfig, Trainer};
+use saepipe::util::progress::Silent;
 
 #[test]
 fn topk_recovers_sparse_ground_truth() {

@@ -18,12 +18,6 @@
 //! size, dtype, writer settings, exclusion policy) and not the other hookpoints, so adding
 //! a hookpoint to a pipeline does not invalidate the ones already captured.
 
-pub mod manifest;
-pub mod reader;
-pub mod schema;
-pub mod stage;
-pub mod writer;
-
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -42,50 +36,20 @@ use crate::data::{
     special_token_ids, tokenizer_sha256, DataError, DocSplit, PackSpec, SpecialIds, Split,
     TextSource, Window, WindowStream,
 };
-use crate::error::{ensure_finite, NumericError};
 use crate::models::{HookedModel, Hookpoint, HookpointError, Recorder};
-use crate::report::Reporter;
-pub use manifest::{shard_name, Manifest, ShardInfo, MANIFEST};
-pub use schema::{ActDtype, ActMeta};
-pub use writer::{ActCompression, Rows, ShardWriter, WriterSettings};
+use crate::store::{
+    bytes_per_token, human_bytes, manifest, reader, set_dir, shard_name, ActDtype, ActMeta,
+    Manifest, Rows, ShardInfo, ShardWriter, StoreError, WriterSettings, MANIFEST,
+};
+use crate::util::error::{ensure_finite, NumericError};
+use crate::util::progress::Reporter;
 
-/// Why a capture (or reading its output) failed.
+/// Why a capture failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
-    /// File system error on `path`.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file or folder.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// Parquet/Arrow error on `path`.
-    #[error("{path}: {msg}")]
-    Parquet {
-        /// The file.
-        path: PathBuf,
-        /// The library's message.
-        msg: String,
-    },
-    /// A manifest that cannot be read.
-    #[error("{path}: unreadable manifest ({msg}); delete it and re-run capture with --force")]
-    BadManifest {
-        /// The manifest file.
-        path: PathBuf,
-        /// What is wrong.
-        msg: String,
-    },
-    /// Existing output was made with a different config.
-    #[error("{path} was captured with config hash {found}, but this config hashes to {expected}; refusing to mix outputs: re-run with --force to overwrite it, or change run.name")]
-    ConfigChanged {
-        /// The file or folder holding the other capture.
-        path: PathBuf,
-        /// Its config hash.
-        found: String,
-        /// Ours.
-        expected: String,
-    },
+    /// Reading or writing the activation store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
     /// The corpus ran out before the budget was reached.
     #[error("the corpus ({source_desc}) yields only {have} {split} tokens after packing and exclusions, but the budget asks for {need}; lower data.n_tokens / data.eval_tokens or add text")]
     CorpusTooSmall {
@@ -97,28 +61,6 @@ pub enum CaptureError {
         need: u64,
         /// The dataset description.
         source_desc: String,
-    },
-    /// A shard's metadata disagrees with what the reader expects.
-    #[error(
-        "{path}: {key} is {found}, expected {expected}; this shard belongs to another capture"
-    )]
-    SchemaMismatch {
-        /// The shard.
-        path: PathBuf,
-        /// The metadata key (hookpoint, d_model, model_revision, …).
-        key: String,
-        /// What the caller expects.
-        expected: String,
-        /// What the file says.
-        found: String,
-    },
-    /// A file that is not an activation shard, or is damaged.
-    #[error("{path}: not a readable activation shard ({msg}); it may be truncated or corrupt: delete it and re-run capture")]
-    Corrupt {
-        /// The file.
-        path: PathBuf,
-        /// What went wrong.
-        msg: String,
     },
     /// An invalid capture request.
     #[error("invalid capture settings: {0}")]
@@ -139,16 +81,7 @@ pub enum CaptureError {
 
 impl CaptureError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        CaptureError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
-    }
-    pub(crate) fn parquet(path: &Path, e: impl std::fmt::Display) -> Self {
-        CaptureError::Parquet {
-            path: path.to_path_buf(),
-            msg: e.to_string(),
-        }
+        StoreError::io(path, source).into()
     }
 }
 
@@ -223,32 +156,6 @@ pub struct SetSummary {
     pub bytes: u64,
     /// It was already complete; nothing was done.
     pub skipped: bool,
-}
-
-/// The folder of one activation set.
-pub fn set_dir(out_dir: &Path, hp: Hookpoint, split: Split) -> PathBuf {
-    let d = out_dir.join(hp.to_string());
-    match split {
-        Split::Train => d,
-        Split::Eval => d.join("eval"),
-    }
-}
-
-/// Rough bytes per captured token on disk for `d_model` and `dtype` (no compression).
-pub fn bytes_per_token(d_model: usize, dtype: ActDtype) -> u64 {
-    (d_model * dtype.size() + 16) as u64
-}
-
-/// Human-readable byte count.
-pub fn human_bytes(b: u64) -> String {
-    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < units.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    format!("{v:.1} {}", units[u])
 }
 
 struct SetState {
@@ -403,7 +310,7 @@ fn prepare_set(
             tracing::warn!("{e}; overwriting (--force)");
             None
         }
-        Err(e) => return Err(e),
+        Err(e) => return Err(e.into()),
     };
     if let Some(m) = manifest {
         if m.meta.config_hash == state.meta.config_hash {
@@ -412,11 +319,12 @@ fn prepare_set(
             return Ok(state);
         }
         if !force {
-            return Err(CaptureError::ConfigChanged {
+            return Err(StoreError::ConfigChanged {
                 path: dir.join(MANIFEST),
                 found: m.meta.config_hash,
                 expected: state.meta.config_hash.clone(),
-            });
+            }
+            .into());
         }
         clear_set(&dir)?;
         return Ok(state);
@@ -430,11 +338,12 @@ fn prepare_set(
                 state.existing.insert(i, (rows, bytes));
             }
             Ok((meta, _)) if !force => {
-                return Err(CaptureError::ConfigChanged {
+                return Err(StoreError::ConfigChanged {
                     path,
                     found: meta.config_hash,
                     expected: state.meta.config_hash.clone(),
-                })
+                }
+                .into())
             }
             Ok(_) => {
                 clear_set(&dir)?;

@@ -2,12 +2,12 @@
 
 use std::path::Path;
 
-use super::reader::{ActivationSet, Expect, ShuffleConfig, ShuffleReader};
 use super::toy::{toy_corpus, toy_tokenizer, Toy};
 use super::*;
 use crate::data::{DocSplit, PackSpec, TextSource};
 use crate::models::{Recorder, Site};
-use crate::report::Silent;
+use crate::store::reader::{ActivationSet, Expect, ShuffleConfig, ShuffleReader};
+use crate::util::progress::Silent;
 
 fn spec(dir: &Path, corpus: &Path) -> CaptureSpec {
     CaptureSpec {
@@ -230,7 +230,7 @@ fn reader_names_mismatch_and_corruption() {
     )
     .unwrap_err();
     assert!(
-        matches!(&e, CaptureError::SchemaMismatch { key, .. } if key == "hookpoint"),
+        matches!(&e, StoreError::SchemaMismatch { key, .. } if key == "hookpoint"),
         "{e}"
     );
     let e = ActivationSet::open(
@@ -266,7 +266,7 @@ fn reader_names_mismatch_and_corruption() {
     std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
     let e = super::reader::read_shard_meta(&p).unwrap_err();
     assert!(
-        matches!(e, CaptureError::Corrupt { .. }) && e.to_string().contains("part-00001"),
+        matches!(e, StoreError::Corrupt { .. }) && e.to_string().contains("part-00001"),
         "{e}"
     );
 }
@@ -317,7 +317,7 @@ fn shuffle_serves_every_row_once_seeded_and_resumable() {
 
 #[test]
 fn parquet_source_feeds_the_trainer_and_seeks_exactly() {
-    use crate::train::ActivationSource;
+    use crate::store::ActivationSource;
     let (d, c) = setup();
     let model = Toy::new(104, 6, 3);
     let s = spec(d.path(), &c);

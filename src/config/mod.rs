@@ -30,7 +30,6 @@ pub use arch::ArchConfig;
 pub use parse::Problem;
 pub use schema::*;
 pub use sweep::Point;
-pub use validate::ModelSource;
 
 /// File name of the resolved config in a run folder.
 pub const RESOLVED_FILE: &str = "config.resolved.toml";
@@ -175,7 +174,7 @@ impl Pipeline {
     }
 
     /// The parsed model source.
-    pub fn model_source(&self) -> ModelSource {
+    pub fn model_source(&self) -> crate::models::ModelSource {
         validate::model_source(&self.config.model)
             .expect("invariant: load() validated model.source")
     }
@@ -184,7 +183,7 @@ impl Pipeline {
     pub fn write_resolved(&self, dir: &Path) -> Result<(), ConfigError> {
         let write = |name: &str, text: &str| {
             let p = dir.join(name);
-            crate::fsutil::atomic_write(&p, text.as_bytes())
+            crate::util::fs::atomic_write(&p, text.as_bytes())
                 .map_err(|source| ConfigError::Write { path: p, source })
         };
         let header = format!(

@@ -7,36 +7,12 @@
 //! before `saepipe download` or on another machine); `hub::resolve_*` checks them.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 
 use toml::{Table, Value};
 
 use super::parse::{self, join, suggest, Problems};
 use super::schema::*;
-use crate::models::Hookpoint;
-
-/// Where the model comes from, parsed from `model.source` (+ `model.revision`).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum ModelSource {
-    /// A Hugging Face hub repo at a pinned revision.
-    Hub {
-        /// `org/name`.
-        repo: String,
-        /// Commit sha or tag.
-        revision: String,
-    },
-    /// A local folder in Hugging Face layout.
-    Local {
-        /// The folder.
-        dir: PathBuf,
-    },
-    /// A llama-family GGUF file.
-    Gguf {
-        /// The file.
-        file: PathBuf,
-    },
-}
+use crate::models::{Hookpoint, ModelSource};
 
 const SECTIONS: [&str; 10] = [
     "run",
@@ -100,7 +76,7 @@ pub fn model_source(m: &ModelConfig) -> Result<ModelSource, (&'static str, Strin
         pinned_revision(m.revision.as_deref(), s, "model").map_err(|e| ("model.revision", e))?;
     Ok(ModelSource::Hub {
         repo: s.to_string(),
-        revision,
+        revision: Some(revision),
     })
 }
 
@@ -618,7 +594,7 @@ mod tests {
             model_source(&m("EleutherAI/pythia-70m", Some("abc123"))),
             Ok(ModelSource::Hub {
                 repo: "EleutherAI/pythia-70m".into(),
-                revision: "abc123".into()
+                revision: Some("abc123".into())
             })
         );
         assert_eq!(

@@ -9,9 +9,11 @@
 //!
 //! Everything is a lazy iterator: the corpus's tokens are never held in memory at once.
 
+pub mod config;
 pub mod pack;
 pub mod source;
 
+pub use config::DataConfig;
 pub use pack::{
     special_token_ids, tokenizer_sha256, DocSplit, PackSpec, Packing, Separator, SpecialIds, Split,
     Window, WindowStream,

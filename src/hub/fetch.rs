@@ -8,7 +8,7 @@ use hf_hub::api::sync::{Api, ApiError};
 
 use super::cache::{self, CachedRepo, RepoKind};
 use super::{HubError, HubOptions};
-use crate::report::{Progress, Reporter};
+use crate::util::progress::{Progress, Reporter};
 
 /// Fetches files of one repo at one revision: cache first, then (unless offline) the hub.
 pub(super) struct Fetcher<'a> {

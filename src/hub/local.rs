@@ -7,7 +7,7 @@ use super::{
     HubError, ResolvedDataset, ResolvedModel, CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE,
     WEIGHTS_FILE, WEIGHTS_INDEX_FILE,
 };
-use crate::config::DataConfig;
+use crate::data::DataConfig;
 
 pub(super) fn resolve_local_dir(dir: &Path) -> Result<ResolvedModel, HubError> {
     let err = |message: String| HubError::LocalModel {

@@ -1,7 +1,7 @@
 //! Resolve model and dataset sources to local paths: hub repos through `hf-hub` (pinned
 //! revisions, the standard cache, offline mode), `local:<dir>` and `gguf:<file>` checked
 //! and passed through. Implements `../shared/specs/pipeline.md` §1 (`saepipe download`),
-//! §2 and §5; STYLE.md §2.5 (download progress through [`crate::report`]).
+//! §2 and §5; STYLE.md §2.5 (download progress through [`crate::util::progress`]).
 //!
 //! The protocol is hf-hub 0.4.3's (sync, ureq): for each file a `GET
 //! {endpoint}/{repo}/resolve/{revision}/{file}` with `Range: bytes=0-0` (redirects not
@@ -22,7 +22,6 @@
 pub mod cache;
 mod fetch;
 mod local;
-mod manifest;
 
 use std::path::PathBuf;
 
@@ -33,10 +32,10 @@ pub use local::shard_names;
 use local::{resolve_local_data, resolve_local_dir};
 
 pub use cache::{default_cache_dir, CachedRepo, RepoKind};
-pub use manifest::{download, read_manifest, DownloadManifest, MANIFEST_FILE};
 
-use crate::config::{DataConfig, ModelSource};
-use crate::report::Reporter;
+use crate::data::DataConfig;
+use crate::models::ModelSource;
+use crate::util::progress::Reporter;
 
 /// Files of a Hugging Face model folder that the loaders need.
 pub const CONFIG_FILE: &str = "config.json";
@@ -56,6 +55,12 @@ const FIX_OFFLINE: &str =
 /// and the fix.
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
+    /// A hub model source without a revision.
+    #[error("model repo {repo} has no pinned revision; write it as {repo}@<commit sha or tag> (or set model.revision in the pipeline file)")]
+    Unpinned {
+        /// `org/name`.
+        repo: String,
+    },
     /// Offline, and a needed file is not in the cache.
     #[error("offline: {kind} repo {repo} at revision {revision}: {file} is not in the hub cache {cache}; {FIX_OFFLINE}", cache = cache.display())]
     NotCached {
@@ -243,6 +248,9 @@ pub fn resolve_model(
             })
         }
         ModelSource::Hub { repo, revision } => {
+            let Some(revision) = revision else {
+                return Err(HubError::Unpinned { repo: repo.clone() });
+            };
             let f = Fetcher::new(opts, RepoKind::Model, repo, revision, reporter)?;
             let mut files = vec![f.get(CONFIG_FILE)?, f.get(TOKENIZER_FILE)?];
             if let Some(p) = f.get_optional(TOKENIZER_CONFIG_FILE)? {

@@ -26,8 +26,8 @@
 
 use rayon::prelude::*;
 
+use crate::kernels::{self as c, Codes};
 use crate::models::MlpWeights;
-use crate::sae::common::{self as c, Codes};
 
 /// Tokens per Jacobian chunk.
 pub const TOKEN_CHUNK: usize = 128;
@@ -443,7 +443,7 @@ where
 mod tests {
     use super::*;
     use crate::models::{MlpAct, MlpKind};
-    use crate::rng::Rng;
+    use crate::util::rng::Rng;
 
     fn randv(rng: &mut Rng, n: usize, s: f32) -> Vec<f32> {
         (0..n).map(|_| rng.normal() as f32 * s).collect()

@@ -6,12 +6,11 @@
 //! 1. [`crate::models::MlpWeights`]: the block's MLP as f32 matrices (GELU or SwiGLU);
 //! 2. [`jacobian`]: the exact active `k×k` block per token and the penalty's gradient;
 //! 3. [`pair`]: the pair, its training step (hand-written gradients, Adam) and metrics;
-//! 4. [`stage`]: the `[jsae]` pipeline stage (train JSAE and plain pairs, evaluate, CE with
+//! 4. `crate::pipeline::jsae`: the `[jsae]` pipeline stage (train JSAE and plain pairs, evaluate, CE with
 //!    both SAEs spliced in, rows in `metrics.parquet`).
 
 pub mod jacobian;
 pub mod pair;
-pub mod stage;
 
 pub use jacobian::{JacStats, JacTables, THRESHOLDS};
 pub use pair::{JacAt, JsaePair, PairConfig, PairError, PairEval, PairStep};

@@ -27,13 +27,13 @@
 use serde::{Deserialize, Serialize};
 
 use super::jacobian::{self, JacGrads, JacStats, JacTables};
-use crate::metrics::{ReconStats, SparsityStats};
+use crate::eval::{ReconStats, SparsityStats};
+use crate::kernels as c;
 use crate::models::MlpWeights;
-use crate::rng::Rng;
-use crate::sae::common as c;
 use crate::sae::topk::{self, TopK, B_DEC, W_DEC, W_ENC};
 use crate::sae::{Sae, SaeError, StepInput, Workspace};
 use crate::train::optim::{self, Adam};
+use crate::util::rng::Rng;
 
 /// Where the MLP gains of the Jacobian are evaluated (spec §1.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

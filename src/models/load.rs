@@ -22,16 +22,26 @@ use super::HookedModel;
 
 /// Where a model comes from (pipeline.md §2, `model.repo`).
 #[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Parsed from `model.source` (+ `model.revision`) by the config, or from `--model` by the
+/// tools; the hub stage turns a `Hub` source into a local snapshot folder.
 pub enum ModelSource {
     /// A Hugging Face layout directory.
-    Local(PathBuf),
+    Local {
+        /// The folder.
+        dir: PathBuf,
+    },
     /// A llama-family GGUF file.
-    Gguf(PathBuf),
-    /// A hub repository, optionally pinned: `org/name[@revision]`.
+    Gguf {
+        /// The file.
+        file: PathBuf,
+    },
+    /// A hub repository, optionally pinned: `org/name[@revision]`. Pipelines always pin it
+    /// (the config refuses moving branches).
     Hub {
         /// `org/name`.
         repo: String,
-        /// Branch, tag or commit.
+        /// Commit sha or tag.
         revision: Option<String>,
     },
 }
@@ -43,13 +53,17 @@ impl FromStr for ModelSource {
             if dir.is_empty() {
                 return Err(ModelError::BadSource(s.to_string()));
             }
-            return Ok(ModelSource::Local(PathBuf::from(dir)));
+            return Ok(ModelSource::Local {
+                dir: PathBuf::from(dir),
+            });
         }
         if let Some(file) = s.strip_prefix("gguf:") {
             if file.is_empty() {
                 return Err(ModelError::BadSource(s.to_string()));
             }
-            return Ok(ModelSource::Gguf(PathBuf::from(file)));
+            return Ok(ModelSource::Gguf {
+                file: PathBuf::from(file),
+            });
         }
         let (repo, revision) = match s.split_once('@') {
             Some((r, rev)) if !rev.is_empty() => (r, Some(rev.to_string())),
@@ -71,8 +85,8 @@ impl FromStr for ModelSource {
 impl std::fmt::Display for ModelSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ModelSource::Local(p) => write!(f, "local:{}", p.display()),
-            ModelSource::Gguf(p) => write!(f, "gguf:{}", p.display()),
+            ModelSource::Local { dir } => write!(f, "local:{}", dir.display()),
+            ModelSource::Gguf { file } => write!(f, "gguf:{}", file.display()),
             ModelSource::Hub {
                 repo,
                 revision: Some(r),
@@ -137,8 +151,8 @@ pub fn load_source_with(
     random_init: Option<u64>,
 ) -> Result<LoadedModel, ModelError> {
     match source {
-        ModelSource::Local(dir) => load_dir_with(dir, device, random_init),
-        ModelSource::Gguf(file) => load_gguf_with(file, device, random_init),
+        ModelSource::Local { dir } => load_dir_with(dir, device, random_init),
+        ModelSource::Gguf { file } => load_gguf_with(file, device, random_init),
         ModelSource::Hub { .. } => Err(ModelError::HubSource {
             repo: source.to_string(),
         }),
@@ -265,11 +279,13 @@ mod tests {
     fn parses_sources() {
         assert_eq!(
             "local:/m".parse::<ModelSource>().unwrap(),
-            ModelSource::Local("/m".into())
+            ModelSource::Local { dir: "/m".into() }
         );
         assert_eq!(
             "gguf:a.gguf".parse::<ModelSource>().unwrap(),
-            ModelSource::Gguf("a.gguf".into())
+            ModelSource::Gguf {
+                file: "a.gguf".into()
+            }
         );
         assert_eq!(
             "EleutherAI/pythia-70m@abc".parse::<ModelSource>().unwrap(),

@@ -236,7 +236,7 @@ impl MlpWeights {
     fn pre(&self, p: usize, x: &[f32], out: &mut [f32]) {
         let (d, w, b) = (self.d, &self.w_in[p], &self.b_in[p]);
         for (c, o) in out.iter_mut().enumerate() {
-            *o = crate::sae::common::dot(&w[c * d..(c + 1) * d], x) + b[c];
+            *o = crate::kernels::dot(&w[c * d..(c + 1) * d], x) + b[c];
         }
     }
 
@@ -256,7 +256,7 @@ impl MlpWeights {
             }
         }
         for (j, o) in y.iter_mut().enumerate() {
-            *o = crate::sae::common::dot(&self.w_out[j * h..(j + 1) * h], a) + self.b_out[j];
+            *o = crate::kernels::dot(&self.w_out[j * h..(j + 1) * h], a) + self.b_out[j];
         }
     }
 

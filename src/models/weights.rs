@@ -128,7 +128,7 @@ impl Weights {
             let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
                 (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
             });
-            let mut rng = crate::rng::Rng::new(seed ^ h);
+            let mut rng = crate::util::rng::Rng::new(seed ^ h);
             (0..n).map(|_| rng.normal() as f32 * std).collect()
         };
         Tensor::from_vec(data, shape, &self.device).map_err(ModelError::candle(&self.origin))

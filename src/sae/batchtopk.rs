@@ -16,14 +16,14 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::common::{self as c, Workspace};
 use super::topk::{
     dead_list, push_aux, topk_backward, topk_export, topk_params, B_DEC, B_ENC, W_ENC,
 };
 use super::{
     check_width, ArchConfig, ExportParts, Fold, Param, Sae, SaeError, StepInput, StepOutput,
 };
-use crate::rng::Rng;
+use crate::kernels::{self as c, Workspace};
+use crate::util::rng::Rng;
 
 /// Variant name.
 pub const ARCH: &str = "batchtopk";

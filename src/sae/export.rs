@@ -27,9 +27,9 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, TensorView};
 
-use super::common::{self as c, Codes, Workspace};
 use super::{Fold, Sae};
-use crate::fsutil;
+use crate::kernels::{self as c, Codes, Workspace};
+use crate::util::fs as fsutil;
 
 /// SAELens config file name.
 pub const CFG_FILE: &str = "cfg.json";

@@ -43,11 +43,11 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::common::{self as c, Workspace};
 use super::{
     check_width, ArchConfig, ExportParts, Fold, Param, Sae, SaeError, StepInput, StepOutput,
 };
-use crate::rng::Rng;
+use crate::kernels::{self as c, Workspace};
+use crate::util::rng::Rng;
 
 /// Variant name of the k-means autoencoder.
 pub const ARCH: &str = "kmeans";

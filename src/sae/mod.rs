@@ -1,7 +1,7 @@
 //! Sparse-autoencoder variants behind one trait (STYLE.md §2.3; sae_variants.md §2–6).
 //!
 //! Every variant is one file with its `Config`, its struct and `impl Sae`. The trainer,
-//! metrics and I/O only see [`Sae`], [`Param`] and [`common::Codes`]. Adding a variant
+//! metrics and I/O only see [`Sae`], [`Param`] and [`crate::kernels::Codes`]. Adding a variant
 //! means one file plus one `mod` line, one [`ArchConfig`] arm, one `build` arm and one
 //! `examples` entry.
 //!
@@ -13,7 +13,6 @@
 //! vectors, and [`ExportParts`] lists per-latent tensors with how they fold.
 
 pub mod batchtopk;
-pub mod common;
 pub mod export;
 pub mod gated;
 pub mod jumprelu;
@@ -24,7 +23,7 @@ pub mod topk;
 
 use serde::{Deserialize, Serialize};
 
-pub use common::{Codes, Workspace};
+pub use crate::kernels::{Codes, Workspace};
 
 /// Errors from building or running an SAE.
 #[derive(Debug, thiserror::Error)]
@@ -203,7 +202,7 @@ pub trait Sae: Send + Sync {
         let b = &param(p, "b_dec")
             .expect("invariant: every variant has b_dec")
             .data;
-        common::decode(&mut ws.scratch, codes, w, d, f, Some(b), out);
+        crate::kernels::decode(&mut ws.scratch, codes, w, d, f, Some(b), out);
     }
 
     /// Check invariants that must hold after every update: finite values and unit-norm
@@ -216,7 +215,7 @@ pub trait Sae: Send + Sync {
             }
             if p.unit_rows {
                 for (r, row) in p.data.chunks(d).enumerate() {
-                    let n = common::dot(row, row).sqrt();
+                    let n = crate::kernels::dot(row, row).sqrt();
                     if (n - 1.0).abs() > 1e-4 {
                         return Err(format!("{} row {r} has norm {n}", p.name));
                     }
@@ -304,7 +303,7 @@ impl ArchConfig {
                 msg: format!("d_in = {d_in} and d_sae = {d_sae} must both be positive"),
             });
         }
-        let mut rng = crate::rng::Rng::new(seed);
+        let mut rng = crate::util::rng::Rng::new(seed);
         Ok(match self {
             ArchConfig::ReluL1(c) => {
                 Box::new(relu_l1::ReluL1::new(c.clone(), d_in, d_sae, &mut rng)?)

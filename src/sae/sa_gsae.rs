@@ -69,11 +69,11 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::common::{self as c, Codes, TaskBuf, Workspace};
 use super::{
     check_width, ArchConfig, ExportParts, Fold, Param, Sae, SaeError, StepInput, StepOutput,
 };
-use crate::rng::Rng;
+use crate::kernels::{self as c, Codes, TaskBuf, Workspace};
+use crate::util::rng::Rng;
 
 /// Variant name.
 pub const ARCH: &str = "sa_gsae";

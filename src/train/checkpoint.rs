@@ -25,7 +25,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 
 use super::TrainError;
-use crate::fsutil;
+use crate::util::fs as fsutil;
 
 /// Checkpoint format tag.
 pub const FORMAT: &str = "saepipe-checkpoint-1";

@@ -18,7 +18,6 @@
 //! Decision: the LR warmup is capped at 10% of the run, so short runs are not all warmup.
 
 pub mod checkpoint;
-pub mod data;
 pub mod optim;
 pub mod pam;
 
@@ -27,14 +26,14 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::error::{ensure_finite, NumericError};
-use crate::report::Reporter;
-use crate::rng::Rng;
-use crate::sae::common::{self, Workspace};
+use crate::kernels::{self, Workspace};
 use crate::sae::export::{self, ExportError, ExportMeta, Folded};
 use crate::sae::{ArchConfig, Sae, SaeError, StepInput};
+pub use crate::store::{ActivationSource, DataError, InMemorySource};
+use crate::util::error::{ensure_finite, NumericError};
+use crate::util::progress::Reporter;
+use crate::util::rng::Rng;
 pub use checkpoint::TrainLog;
-pub use data::{ActivationSource, DataError, InMemorySource};
 use optim::Adam;
 
 /// Checkpoint file name inside the output directory.
@@ -439,7 +438,7 @@ impl Trainer {
         })?;
         let mean_norm = init
             .chunks(d)
-            .map(|r| (common::dot(r, r) as f64).sqrt())
+            .map(|r| (kernels::dot(r, r) as f64).sqrt())
             .sum::<f64>()
             / (init.len() / d) as f64;
         if mean_norm == 0.0 {
@@ -736,7 +735,7 @@ impl Trainer {
         let n = self.cfg.batch_tokens;
         // 2. zero grads, dead mask
         for g in &mut self.grads {
-            common::zero(g);
+            kernels::zero(g);
         }
         for (dd, &c) in self.dead.iter_mut().zip(&self.tsf) {
             *dd = c > self.cfg.dead_after_tokens;
@@ -757,8 +756,8 @@ impl Trainer {
         // 3b. PAM-SGD: the decoder is frozen during the encoder step, which gets the
         //     proximal term towards its anchor.
         if let Some(pr) = &self.pam {
-            common::zero(&mut self.grads[pr.w_dec]);
-            common::zero(&mut self.grads[pr.b_dec]);
+            kernels::zero(&mut self.grads[pr.w_dec]);
+            kernels::zero(&mut self.grads[pr.b_dec]);
             let params = self.sae.params();
             pr.state.add_prox_grads(&pr.cfg, params, &mut self.grads);
             let prox = pr.state.prox_loss(&pr.cfg, params);
@@ -775,7 +774,7 @@ impl Trainer {
             let params = self.sae.params();
             for (p, g) in params.iter().zip(self.grads.iter_mut()) {
                 if p.unit_rows {
-                    common::project_rows(g, &p.data, d);
+                    kernels::project_rows(g, &p.data, d);
                 }
             }
             if let Some(clip) = self.cfg.grad_clip {
@@ -817,7 +816,7 @@ impl Trainer {
                 &mut self.v[i],
             );
             if p.unit_rows {
-                common::normalize_rows(&mut p.data, d);
+                kernels::normalize_rows(&mut p.data, d);
             }
         }
         // 5b. PAM-SGD: statistics of this batch's codes; the decoder solve closes an outer

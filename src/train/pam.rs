@@ -37,7 +37,7 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::sae::common::{self, Codes, Scratch, CHUNK, DENSE_FALLBACK};
+use crate::kernels::{self, Codes, Scratch, CHUNK, DENSE_FALLBACK};
 
 /// PAM-SGD hyperparameters (the Adam ones of the encoder step are the trainer's).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -237,8 +237,8 @@ impl PamState {
         // G
         let density = codes.nnz() as f64 / (n * m).max(1) as f64;
         if density > DENSE_FALLBACK {
-            common::resize(&mut self.tmp, m * m);
-            common::zero(&mut self.tmp);
+            kernels::resize(&mut self.tmp, m * m);
+            kernels::zero(&mut self.tmp);
             let mut lo = 0;
             while lo < n {
                 let hi = (lo + CHUNK).min(n);
@@ -283,9 +283,9 @@ impl PamState {
             });
         }
         // C = Σ zᵀx
-        common::resize(&mut self.tmp, m * d);
-        common::zero(&mut self.tmp);
-        common::accumulate_rows(&mut self.scratch, codes, &codes.val, x, d, m, &mut self.tmp);
+        kernels::resize(&mut self.tmp, m * d);
+        kernels::zero(&mut self.tmp);
+        kernels::accumulate_rows(&mut self.scratch, codes, &codes.val, x, d, m, &mut self.tmp);
         self.c
             .par_chunks_mut(1 << 14)
             .zip(self.tmp[..m * d].par_chunks(1 << 14))
@@ -374,7 +374,7 @@ impl PamState {
 
 /// Dense `[hi-lo, m]` codes of tokens `lo..hi`.
 fn densify(codes: &Codes, lo: usize, hi: usize, m: usize, out: &mut Vec<f32>) {
-    common::resize(out, (hi - lo) * m);
+    kernels::resize(out, (hi - lo) * m);
     out.par_chunks_mut(m).enumerate().for_each(|(r, row)| {
         row.fill(0.0);
         let (ix, vs) = codes.row(lo + r);
@@ -592,7 +592,7 @@ pub fn chol_solve(l: &[f64], m: usize, r: &mut [f64], d: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::Rng;
+    use crate::util::rng::Rng;
 
     #[test]
     fn cholesky_solves_spd_systems_across_block_boundaries() {

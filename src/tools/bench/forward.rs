@@ -140,7 +140,7 @@ fn reference_rows(
     stop: usize,
     n_layers: usize,
 ) -> Result<Vec<Row>, BenchError> {
-    let ModelSource::Gguf(gguf) = source else {
+    let ModelSource::Gguf { file: gguf } = source else {
         return Err(BenchError::Reference {
             cmd: py.display().to_string(),
             detail: "the reference benchmark loads gguf: models only".into(),

@@ -2,16 +2,18 @@
 //! resolved where in `<run dir>/download/manifest.json` (pipeline.md §1, STYLE.md §2.7).
 //!
 //! The manifest is written atomically and last; later stages may read it to find the
-//! files (or call [`super::resolve_model`] / [`super::resolve_dataset`] offline, which
+//! files (or call [`crate::hub::resolve_model`] / [`crate::hub::resolve_dataset`] offline, which
 //! gives the same paths from the cache).
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{resolve_dataset, resolve_model, HubError, HubOptions, ResolvedDataset, ResolvedModel};
 use crate::config::Pipeline;
-use crate::report::Reporter;
+use crate::hub::{
+    resolve_dataset, resolve_model, HubError, HubOptions, ResolvedDataset, ResolvedModel,
+};
+use crate::util::progress::Reporter;
 
 /// Where the manifest lives inside a run folder.
 pub const MANIFEST_FILE: &str = "download/manifest.json";
@@ -64,7 +66,7 @@ pub fn download(
     };
     let path = pipeline.run_dir().join(MANIFEST_FILE);
     let json = serde_json::to_vec_pretty(&manifest).expect("invariant: the manifest is plain data");
-    crate::fsutil::atomic_write(&path, &json).map_err(|source| HubError::Io {
+    crate::util::fs::atomic_write(&path, &json).map_err(|source| HubError::Io {
         path: path.clone(),
         source,
     })?;

@@ -15,7 +15,7 @@
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
-use crate::rng::Rng;
+use crate::util::rng::Rng;
 
 /// Tokens per encoder chunk: the `[chunk, d_sae]` pre-activation buffer is the largest
 /// scratch buffer (64 MiB at d_sae = 16384).

@@ -29,8 +29,8 @@ use parquet::schema::types::ColumnPath;
 use serde::{Deserialize, Serialize};
 
 use super::schema::{act_schema, ActDtype, ActMeta, ITEM};
-use super::CaptureError;
-use crate::fsutil::tmp_path;
+use super::StoreError;
+use crate::util::fs::tmp_path;
 
 /// Parquet compression of activation shards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -161,9 +161,9 @@ impl ShardWriter {
         path: &Path,
         meta: &ActMeta,
         settings: &WriterSettings,
-    ) -> Result<Self, CaptureError> {
+    ) -> Result<Self, StoreError> {
         let tmp = tmp_path(path);
-        let io = |e| CaptureError::io(&tmp, e);
+        let io = |e| StoreError::io(&tmp, e);
         let file = File::create(&tmp).map_err(io)?;
         // The metadata goes both into the footer's key-value list (DuckDB's
         // `parquet_kv_metadata`, our footer-only checks) and into the embedded Arrow schema
@@ -173,7 +173,7 @@ impl ShardWriter {
         let kv: std::collections::BTreeMap<String, String> = meta.to_map().into_iter().collect();
         let kv = kv.into_iter().map(|(k, v)| KeyValue::new(k, v)).collect();
         let writer = ArrowWriter::try_new(file, schema.clone(), Some(settings.properties(kv)))
-            .map_err(|e| CaptureError::parquet(&tmp, e))?;
+            .map_err(|e| StoreError::parquet(&tmp, e))?;
         Ok(Self {
             path: path.to_path_buf(),
             writer: Some(writer),
@@ -186,17 +186,16 @@ impl ShardWriter {
     }
 
     /// Append rows (row groups are flushed by the writer's row and byte limits).
-    pub fn write(&mut self, rows: Rows) -> Result<(), CaptureError> {
+    pub fn write(&mut self, rows: Rows) -> Result<(), StoreError> {
         let tmp = tmp_path(&self.path);
         let n = rows.len() as u64;
         let batch = rows_to_batch(rows, self.d_model, self.dtype, &self.schema)
-            .map_err(|e| CaptureError::parquet(&tmp, e))?;
+            .map_err(|e| StoreError::parquet(&tmp, e))?;
         let w = self
             .writer
             .as_mut()
-            .ok_or_else(|| CaptureError::parquet(&tmp, "writer already closed"))?;
-        w.write(&batch)
-            .map_err(|e| CaptureError::parquet(&tmp, e))?;
+            .ok_or_else(|| StoreError::parquet(&tmp, "writer already closed"))?;
+        w.write(&batch).map_err(|e| StoreError::parquet(&tmp, e))?;
         self.rows += n;
         Ok(())
     }
@@ -207,20 +206,17 @@ impl ShardWriter {
     }
 
     /// Finish the footer, fsync and rename into place. Returns the file size in bytes.
-    pub fn finish(mut self) -> Result<u64, CaptureError> {
+    pub fn finish(mut self) -> Result<u64, StoreError> {
         let tmp = tmp_path(&self.path);
         let w = self
             .writer
             .take()
-            .ok_or_else(|| CaptureError::parquet(&tmp, "writer already closed"))?;
-        let file = w.into_inner().map_err(|e| CaptureError::parquet(&tmp, e))?;
-        file.sync_all().map_err(|e| CaptureError::io(&tmp, e))?;
-        let bytes = file
-            .metadata()
-            .map_err(|e| CaptureError::io(&tmp, e))?
-            .len();
+            .ok_or_else(|| StoreError::parquet(&tmp, "writer already closed"))?;
+        let file = w.into_inner().map_err(|e| StoreError::parquet(&tmp, e))?;
+        file.sync_all().map_err(|e| StoreError::io(&tmp, e))?;
+        let bytes = file.metadata().map_err(|e| StoreError::io(&tmp, e))?.len();
         drop(file);
-        fs::rename(&tmp, &self.path).map_err(|e| CaptureError::io(&self.path, e))?;
+        fs::rename(&tmp, &self.path).map_err(|e| StoreError::io(&self.path, e))?;
         self.committed = true;
         Ok(bytes)
     }

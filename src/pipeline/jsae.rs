@@ -36,21 +36,21 @@ use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-use super::pair::{JsaePair, PairConfig, PairEval};
-use crate::capture::reader::{ActBatch, ActivationSet, Expect, SeqReader};
-use crate::capture::set_dir;
-use crate::capture::stage::activations_dir;
+use super::ce::{ce_context, ce_with, CeContext};
 use crate::config::{BDecInit, LrDecay, Pipeline};
 use crate::data::pack::Window;
 use crate::data::Split;
 use crate::hub::HubOptions;
+use crate::jsae::pair::{JsaePair, PairConfig, PairEval};
 use crate::models::{HookedModel, Hookpoint, Hooks, Site};
-use crate::report::Reporter;
-use crate::rng::Rng;
+use crate::pipeline::capture::activations_dir;
+use crate::pipeline::results::MetricsRow;
 use crate::sae::export::ExportMeta;
-use crate::sweep::eval_stage::{ce_context, ce_with, CeContext};
-use crate::sweep::results::MetricsRow;
+use crate::store::reader::{ActBatch, ActivationSet, Expect, SeqReader};
+use crate::store::set_dir;
 use crate::train::optim::Adam;
+use crate::util::progress::Reporter;
+use crate::util::rng::Rng;
 
 /// The completion marker of a trained and evaluated pair.
 pub const JSAE_DONE: &str = "jsae_done.json";
@@ -121,7 +121,7 @@ fn save_checkpoint(path: &Path, hash: &str, pairs: &[TrainingPair]) -> Result<()
     let md =
         std::collections::HashMap::from([("saepipe".to_string(), serde_json::to_string(&meta)?)]);
     let out = safetensors::serialize(views, Some(md))?;
-    crate::fsutil::atomic_write(path, &out).with_context(|| format!("writing {}", path.display()))
+    crate::util::fs::atomic_write(path, &out).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Put the state of a checkpoint written by [`save_checkpoint`] back into `pairs` and return
@@ -437,7 +437,7 @@ fn load_model(
     opts: &HubOptions,
     reporter: &dyn Reporter,
 ) -> Result<Box<dyn HookedModel>> {
-    let (_, loaded) = crate::capture::stage::load_pipeline_model(p, opts, reporter)?;
+    let (_, loaded) = crate::pipeline::capture::load_pipeline_model(p, opts, reporter)?;
     Ok(loaded.model)
 }
 
@@ -695,7 +695,7 @@ pub fn jsae_stage(
             config_hash: hash.clone(),
             rows,
         })?;
-        crate::fsutil::atomic_write(&dir.join(JSAE_DONE), text.as_bytes())
+        crate::util::fs::atomic_write(&dir.join(JSAE_DONE), text.as_bytes())
             .with_context(|| format!("writing {}", dir.join(JSAE_DONE).display()))?;
         reporter.message(&format!(
             "jsae {v} (λ = {lam:.4}): |J| > 0.01 on {:.1}% of entries, mean |J| {:.4}, R² {:.3} / {:.3}, CE {:?} → {:?}",

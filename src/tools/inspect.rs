@@ -18,9 +18,9 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::reader::{FileReader, SerializedFileReader};
 use rand::{Rng, SeedableRng};
 
-use crate::capture::manifest::{Manifest, MANIFEST};
-use crate::capture::reader::{read_shard_meta, SeqReader};
-use crate::capture::CaptureError;
+use crate::store::manifest::{Manifest, MANIFEST};
+use crate::store::reader::{read_shard_meta, SeqReader};
+use crate::store::StoreError;
 
 /// Why a path could not be inspected.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +30,7 @@ pub enum InspectError {
     Unknown(PathBuf),
     /// Reading an activation set or shard failed.
     #[error(transparent)]
-    Capture(#[from] CaptureError),
+    Capture(#[from] StoreError),
     /// Reading a generic Parquet file failed.
     #[error("{path}: {msg}")]
     Parquet {
@@ -102,7 +102,7 @@ fn inspect_set(dir: &Path) -> Result<String, InspectError> {
         m.shards.len(),
         m.n_tokens,
         m.n_windows,
-        crate::capture::human_bytes(bytes),
+        crate::store::human_bytes(bytes),
         bytes as f64 / m.n_tokens.max(1) as f64
     );
     let _ = writeln!(
@@ -113,7 +113,7 @@ fn inspect_set(dir: &Path) -> Result<String, InspectError> {
     if dir.join("eval").join(MANIFEST).is_file() {
         let _ = writeln!(out, "held-out set: {}", dir.join("eval").display());
     }
-    let set = crate::capture::reader::ActivationSet::open(dir, &Default::default())?;
+    let set = crate::store::reader::ActivationSet::open(dir, &Default::default())?;
     out.push_str(&summarise_shards(&set.shard_paths())?);
     Ok(out)
 }
@@ -123,8 +123,8 @@ fn summarise_shards(paths: &[PathBuf]) -> Result<String, InspectError> {
     let mut out = String::new();
     let first = &paths[0];
     let (meta, _) = read_shard_meta(first)?;
-    let file = File::open(first).map_err(|e| CaptureError::io(first, e))?;
-    let b = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| CaptureError::Corrupt {
+    let file = File::open(first).map_err(|e| StoreError::io(first, e))?;
+    let b = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| StoreError::Corrupt {
         path: first.clone(),
         msg: e.to_string(),
     })?;
@@ -161,7 +161,7 @@ const RESERVOIR: usize = 100_000;
 
 impl ActStats {
     /// Read every batch of `reader` (width `d`).
-    pub fn collect(reader: SeqReader, d: usize) -> Result<Self, CaptureError> {
+    pub fn collect(reader: SeqReader, d: usize) -> Result<Self, StoreError> {
         let mut s = ActStats {
             rows: 0,
             sum: vec![0.0; d],

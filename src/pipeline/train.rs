@@ -30,16 +30,16 @@ use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::capture::reader::{ActivationSet, Expect, ParquetSource, ShuffleConfig};
-use crate::capture::set_dir;
-use crate::capture::stage::activations_dir;
 use crate::config::{Pipeline, Point};
 use crate::data::Split;
 use crate::models::Hookpoint;
-use crate::report::Reporter;
+use crate::pipeline::capture::activations_dir;
 use crate::sae::export::ExportMeta;
+use crate::store::reader::{ActivationSet, Expect, ParquetSource, ShuffleConfig};
+use crate::store::set_dir;
 use crate::synthetic::SyntheticSource;
 use crate::train::{ActivationSource, DataError, StepRecord, Trainer, LOG_FILE};
+use crate::util::progress::Reporter;
 
 /// The completion marker of a trained unit.
 pub const TRAIN_DONE: &str = "train_done.json";
@@ -413,7 +413,7 @@ fn finish(pipeline: &Pipeline, dataset: &str, r: &Running) -> Result<()> {
         train_seconds: r.seconds,
     };
     let text = serde_json::to_string_pretty(&done)?;
-    crate::fsutil::atomic_write(&u.dir.join(TRAIN_DONE), text.as_bytes())
+    crate::util::fs::atomic_write(&u.dir.join(TRAIN_DONE), text.as_bytes())
         .with_context(|| format!("writing {}", u.dir.join(TRAIN_DONE).display()))?;
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::schema::ActMeta;
-use super::CaptureError;
+use super::StoreError;
 
 /// Manifest format tag.
 pub const FORMAT: &str = "saepipe.activations.v1";
@@ -58,20 +58,19 @@ pub struct Manifest {
 
 impl Manifest {
     /// Read `dir/manifest.json`; `Ok(None)` if there is none.
-    pub fn read(dir: &Path) -> Result<Option<Self>, CaptureError> {
+    pub fn read(dir: &Path) -> Result<Option<Self>, StoreError> {
         let path = dir.join(MANIFEST);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(CaptureError::io(&path, e)),
+            Err(e) => return Err(StoreError::io(&path, e)),
         };
-        let m: Manifest =
-            serde_json::from_slice(&bytes).map_err(|e| CaptureError::BadManifest {
-                path: path.clone(),
-                msg: e.to_string(),
-            })?;
+        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| StoreError::BadManifest {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
         if m.format != FORMAT {
-            return Err(CaptureError::BadManifest {
+            return Err(StoreError::BadManifest {
                 path,
                 msg: format!("format '{}' is not {FORMAT}", m.format),
             });
@@ -80,14 +79,14 @@ impl Manifest {
     }
 
     /// Write `dir/manifest.json` atomically.
-    pub fn write(&self, dir: &Path) -> Result<(), CaptureError> {
+    pub fn write(&self, dir: &Path) -> Result<(), StoreError> {
         let path = dir.join(MANIFEST);
-        let mut json = serde_json::to_vec_pretty(self).map_err(|e| CaptureError::BadManifest {
+        let mut json = serde_json::to_vec_pretty(self).map_err(|e| StoreError::BadManifest {
             path: path.clone(),
             msg: e.to_string(),
         })?;
         json.push(b'\n');
-        crate::fsutil::atomic_write(&path, &json).map_err(|e| CaptureError::io(&path, e))
+        crate::util::fs::atomic_write(&path, &json).map_err(|e| StoreError::io(&path, e))
     }
 
     /// Paths of the shards in order.

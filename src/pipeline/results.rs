@@ -14,8 +14,8 @@ use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
-use super::pareto;
-use crate::fsutil;
+use crate::eval::pareto;
+use crate::util::fs as fsutil;
 
 /// One trained SAE evaluated on one evaluation set. Field names are the column names.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::error::{ensure_finite, NumericError};
 use crate::models::{Hookpoint, HookpointError, LoadedModel, ModelError, ModelSource, Recorder};
+use crate::util::error::{ensure_finite, NumericError};
 
 /// What to feed the model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -282,7 +282,7 @@ fn write_safetensors(
         path: path.to_path_buf(),
         detail: e.to_string(),
     })?;
-    crate::fsutil::atomic_write(path, &bytes).map_err(|e| TraceError::Write {
+    crate::util::fs::atomic_write(path, &bytes).map_err(|e| TraceError::Write {
         path: path.to_path_buf(),
         detail: e.to_string(),
     })

@@ -2,7 +2,7 @@
 //! into the model, then the result tables, the plot and a terminal summary.
 //!
 //! Implements `pipeline.md` §1 (`saepipe evaluate`), §4 (results) and `sae_variants.md` §7.
-//! Reconstruction metrics are the streaming accumulators of [`crate::metrics`] (pooled R²
+//! Reconstruction metrics are the streaming accumulators of [`crate::eval`] (pooled R²
 //! with f64 sums, in raw activation space: the exported SAE has its input scaling folded
 //! in). CE-loss terms are computed here:
 //!
@@ -27,26 +27,26 @@
 //! A unit's `metrics.json` is its completion marker; it records the point hash.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
 
+use super::ce::{ce_context, ce_of, CeContext, Mode};
 use super::results::{self, MetricsRow};
-use super::train_stage::{read_done, units, Unit};
-use crate::capture::reader::{ActivationSet, Expect};
-use crate::capture::set_dir;
-use crate::capture::stage::{activations_dir, spec_from_pipeline};
+use super::train::{read_done, units, Unit};
 use crate::config::Pipeline;
-use crate::data::pack::{special_token_ids, SpecialIds, Window, WindowStream};
+use crate::data::pack::Window;
 use crate::data::Split;
+use crate::eval::Metrics;
 use crate::hub::HubOptions;
-use crate::metrics::Metrics;
-use crate::models::{HookedModel, Hookpoint, NoHooks, Replace};
-use crate::report::Reporter;
+use crate::models::Hookpoint;
+use crate::pipeline::capture::activations_dir;
 use crate::sae::export::LoadedSae;
 use crate::sae::Workspace;
+use crate::store::reader::{ActivationSet, Expect};
+use crate::store::set_dir;
 use crate::synthetic::{mmcs, SyntheticData};
+use crate::util::progress::Reporter;
 
 /// A unit's evaluation record and completion marker.
 pub const METRICS_FILE: &str = "metrics.json";
@@ -59,14 +59,6 @@ const EVAL_BATCH: usize = 4096;
 struct MetricsFile {
     point_hash: String,
     row: MetricsRow,
-}
-
-/// The model and held-out windows used for CE-loss metrics.
-pub(crate) struct CeContext {
-    pub(crate) model: Box<dyn HookedModel>,
-    pub(crate) windows: Vec<Window>,
-    pub(crate) special: Vec<u32>,
-    pub(crate) clean: f64,
 }
 
 /// Evaluate every trained unit that has no up-to-date `metrics.json` (all with `force`),
@@ -161,7 +153,7 @@ pub fn evaluate_stage(
         .filter_map(|u| read_metrics(&u.dir).map(|m| m.row))
         .collect();
     // JSAE pairs (`[jsae]`) keep their own records; their rows join the same tables.
-    rows.extend(crate::jsae::stage::metric_rows(pipeline));
+    rows.extend(crate::pipeline::jsae::metric_rows(pipeline));
     let out = pipeline.run_dir().join("results");
     results::write_results(&out, &rows)
         .with_context(|| format!("writing results into {}", out.display()))?;
@@ -181,7 +173,7 @@ fn write_metrics(u: &Unit, row: MetricsRow) -> Result<()> {
         point_hash: u.point.hash.clone(),
         row,
     })?;
-    crate::fsutil::atomic_write(&u.dir.join(METRICS_FILE), text.as_bytes())
+    crate::util::fs::atomic_write(&u.dir.join(METRICS_FILE), text.as_bytes())
         .with_context(|| format!("writing {}", u.dir.join(METRICS_FILE).display()))
 }
 
@@ -249,130 +241,6 @@ fn read_metrics(dir: &Path) -> Option<MetricsFile> {
     serde_json::from_str(&text).ok()
 }
 
-/// Load the model, the held-out CE windows and the clean CE.
-pub(crate) fn ce_context(
-    pipeline: &Pipeline,
-    opts: &HubOptions,
-    reporter: &dyn Reporter,
-) -> Result<CeContext> {
-    let c = &pipeline.config;
-    let (resolved, loaded) = crate::capture::stage::load_pipeline_model(pipeline, opts, reporter)?;
-    let dataset = crate::hub::resolve_dataset(&c.data, opts, reporter)
-        .context("resolving the dataset of [data]")?;
-    let tokenizer = Arc::new(loaded.tokenizer.with_context(|| {
-        format!(
-            "{}: no tokenizer found next to the weights",
-            resolved.path.display()
-        )
-    })?);
-    let info = loaded.model.info().clone();
-    let special_ids = SpecialIds {
-        bos: info.bos_token_id,
-        eos: info.eos_token_ids.first().copied(),
-        pad: info.pad_token_id,
-    };
-    let spec = spec_from_pipeline(pipeline, String::new(), &dataset.files, false);
-    let stream = WindowStream::new(
-        &spec.source,
-        tokenizer.clone(),
-        &spec.pack,
-        spec.split,
-        Split::Eval,
-        special_ids,
-    )?;
-    let windows: Vec<Window> = stream
-        .take(c.eval.ce_sequences)
-        .collect::<Result<_, _>>()
-        .context("reading the held-out windows for CE")?;
-    if windows.is_empty() {
-        anyhow::bail!(
-            "no held-out windows for the CE-loss metrics: raise data.eval_fraction or set eval.ce_sequences = 0"
-        );
-    }
-    let special = special_token_ids(&tokenizer, special_ids, &info.eos_token_ids);
-    let mut ctx = CeContext {
-        model: loaded.model,
-        windows,
-        special,
-        clean: 0.0,
-    };
-    ctx.clean = ce_of(
-        &ctx,
-        Hookpoint::new(0, crate::models::Site::ResidPre),
-        Mode::Clean,
-    )
-    .context("clean CE")?;
-    Ok(ctx)
-}
-
-/// What a CE forward pass does at the hookpoint.
-enum Mode<'a> {
-    /// Nothing: the clean model.
-    Clean,
-    /// Replace the activation with zeros.
-    Zero,
-    /// Replace the activation with `f(x, windows of this batch)`.
-    Splice(&'a mut dyn FnMut(&Tensor, &[Window]) -> candle_core::Result<Tensor>),
-}
-
-/// Mean next-token CE (nats) over the CE windows, with `hp` treated as `mode` says.
-fn ce_of(ctx: &CeContext, hp: Hookpoint, mut mode: Mode) -> Result<f64> {
-    ce_with(ctx, &hp.to_string(), &mut |ids_t, chunk| match &mut mode {
-        Mode::Clean => ctx.model.forward_hooked(ids_t, &mut NoHooks, None),
-        Mode::Zero => {
-            let mut hook = Replace {
-                target: hp,
-                f: |x: &Tensor| x.zeros_like(),
-            };
-            ctx.model.forward_hooked(ids_t, &mut hook, None)
-        }
-        Mode::Splice(g) => {
-            let mut hook = Replace {
-                target: hp,
-                f: |x: &Tensor| g(x, chunk),
-            };
-            ctx.model.forward_hooked(ids_t, &mut hook, None)
-        }
-    })
-}
-
-/// A forward pass over one chunk of CE windows, returning its logits.
-pub(crate) type ChunkForward<'a> =
-    dyn FnMut(&Tensor, &[Window]) -> candle_core::Result<Option<Tensor>> + 'a;
-
-/// Mean next-token CE (nats) over the CE windows, `forward(ids, windows)` running the model
-/// (with whatever hooks) on each chunk of windows and returning its logits.
-pub(crate) fn ce_with(ctx: &CeContext, label: &str, forward: &mut ChunkForward) -> Result<f64> {
-    let dev = ctx.model.device().clone();
-    let (mut sum, mut count) = (0.0f64, 0u64);
-    for chunk in ctx.windows.chunks(4) {
-        let s = chunk[0].ids.len();
-        let ids: Vec<u32> = chunk.iter().flat_map(|w| w.ids.iter().copied()).collect();
-        let ids_t = Tensor::from_vec(ids.clone(), (chunk.len(), s), &dev)?;
-        let logits = forward(&ids_t, chunk)?.context("the forward pass stopped early")?;
-        let logits = logits.to_dtype(DType::F32)?;
-        let (b, s2, v) = logits.dims3()?;
-        let flat = logits.flatten_all()?.to_vec1::<f32>()?;
-        for (bi, w) in chunk.iter().enumerate().take(b) {
-            for t in 0..s2.saturating_sub(1) {
-                let target = ids[bi * s + t + 1];
-                if t + 1 >= w.n_real || ctx.special.contains(&target) {
-                    continue;
-                }
-                let row = &flat[(bi * s2 + t) * v..(bi * s2 + t + 1) * v];
-                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-                let lse = m + row.iter().map(|&z| (z as f64 - m).exp()).sum::<f64>().ln();
-                sum += lse - row[target as usize] as f64;
-                count += 1;
-            }
-        }
-    }
-    anyhow::ensure!(count > 0, "no predicted positions in the CE windows");
-    let ce = sum / count as f64;
-    anyhow::ensure!(ce.is_finite(), "CE is not finite ({ce}) at {label}");
-    Ok(ce)
-}
-
 fn evaluate_unit(
     pipeline: &Pipeline,
     u: &Unit,
@@ -401,12 +269,12 @@ fn evaluate_unit(
             return Ok(false);
         }
         let x = &act[..n * d];
-        crate::error::ensure_finite(x, "held-out activations", None)?;
+        crate::util::error::ensure_finite(x, "held-out activations", None)?;
         sae.encode(x, n, &mut ws);
         let codes = std::mem::take(&mut ws.codes);
         sae.decode(&codes, &mut recon, &mut ws);
         ws.codes = codes;
-        crate::error::ensure_finite(&recon, "SAE reconstruction", None)?;
+        crate::util::error::ensure_finite(&recon, "SAE reconstruction", None)?;
         metrics.update(x, &recon, &ws.codes);
         for b in 0..ws.codes.n() {
             let (ix, vs) = ws.codes.row(b);

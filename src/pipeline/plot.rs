@@ -7,9 +7,9 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use super::pareto;
 use super::results::MetricsRow;
-use crate::fsutil;
+use crate::eval::pareto;
+use crate::util::fs as fsutil;
 
 /// Errors drawing the plot.
 #[derive(Debug, thiserror::Error)]
@@ -163,7 +163,7 @@ pub fn plot_pareto(path: &Path, rows: &[MetricsRow], title: &str) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sweep::results::example_row;
+    use crate::pipeline::results::example_row;
 
     #[test]
     fn draws_every_group_with_a_legend() {

@@ -28,15 +28,15 @@ use serde::{Deserialize, Serialize};
 
 use super::manifest::{Manifest, MANIFEST};
 use super::schema::ActMeta;
-use super::CaptureError;
+use super::StoreError;
 
 /// Read a shard's footer: its metadata and row count. Does not read any data page.
-pub fn read_shard_meta(path: &Path) -> Result<(ActMeta, u64), CaptureError> {
-    let corrupt = |msg: String| CaptureError::Corrupt {
+pub fn read_shard_meta(path: &Path) -> Result<(ActMeta, u64), StoreError> {
+    let corrupt = |msg: String| StoreError::Corrupt {
         path: path.to_path_buf(),
         msg,
     };
-    let file = File::open(path).map_err(|e| CaptureError::io(path, e))?;
+    let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
     let reader = SerializedFileReader::new(file).map_err(|e| corrupt(e.to_string()))?;
     let fmd = reader.metadata().file_metadata();
     let kv: HashMap<String, String> = fmd
@@ -74,8 +74,8 @@ pub struct Expect {
 
 impl Expect {
     /// Compare with `meta` of `path`; the error names the first key that differs.
-    pub fn check(&self, path: &Path, meta: &ActMeta) -> Result<(), CaptureError> {
-        let mismatch = |key: &str, expected: String, found: String| CaptureError::SchemaMismatch {
+    pub fn check(&self, path: &Path, meta: &ActMeta) -> Result<(), StoreError> {
+        let mismatch = |key: &str, expected: String, found: String| StoreError::SchemaMismatch {
             path: path.to_path_buf(),
             key: key.into(),
             expected,
@@ -126,8 +126,8 @@ pub struct ActivationSet {
 impl ActivationSet {
     /// Open the set in `dir`, checking the manifest and every shard's footer against the
     /// manifest and `expect`.
-    pub fn open(dir: &Path, expect: &Expect) -> Result<Self, CaptureError> {
-        let manifest = Manifest::read(dir)?.ok_or_else(|| CaptureError::Io {
+    pub fn open(dir: &Path, expect: &Expect) -> Result<Self, StoreError> {
+        let manifest = Manifest::read(dir)?.ok_or_else(|| StoreError::Io {
             path: dir.join(MANIFEST),
             source: std::io::Error::new(
                 std::io::ErrorKind::NotFound,
@@ -139,7 +139,7 @@ impl ActivationSet {
         for (info, path) in manifest.shards.iter().zip(manifest.shard_paths(dir)) {
             let (meta, rows) = read_shard_meta(&path)?;
             if meta.config_hash != manifest.meta.config_hash {
-                return Err(CaptureError::SchemaMismatch {
+                return Err(StoreError::SchemaMismatch {
                     path,
                     key: "config_hash".into(),
                     expected: manifest.meta.config_hash.clone(),
@@ -148,7 +148,7 @@ impl ActivationSet {
             }
             expect.check(&path, &meta)?;
             if rows != info.rows {
-                return Err(CaptureError::Corrupt {
+                return Err(StoreError::Corrupt {
                     path,
                     msg: format!("{rows} rows, the manifest says {}", info.rows),
                 });
@@ -156,7 +156,7 @@ impl ActivationSet {
             total += rows;
         }
         if total != manifest.n_tokens {
-            return Err(CaptureError::Corrupt {
+            return Err(StoreError::Corrupt {
                 path: dir.join(MANIFEST),
                 msg: format!(
                     "shards hold {total} rows, the manifest says {}",
@@ -209,8 +209,8 @@ pub fn decode_batch(
     path: &Path,
     batch: &arrow::record_batch::RecordBatch,
     d: usize,
-) -> Result<ActBatch, CaptureError> {
-    let bad = |msg: &str| CaptureError::Corrupt {
+) -> Result<ActBatch, StoreError> {
+    let bad = |msg: &str| StoreError::Corrupt {
         path: path.to_path_buf(),
         msg: msg.into(),
     };
@@ -284,7 +284,7 @@ impl SeqReader {
 }
 
 impl Iterator for SeqReader {
-    type Item = Result<ActBatch, CaptureError>;
+    type Item = Result<ActBatch, StoreError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
@@ -295,7 +295,7 @@ impl Iterator for SeqReader {
                         let path = path.clone();
                         self.current = None;
                         self.paths = Vec::new().into_iter();
-                        return Some(Err(CaptureError::Corrupt {
+                        return Some(Err(StoreError::Corrupt {
                             path,
                             msg: e.to_string(),
                         }));
@@ -305,11 +305,11 @@ impl Iterator for SeqReader {
             }
             let path = self.paths.next()?;
             let opened = File::open(&path)
-                .map_err(|e| CaptureError::io(&path, e))
+                .map_err(|e| StoreError::io(&path, e))
                 .and_then(|f| {
                     ParquetRecordBatchReaderBuilder::try_new(f)
                         .and_then(|b| b.with_batch_size(self.batch_rows).build())
-                        .map_err(|e| CaptureError::Corrupt {
+                        .map_err(|e| StoreError::Corrupt {
                             path: path.clone(),
                             msg: e.to_string(),
                         })
@@ -370,9 +370,9 @@ pub struct ShuffleReader {
 
 impl ShuffleReader {
     /// A reader over `set`.
-    pub fn new(set: ActivationSet, cfg: ShuffleConfig) -> Result<Self, CaptureError> {
+    pub fn new(set: ActivationSet, cfg: ShuffleConfig) -> Result<Self, StoreError> {
         if cfg.batch_size == 0 || cfg.capacity < 2 {
-            return Err(CaptureError::BadSpec(
+            return Err(StoreError::BadSpec(
                 "shuffle batch_size must be ≥ 1 and capacity ≥ 2".into(),
             ));
         }
@@ -413,10 +413,10 @@ impl ShuffleReader {
         set: ActivationSet,
         cfg: ShuffleConfig,
         state: ReaderState,
-    ) -> Result<Self, CaptureError> {
+    ) -> Result<Self, StoreError> {
         let mut r = Self::new(set, cfg)?;
         if r.skip_rows(state.rows)? < state.rows {
-            return Err(CaptureError::BadSpec(format!(
+            return Err(StoreError::BadSpec(format!(
                 "cannot resume at row {}: the set ends after {} rows",
                 state.rows, r.rows
             )));
@@ -437,7 +437,7 @@ impl ShuffleReader {
     }
 
     /// Fill the buffer to capacity (or until the set ends).
-    fn fill(&mut self) -> Result<(), CaptureError> {
+    fn fill(&mut self) -> Result<(), StoreError> {
         let want = self.cfg.capacity * self.d;
         while self.buffer.len() < want && !self.source_done {
             match self.source.next() {
@@ -455,7 +455,7 @@ impl ShuffleReader {
     /// Append up to `n` shuffled rows (row-major) to `out`; returns how many, 0 only when
     /// the set is exhausted (never with `repeat`). The sequence of rows does not depend on
     /// how it is cut into calls.
-    pub fn take_rows(&mut self, n: usize, out: &mut Vec<f32>) -> Result<usize, CaptureError> {
+    pub fn take_rows(&mut self, n: usize, out: &mut Vec<f32>) -> Result<usize, StoreError> {
         let d = self.d;
         let want = n * d;
         let start = out.len();
@@ -491,7 +491,7 @@ impl ShuffleReader {
 
     /// The next batch `[batch_size × d_model]` row-major, `None` when the set is exhausted
     /// (never with `repeat`). The last batch of a finite set may be shorter.
-    pub fn next_batch(&mut self) -> Result<Option<Vec<f32>>, CaptureError> {
+    pub fn next_batch(&mut self) -> Result<Option<Vec<f32>>, StoreError> {
         let mut out = Vec::with_capacity(self.cfg.batch_size * self.d);
         if self.take_rows(self.cfg.batch_size, &mut out)? == 0 {
             return Ok(None);
@@ -501,7 +501,7 @@ impl ShuffleReader {
     }
 
     /// Skip `n` rows (replaying the shuffle, in bounded chunks).
-    pub fn skip_rows(&mut self, mut n: u64) -> Result<u64, CaptureError> {
+    pub fn skip_rows(&mut self, mut n: u64) -> Result<u64, StoreError> {
         let mut scratch = Vec::new();
         let mut skipped = 0;
         while n > 0 {
@@ -517,7 +517,7 @@ impl ShuffleReader {
     }
 }
 
-/// The capture stage's Parquet reader as the trainer's [`crate::train::ActivationSource`]:
+/// The capture stage's Parquet reader as the trainer's [`crate::store::ActivationSource`]:
 /// shuffled rows, position = rows served, `seek` replays the same shuffle.
 pub struct ParquetSource {
     set: ActivationSet,
@@ -528,7 +528,7 @@ pub struct ParquetSource {
 impl ParquetSource {
     /// A source over `set`, shuffled with `capacity` and `seed` (`batch_size`/`repeat` of
     /// `cfg` are ignored: the trainer asks for its own row counts and wraps by `seek(0)`).
-    pub fn new(set: ActivationSet, cfg: ShuffleConfig) -> Result<Self, CaptureError> {
+    pub fn new(set: ActivationSet, cfg: ShuffleConfig) -> Result<Self, StoreError> {
         let cfg = ShuffleConfig {
             repeat: false,
             ..cfg
@@ -538,7 +538,7 @@ impl ParquetSource {
     }
 }
 
-impl crate::train::ActivationSource for ParquetSource {
+impl crate::store::ActivationSource for ParquetSource {
     fn d_in(&self) -> usize {
         self.set.d_model()
     }
@@ -549,20 +549,20 @@ impl crate::train::ActivationSource for ParquetSource {
         &mut self,
         rows: usize,
         out: &mut Vec<f32>,
-    ) -> Result<usize, crate::train::DataError> {
+    ) -> Result<usize, crate::store::DataError> {
         self.reader
             .take_rows(rows, out)
-            .map_err(|e| crate::train::DataError::Read(e.to_string()))
+            .map_err(|e| crate::store::DataError::Read(e.to_string()))
     }
     fn position(&self) -> u64 {
         self.reader.rows
     }
-    fn seek(&mut self, pos: u64) -> Result<(), crate::train::DataError> {
+    fn seek(&mut self, pos: u64) -> Result<(), crate::store::DataError> {
         let len = self.set.n_tokens();
         if pos > len {
-            return Err(crate::train::DataError::Seek { pos, len });
+            return Err(crate::store::DataError::Seek { pos, len });
         }
-        let err = |e: CaptureError| crate::train::DataError::Read(e.to_string());
+        let err = |e: StoreError| crate::store::DataError::Read(e.to_string());
         self.reader = ShuffleReader::new(self.set.clone(), self.cfg).map_err(err)?;
         self.reader.skip_rows(pos).map_err(err)?;
         Ok(())

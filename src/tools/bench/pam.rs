@@ -75,7 +75,7 @@ pub fn try_fit(spec: &FitSpec) -> Result<FitResult, TrainError> {
         ..Default::default()
     };
     let mut t = Trainer::new(cfg, &spec.arch, spec.d_sae, &mut src)?;
-    t.run(&mut src, None, &crate::report::Silent, None)?;
+    t.run(&mut src, None, &crate::util::progress::Silent, None)?;
     let n = 4096;
     let x: Vec<f32> = s.sample(n, 99).iter().map(|v| v * t.scale()).collect();
     let mut ws = Workspace::default();

@@ -16,12 +16,13 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
-use super::{capture, ActDtype, CaptureSpec, SetSummary, WriterSettings};
+use crate::capture::{capture, CaptureSpec, SetSummary};
 use crate::config::Pipeline;
 use crate::data::{DocSplit, PackSpec, Packing, TextSource};
 use crate::hub::{HubOptions, ResolvedModel};
 use crate::models::ModelSource;
-use crate::report::Reporter;
+use crate::store::{ActDtype, WriterSettings};
+use crate::util::progress::Reporter;
 
 /// The `activations` folder of a run.
 pub fn activations_dir(pipeline: &Pipeline) -> std::path::PathBuf {
@@ -129,9 +130,13 @@ pub fn load_pipeline_model(
     let resolved = crate::hub::resolve_model(&pipeline.model_source(), opts, reporter)
         .with_context(|| format!("resolving model {}", c.model.source))?;
     let src = if resolved.kind == "gguf" {
-        ModelSource::Gguf(resolved.path.clone())
+        ModelSource::Gguf {
+            file: resolved.path.clone(),
+        }
     } else {
-        ModelSource::Local(resolved.path.clone())
+        ModelSource::Local {
+            dir: resolved.path.clone(),
+        }
     };
     let loaded = crate::models::load_source_with(
         &src,

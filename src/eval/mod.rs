@@ -23,9 +23,11 @@
 //! and raw reconstructions. The dead fraction here is over the evaluated window of `N`
 //! tokens (state `N` with it); the trainer's running dead fraction uses its token counter.
 
+pub mod pareto;
+
 use serde::{Deserialize, Serialize};
 
-use crate::sae::common::Codes;
+use crate::kernels::Codes;
 
 /// Reconstruction statistics (R², FVU, MSE).
 #[derive(Debug, Clone, PartialEq)]

@@ -11,10 +11,11 @@ use std::time::Instant;
 use clap::Parser;
 
 use super::BenchError;
-use crate::capture::{capture, ActDtype, CaptureSpec, WriterSettings};
+use crate::capture::{capture, CaptureSpec};
 use crate::data::{DocSplit, PackSpec, TextSource};
 use crate::models::{HookedModel, Hookpoint, ModelSource};
-use crate::report::Silent;
+use crate::store::{ActDtype, WriterSettings};
+use crate::util::progress::Silent;
 
 /// Arguments of `saepipe bench capture`.
 #[derive(Debug, Clone, Parser)]
@@ -133,7 +134,7 @@ pub fn render(results: &[CaseResult]) -> String {
             r.dtype,
             r.seconds,
             r.tokens as f64 / r.seconds.max(1e-9),
-            crate::capture::human_bytes(r.peak_rss),
+            crate::store::human_bytes(r.peak_rss),
             r.bytes as f64 / r.tokens.max(1) as f64
         ));
     }

@@ -1,0 +1,8 @@
+//! Primitives every other module may use and that use nothing of the crate: numeric
+//! guards ([`error`]), atomic file writes ([`fs`]), the seeded RNG ([`rng`]) and the
+//! progress-reporting trait ([`progress`]).
+
+pub mod error;
+pub mod fs;
+pub mod progress;
+pub mod rng;
