@@ -4,7 +4,8 @@
 
 use saepipe::sae::export::{save_saelens, ExportMeta, LoadedSae};
 use saepipe::sae::{kmeans, ArchConfig, Workspace};
-use saepipe::train::{InMemorySource, TrainConfig, Trainer};
+use saepipe::store::InMemorySource;
+use saepipe::train::{TrainConfig, Trainer};
 use saepipe::util::progress::Silent;
 use saepipe::util::rng::Rng;
 

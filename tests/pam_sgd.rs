@@ -10,9 +10,10 @@
 //! vs 0.87 at L0 19. The assertions are those measured facts, with margin.
 
 use saepipe::sae::{gated, relu_l1, ArchConfig, Param};
+use saepipe::store::InMemorySource;
 use saepipe::synthetic::SyntheticConfig;
 use saepipe::train::pam::PamConfig;
-use saepipe::train::{InMemorySource, Optimizer, TrainConfig, Trainer};
+use saepipe::train::{Optimizer, TrainConfig, Trainer};
 use saepipe::util::progress::Silent;
 
 use saepipe::tools::bench::pam::{fit, topk_arch, FitSpec};

@@ -16,8 +16,9 @@
 //! both scores, a dead fraction no higher than Gated's, and signed latents.
 
 use saepipe::sae::{gated, sa_gsae, ArchConfig, Param, Workspace};
+use saepipe::store::InMemorySource;
 use saepipe::synthetic::{mmcs, SyntheticConfig, SyntheticData};
-use saepipe::train::{InMemorySource, TrainConfig, Trainer};
+use saepipe::train::{TrainConfig, Trainer};
 use saepipe::util::progress::Silent;
 
 const D: usize = 32;

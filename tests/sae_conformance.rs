@@ -2,8 +2,9 @@
 //! gets the same checks, so a new variant is tested by adding it to `examples()`.
 
 use saepipe::sae::{ArchConfig, Param, Workspace};
+use saepipe::store::InMemorySource;
 use saepipe::synthetic::{SyntheticConfig, SyntheticData};
-use saepipe::train::{BDecInit, InMemorySource, TrainConfig, TrainError, Trainer};
+use saepipe::train::{BDecInit, TrainConfig, TrainError, Trainer};
 use saepipe::util::progress::Silent;
 
 const D: usize = 16;

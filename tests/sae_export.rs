@@ -8,8 +8,9 @@
 
 use saepipe::sae::export::{ExportMeta, LoadedSae};
 use saepipe::sae::{ArchConfig, Workspace};
+use saepipe::store::InMemorySource;
 use saepipe::synthetic::{SyntheticConfig, SyntheticData};
-use saepipe::train::{InMemorySource, TrainConfig, Trainer};
+use saepipe::train::{TrainConfig, Trainer};
 use saepipe::util::progress::Silent;
 
 const D: usize = 16;

@@ -6,8 +6,9 @@
 //! decoder rows is >= 0.9.
 
 use saepipe::sae::{topk, ArchConfig, Param};
+use saepipe::store::InMemorySource;
 use saepipe::synthetic::{mmcs, SyntheticConfig, SyntheticData};
-use saepipe::train::{InMemorySource, TrainConfig, Trainer};
+use saepipe::train::{TrainConfig, Trainer};
 use saepipe::util::progress::Silent;
 
 #[test]

@@ -37,8 +37,9 @@ use crate::pipeline::capture::activations_dir;
 use crate::sae::export::ExportMeta;
 use crate::store::reader::{ActivationSet, Expect, ParquetSource, ShuffleConfig};
 use crate::store::set_dir;
+use crate::store::{ActivationSource, DataError};
 use crate::synthetic::SyntheticSource;
-use crate::train::{ActivationSource, DataError, StepRecord, Trainer, LOG_FILE};
+use crate::train::{StepRecord, Trainer, LOG_FILE};
 use crate::util::progress::Reporter;
 
 /// The completion marker of a trained unit.

@@ -1,18 +1,22 @@
 //! Training checkpoints and the training log.
 //!
-//! A checkpoint is one safetensors file, written atomically (`*.tmp` then rename):
-//! - `param.<name>` (every parameter and state buffer), `adam_m.<name>`, `adam_v.<name>`
-//!   (trainable ones), `tokens_since_fired` (I64), `log.<column>` (F64);
-//! - PAM-SGD runs also: `pam_anchor.<name>` (F32, encoder anchors) and the decoder
-//!   statistics `pam.G`, `pam.C`, `pam.sz`, `pam.sx`, `pam.n` (F64);
-//! - `__metadata__["saepipe"]`: JSON [`CheckpointMeta`] (step, tokens, RNG state, data
-//!   position, input scale, variant and configs).
+//! A checkpoint is one safetensors file of named tensors plus one JSON object of scalars
+//! (`__metadata__["saepipe"]`), written atomically (`*.tmp` then rename). The engine
+//! ([`super::Trainer`]) decides the names; for a model of `S` SAEs:
+//! - `sae{s}.param.<name>`: every parameter and state buffer of SAE `s` (F32);
+//! - `sae{s}.tokens_since_fired` (U64), the firing counters;
+//! - the optimiser's state under its own names (`sae{s}.adam_m.<name>`, `sae{s}.adam_v.<name>`;
+//!   PAM-SGD adds `pam.anchor.<name>` and its F64 statistics `pam.G`, `pam.C`, …);
+//! - `log.<column>` (F64), the training log so far.
 //!
-//! Everything the next step depends on is in it, so stopping and resuming gives the same
-//! weights bit for bit as an uninterrupted run.
+//! The JSON holds the step, tokens, RNG state, input scales, the model's and the training
+//! configuration, and whatever the caller adds (a stage's own bookkeeping). Everything the
+//! next step depends on is in the file, so stopping and resuming gives the same weights bit
+//! for bit as an uninterrupted run. Single SAEs, lockstep groups and JSAE pairs all use
+//! this one format.
 //!
 //! `train_log.parquet`: one row per logged step: `step`, `tokens` (UInt64), `loss`, each loss
-//! term, `l0`, `dead_frac`, `lr` (Float64); written atomically.
+//! term and diagnostic, `l0`, `dead_frac`, `lr` (Float64); written atomically.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -22,44 +26,9 @@ use arrow::array::{ArrayRef, Float64Array, UInt64Array};
 use arrow::datatypes::{DataType, Field, Schema};
 use arrow::record_batch::RecordBatch;
 use safetensors::tensor::{Dtype, TensorView};
-use serde::{Deserialize, Serialize};
 
 use super::TrainError;
 use crate::util::fs as fsutil;
-
-/// Checkpoint format tag.
-pub const FORMAT: &str = "saepipe-checkpoint-1";
-
-/// Scalar state of a checkpoint.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CheckpointMeta {
-    /// [`FORMAT`].
-    pub format: String,
-    /// Variant kind.
-    pub arch_kind: String,
-    /// The full architecture config (JSON of `ArchConfig`).
-    pub arch: serde_json::Value,
-    /// The training config (JSON of `TrainConfig`).
-    pub train: serde_json::Value,
-    /// Input width.
-    pub d_in: usize,
-    /// Dictionary width.
-    pub d_sae: usize,
-    /// Steps completed.
-    pub step: u64,
-    /// Tokens consumed.
-    pub tokens: u64,
-    /// Total steps of the run.
-    pub total_steps: u64,
-    /// RNG state as four decimal strings (JSON numbers lose u64 precision).
-    pub rng: [String; 4],
-    /// Row position of the activation source.
-    pub data_position: u64,
-    /// Input scale `c`.
-    pub scale: f32,
-    /// Log column names.
-    pub log_columns: Vec<String>,
-}
 
 /// In-memory training log, column-major.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -159,75 +128,160 @@ impl TrainLog {
     }
 }
 
-/// Everything a checkpoint holds, by name.
-pub struct CheckpointData {
-    /// Scalars.
-    pub meta: CheckpointMeta,
-    /// `param.*`, `adam_m.*`, `adam_v.*` tensors.
-    pub tensors: HashMap<String, Vec<f32>>,
-    /// F64 tensors other than the log (PAM-SGD statistics).
-    pub tensors64: HashMap<String, Vec<f64>>,
-    /// Firing counters.
-    pub tokens_since_fired: Vec<u64>,
-    /// The log so far.
-    pub log: TrainLog,
+/// Checkpoint format tag (in the JSON's `format`).
+pub const FORMAT: &str = "saepipe-checkpoint-2";
+
+/// A tensor to write, borrowed.
+#[derive(Debug, Clone, Copy)]
+pub enum TensorRef<'a> {
+    /// 32-bit floats.
+    F32(&'a [f32]),
+    /// 64-bit floats.
+    F64(&'a [f64]),
+    /// Counters.
+    U64(&'a [u64]),
 }
 
-fn bytes_f32(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+/// A tensor read back.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Tensor {
+    /// 32-bit floats.
+    F32(Vec<f32>),
+    /// 64-bit floats.
+    F64(Vec<f64>),
+    /// Counters.
+    U64(Vec<u64>),
 }
 
-/// Write a checkpoint atomically.
+/// Everything a checkpoint holds.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    /// The file it was read from.
+    pub path: PathBuf,
+    /// The scalars.
+    pub meta: serde_json::Value,
+    /// The tensors by name.
+    pub tensors: HashMap<String, Tensor>,
+}
+
+impl Checkpoint {
+    fn err(&self, msg: String) -> TrainError {
+        TrainError::Checkpoint {
+            path: self.path.clone(),
+            msg,
+        }
+    }
+
+    /// The F32 tensor `name`, which must have `len` values.
+    pub fn f32(&self, name: &str, len: usize) -> Result<&[f32], TrainError> {
+        match self.tensors.get(name) {
+            Some(Tensor::F32(v)) if v.len() == len => Ok(v),
+            Some(Tensor::F32(v)) => Err(self.err(format!(
+                "tensor {name} has {} values, expected {len}",
+                v.len()
+            ))),
+            Some(_) => Err(self.err(format!("tensor {name} is not F32"))),
+            None => Err(self.err(format!("missing tensor {name}"))),
+        }
+    }
+
+    /// The F64 tensor `name`, which must have `len` values.
+    pub fn f64(&self, name: &str, len: usize) -> Result<&[f64], TrainError> {
+        match self.tensors.get(name) {
+            Some(Tensor::F64(v)) if v.len() == len => Ok(v),
+            Some(Tensor::F64(v)) => Err(self.err(format!(
+                "tensor {name} has {} values, expected {len}",
+                v.len()
+            ))),
+            Some(_) => Err(self.err(format!("tensor {name} is not F64"))),
+            None => Err(self.err(format!("missing tensor {name}"))),
+        }
+    }
+
+    /// The U64 tensor `name`, which must have `len` values.
+    pub fn u64(&self, name: &str, len: usize) -> Result<&[u64], TrainError> {
+        match self.tensors.get(name) {
+            Some(Tensor::U64(v)) if v.len() == len => Ok(v),
+            Some(Tensor::U64(v)) => Err(self.err(format!(
+                "tensor {name} has {} values, expected {len}",
+                v.len()
+            ))),
+            Some(_) => Err(self.err(format!("tensor {name} is not U64"))),
+            None => Err(self.err(format!("missing tensor {name}"))),
+        }
+    }
+
+    /// A scalar of the JSON, deserialised.
+    pub fn get<T: serde::de::DeserializeOwned>(&self, key: &str) -> Result<T, TrainError> {
+        let v = self
+            .meta
+            .get(key)
+            .ok_or_else(|| self.err(format!("no `{key}` in its metadata")))?;
+        serde_json::from_value(v.clone()).map_err(|e| self.err(format!("`{key}`: {e}")))
+    }
+
+    /// The training log stored in it.
+    pub fn log(&self) -> Result<TrainLog, TrainError> {
+        let columns: Vec<String> = self.get("log_columns")?;
+        let mut data = Vec::with_capacity(columns.len());
+        for c in &columns {
+            match self.tensors.get(&format!("log.{c}")) {
+                Some(Tensor::F64(v)) => data.push(v.clone()),
+                _ => return Err(self.err(format!("missing log column {c}"))),
+            }
+        }
+        Ok(TrainLog { columns, data })
+    }
+}
+
+fn le_bytes<const N: usize, T: Copy>(v: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
+    v.iter().flat_map(|&x| f(x)).collect()
+}
+
+/// Write a checkpoint atomically: `meta` (a JSON object; `format` and `log_columns` are
+/// added), the tensors, and `log` as `log.<column>` tensors.
 pub fn save(
     path: &Path,
-    meta: &CheckpointMeta,
-    tensors: &[(String, &[f32])],
-    tensors64: &[(String, &[f64])],
-    tsf: &[u64],
+    mut meta: serde_json::Value,
+    tensors: &[(String, TensorRef)],
     log: &TrainLog,
 ) -> Result<(), TrainError> {
-    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
-    for (name, v) in tensors {
-        owned.push((name.clone(), Dtype::F32, vec![v.len()], bytes_f32(v)));
-    }
-    for (name, v) in tensors64 {
-        owned.push((
-            name.clone(),
-            Dtype::F64,
-            vec![v.len()],
-            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ));
-    }
-    owned.push((
-        "tokens_since_fired".into(),
-        Dtype::I64,
-        vec![tsf.len()],
-        tsf.iter().flat_map(|&x| (x as i64).to_le_bytes()).collect(),
-    ));
-    for (c, v) in log.columns.iter().zip(&log.data) {
-        owned.push((
-            format!("log.{c}"),
-            Dtype::F64,
-            vec![v.len()],
-            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ));
-    }
     let cerr = |msg: String| TrainError::Checkpoint {
         path: path.to_path_buf(),
         msg,
     };
-    let mut views = Vec::new();
-    for (n, dt, shape, b) in &owned {
-        views.push((
-            n.clone(),
-            TensorView::new(*dt, shape.clone(), b).map_err(|e| cerr(e.to_string()))?,
+    let obj = meta
+        .as_object_mut()
+        .ok_or_else(|| cerr("metadata must be a JSON object".into()))?;
+    obj.insert("format".into(), FORMAT.into());
+    obj.insert("log_columns".into(), serde_json::json!(log.columns));
+    let mut owned: Vec<(String, Dtype, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        owned.push(match t {
+            TensorRef::F32(v) => (name.clone(), Dtype::F32, le_bytes(v, f32::to_le_bytes)),
+            TensorRef::F64(v) => (name.clone(), Dtype::F64, le_bytes(v, f64::to_le_bytes)),
+            TensorRef::U64(v) => (name.clone(), Dtype::U64, le_bytes(v, u64::to_le_bytes)),
+        });
+    }
+    for (c, v) in log.columns.iter().zip(&log.data) {
+        owned.push((
+            format!("log.{c}"),
+            Dtype::F64,
+            le_bytes(v, f64::to_le_bytes),
         ));
     }
-    let mut md = HashMap::new();
-    md.insert(
+    let mut views = Vec::with_capacity(owned.len());
+    for (n, dt, b) in &owned {
+        let len = b.len() * 8 / dt.bitsize();
+        views.push((
+            n.clone(),
+            TensorView::new(*dt, vec![len], b).map_err(|e| cerr(e.to_string()))?,
+        ));
+    }
+    let md = HashMap::from([(
         "saepipe".to_string(),
-        serde_json::to_string(meta).map_err(|e| cerr(e.to_string()))?,
-    );
+        serde_json::to_string(&meta).map_err(|e| cerr(e.to_string()))?,
+    )]);
     let bytes = safetensors::serialize(views, Some(md)).map_err(|e| cerr(e.to_string()))?;
     fsutil::atomic_write(path, &bytes).map_err(|source| TrainError::Io {
         path: path.to_path_buf(),
@@ -236,7 +290,7 @@ pub fn save(
 }
 
 /// Read a checkpoint written by [`save`].
-pub fn load(path: &Path) -> Result<CheckpointData, TrainError> {
+pub fn load(path: &Path) -> Result<Checkpoint, TrainError> {
     let cerr = |msg: String| TrainError::Checkpoint {
         path: PathBuf::from(path),
         msg,
@@ -254,59 +308,44 @@ pub fn load(path: &Path) -> Result<CheckpointData, TrainError> {
         .as_ref()
         .and_then(|m| m.get("saepipe"))
         .ok_or_else(|| cerr("no saepipe metadata: not a saepipe training checkpoint".into()))?;
-    let meta: CheckpointMeta =
+    let meta: serde_json::Value =
         serde_json::from_str(meta_s).map_err(|e| cerr(format!("bad metadata: {e}")))?;
-    if meta.format != FORMAT {
-        return Err(cerr(format!("format {} is not {FORMAT}", meta.format)));
+    let format = meta.get("format").and_then(|f| f.as_str()).unwrap_or("");
+    if format != FORMAT {
+        return Err(cerr(format!(
+            "format {format:?} is not {FORMAT}; it was written by another version of saepipe: delete it to start this unit again"
+        )));
     }
     let mut tensors = HashMap::new();
-    let mut tensors64 = HashMap::new();
-    let mut tsf = Vec::new();
-    let mut log = TrainLog {
-        columns: meta.log_columns.clone(),
-        data: vec![Vec::new(); meta.log_columns.len()],
-    };
     for (name, t) in st.tensors() {
         let data = t.data();
-        if name == "tokens_since_fired" {
-            tsf = data
-                .chunks_exact(8)
-                .map(|b| i64::from_le_bytes(b.try_into().expect("invariant: chunks of 8")) as u64)
-                .collect();
-        } else if let Some(c) = name.strip_prefix("log.") {
-            if let Some(i) = log.columns.iter().position(|x| x == c) {
-                log.data[i] = data
-                    .chunks_exact(8)
-                    .map(|b| f64::from_le_bytes(b.try_into().expect("invariant: chunks of 8")))
-                    .collect();
-            }
-        } else if t.dtype() == Dtype::F64 {
-            tensors64.insert(
-                name,
-                data.chunks_exact(8)
-                    .map(|b| f64::from_le_bytes(b.try_into().expect("invariant: chunks of 8")))
-                    .collect(),
-            );
-        } else {
-            if t.dtype() != Dtype::F32 {
-                return Err(cerr(format!(
-                    "tensor {name} is {:?}, expected F32",
-                    t.dtype()
-                )));
-            }
-            tensors.insert(
-                name,
+        let v = match t.dtype() {
+            Dtype::F32 => Tensor::F32(
                 data.chunks_exact(4)
                     .map(|b| f32::from_le_bytes(b.try_into().expect("invariant: chunks of 4")))
                     .collect(),
-            );
-        }
+            ),
+            Dtype::F64 => Tensor::F64(
+                data.chunks_exact(8)
+                    .map(|b| f64::from_le_bytes(b.try_into().expect("invariant: chunks of 8")))
+                    .collect(),
+            ),
+            Dtype::U64 => Tensor::U64(
+                data.chunks_exact(8)
+                    .map(|b| u64::from_le_bytes(b.try_into().expect("invariant: chunks of 8")))
+                    .collect(),
+            ),
+            other => {
+                return Err(cerr(format!(
+                    "tensor {name} has unsupported dtype {other:?}"
+                )))
+            }
+        };
+        tensors.insert(name, v);
     }
-    Ok(CheckpointData {
+    Ok(Checkpoint {
+        path: path.to_path_buf(),
         meta,
         tensors,
-        tensors64,
-        tokens_since_fired: tsf,
-        log,
     })
 }

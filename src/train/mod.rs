@@ -1,23 +1,30 @@
-//! The shared SAE trainer (sae_variants.md §1): one loop for every variant, which only sees
-//! the [`Sae`] trait.
+//! The training engine (sae_variants.md §1): one loop, one optimiser step and one
+//! checkpoint format for everything saepipe trains: a single SAE of any variant, the SAEs of
+//! a lockstep group (one engine each, fed the same batches), and a JSAE pair (a [`Model`] of
+//! two SAEs). The engine only sees the [`Model`] and [`crate::sae::Sae`] traits.
 //!
-//! Per step:
-//! 1. read `batch_tokens` rows from the [`ActivationSource`] (wrapping at its end), scale by `c`;
-//! 2. zero gradients; `dead[i] = tokens_since_fired[i] > dead_after_tokens`;
-//! 3. `Sae::forward_backward` (λ multiplied by the sparsity warmup);
-//! 4. NaN guard on the loss terms (the error names the step and the variant);
-//! 5. project unit-norm decoder gradients (§1.3 A), clip the global norm, Adam with the
-//!    scheduled LR, renormalise unit-norm rows;
-//! 6. firing bookkeeping in tokens since last fired (§1.5), log row, progress, checkpoint;
-//! 7. [`Sae::revive_dead`] with the updated dead mask (Adam moments of reset entries zeroed).
+//! Per step ([`Trainer::step_on`]):
+//! 1. scale each input by its SAE's `c`; NaN guard on the batch;
+//! 2. zero gradients; `dead[i] = tokens_since_fired[i] > dead_after_tokens` per SAE;
+//! 3. [`Model::forward_backward`] (λ multiplied by the sparsity warmup);
+//! 4. [`optim::Optimizer::prepare`] (PAM-SGD: frozen decoder, proximal pull), NaN guard on
+//!    the loss terms (the error names the step and the model);
+//! 5. project unit-norm decoder gradients (§1.3 A), clip the global norm over every SAE,
+//!    [`optim::Optimizer::update`] with the scheduled LR (renormalising unit-norm rows),
+//!    [`optim::Optimizer::after_step`] (PAM-SGD statistics and decoder solve);
+//! 6. firing bookkeeping in tokens since last fired (§1.5), log row;
+//! 7. [`crate::sae::Sae::revive_dead`] with the updated dead mask (the optimiser forgets the
+//!    moments of reset entries).
 //!
-//! Before step 0: estimate `c = √d / E‖x‖₂` (§1.1, SAELens `expected_average_only_in`) and
-//! initialise `b_dec` (geometric median by Weiszfeld, §1.2, or the mean) on the first
-//! `init_tokens` rows; then rewind the source.
+//! Before step 0 ([`Trainer::with_model`]): per SAE, estimate `c = √d / E‖x‖₂` (§1.1, SAELens
+//! `expected_average_only_in`) and initialise `b_dec` (geometric median by Weiszfeld, §1.2,
+//! or the mean) on the init sample, then the variant's data-dependent init.
+//! [`Trainer::resume`] / [`Trainer::restore`] rebuild the same state from a checkpoint.
 //!
 //! Decision: the LR warmup is capped at 10% of the run, so short runs are not all warmup.
 
 pub mod checkpoint;
+pub mod model;
 pub mod optim;
 pub mod pam;
 
@@ -28,13 +35,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::kernels::{self, Workspace};
 use crate::sae::export::{self, ExportError, ExportMeta, Folded};
-use crate::sae::{ArchConfig, Sae, SaeError, StepInput};
-pub use crate::store::{ActivationSource, DataError, InMemorySource};
+use crate::sae::{ArchConfig, Sae, SaeError};
+use crate::store::{ActivationSource, DataError};
 use crate::util::error::{ensure_finite, NumericError};
 use crate::util::progress::Reporter;
 use crate::util::rng::Rng;
 pub use checkpoint::TrainLog;
-use optim::Adam;
+use checkpoint::{Checkpoint, TensorRef};
+pub use model::{Model, ModelOutput, SingleSae, StepCtx};
+use optim::{Adam, AdamOptimizer};
 
 /// Checkpoint file name inside the output directory.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
@@ -204,117 +213,6 @@ pub enum TrainError {
     Export(#[from] ExportError),
 }
 
-/// The result of one step.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StepRecord {
-    /// Steps completed after this one.
-    pub step: u64,
-    /// Tokens consumed so far.
-    pub tokens: u64,
-    /// Total loss.
-    pub loss: f64,
-    /// Loss terms.
-    pub terms: Vec<(&'static str, f64)>,
-    /// Mean active latents per token (training codes).
-    pub l0: f64,
-    /// Fraction of latents dead by the token counter.
-    pub dead_frac: f64,
-    /// LR used.
-    pub lr: f32,
-}
-
-/// Trainer state: the SAE, optimiser state, counters and the log.
-pub struct Trainer {
-    cfg: TrainConfig,
-    sae: Box<dyn Sae>,
-    grads: Vec<Vec<f32>>,
-    m: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-    adam: Adam,
-    step: u64,
-    tokens: u64,
-    total_steps: u64,
-    rng: Rng,
-    scale: f32,
-    tsf: Vec<u64>,
-    dead: Vec<bool>,
-    fired: Vec<bool>,
-    log: TrainLog,
-    ws: Workspace,
-    batch: Vec<f32>,
-    pam: Option<PamRun>,
-}
-
-/// PAM-SGD bookkeeping of a run.
-struct PamRun {
-    cfg: pam::PamConfig,
-    state: pam::PamState,
-    /// Indices of `W_dec` and `b_dec` in the SAE's parameters.
-    w_dec: usize,
-    b_dec: usize,
-}
-
-impl PamRun {
-    /// Set up for `sae`, or explain why PAM-SGD cannot train it.
-    fn new(cfg: &pam::PamConfig, arch: &ArchConfig, sae: &dyn Sae) -> Result<Self, TrainError> {
-        if !arch.supports_pam_sgd() {
-            return Err(TrainError::Config(format!(
-                "train.optimizer.kind = \"pam_sgd\" supports sae.arch kinds {}; this SAE is `{}` (use kind = \"adam\" for it)",
-                ArchConfig::PAM_SGD_KINDS.join(", "),
-                arch.kind()
-            )));
-        }
-        let find = |name: &str| {
-            sae.params()
-                .iter()
-                .position(|p| p.name == name)
-                .ok_or_else(|| {
-                    TrainError::Config(format!(
-                        "PAM-SGD needs a `{name}` parameter, which {} does not have",
-                        arch.kind()
-                    ))
-                })
-        };
-        let (w_dec, b_dec) = (find("W_dec")?, find("b_dec")?);
-        let (d, f) = sae.dims();
-        let state = pam::PamState::new(
-            f,
-            d,
-            sae.params().iter().map(|p| {
-                (
-                    p.trainable && !pam::DECODER_PARAMS.contains(&p.name),
-                    &p.data[..],
-                )
-            }),
-        );
-        Ok(Self {
-            cfg: cfg.clone(),
-            state,
-            w_dec,
-            b_dec,
-        })
-    }
-
-    fn is_decoder(&self, i: usize) -> bool {
-        i == self.w_dec || i == self.b_dec
-    }
-
-    /// Closed-form decoder from the statistics, installed by the variant; then new anchors.
-    fn solve(&mut self, sae: &mut dyn Sae) -> Result<(), TrainError> {
-        let arch = sae.arch();
-        let (w, b) = {
-            let p = sae.params();
-            self.state
-                .solve(&self.cfg, &p[self.w_dec].data, &p[self.b_dec].data)
-                .map_err(|e| TrainError::Config(format!("{arch}: {e}")))?
-        };
-        sae.install_decoder(&w, &b)?;
-        self.state.refresh_anchors(sae.params());
-        self.state.decay(self.cfg.stats_decay);
-        Ok(())
-    }
-}
-
 fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
     let mut bad = Vec::new();
     if cfg.batch_tokens == 0 {
@@ -413,9 +311,94 @@ fn mean_rows(x: &[f32], d: usize) -> Vec<f32> {
     s.iter().map(|v| (v / n as f64) as f32).collect()
 }
 
+/// The result of one step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRecord {
+    /// Steps completed after this one.
+    pub step: u64,
+    /// Tokens consumed so far.
+    pub tokens: u64,
+    /// Total loss.
+    pub loss: f64,
+    /// Loss terms (they sum to `loss`).
+    pub terms: Vec<(&'static str, f64)>,
+    /// Diagnostics of the model (not part of the loss).
+    pub metrics: Vec<(&'static str, f64)>,
+    /// Mean active latents per token (training codes; mean over the model's SAEs).
+    pub l0: f64,
+    /// Fraction of latents dead by the token counter (mean over the model's SAEs).
+    pub dead_frac: f64,
+    /// LR used.
+    pub lr: f32,
+}
+
+/// Firing bookkeeping of one SAE.
+struct Firing {
+    /// Tokens since each latent last fired.
+    tsf: Vec<u64>,
+    dead: Vec<bool>,
+    fired: Vec<bool>,
+}
+
+impl Firing {
+    fn new(d_sae: usize) -> Self {
+        Self {
+            tsf: vec![0; d_sae],
+            dead: vec![false; d_sae],
+            fired: vec![false; d_sae],
+        }
+    }
+}
+
+/// The engine: a model, its optimiser, counters, and the log.
+pub struct Trainer {
+    cfg: TrainConfig,
+    model: Box<dyn Model>,
+    opt: Box<dyn optim::Optimizer>,
+    step: u64,
+    tokens: u64,
+    total_steps: u64,
+    rng: Rng,
+    scales: Vec<f32>,
+    firing: Vec<Firing>,
+    dead: Vec<Vec<bool>>,
+    grads: Vec<Vec<Vec<f32>>>,
+    ws: Vec<Workspace>,
+    inputs: Vec<Vec<f32>>,
+    log: TrainLog,
+    batch: Vec<f32>,
+}
+
+/// The optimiser a config asks for, over `model`.
+fn build_optimizer(
+    cfg: &TrainConfig,
+    model: &dyn Model,
+) -> Result<Box<dyn optim::Optimizer>, TrainError> {
+    let (lr0, b1, b2) = model.recommended_adam();
+    let adam = Adam {
+        lr: cfg.lr.unwrap_or(lr0),
+        beta1: cfg.adam_beta1.unwrap_or(b1),
+        beta2: cfg.adam_beta2.unwrap_or(b2),
+        eps: cfg.adam_eps,
+    };
+    Ok(match &cfg.optimizer {
+        Optimizer::Adam => Box::new(AdamOptimizer::new(adam, model)),
+        Optimizer::PamSgd(p) => Box::new(pam::PamSgd::new(p, adam, model)?),
+    })
+}
+
+/// The scalars of a checkpoint that identify what it holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct Identity {
+    model: String,
+    model_config: serde_json::Value,
+    optimizer: serde_json::Value,
+    dims: Vec<(usize, usize)>,
+}
+
 impl Trainer {
-    /// Estimate the input scale, build the SAE of width `d_sae` and initialise `b_dec` from
-    /// the start of `src` (which is rewound).
+    /// Build a single SAE of width `d_sae` from `arch`, estimate its input scale and
+    /// initialise `b_dec` from the start of `src` (which is rewound).
     pub fn new(
         cfg: TrainConfig,
         arch: &ArchConfig,
@@ -423,94 +406,115 @@ impl Trainer {
         src: &mut dyn ActivationSource,
     ) -> Result<Self, TrainError> {
         validate(&cfg)?;
-        let d = src.d_in();
-        let mut sae = arch.build(d, d_sae, cfg.seed)?;
+        let sae = arch.build(src.d_in(), d_sae, cfg.seed)?;
         let init = read_init(src, cfg.init_tokens)?;
-        if init.is_empty() {
-            return Err(TrainError::EmptyData("empty"));
+        Self::with_model(cfg, Box::new(SingleSae::new(arch.clone(), sae)), &[&init])
+    }
+
+    /// Train `model`: `init[i]` is the init sample of SAE `i` (raw rows), from which its
+    /// input scale and `b_dec` are set before the variant's own data-dependent init.
+    pub fn with_model(
+        cfg: TrainConfig,
+        mut model: Box<dyn Model>,
+        init: &[&[f32]],
+    ) -> Result<Self, TrainError> {
+        validate(&cfg)?;
+        if init.len() != model.n_saes() {
+            return Err(TrainError::Config(format!(
+                "{} init samples for a model of {} SAEs",
+                init.len(),
+                model.n_saes()
+            )));
         }
-        ensure_finite(&init, "activations (init sample)", None).map_err(|source| {
-            TrainError::NonFinite {
-                arch: sae.arch(),
-                step: 0,
-                source,
+        let mut scales = Vec::with_capacity(init.len());
+        for (s, sample) in init.iter().enumerate() {
+            let sae = model.sae_mut(s);
+            let d = sae.dims().0;
+            if sample.is_empty() {
+                return Err(TrainError::EmptyData("empty"));
             }
-        })?;
-        let mean_norm = init
-            .chunks(d)
-            .map(|r| (kernels::dot(r, r) as f64).sqrt())
-            .sum::<f64>()
-            / (init.len() / d) as f64;
-        if mean_norm == 0.0 {
-            return Err(TrainError::EmptyData("all zeros (mean norm 0)"));
+            if !sample.len().is_multiple_of(d) {
+                return Err(TrainError::Width {
+                    expected: d,
+                    found: sample.len(),
+                });
+            }
+            ensure_finite(sample, "activations (init sample)", None).map_err(|source| {
+                TrainError::NonFinite {
+                    arch: sae.arch(),
+                    step: 0,
+                    source,
+                }
+            })?;
+            let mean_norm = sample
+                .chunks(d)
+                .map(|r| (kernels::dot(r, r) as f64).sqrt())
+                .sum::<f64>()
+                / (sample.len() / d) as f64;
+            if mean_norm == 0.0 {
+                return Err(TrainError::EmptyData("all zeros (mean norm 0)"));
+            }
+            let scale = if cfg.scale_inputs {
+                ((d as f64).sqrt() / mean_norm) as f32
+            } else {
+                1.0
+            };
+            let scaled: Vec<f32> = sample.iter().map(|v| v * scale).collect();
+            let b_dec = match cfg.b_dec_init {
+                BDecInit::GeometricMedian => geometric_median(&scaled, d),
+                BDecInit::Mean => mean_rows(&scaled, d),
+                BDecInit::Zero => vec![0.0; d],
+            };
+            if let Some(p) = sae.params_mut().iter_mut().find(|p| p.name == "b_dec") {
+                p.data.copy_from_slice(&b_dec);
+            }
+            sae.init_from_sample(&scaled, scaled.len() / d)?;
+            scales.push(scale);
         }
-        let scale = if cfg.scale_inputs {
-            ((d as f64).sqrt() / mean_norm) as f32
-        } else {
-            1.0
-        };
-        let scaled: Vec<f32> = init.iter().map(|v| v * scale).collect();
-        let b_dec = match cfg.b_dec_init {
-            BDecInit::GeometricMedian => geometric_median(&scaled, d),
-            BDecInit::Mean => mean_rows(&scaled, d),
-            BDecInit::Zero => vec![0.0; d],
-        };
-        if let Some(p) = sae.params_mut().iter_mut().find(|p| p.name == "b_dec") {
-            p.data.copy_from_slice(&b_dec);
-        }
-        sae.init_from_sample(&scaled, scaled.len() / d)?;
-        let (lr0, b1, b2) = arch.recommended_adam(d_sae);
-        let adam = Adam {
-            lr: cfg.lr.unwrap_or(lr0),
-            beta1: cfg.adam_beta1.unwrap_or(b1),
-            beta2: cfg.adam_beta2.unwrap_or(b2),
-            eps: cfg.adam_eps,
-        };
-        let zeros = |sae: &dyn Sae| {
-            sae.params()
-                .iter()
-                .map(|p| {
-                    if p.trainable {
-                        vec![0.0; p.data.len()]
-                    } else {
-                        Vec::new()
-                    }
-                })
-                .collect::<Vec<_>>()
-        };
-        let rng = Rng::new(cfg.seed.wrapping_add(0xA11CE));
-        let pam = match &cfg.optimizer {
-            Optimizer::PamSgd(p) => Some(PamRun::new(p, arch, &*sae)?),
-            Optimizer::Adam => None,
-        };
-        Ok(Self {
-            pam,
-            grads: sae
-                .params()
-                .iter()
-                .map(|p| vec![0.0; p.data.len()])
-                .collect(),
-            m: zeros(&*sae),
-            v: zeros(&*sae),
-            adam,
+        model.set_scales(&scales);
+        let opt = build_optimizer(&cfg, &*model)?;
+        Ok(Self::assemble(cfg, model, opt, scales))
+    }
+
+    /// The state every constructor shares: zero counters and buffers.
+    fn assemble(
+        cfg: TrainConfig,
+        model: Box<dyn Model>,
+        opt: Box<dyn optim::Optimizer>,
+        scales: Vec<f32>,
+    ) -> Self {
+        let n = model.n_saes();
+        let widths: Vec<usize> = (0..n).map(|s| model.sae(s).dims().1).collect();
+        Self {
             step: 0,
             tokens: 0,
             total_steps: cfg.total_steps(),
-            rng,
-            scale,
-            tsf: vec![0; d_sae],
-            dead: vec![false; d_sae],
-            fired: vec![false; d_sae],
+            rng: Rng::new(cfg.seed.wrapping_add(0xA11CE)),
+            firing: widths.iter().map(|&f| Firing::new(f)).collect(),
+            dead: widths.iter().map(|&f| vec![false; f]).collect(),
+            grads: (0..n)
+                .map(|s| {
+                    model
+                        .sae(s)
+                        .params()
+                        .iter()
+                        .map(|p| vec![0.0; p.data.len()])
+                        .collect()
+                })
+                .collect(),
+            ws: (0..n).map(|_| Workspace::default()).collect(),
+            inputs: vec![Vec::new(); n],
             log: TrainLog::default(),
-            ws: Workspace::default(),
             batch: Vec::new(),
-            sae,
+            scales,
+            opt,
+            model,
             cfg,
-        })
+        }
     }
 
-    /// Continue from a checkpoint written by [`Trainer::save_checkpoint`]. `arch` and `cfg`
-    /// must be the ones the checkpoint was made with; `src` is positioned where it was.
+    /// Continue a single SAE from a checkpoint written by [`Trainer::save_checkpoint`].
+    /// `arch` and `cfg` must be the ones it was made with; `src` is positioned where it was.
     pub fn resume(
         path: &Path,
         cfg: TrainConfig,
@@ -519,158 +523,132 @@ impl Trainer {
     ) -> Result<Self, TrainError> {
         validate(&cfg)?;
         let ck = checkpoint::load(path)?;
-        let cerr = |msg: String| TrainError::Checkpoint {
-            path: path.to_path_buf(),
-            msg,
+        let id: Identity = ck.get("identity")?;
+        if id.model != arch.kind() {
+            return Err(TrainError::Checkpoint {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "it holds a {} SAE but the config asks for {}; point to the matching checkpoint or start a new run",
+                    id.model,
+                    arch.kind()
+                ),
+            });
+        }
+        let &[(d_in, d_sae)] = id.dims.as_slice() else {
+            return Err(TrainError::Checkpoint {
+                path: path.to_path_buf(),
+                msg: format!("it holds a model of {} SAEs, not one", id.dims.len()),
+            });
         };
-        if ck.meta.arch_kind != arch.kind() {
-            return Err(cerr(format!(
-                "it holds a {} SAE but the config asks for {}; point to the matching checkpoint or start a new run",
-                ck.meta.arch_kind,
-                arch.kind()
-            )));
-        }
-        let want_arch = serde_json::to_value(arch).map_err(|e| cerr(e.to_string()))?;
-        if ck.meta.arch != want_arch {
-            return Err(cerr(format!(
-                "architecture config differs: checkpoint {} vs requested {want_arch}",
-                ck.meta.arch
-            )));
-        }
-        let want_opt = serde_json::to_value(&cfg.optimizer).map_err(|e| cerr(e.to_string()))?;
-        let have_opt = ck
-            .meta
-            .train
-            .get("optimizer")
-            .cloned()
-            .unwrap_or_else(|| serde_json::json!({ "kind": "adam" }));
-        if have_opt != want_opt {
-            return Err(cerr(format!(
-                "it was trained with optimizer {have_opt} but the config asks for {want_opt}; resume with the same train.optimizer or start a new run"
-            )));
-        }
-        if src.d_in() != ck.meta.d_in {
+        if src.d_in() != d_in {
             return Err(TrainError::Width {
-                expected: ck.meta.d_in,
+                expected: d_in,
                 found: src.d_in(),
             });
         }
-        let mut sae = arch.build(ck.meta.d_in, ck.meta.d_sae, cfg.seed)?;
-        let (lr0, b1, b2) = arch.recommended_adam(ck.meta.d_sae);
-        let mut m = Vec::new();
-        let mut v = Vec::new();
-        for p in sae.params_mut() {
-            let get = |k: String, len: usize| -> Result<Vec<f32>, TrainError> {
-                let t = ck
-                    .tensors
-                    .get(&k)
-                    .ok_or_else(|| cerr(format!("missing tensor {k}")))?;
-                if t.len() != len {
-                    return Err(cerr(format!(
-                        "tensor {k} has {} values, expected {len}",
-                        t.len()
-                    )));
-                }
-                Ok(t.clone())
-            };
-            p.data = get(format!("param.{}", p.name), p.data.len())?;
-            if p.trainable {
-                m.push(get(format!("adam_m.{}", p.name), p.data.len())?);
-                v.push(get(format!("adam_v.{}", p.name), p.data.len())?);
-            } else {
-                m.push(Vec::new());
-                v.push(Vec::new());
-            }
-        }
-        let pam = match &cfg.optimizer {
-            Optimizer::PamSgd(p) => {
-                let mut pr = PamRun::new(p, arch, &*sae)?;
-                for (a, p) in pr.state.anchors.iter_mut().zip(sae.params()) {
-                    if !a.is_empty() {
-                        let k = format!("pam_anchor.{}", p.name);
-                        let t = ck.tensors.get(&k).ok_or_else(|| {
-                            cerr(format!(
-                                "missing tensor {k}: the checkpoint was not made with PAM-SGD"
-                            ))
-                        })?;
-                        if t.len() != a.len() {
-                            return Err(cerr(format!("tensor {k} has the wrong length")));
-                        }
-                        a.copy_from_slice(t);
-                    }
-                }
-                let st = &mut pr.state;
-                let mut n = [0.0f64];
-                for (k, dst) in [
-                    ("pam.G", &mut st.g[..]),
-                    ("pam.C", &mut st.c[..]),
-                    ("pam.sz", &mut st.sz[..]),
-                    ("pam.sx", &mut st.sx[..]),
-                    ("pam.n", &mut n[..]),
-                ] {
-                    let t = ck
-                        .tensors64
-                        .get(k)
-                        .ok_or_else(|| cerr(format!("missing PAM-SGD statistics {k}")))?;
-                    if t.len() != dst.len() {
-                        return Err(cerr(format!("tensor {k} has the wrong length")));
-                    }
-                    dst.copy_from_slice(t);
-                }
-                st.n = n[0];
-                Some(pr)
-            }
-            Optimizer::Adam => None,
-        };
-        let rng_state: Result<Vec<u64>, _> = ck.meta.rng.iter().map(|s| s.parse::<u64>()).collect();
-        let rng_state = rng_state.map_err(|e| cerr(format!("bad rng state: {e}")))?;
-        src.seek(ck.meta.data_position)?;
-        let d_sae = ck.meta.d_sae;
-        if ck.tokens_since_fired.len() != d_sae {
-            return Err(cerr("tokens_since_fired has the wrong length".into()));
-        }
-        Ok(Self {
-            pam,
-            grads: sae
-                .params()
-                .iter()
-                .map(|p| vec![0.0; p.data.len()])
-                .collect(),
-            m,
-            v,
-            adam: Adam {
-                lr: cfg.lr.unwrap_or(lr0),
-                beta1: cfg.adam_beta1.unwrap_or(b1),
-                beta2: cfg.adam_beta2.unwrap_or(b2),
-                eps: cfg.adam_eps,
-            },
-            step: ck.meta.step,
-            tokens: ck.meta.tokens,
-            total_steps: ck.meta.total_steps,
-            rng: Rng::from_state([rng_state[0], rng_state[1], rng_state[2], rng_state[3]]),
-            scale: ck.meta.scale,
-            tsf: ck.tokens_since_fired,
-            dead: vec![false; d_sae],
-            fired: vec![false; d_sae],
-            log: ck.log,
-            ws: Workspace::default(),
-            batch: Vec::new(),
-            sae,
-            cfg,
-        })
+        let sae = arch.build(d_in, d_sae, cfg.seed)?;
+        let t = Self::restore(&ck, cfg, Box::new(SingleSae::new(arch.clone(), sae)))?;
+        src.seek(ck.get("data_position")?)?;
+        Ok(t)
     }
 
-    /// The SAE being trained.
+    /// Rebuild the engine for `model` (freshly built from the same configuration) from a
+    /// checkpoint: parameters, optimiser state, scales, counters, RNG and log.
+    pub fn restore(
+        ck: &Checkpoint,
+        cfg: TrainConfig,
+        mut model: Box<dyn Model>,
+    ) -> Result<Self, TrainError> {
+        validate(&cfg)?;
+        let cerr = |msg: String| TrainError::Checkpoint {
+            path: ck.path.clone(),
+            msg,
+        };
+        let id: Identity = ck.get("identity")?;
+        if id.model != model.name() {
+            return Err(cerr(format!(
+                "it holds a {} model but the config asks for {}; point to the matching checkpoint or start a new run",
+                id.model,
+                model.name()
+            )));
+        }
+        if id.model_config != model.config_json() {
+            return Err(cerr(format!(
+                "architecture config differs: checkpoint {} vs requested {}",
+                id.model_config,
+                model.config_json()
+            )));
+        }
+        let want_opt = serde_json::to_value(&cfg.optimizer).map_err(|e| cerr(e.to_string()))?;
+        if id.optimizer != want_opt {
+            return Err(cerr(format!(
+                "it was trained with optimizer {} but the config asks for {want_opt}; resume with the same train.optimizer or start a new run",
+                id.optimizer
+            )));
+        }
+        let dims: Vec<(usize, usize)> = (0..model.n_saes()).map(|s| model.sae(s).dims()).collect();
+        if id.dims != dims {
+            return Err(cerr(format!(
+                "it holds SAEs of (d_in, d_sae) {:?}, the model has {dims:?}",
+                id.dims
+            )));
+        }
+        for s in 0..model.n_saes() {
+            for p in model.sae_mut(s).params_mut() {
+                let n = p.data.len();
+                p.data
+                    .copy_from_slice(ck.f32(&format!("sae{s}.param.{}", p.name), n)?);
+            }
+        }
+        let scales: Vec<f32> = ck.get("scales")?;
+        if scales.len() != model.n_saes() {
+            return Err(cerr("wrong number of input scales".into()));
+        }
+        model.set_scales(&scales);
+        let mut opt = build_optimizer(&cfg, &*model)?;
+        opt.restore(&*model, ck)?;
+        let mut t = Self::assemble(cfg, model, opt, scales);
+        for (s, f) in t.firing.iter_mut().enumerate() {
+            let n = f.tsf.len();
+            f.tsf
+                .copy_from_slice(ck.u64(&format!("sae{s}.tokens_since_fired"), n)?);
+        }
+        let rng: [String; 4] = ck.get("rng")?;
+        let mut state = [0u64; 4];
+        for (dst, s) in state.iter_mut().zip(&rng) {
+            *dst = s.parse().map_err(|e| cerr(format!("bad rng state: {e}")))?;
+        }
+        t.rng = Rng::from_state(state);
+        t.step = ck.get("step")?;
+        t.tokens = ck.get("tokens")?;
+        t.total_steps = ck.get("total_steps")?;
+        t.log = ck.log()?;
+        Ok(t)
+    }
+
+    /// The model being trained.
+    pub fn model(&self) -> &dyn Model {
+        &*self.model
+    }
+    /// The model, mutable.
+    pub fn model_mut(&mut self) -> &mut dyn Model {
+        &mut *self.model
+    }
+    /// The first (for a single-SAE model: the) SAE being trained.
     pub fn sae(&self) -> &dyn Sae {
-        &*self.sae
+        self.model.sae(0)
     }
     /// Mutable access to the SAE (benchmarks, custom initialisation before step 0).
     pub fn sae_mut(&mut self) -> &mut dyn Sae {
-        &mut *self.sae
+        self.model.sae_mut(0)
     }
-    /// The input scale `c` (activations are multiplied by it before the SAE sees them).
+    /// The input scale `c` of the first SAE (activations are multiplied by it).
     pub fn scale(&self) -> f32 {
-        self.scale
+        self.scales[0]
+    }
+    /// The input scale of every SAE of the model.
+    pub fn scales(&self) -> &[f32] {
+        &self.scales
     }
     /// Steps completed.
     pub fn step_count(&self) -> u64 {
@@ -688,12 +666,17 @@ impl Trainer {
     pub fn rng_mut(&mut self) -> &mut Rng {
         &mut self.rng
     }
+    /// The optimiser's name (`adam`, `pam_sgd`).
+    pub fn optimizer_name(&self) -> &'static str {
+        self.opt.name()
+    }
 
+    /// Fill `self.batch` with the next `batch_tokens` rows of `src`, wrapping at its end.
     fn read_batch(&mut self, src: &mut dyn ActivationSource) -> Result<(), TrainError> {
         let (d, rows) = (src.d_in(), self.cfg.batch_tokens);
-        if d != self.sae.dims().0 {
+        if d != self.model.sae(0).dims().0 {
             return Err(TrainError::Width {
-                expected: self.sae.dims().0,
+                expected: self.model.sae(0).dims().0,
                 found: d,
             });
         }
@@ -711,153 +694,168 @@ impl Trainer {
                 wrapped = false;
             }
         }
-        let s = self.scale;
-        if s != 1.0 {
-            self.batch
-                .par_chunks_mut(1 << 14)
-                .for_each(|c| c.iter_mut().for_each(|v| *v *= s));
-        }
         Ok(())
     }
 
-    /// One optimiser step on the next batch of `src`.
+    /// One optimiser step of a single-SAE model on the next batch of `src`.
     pub fn step(&mut self, src: &mut dyn ActivationSource) -> Result<StepRecord, TrainError> {
+        self.read_batch(src)?;
+        let batch = std::mem::take(&mut self.batch);
+        let r = self.step_on(&[&batch], self.cfg.batch_tokens);
+        self.batch = batch;
+        r
+    }
+
+    /// One optimiser step on `n` raw rows per SAE (`raw[i]` is `[n, d_in]` for SAE `i`).
+    pub fn step_on(&mut self, raw: &[&[f32]], n: usize) -> Result<StepRecord, TrainError> {
         let t = self.step;
-        let arch = self.sae.arch();
+        let arch = self.model.name();
         let nonfinite = |source| TrainError::NonFinite {
             arch,
             step: t,
             source,
         };
-        // 1. batch
-        self.read_batch(src)?;
-        ensure_finite(&self.batch, "activation batch", Some(t)).map_err(nonfinite)?;
-        let n = self.cfg.batch_tokens;
-        // 2. zero grads, dead mask
-        for g in &mut self.grads {
+        let n_saes = self.model.n_saes();
+        if raw.len() != n_saes || n == 0 {
+            return Err(TrainError::Config(format!(
+                "a step of {arch} needs {n_saes} non-empty batches, got {}",
+                raw.len()
+            )));
+        }
+        // 1. scaled inputs
+        for (s, x) in raw.iter().enumerate() {
+            let d = self.model.sae(s).dims().0;
+            if x.len() != n * d {
+                return Err(TrainError::Width {
+                    expected: d,
+                    found: x.len() / n,
+                });
+            }
+            let sc = self.scales[s];
+            let inp = &mut self.inputs[s];
+            inp.clear();
+            inp.extend_from_slice(x);
+            if sc != 1.0 {
+                inp.par_chunks_mut(1 << 14)
+                    .for_each(|c| c.iter_mut().for_each(|v| *v *= sc));
+            }
+            ensure_finite(inp, "activation batch", Some(t)).map_err(nonfinite)?;
+        }
+        // 2. zero grads, dead masks
+        for g in self.grads.iter_mut().flatten() {
             kernels::zero(g);
         }
-        for (dd, &c) in self.dead.iter_mut().zip(&self.tsf) {
-            *dd = c > self.cfg.dead_after_tokens;
+        for (dm, f) in self.dead.iter_mut().zip(&self.firing) {
+            for (dd, &c) in dm.iter_mut().zip(&f.tsf) {
+                *dd = c > self.cfg.dead_after_tokens;
+            }
         }
         let sw = (self.cfg.sparsity_warmup_frac.clamp(0.0, 1.0) as f64 * self.total_steps as f64)
             .ceil() as u64;
-        let input = StepInput {
-            x: &self.batch,
+        // 3. forward/backward
+        let ctx = StepCtx {
+            inputs: &self.inputs,
+            raw,
             n,
             step: t,
+            total_steps: self.total_steps,
             sparsity_scale: optim::sparsity_factor(t, sw),
             dead: &self.dead,
         };
-        // 3. forward/backward
         let mut out = self
-            .sae
-            .forward_backward(&input, &mut self.grads, &mut self.ws)?;
-        // 3b. PAM-SGD: the decoder is frozen during the encoder step, which gets the
-        //     proximal term towards its anchor.
-        if let Some(pr) = &self.pam {
-            kernels::zero(&mut self.grads[pr.w_dec]);
-            kernels::zero(&mut self.grads[pr.b_dec]);
-            let params = self.sae.params();
-            pr.state.add_prox_grads(&pr.cfg, params, &mut self.grads);
-            let prox = pr.state.prox_loss(&pr.cfg, params);
-            out.loss += prox;
-            out.terms.push(("prox", prox));
+            .model
+            .forward_backward(&ctx, &mut self.grads, &mut self.ws)?;
+        // 4. the optimiser's own terms (PAM-SGD), NaN guard
+        for (k, v) in self.opt.prepare(&*self.model, &mut self.grads) {
+            out.loss += v;
+            out.losses.push((k, v));
         }
-        // 4. NaN guard
         let mut vals: Vec<f32> = vec![out.loss as f32];
-        vals.extend(out.terms.iter().map(|t| t.1 as f32));
+        vals.extend(out.losses.iter().chain(&out.metrics).map(|t| t.1 as f32));
         ensure_finite(&vals, "loss terms", Some(t)).map_err(nonfinite)?;
-        // 5. project, clip, Adam, renormalise
-        let d = self.sae.dims().0;
-        {
-            let params = self.sae.params();
-            for (p, g) in params.iter().zip(self.grads.iter_mut()) {
+        // 5. project, clip, update, constraints
+        for s in 0..n_saes {
+            let sae = self.model.sae(s);
+            let d = sae.dims().0;
+            for (p, g) in sae.params().iter().zip(self.grads[s].iter_mut()) {
                 if p.unit_rows {
                     kernels::project_rows(g, &p.data, d);
                 }
             }
-            if let Some(clip) = self.cfg.grad_clip {
-                let norm: f64 = params
-                    .iter()
-                    .zip(&self.grads)
-                    .filter(|(p, _)| p.trainable)
-                    .map(|(_, g)| optim::sum_sq(g))
-                    .sum::<f64>()
-                    .sqrt();
-                if !norm.is_finite() {
-                    return Err(nonfinite(NumericError::NonFinite {
-                        what: "gradient norm".into(),
-                        index: 0,
-                        value: norm as f32,
-                        step: Some(t),
-                    }));
-                }
-                if norm > clip as f64 {
-                    let s = (clip as f64 / norm) as f32;
-                    for g in &mut self.grads {
-                        optim::scale(g, s);
+        }
+        if let Some(clip) = self.cfg.grad_clip {
+            let mut sq = 0.0f64;
+            for s in 0..n_saes {
+                for (p, g) in self.model.sae(s).params().iter().zip(&self.grads[s]) {
+                    if p.trainable {
+                        sq += optim::sum_sq(g);
                     }
+                }
+            }
+            let norm = sq.sqrt();
+            if !norm.is_finite() {
+                return Err(nonfinite(NumericError::NonFinite {
+                    what: "gradient norm".into(),
+                    index: 0,
+                    value: norm as f32,
+                    step: Some(t),
+                }));
+            }
+            if norm > clip as f64 {
+                let sc = (clip as f64 / norm) as f32;
+                for g in self.grads.iter_mut().flatten() {
+                    optim::scale(g, sc);
                 }
             }
         }
         let warm = self.cfg.lr_warmup_steps.min(self.total_steps / 10);
-        let lr = self.adam.lr * optim::lr_factor(t, self.total_steps, warm, self.cfg.lr_decay_frac);
-        for (i, p) in self.sae.params_mut().iter_mut().enumerate() {
-            if !p.trainable || self.pam.as_ref().is_some_and(|pr| pr.is_decoder(i)) {
-                continue;
-            }
-            self.adam.update(
-                lr,
-                t + 1,
-                &mut p.data,
-                &self.grads[i],
-                &mut self.m[i],
-                &mut self.v[i],
-            );
-            if p.unit_rows {
-                kernels::normalize_rows(&mut p.data, d);
-            }
-        }
-        // 5b. PAM-SGD: statistics of this batch's codes; the decoder solve closes an outer
-        //     iteration every `solve_every` steps and at the end of the run.
-        if let Some(pr) = &mut self.pam {
-            pr.state.accumulate(&self.ws.codes, &self.batch, d);
-            if (t + 1).is_multiple_of(pr.cfg.solve_every) || t + 1 == self.total_steps {
-                pr.solve(&mut *self.sae)?;
-            }
-        }
+        let lr =
+            self.opt.lr() * optim::lr_factor(t, self.total_steps, warm, self.cfg.lr_decay_frac);
+        self.opt.update(&mut *self.model, &self.grads, lr, t + 1);
+        self.opt.after_step(
+            &mut *self.model,
+            &self.inputs,
+            &self.ws,
+            t,
+            self.total_steps,
+        )?;
         // 6. firing bookkeeping
-        self.fired.iter_mut().for_each(|f| *f = false);
-        for &i in &self.ws.codes.idx {
-            self.fired[i as usize] = true;
-        }
-        let mut n_dead = 0usize;
-        for (c, &f) in self.tsf.iter_mut().zip(&self.fired) {
-            *c = if f { 0 } else { *c + n as u64 };
-            if *c > self.cfg.dead_after_tokens {
-                n_dead += 1;
+        let (mut l0, mut dead_frac) = (0.0, 0.0);
+        for (f, ws) in self.firing.iter_mut().zip(&self.ws) {
+            f.fired.iter_mut().for_each(|x| *x = false);
+            for &i in &ws.codes.idx {
+                f.fired[i as usize] = true;
             }
+            let mut n_dead = 0usize;
+            for (c, &fi) in f.tsf.iter_mut().zip(&f.fired) {
+                *c = if fi { 0 } else { *c + n as u64 };
+                if *c > self.cfg.dead_after_tokens {
+                    n_dead += 1;
+                }
+            }
+            l0 += ws.codes.nnz() as f64 / n as f64;
+            dead_frac += n_dead as f64 / f.tsf.len() as f64;
         }
         self.step += 1;
         self.tokens += n as u64;
         // 7. variant-specific revival of dead latents (SA-GSAE threshold resets)
-        for (dd, &c) in self.dead.iter_mut().zip(&self.tsf) {
-            *dd = c > self.cfg.dead_after_tokens;
-        }
-        for (pi, e) in self.sae.revive_dead(self.step, &self.dead) {
-            if let (Some(m), Some(v)) = (self.m[pi].get_mut(e), self.v[pi].get_mut(e)) {
-                *m = 0.0;
-                *v = 0.0;
+        for s in 0..n_saes {
+            let f = &mut self.firing[s];
+            for (dd, &c) in f.dead.iter_mut().zip(&f.tsf) {
+                *dd = c > self.cfg.dead_after_tokens;
+            }
+            for (pi, e) in self.model.sae_mut(s).revive_dead(self.step, &f.dead) {
+                self.opt.reset_entry(s, pi, e);
             }
         }
         let rec = StepRecord {
             step: self.step,
             tokens: self.tokens,
             loss: out.loss,
-            terms: out.terms,
-            l0: self.ws.codes.nnz() as f64 / n as f64,
-            dead_frac: n_dead as f64 / self.tsf.len() as f64,
+            terms: out.losses,
+            metrics: out.metrics,
+            l0: l0 / n_saes as f64,
+            dead_frac: dead_frac / n_saes as f64,
             lr,
         };
         if self.step.is_multiple_of(self.cfg.log_every.max(1)) || self.step == self.total_steps {
@@ -866,7 +864,12 @@ impl Trainer {
                 ("tokens".to_string(), rec.tokens as f64),
                 ("loss".to_string(), rec.loss),
             ];
-            row.extend(rec.terms.iter().map(|(k, v)| (k.to_string(), *v)));
+            row.extend(
+                rec.terms
+                    .iter()
+                    .chain(&rec.metrics)
+                    .map(|(k, v)| (k.to_string(), *v)),
+            );
             row.extend([
                 ("l0".to_string(), rec.l0),
                 ("dead_frac".to_string(), rec.dead_frac),
@@ -889,7 +892,7 @@ impl Trainer {
     ) -> Result<(), TrainError> {
         let end = stop_at.unwrap_or(self.total_steps).min(self.total_steps);
         let prog = reporter.start(
-            &format!("train {}", self.sae.arch()),
+            &format!("train {}", self.model.name()),
             Some(self.total_steps),
         );
         prog.set_position(self.step);
@@ -903,8 +906,7 @@ impl Trainer {
                 ));
             }
             if let Some(dir) = out_dir {
-                let ce = self.cfg.checkpoint_every;
-                if (ce > 0 && r.step % ce == 0) || r.step == end {
+                if self.checkpoint_due() || r.step == end {
                     self.save_checkpoint(&dir.join(CHECKPOINT_FILE), src.position())?;
                     self.log.write_parquet(&dir.join(LOG_FILE))?;
                 }
@@ -914,57 +916,83 @@ impl Trainer {
         Ok(())
     }
 
-    /// Write a checkpoint (weights, Adam moments, step, RNG, data position) atomically.
+    /// Whether `checkpoint_every` asks for a checkpoint after the step just taken.
+    pub fn checkpoint_due(&self) -> bool {
+        let ce = self.cfg.checkpoint_every;
+        ce > 0 && self.step.is_multiple_of(ce)
+    }
+
+    /// Write a checkpoint (weights, optimiser state, step, RNG, data position) atomically.
     pub fn save_checkpoint(&self, path: &Path, data_position: u64) -> Result<(), TrainError> {
-        let (d_in, d_sae) = self.sae.dims();
+        self.save_checkpoint_with(path, serde_json::json!({ "data_position": data_position }))
+    }
+
+    /// Write a checkpoint with the caller's own scalars (a JSON object) beside the engine's.
+    pub fn save_checkpoint_with(
+        &self,
+        path: &Path,
+        mut extra: serde_json::Value,
+    ) -> Result<(), TrainError> {
         let cerr = |e: serde_json::Error| TrainError::Checkpoint {
             path: path.to_path_buf(),
             msg: e.to_string(),
         };
-        let meta = checkpoint::CheckpointMeta {
-            format: checkpoint::FORMAT.into(),
-            arch_kind: self.sae.arch().into(),
-            arch: serde_json::to_value(self.sae.config()).map_err(cerr)?,
-            train: serde_json::to_value(&self.cfg).map_err(cerr)?,
-            d_in,
-            d_sae,
-            step: self.step,
-            tokens: self.tokens,
-            total_steps: self.total_steps,
-            rng: self.rng.state().map(|s| s.to_string()),
-            data_position,
-            scale: self.scale,
-            log_columns: self.log.columns.clone(),
+        let m = &*self.model;
+        let id = Identity {
+            model: m.name().into(),
+            model_config: m.config_json(),
+            optimizer: serde_json::to_value(&self.cfg.optimizer).map_err(cerr)?,
+            dims: (0..m.n_saes()).map(|s| m.sae(s).dims()).collect(),
         };
-        let mut tensors: Vec<(String, &[f32])> = Vec::new();
-        for (i, p) in self.sae.params().iter().enumerate() {
-            tensors.push((format!("param.{}", p.name), &p.data));
-            if p.trainable {
-                tensors.push((format!("adam_m.{}", p.name), &self.m[i]));
-                tensors.push((format!("adam_v.{}", p.name), &self.v[i]));
-            }
+        let ours = serde_json::json!({
+            "identity": id,
+            "train": self.cfg,
+            "step": self.step,
+            "tokens": self.tokens,
+            "total_steps": self.total_steps,
+            "rng": self.rng.state().map(|s| s.to_string()),
+            "scales": self.scales,
+        });
+        let obj = extra
+            .as_object_mut()
+            .ok_or_else(|| TrainError::Checkpoint {
+                path: path.to_path_buf(),
+                msg: "extra checkpoint metadata must be a JSON object".into(),
+            })?;
+        if let serde_json::Value::Object(o) = ours {
+            obj.extend(o);
         }
-        let mut tensors64: Vec<(String, &[f64])> = Vec::new();
-        if let Some(pr) = &self.pam {
-            for (p, a) in self.sae.params().iter().zip(&pr.state.anchors) {
-                if !a.is_empty() {
-                    tensors.push((format!("pam_anchor.{}", p.name), a));
-                }
+        let mut tensors: Vec<(String, TensorRef)> = Vec::new();
+        for s in 0..m.n_saes() {
+            for p in m.sae(s).params() {
+                tensors.push((format!("sae{s}.param.{}", p.name), TensorRef::F32(&p.data)));
             }
-            let st = &pr.state;
-            tensors64.extend([
-                ("pam.G".to_string(), &st.g[..]),
-                ("pam.C".to_string(), &st.c[..]),
-                ("pam.sz".to_string(), &st.sz[..]),
-                ("pam.sx".to_string(), &st.sx[..]),
-                ("pam.n".to_string(), std::slice::from_ref(&st.n)),
-            ]);
+            tensors.push((
+                format!("sae{s}.tokens_since_fired"),
+                TensorRef::U64(&self.firing[s].tsf),
+            ));
         }
-        checkpoint::save(path, &meta, &tensors, &tensors64, &self.tsf, &self.log)
+        tensors.extend(self.opt.state(m));
+        checkpoint::save(path, extra, &tensors, &self.log)
     }
 
-    /// Export the SAE in SAELens v6 format (scale and decoder norms folded) into `dir`.
+    /// Export SAE `i` in SAELens v6 format (scale and decoder norms folded) into `dir`.
+    pub fn export_sae(
+        &self,
+        i: usize,
+        dir: &Path,
+        meta: &ExportMeta,
+    ) -> Result<Folded, TrainError> {
+        Ok(export::save_saelens(
+            self.model.sae(i),
+            self.scales[i],
+            meta,
+            dir,
+        )?)
+    }
+
+    /// Export the (first) SAE in SAELens v6 format into `dir`.
     pub fn export(&self, dir: &Path, meta: &ExportMeta) -> Result<Folded, TrainError> {
-        Ok(export::save_saelens(&*self.sae, self.scale, meta, dir)?)
+        self.export_sae(0, dir, meta)
     }
 }

@@ -13,6 +13,11 @@
 
 use rayon::prelude::*;
 
+use super::checkpoint::{Checkpoint, TensorRef};
+use super::model::Model;
+use super::TrainError;
+use crate::kernels::{self, Workspace};
+
 const CHUNK: usize = 1 << 14;
 
 /// Adam hyperparameters.
@@ -90,6 +95,167 @@ pub fn sparsity_factor(t: u64, warmup: u64) -> f32 {
         1.0
     } else {
         ((t + 1) as f32 / warmup as f32).min(1.0)
+    }
+}
+
+/// How the engine's optimiser is driven, once per step:
+/// 1. [`Optimizer::prepare`] after the forward/backward pass (PAM-SGD freezes the decoder
+///    and adds its proximal pull, returning the extra loss terms);
+/// 2. the engine projects unit-norm gradients and clips the global norm;
+/// 3. [`Optimizer::update`] with the scheduled learning rate;
+/// 4. [`Optimizer::after_step`] with the step's inputs and codes (PAM-SGD's statistics and
+///    decoder solve).
+///
+/// Its state goes into the engine's checkpoint through [`Optimizer::state`] and comes back
+/// through [`Optimizer::restore`].
+pub trait Optimizer: Send {
+    /// Name as in the metrics tables (`adam`, `pam_sgd`).
+    fn name(&self) -> &'static str;
+    /// The peak learning rate (before the schedule).
+    fn lr(&self) -> f32;
+    /// Adjust the gradients before clipping; returns loss terms it adds.
+    fn prepare(
+        &mut self,
+        model: &dyn Model,
+        grads: &mut [Vec<Vec<f32>>],
+    ) -> Vec<(&'static str, f64)>;
+    /// Update the trainable parameters it owns at 1-based step `t` with learning rate `lr`,
+    /// renormalising unit-norm rows it changed.
+    fn update(&mut self, model: &mut dyn Model, grads: &[Vec<Vec<f32>>], lr: f32, t: u64);
+    /// After the update, with the step's scaled inputs and training codes; `t` is 0-based.
+    fn after_step(
+        &mut self,
+        model: &mut dyn Model,
+        inputs: &[Vec<f32>],
+        ws: &[Workspace],
+        t: u64,
+        total: u64,
+    ) -> Result<(), TrainError>;
+    /// Forget the moments of entry `e` of parameter `p` of SAE `s` (a revived latent).
+    fn reset_entry(&mut self, s: usize, p: usize, e: usize);
+    /// Everything the next step depends on, by name.
+    fn state<'a>(&'a self, model: &dyn Model) -> Vec<(String, TensorRef<'a>)>;
+    /// Put back what [`Optimizer::state`] saved.
+    fn restore(&mut self, model: &dyn Model, ck: &Checkpoint) -> Result<(), TrainError>;
+}
+
+/// Adam on every trainable parameter of every SAE of the model (except those `frozen`).
+pub struct AdamOptimizer {
+    /// Hyperparameters.
+    pub hp: Adam,
+    m: Vec<Vec<Vec<f32>>>,
+    v: Vec<Vec<Vec<f32>>>,
+    /// `frozen[s][p]`: parameter `p` of SAE `s` is not Adam's (PAM-SGD's decoder).
+    pub frozen: Vec<Vec<bool>>,
+}
+
+impl AdamOptimizer {
+    /// Zero moments for `model`.
+    pub fn new(hp: Adam, model: &dyn Model) -> Self {
+        let mut m = Vec::new();
+        let mut frozen = Vec::new();
+        for s in 0..model.n_saes() {
+            let params = model.sae(s).params();
+            m.push(
+                params
+                    .iter()
+                    .map(|p| {
+                        if p.trainable {
+                            vec![0.0; p.data.len()]
+                        } else {
+                            Vec::new()
+                        }
+                    })
+                    .collect::<Vec<_>>(),
+            );
+            frozen.push(vec![false; params.len()]);
+        }
+        Self {
+            hp,
+            v: m.clone(),
+            m,
+            frozen,
+        }
+    }
+}
+
+impl Optimizer for AdamOptimizer {
+    fn name(&self) -> &'static str {
+        "adam"
+    }
+    fn lr(&self) -> f32 {
+        self.hp.lr
+    }
+    fn prepare(&mut self, _: &dyn Model, _: &mut [Vec<Vec<f32>>]) -> Vec<(&'static str, f64)> {
+        Vec::new()
+    }
+    fn update(&mut self, model: &mut dyn Model, grads: &[Vec<Vec<f32>>], lr: f32, t: u64) {
+        for s in 0..model.n_saes() {
+            let sae = model.sae_mut(s);
+            let d = sae.dims().0;
+            for (i, p) in sae.params_mut().iter_mut().enumerate() {
+                if !p.trainable || self.frozen[s][i] {
+                    continue;
+                }
+                self.hp.update(
+                    lr,
+                    t,
+                    &mut p.data,
+                    &grads[s][i],
+                    &mut self.m[s][i],
+                    &mut self.v[s][i],
+                );
+                if p.unit_rows {
+                    kernels::normalize_rows(&mut p.data, d);
+                }
+            }
+        }
+    }
+    fn after_step(
+        &mut self,
+        _: &mut dyn Model,
+        _: &[Vec<f32>],
+        _: &[Workspace],
+        _: u64,
+        _: u64,
+    ) -> Result<(), TrainError> {
+        Ok(())
+    }
+    fn reset_entry(&mut self, s: usize, p: usize, e: usize) {
+        if let (Some(m), Some(v)) = (self.m[s][p].get_mut(e), self.v[s][p].get_mut(e)) {
+            *m = 0.0;
+            *v = 0.0;
+        }
+    }
+    fn state<'a>(&'a self, model: &dyn Model) -> Vec<(String, TensorRef<'a>)> {
+        let mut out = Vec::new();
+        for s in 0..model.n_saes() {
+            for (i, p) in model.sae(s).params().iter().enumerate() {
+                if p.trainable {
+                    out.push((
+                        format!("sae{s}.adam_m.{}", p.name),
+                        TensorRef::F32(&self.m[s][i]),
+                    ));
+                    out.push((
+                        format!("sae{s}.adam_v.{}", p.name),
+                        TensorRef::F32(&self.v[s][i]),
+                    ));
+                }
+            }
+        }
+        out
+    }
+    fn restore(&mut self, model: &dyn Model, ck: &Checkpoint) -> Result<(), TrainError> {
+        for s in 0..model.n_saes() {
+            for (i, p) in model.sae(s).params().iter().enumerate() {
+                if p.trainable {
+                    let n = p.data.len();
+                    self.m[s][i].copy_from_slice(ck.f32(&format!("sae{s}.adam_m.{}", p.name), n)?);
+                    self.v[s][i].copy_from_slice(ck.f32(&format!("sae{s}.adam_v.{}", p.name), n)?);
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -37,7 +37,11 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::kernels::{self, Codes, Scratch, CHUNK, DENSE_FALLBACK};
+use super::checkpoint::{Checkpoint, TensorRef};
+use super::model::Model;
+use super::optim::{AdamOptimizer, Optimizer};
+use super::TrainError;
+use crate::kernels::{self, Codes, Scratch, Workspace, CHUNK, DENSE_FALLBACK};
 
 /// PAM-SGD hyperparameters (the Adam ones of the encoder step are the trainer's).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -369,6 +373,167 @@ impl PamState {
             r.iter().map(|&v| v as f32).collect(),
             b.iter().map(|&v| (v / kappa) as f32).collect(),
         ))
+    }
+}
+
+/// PAM-SGD as the engine's [`Optimizer`]: Adam on the encoder (decoder frozen, proximal
+/// pull towards the anchors), the decoder by the closed-form solve every `solve_every`
+/// steps and at the end of the run. Single-SAE models only.
+pub struct PamSgd {
+    cfg: PamConfig,
+    adam: AdamOptimizer,
+    state: PamState,
+    /// Indices of `W_dec` and `b_dec` in the SAE's parameters.
+    w_dec: usize,
+    b_dec: usize,
+}
+
+impl PamSgd {
+    /// Set up for `model`, or explain why PAM-SGD cannot train it.
+    pub fn new(
+        cfg: &PamConfig,
+        adam: super::optim::Adam,
+        model: &dyn Model,
+    ) -> Result<Self, TrainError> {
+        if !model.supports_pam_sgd() || model.n_saes() != 1 {
+            return Err(TrainError::Config(format!(
+                "train.optimizer.kind = \"pam_sgd\" supports sae.arch kinds {}; this model is `{}` (use kind = \"adam\" for it)",
+                crate::sae::ArchConfig::PAM_SGD_KINDS.join(", "),
+                model.name()
+            )));
+        }
+        let sae = model.sae(0);
+        let find = |name: &str| {
+            sae.params()
+                .iter()
+                .position(|p| p.name == name)
+                .ok_or_else(|| {
+                    TrainError::Config(format!(
+                        "PAM-SGD needs a `{name}` parameter, which {} does not have",
+                        model.name()
+                    ))
+                })
+        };
+        let (w_dec, b_dec) = (find("W_dec")?, find("b_dec")?);
+        let (d, f) = sae.dims();
+        let state = PamState::new(
+            f,
+            d,
+            sae.params().iter().map(|p| {
+                (
+                    p.trainable && !DECODER_PARAMS.contains(&p.name),
+                    &p.data[..],
+                )
+            }),
+        );
+        let mut adam = AdamOptimizer::new(adam, model);
+        adam.frozen[0][w_dec] = true;
+        adam.frozen[0][b_dec] = true;
+        Ok(Self {
+            cfg: cfg.clone(),
+            adam,
+            state,
+            w_dec,
+            b_dec,
+        })
+    }
+
+    /// Closed-form decoder from the statistics, installed by the variant; then new anchors.
+    fn solve(&mut self, model: &mut dyn Model) -> Result<(), TrainError> {
+        let sae = model.sae_mut(0);
+        let arch = sae.arch();
+        let (w, b) = {
+            let p = sae.params();
+            self.state
+                .solve(&self.cfg, &p[self.w_dec].data, &p[self.b_dec].data)
+                .map_err(|e| TrainError::Config(format!("{arch}: {e}")))?
+        };
+        sae.install_decoder(&w, &b)?;
+        self.state.refresh_anchors(sae.params());
+        self.state.decay(self.cfg.stats_decay);
+        Ok(())
+    }
+}
+
+impl Optimizer for PamSgd {
+    fn name(&self) -> &'static str {
+        "pam_sgd"
+    }
+    fn lr(&self) -> f32 {
+        self.adam.hp.lr
+    }
+    fn prepare(
+        &mut self,
+        model: &dyn Model,
+        grads: &mut [Vec<Vec<f32>>],
+    ) -> Vec<(&'static str, f64)> {
+        kernels::zero(&mut grads[0][self.w_dec]);
+        kernels::zero(&mut grads[0][self.b_dec]);
+        let params = model.sae(0).params();
+        self.state.add_prox_grads(&self.cfg, params, &mut grads[0]);
+        vec![("prox", self.state.prox_loss(&self.cfg, params))]
+    }
+    fn update(&mut self, model: &mut dyn Model, grads: &[Vec<Vec<f32>>], lr: f32, t: u64) {
+        self.adam.update(model, grads, lr, t);
+    }
+    fn after_step(
+        &mut self,
+        model: &mut dyn Model,
+        inputs: &[Vec<f32>],
+        ws: &[Workspace],
+        t: u64,
+        total: u64,
+    ) -> Result<(), TrainError> {
+        let d = model.sae(0).dims().0;
+        self.state.accumulate(&ws[0].codes, &inputs[0], d);
+        if (t + 1).is_multiple_of(self.cfg.solve_every) || t + 1 == total {
+            self.solve(model)?;
+        }
+        Ok(())
+    }
+    fn reset_entry(&mut self, s: usize, p: usize, e: usize) {
+        self.adam.reset_entry(s, p, e);
+    }
+    fn state<'a>(&'a self, model: &dyn Model) -> Vec<(String, TensorRef<'a>)> {
+        let mut out = self.adam.state(model);
+        for (p, a) in model.sae(0).params().iter().zip(&self.state.anchors) {
+            if !a.is_empty() {
+                out.push((format!("pam.anchor.{}", p.name), TensorRef::F32(a)));
+            }
+        }
+        let st = &self.state;
+        out.extend([
+            ("pam.G".to_string(), TensorRef::F64(&st.g)),
+            ("pam.C".to_string(), TensorRef::F64(&st.c)),
+            ("pam.sz".to_string(), TensorRef::F64(&st.sz)),
+            ("pam.sx".to_string(), TensorRef::F64(&st.sx)),
+            (
+                "pam.n".to_string(),
+                TensorRef::F64(std::slice::from_ref(&st.n)),
+            ),
+        ]);
+        out
+    }
+    fn restore(&mut self, model: &dyn Model, ck: &Checkpoint) -> Result<(), TrainError> {
+        self.adam.restore(model, ck)?;
+        for (a, p) in self.state.anchors.iter_mut().zip(model.sae(0).params()) {
+            if !a.is_empty() {
+                let n = a.len();
+                a.copy_from_slice(ck.f32(&format!("pam.anchor.{}", p.name), n)?);
+            }
+        }
+        let st = &mut self.state;
+        for (k, dst) in [
+            ("pam.G", &mut st.g),
+            ("pam.C", &mut st.c),
+            ("pam.sz", &mut st.sz),
+            ("pam.sx", &mut st.sx),
+        ] {
+            let n = dst.len();
+            dst.copy_from_slice(ck.f64(k, n)?);
+        }
+        st.n = ck.f64("pam.n", 1)?[0];
+        Ok(())
     }
 }
 

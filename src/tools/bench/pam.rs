@@ -9,9 +9,10 @@
 use clap::Parser;
 
 use crate::sae::{relu_l1, topk, ArchConfig, Workspace};
+use crate::store::InMemorySource;
 use crate::synthetic::{SyntheticConfig, SyntheticData};
 use crate::train::pam::PamConfig;
-use crate::train::{InMemorySource, Optimizer, TrainConfig, TrainError, Trainer};
+use crate::train::{Optimizer, TrainConfig, TrainError, Trainer};
 
 /// One comparison run.
 #[derive(Debug, Clone)]

@@ -15,8 +15,9 @@ use std::time::Instant;
 use clap::Parser;
 
 use crate::sae::{batchtopk, gated, jumprelu, relu_l1, topk, ArchConfig};
+use crate::store::InMemorySource;
 use crate::synthetic::{SyntheticConfig, SyntheticData};
-use crate::train::{BDecInit, InMemorySource, TrainConfig, TrainError, Trainer};
+use crate::train::{BDecInit, TrainConfig, TrainError, Trainer};
 
 /// Bench errors.
 #[derive(Debug, thiserror::Error)]

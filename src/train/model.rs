@@ -1,0 +1,140 @@
+//! What the training engine trains: a [`Model`] is one or more SAEs and the loss that ties
+//! them together. A single SAE ([`SingleSae`]) is the common case; a Jacobian SAE pair
+//! (`crate::jsae::JsaePair`) is two TopK SAEs and a penalty on the Jacobian between them.
+//!
+//! The engine ([`super::Trainer`]) owns everything that is the same for every model: input
+//! scaling and `b_dec` initialisation per SAE, gradient buffers, the optimiser, unit-norm
+//! decoder constraints, gradient clipping, the LR schedule, firing counters and the dead
+//! mask, checkpoints and the log. A model only computes its loss and gradients.
+
+use super::TrainError;
+use crate::kernels::Workspace;
+use crate::sae::{ArchConfig, Sae, StepInput};
+
+/// One training step's inputs, as the engine hands them to [`Model::forward_backward`].
+#[derive(Debug, Clone, Copy)]
+pub struct StepCtx<'a> {
+    /// Scaled inputs `[n, d_in]`, one per SAE of the model (`inputs[i]` feeds SAE `i`).
+    pub inputs: &'a [Vec<f32>],
+    /// The same rows before scaling (a model that runs another network on them, such as
+    /// the JSAE pair's MLP, needs the raw activations).
+    pub raw: &'a [&'a [f32]],
+    /// Tokens in the batch.
+    pub n: usize,
+    /// Optimiser step (0-based).
+    pub step: u64,
+    /// Steps of the whole run (for a model's own schedules).
+    pub total_steps: u64,
+    /// Sparsity-coefficient warmup factor in `[0, 1]`.
+    pub sparsity_scale: f32,
+    /// `dead[i][j]`: latent `j` of SAE `i` has not fired for more than the dead window.
+    pub dead: &'a [Vec<bool>],
+}
+
+/// What a model reports for one step.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ModelOutput {
+    /// Total loss that was differentiated.
+    pub loss: f64,
+    /// Its parts, each already weighted; they sum to `loss`.
+    pub losses: Vec<(&'static str, f64)>,
+    /// Diagnostics that are not part of the loss (logged beside it).
+    pub metrics: Vec<(&'static str, f64)>,
+}
+
+/// Something the engine can train.
+pub trait Model: Send {
+    /// Name for messages and checkpoints (the SAE variant, or `jsae_pair`).
+    fn name(&self) -> &'static str;
+    /// How many SAEs the model holds.
+    fn n_saes(&self) -> usize;
+    /// SAE `i`.
+    fn sae(&self, i: usize) -> &dyn Sae;
+    /// SAE `i`, mutable (optimiser updates, initialisation, checkpoint restore).
+    fn sae_mut(&mut self, i: usize) -> &mut dyn Sae;
+    /// The model's configuration as JSON: a checkpoint made with another one is refused.
+    fn config_json(&self) -> serde_json::Value;
+    /// Recommended Adam `(lr, β1, β2)` when the training config leaves them unset.
+    fn recommended_adam(&self) -> (f32, f32, f32);
+    /// Whether PAM-SGD can train it (a single SAE of a variant that installs a decoder).
+    fn supports_pam_sgd(&self) -> bool {
+        false
+    }
+    /// Told once the engine knows the input scale of every SAE (at init and on resume).
+    fn set_scales(&mut self, scales: &[f32]) {
+        let _ = scales;
+    }
+    /// Forward and backward pass: write the gradient of every parameter of SAE `i` into
+    /// `grads[i]` (zeroed by the engine, same order as `sae(i).params()`), the training codes
+    /// of SAE `i` into `ws[i].codes`, and update non-trainable state (thresholds, centroids).
+    fn forward_backward(
+        &mut self,
+        ctx: &StepCtx,
+        grads: &mut [Vec<Vec<f32>>],
+        ws: &mut [Workspace],
+    ) -> Result<ModelOutput, TrainError>;
+}
+
+/// One SAE trained on its own reconstruction loss.
+pub struct SingleSae {
+    arch: ArchConfig,
+    sae: Box<dyn Sae>,
+}
+
+impl SingleSae {
+    /// Wrap an SAE built from `arch`.
+    pub fn new(arch: ArchConfig, sae: Box<dyn Sae>) -> Self {
+        Self { arch, sae }
+    }
+
+    /// The architecture it was built from.
+    pub fn arch(&self) -> &ArchConfig {
+        &self.arch
+    }
+}
+
+impl Model for SingleSae {
+    fn name(&self) -> &'static str {
+        self.sae.arch()
+    }
+    fn n_saes(&self) -> usize {
+        1
+    }
+    fn sae(&self, _i: usize) -> &dyn Sae {
+        &*self.sae
+    }
+    fn sae_mut(&mut self, _i: usize) -> &mut dyn Sae {
+        &mut *self.sae
+    }
+    fn config_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.arch).unwrap_or(serde_json::Value::Null)
+    }
+    fn recommended_adam(&self) -> (f32, f32, f32) {
+        self.arch.recommended_adam(self.sae.dims().1)
+    }
+    fn supports_pam_sgd(&self) -> bool {
+        self.arch.supports_pam_sgd()
+    }
+    fn forward_backward(
+        &mut self,
+        ctx: &StepCtx,
+        grads: &mut [Vec<Vec<f32>>],
+        ws: &mut [Workspace],
+    ) -> Result<ModelOutput, TrainError> {
+        let input = StepInput {
+            x: &ctx.inputs[0],
+            n: ctx.n,
+            step: ctx.step,
+            sparsity_scale: ctx.sparsity_scale,
+            dead: &ctx.dead[0],
+        };
+        let out = self
+            .sae
+            .forward_backward(&input, &mut grads[0], &mut ws[0])?;
+        Ok(ModelOutput {
+            loss: out.loss,
+            losses: out.terms,
+            metrics: Vec::new(),
+        })
+    }
+}
