@@ -15,7 +15,7 @@ use rand::{Rng as _, SeedableRng};
 use saepipe::jsae::{JacAt, JsaePair, PairConfig};
 use saepipe::models::{load_dir, load_dir_with, HookedModel, Hookpoint, Hooks, Recorder, Site};
 use saepipe::sae::Sae;
-use saepipe::train::optim::Adam;
+use saepipe::train::{BDecInit, Optimizer, TrainConfig, Trainer};
 
 const LAYER: usize = 1;
 
@@ -77,27 +77,46 @@ fn mlp_out_of(model: &dyn HookedModel, ids: &Tensor, x: &[f32]) -> Vec<f32> {
         .unwrap()
 }
 
-fn pair_cfg(k: usize, d_sae: usize, lambda: f32, steps: u64) -> PairConfig {
-    PairConfig {
-        k,
-        d_sae,
-        lambda,
-        lambda_warmup_steps: steps / 20,
-        jac_at: JacAt::TrueInput,
-        adam: Adam {
+/// A JSAE pair (λ warms up over the first 5% of `steps`) on the training engine, with its
+/// input scales and `b_dec` from `(x, y)`.
+fn pair_trainer(
+    k: usize,
+    d_sae: usize,
+    lambda: f32,
+    steps: u64,
+    batch: usize,
+    mlp: saepipe::models::MlpWeights,
+    x: &[f32],
+    y: &[f32],
+) -> Trainer {
+    let pair = JsaePair::new(
+        PairConfig {
+            k,
+            d_sae,
+            lambda,
+            jac_at: JacAt::TrueInput,
             lr: 2e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
+            seed: 3,
         },
+        mlp,
+    )
+    .unwrap();
+    let cfg = TrainConfig {
+        batch_tokens: batch,
+        total_tokens: steps * batch as u64,
         lr_warmup_steps: 2,
         lr_decay_frac: 0.2,
-        grad_clip: 1.0,
-        b_dec_mean: true,
-        scale_inputs: true,
-        total_steps: steps,
-        seed: 3,
-    }
+        sparsity_warmup_frac: 0.05,
+        grad_clip: Some(1.0),
+        b_dec_init: BDecInit::Mean,
+        optimizer: Optimizer::Adam,
+        ..TrainConfig::default()
+    };
+    Trainer::with_model(cfg, Box::new(pair), &[x, y]).unwrap()
+}
+
+fn the_pair(t: &mut Trainer) -> &mut JsaePair {
+    t.model_as_mut::<JsaePair>().unwrap()
 }
 
 fn dot(a: &[f32], b: &[f32]) -> f64 {
@@ -137,10 +156,11 @@ fn jacobian_block_matches_finite_differences_through_the_real_mlp() {
                 );
             }
         }
-        let mut pair = JsaePair::new(pair_cfg(4, 32, 0.5, 10), mlp, &x, &y).unwrap();
+        let mut trainer = pair_trainer(4, 32, 0.5, 10, n, mlp, &x, &y);
         for _ in 0..3 {
-            pair.step(&x, &y, n).unwrap();
+            trainer.step_on(&[&x, &y], n).unwrap();
         }
+        let pair = the_pair(&mut trainer);
         let blocks = pair.blocks(&x, &y, n).unwrap();
         let (cx, cy) = (pair.scale_x as f64, pair.scale_y as f64);
         let w_dec = &pair.sae_x.params()[2].data;
@@ -213,16 +233,17 @@ fn jsae_pair_is_sparser_than_the_plain_pair() {
     let (n, batch, steps) = (x.len() / d, 256, 120u64);
     let mut out = Vec::new();
     for lambda in [0.0f32, 2.0] {
-        let mut pair = JsaePair::new(pair_cfg(8, 128, lambda, steps), mlp.clone(), &x, &y).unwrap();
+        let mut trainer = pair_trainer(8, 128, lambda, steps, batch, mlp.clone(), &x, &y);
         for s in 0..steps as usize {
             let lo = (s * batch) % (n - batch);
-            pair.step(
-                &x[lo * d..(lo + batch) * d],
-                &y[lo * d..(lo + batch) * d],
-                batch,
-            )
-            .unwrap();
+            trainer
+                .step_on(
+                    &[&x[lo * d..(lo + batch) * d], &y[lo * d..(lo + batch) * d]],
+                    batch,
+                )
+                .unwrap();
         }
+        let pair = the_pair(&mut trainer);
         let mut acc = pair.new_eval();
         pair.evaluate(&xe, &ye, xe.len() / d, &mut acc).unwrap();
         out.push(acc);
@@ -512,7 +533,7 @@ fn killed_jsae_stage_resumes_bit_identically() {
             .spawn()
             .unwrap();
         let t0 = Instant::now();
-        let ckpt = dir.join("checkpoint.safetensors");
+        let ckpt = dir.join("jsae").join("checkpoint.safetensors");
         while !ckpt.exists() && child.try_wait().unwrap().is_none() {
             assert!(
                 t0.elapsed() < Duration::from_secs(300),
@@ -537,7 +558,7 @@ fn killed_jsae_stage_resumes_bit_identically() {
     );
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(
-        log.contains("jsae: resuming 2 pair(s) at step"),
+        log.contains("jsae: resuming") && log.contains("pair(s) from their checkpoints"),
         "no resume: {log}"
     );
     assert!(
@@ -548,7 +569,11 @@ fn killed_jsae_stage_resumes_bit_identically() {
         assert!(dir.join(v).join("jsae_done.json").is_file());
     }
     assert!(
-        !dir.join("checkpoint.safetensors").exists(),
+        !dir.join("jsae").join("checkpoint.safetensors").exists()
+            && !dir
+                .join("topk_pair")
+                .join("checkpoint.safetensors")
+                .exists(),
         "the checkpoint outlives the finished pairs"
     );
 }

@@ -5,7 +5,8 @@
 //! Implements `../shared/specs/jsae_pamsgd.md` §1. Pieces:
 //! 1. [`crate::models::MlpWeights`]: the block's MLP as f32 matrices (GELU or SwiGLU);
 //! 2. [`jacobian`]: the exact active `k×k` block per token and the penalty's gradient;
-//! 3. [`pair`]: the pair, its training step (hand-written gradients, Adam) and metrics;
+//! 3. [`pair`]: the pair as a model of the training engine (its loss and hand-written
+//!    gradients) and its metrics;
 //! 4. `crate::pipeline::jsae`: the `[jsae]` pipeline stage (train JSAE and plain pairs, evaluate, CE with
 //!    both SAEs spliced in, rows in `metrics.parquet`).
 
@@ -13,4 +14,4 @@ pub mod jacobian;
 pub mod pair;
 
 pub use jacobian::{JacStats, JacTables, THRESHOLDS};
-pub use pair::{JacAt, JsaePair, PairConfig, PairError, PairEval, PairStep};
+pub use pair::{JacAt, JsaePair, PairConfig, PairError, PairEval};

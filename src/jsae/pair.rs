@@ -11,6 +11,10 @@
 //! rows, `W_enc = W_decᵀ` at init, its exact backward pass. AuxK is off (coefficient 0, as
 //! in the authors' code). The Jacobian term and its gradient come from [`super::jacobian`].
 //!
+//! The pair is a [`Model`] of the training engine (`crate::train::Trainer`), which does
+//! everything else as for any SAE: input scales, `b_dec` init, Adam, unit-norm decoders,
+//! clipping, schedules (λ warms up with the engine's sparsity warmup), checkpoints.
+//!
 //! Decision: the losses use the crate's SumD-MeanB convention (`‖·‖²` summed over `d`,
 //! averaged over tokens) instead of the spec's element-wise mean; the Jacobian coefficient
 //! is multiplied by `d` so that the ratio of the terms, hence λ, means the same as in the
@@ -28,11 +32,10 @@ use serde::{Deserialize, Serialize};
 
 use super::jacobian::{self, JacGrads, JacStats, JacTables};
 use crate::eval::{ReconStats, SparsityStats};
-use crate::kernels as c;
 use crate::models::MlpWeights;
-use crate::sae::topk::{self, TopK, B_DEC, W_DEC, W_ENC};
+use crate::sae::topk::{self, TopK, W_DEC, W_ENC};
 use crate::sae::{Sae, SaeError, StepInput, Workspace};
-use crate::train::optim::{self, Adam};
+use crate::train::{Model, ModelOutput, StepCtx, TrainError};
 use crate::util::rng::Rng;
 
 /// Where the MLP gains of the Jacobian are evaluated (spec §1.2).
@@ -49,8 +52,8 @@ pub enum JacAt {
 /// One token's Jacobian block: input-SAE latents, output-SAE latents, `[k_out, k_in]` values.
 pub type TokenJacobian = (Vec<u32>, Vec<u32>, Vec<f32>);
 
-/// How a pair is trained.
-#[derive(Debug, Clone, PartialEq)]
+/// What makes a pair (the engine's `[train]` settings do the rest).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PairConfig {
     /// Active latents per token of both SAEs.
     pub k: usize,
@@ -58,29 +61,15 @@ pub struct PairConfig {
     pub d_sae: usize,
     /// Jacobian coefficient λ (0: a plain TopK pair trained on the same data).
     pub lambda: f32,
-    /// Steps of the linear λ warmup.
-    pub lambda_warmup_steps: u64,
     /// Where the Jacobian is evaluated.
     pub jac_at: JacAt,
-    /// Adam.
-    pub adam: Adam,
-    /// Steps of linear LR warmup.
-    pub lr_warmup_steps: u64,
-    /// Fraction of the steps over which the LR decays linearly to 0 at the end.
-    pub lr_decay_frac: f32,
-    /// Global gradient-norm clip over both SAEs (0: off).
-    pub grad_clip: f32,
-    /// Start `b_dec` at the mean of the init sample (else 0).
-    pub b_dec_mean: bool,
-    /// Scale both sides so that E‖x‖ = √d.
-    pub scale_inputs: bool,
-    /// Total optimiser steps (for the schedules).
-    pub total_steps: u64,
+    /// Adam learning rate when the training config sets none (the authors' 5e-4).
+    pub lr: f32,
     /// Seed of both SAEs' initialisation.
     pub seed: u64,
 }
 
-/// Errors of pair training.
+/// Errors of a pair.
 #[derive(Debug, thiserror::Error)]
 pub enum PairError {
     /// An SAE rejected its configuration or input.
@@ -89,32 +78,15 @@ pub enum PairError {
     /// Data of the wrong shape.
     #[error("JSAE pair: {0}")]
     Shape(String),
-    /// Training diverged.
-    #[error(
-        "JSAE pair: non-finite {what} at step {step}; lower train.optimizer.lr or jsae.lambda"
-    )]
-    NonFinite {
-        /// What went non-finite.
-        what: &'static str,
-        /// Step.
-        step: u64,
-    },
 }
 
-/// What one training step reports.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct PairStep {
-    /// Total loss.
-    pub loss: f64,
-    /// Input-SAE reconstruction term.
-    pub mse_x: f64,
-    /// Output-SAE reconstruction term.
-    pub mse_y: f64,
-    /// Mean `|J|` over the `k²` entries per token (NaN for a plain pair, λ = 0, whose
-    /// training does not compute J; evaluate it with [`JsaePair::evaluate`]).
-    pub jac_mean_abs: f64,
-    /// Share of `|J|` above 0.01 (NaN for a plain pair).
-    pub jac_frac: f64,
+impl From<PairError> for TrainError {
+    fn from(e: PairError) -> Self {
+        match e {
+            PairError::Sae(s) => TrainError::Sae(s),
+            PairError::Shape(s) => TrainError::Config(format!("JSAE pair: {s}")),
+        }
+    }
 }
 
 /// Accumulated evaluation of a pair.
@@ -132,7 +104,7 @@ pub struct PairEval {
     pub jac: JacStats,
 }
 
-/// A JSAE pair with its optimiser state.
+/// A JSAE pair: two TopK SAEs around an MLP.
 pub struct JsaePair {
     cfg: PairConfig,
     mlp: MlpWeights,
@@ -140,37 +112,15 @@ pub struct JsaePair {
     pub sae_x: TopK,
     /// Output SAE (on `mlp_out`).
     pub sae_y: TopK,
-    /// `c_x`.
+    /// `c_x` (set by the engine).
     pub scale_x: f32,
-    /// `c_y`.
+    /// `c_y` (set by the engine).
     pub scale_y: f32,
-    step: u64,
-    grads: [Vec<Vec<f32>>; 2],
-    m: [Vec<Vec<f32>>; 2],
-    v: [Vec<Vec<f32>>; 2],
     ws: [Workspace; 2],
     jg: JacGrads,
     xs: Vec<f32>,
-    ys: Vec<f32>,
     gains: Vec<f32>,
     raw: Vec<f32>,
-}
-
-fn scale_of(x: &[f32], d: usize) -> f32 {
-    let n = x.len() / d;
-    if n == 0 {
-        return 1.0;
-    }
-    let mean_norm: f64 = x
-        .chunks(d)
-        .map(|r| (c::dot(r, r) as f64).sqrt())
-        .sum::<f64>()
-        / n as f64;
-    if mean_norm > 0.0 {
-        ((d as f64).sqrt() / mean_norm) as f32
-    } else {
-        1.0
-    }
 }
 
 fn scaled(x: &[f32], s: f32, out: &mut Vec<f32>) {
@@ -179,71 +129,33 @@ fn scaled(x: &[f32], s: f32, out: &mut Vec<f32>) {
 }
 
 impl JsaePair {
-    /// A fresh pair around `mlp`, its input scales and `b_dec` from the init sample
-    /// `init_x`, `init_y` (`[n, d]` raw `mlp_in` / `mlp_out` rows).
-    pub fn new(
-        cfg: PairConfig,
-        mlp: MlpWeights,
-        init_x: &[f32],
-        init_y: &[f32],
-    ) -> Result<Self, PairError> {
+    /// A fresh pair around `mlp` (both SAEs initialised from `cfg.seed`, input first).
+    pub fn new(cfg: PairConfig, mlp: MlpWeights) -> Result<Self, PairError> {
         let d = mlp.d;
-        if init_x.len() != init_y.len() || init_x.is_empty() || !init_x.len().is_multiple_of(d) {
-            return Err(PairError::Shape(format!(
-                "the init samples must be non-empty [n, {d}] rows of equal length (got {} and {} floats)",
-                init_x.len(),
-                init_y.len()
-            )));
-        }
         let mut rng = Rng::new(cfg.seed);
         let tk = topk::Config {
             k: cfg.k,
             aux_k: None,
             aux_coefficient: 0.0,
         };
-        let mut sae_x = TopK::new(tk.clone(), d, cfg.d_sae, &mut rng)?;
-        let mut sae_y = TopK::new(tk, d, cfg.d_sae, &mut rng)?;
-        let (scale_x, scale_y) = if cfg.scale_inputs {
-            (scale_of(init_x, d), scale_of(init_y, d))
-        } else {
-            (1.0, 1.0)
-        };
-        if cfg.b_dec_mean {
-            for (sae, x, s) in [(&mut sae_x, init_x, scale_x), (&mut sae_y, init_y, scale_y)] {
-                let n = (x.len() / d) as f32;
-                let b = &mut sae.params_mut()[B_DEC].data;
-                b.fill(0.0);
-                for r in x.chunks(d) {
-                    for (bb, v) in b.iter_mut().zip(r) {
-                        *bb += v * s / n;
-                    }
-                }
-            }
-        }
-        let zeros = |s: &TopK| -> Vec<Vec<f32>> {
-            s.params().iter().map(|p| vec![0.0; p.data.len()]).collect()
-        };
+        let sae_x = TopK::new(tk.clone(), d, cfg.d_sae, &mut rng)?;
+        let sae_y = TopK::new(tk, d, cfg.d_sae, &mut rng)?;
         Ok(Self {
-            grads: [zeros(&sae_x), zeros(&sae_y)],
-            m: [zeros(&sae_x), zeros(&sae_y)],
-            v: [zeros(&sae_x), zeros(&sae_y)],
             ws: [Workspace::default(), Workspace::default()],
             sae_x,
             sae_y,
-            scale_x,
-            scale_y,
-            step: 0,
+            scale_x: 1.0,
+            scale_y: 1.0,
             cfg,
             mlp,
             jg: JacGrads::default(),
             xs: Vec::new(),
-            ys: Vec::new(),
             gains: Vec::new(),
             raw: Vec::new(),
         })
     }
 
-    /// The training configuration.
+    /// The configuration.
     pub fn config(&self) -> &PairConfig {
         &self.cfg
     }
@@ -251,70 +163,6 @@ impl JsaePair {
     /// The MLP the pair sits around.
     pub fn mlp(&self) -> &MlpWeights {
         &self.mlp
-    }
-
-    /// Steps taken.
-    pub fn step_count(&self) -> u64 {
-        self.step
-    }
-
-    /// Every tensor the next step depends on, by name: `{x,y}.param.<name>` (both SAEs'
-    /// parameters) and `{x,y}.adam_m.<name>`, `{x,y}.adam_v.<name>` (their Adam moments).
-    /// With [`Self::step_count`] and the input scales (recomputed from the same init sample
-    /// by [`Self::new`]), this is the whole training state.
-    pub fn state(&self) -> Vec<(String, &[f32])> {
-        let mut out = Vec::new();
-        for (s, side) in [(0usize, "x"), (1, "y")] {
-            let sae = if s == 0 { &self.sae_x } else { &self.sae_y };
-            for (i, p) in sae.params().iter().enumerate() {
-                out.push((format!("{side}.param.{}", p.name), p.data.as_slice()));
-                out.push((format!("{side}.adam_m.{}", p.name), self.m[s][i].as_slice()));
-                out.push((format!("{side}.adam_v.{}", p.name), self.v[s][i].as_slice()));
-            }
-        }
-        out
-    }
-
-    /// Put back a state written by [`Self::state`] after `step` steps. Every tensor must be
-    /// present with its length; on error the pair is left unchanged.
-    pub fn restore(
-        &mut self,
-        step: u64,
-        tensors: &std::collections::HashMap<String, Vec<f32>>,
-    ) -> Result<(), PairError> {
-        let names = self
-            .state()
-            .into_iter()
-            .map(|(n, v)| (n, v.len()))
-            .collect::<Vec<_>>();
-        for (name, len) in &names {
-            match tensors.get(name) {
-                Some(t) if t.len() == *len => {}
-                Some(t) => {
-                    return Err(PairError::Shape(format!(
-                        "checkpoint tensor {name} has {} values, the pair needs {len}",
-                        t.len()
-                    )))
-                }
-                None => return Err(PairError::Shape(format!("checkpoint has no tensor {name}"))),
-            }
-        }
-        let get = |name: String| &tensors[&name];
-        for (s, side) in [(0usize, "x"), (1, "y")] {
-            let sae = if s == 0 {
-                &mut self.sae_x
-            } else {
-                &mut self.sae_y
-            };
-            for (i, p) in sae.params_mut().iter_mut().enumerate() {
-                p.data
-                    .copy_from_slice(get(format!("{side}.param.{}", p.name)));
-                self.m[s][i].copy_from_slice(get(format!("{side}.adam_m.{}", p.name)));
-                self.v[s][i].copy_from_slice(get(format!("{side}.adam_v.{}", p.name)));
-            }
-        }
-        self.step = step;
-        Ok(())
     }
 
     /// This step's path-P tables from the current decoder of the input SAE and encoder of
@@ -338,53 +186,77 @@ impl JsaePair {
     fn k2(&self) -> f64 {
         (self.cfg.k * self.cfg.k) as f64
     }
+}
 
-    /// The Jacobian gains of a batch: at `x` or at the input SAE's reconstruction (which
-    /// must be in `ws[0].recon`, scaled).
-    fn fill_gains(&mut self, x: &[f32], n: usize) {
-        match self.cfg.jac_at {
-            JacAt::TrueInput => jacobian::gains_of(&self.mlp, x, n, &mut self.gains),
-            JacAt::Reconstruction => {
-                scaled(&self.ws[0].recon, 1.0 / self.scale_x, &mut self.raw);
-                jacobian::gains_of(&self.mlp, &self.raw, n, &mut self.gains);
-            }
+impl Model for JsaePair {
+    fn name(&self) -> &'static str {
+        "jsae_pair"
+    }
+    fn n_saes(&self) -> usize {
+        2
+    }
+    fn sae(&self, i: usize) -> &dyn Sae {
+        if i == 0 {
+            &self.sae_x
+        } else {
+            &self.sae_y
         }
     }
+    fn sae_mut(&mut self, i: usize) -> &mut dyn Sae {
+        if i == 0 {
+            &mut self.sae_x
+        } else {
+            &mut self.sae_y
+        }
+    }
+    fn config_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.cfg).unwrap_or(serde_json::Value::Null)
+    }
+    fn recommended_adam(&self) -> (f32, f32, f32) {
+        (self.cfg.lr, 0.9, 0.999)
+    }
+    fn set_scales(&mut self, scales: &[f32]) {
+        if let [x, y] = scales {
+            self.scale_x = *x;
+            self.scale_y = *y;
+        }
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
 
-    /// One optimiser step on `n` paired raw rows `x = mlp_in`, `y = mlp_out`.
-    pub fn step(&mut self, x: &[f32], y: &[f32], n: usize) -> Result<PairStep, PairError> {
-        let d = self.mlp.d;
-        if x.len() != n * d || y.len() != n * d || n == 0 {
-            return Err(PairError::Shape(format!(
-                "a step needs two [{n}, {d}] batches (got {} and {} floats)",
-                x.len(),
-                y.len()
-            )));
-        }
-        let t = self.step;
-        scaled(x, self.scale_x, &mut self.xs);
-        scaled(y, self.scale_y, &mut self.ys);
+    /// Both SAEs' reconstruction losses and gradients, then the Jacobian term on the active
+    /// blocks with λ·(the engine's sparsity warmup).
+    fn forward_backward(
+        &mut self,
+        ctx: &StepCtx,
+        grads: &mut [Vec<Vec<f32>>],
+        ws: &mut [Workspace],
+    ) -> Result<ModelOutput, TrainError> {
+        let (d, n) = (self.mlp.d, ctx.n);
         // 1. Both SAEs' reconstruction losses, gradients and active sets.
-        for g in self.grads.iter_mut().flatten() {
-            c::zero(g);
-        }
         let input_x = StepInput {
-            x: &self.xs,
+            x: &ctx.inputs[0],
             n,
-            step: t,
+            step: ctx.step,
             sparsity_scale: 1.0,
             dead: &[],
         };
         let input_y = StepInput {
-            x: &self.ys,
+            x: &ctx.inputs[1],
             ..input_x
         };
+        let (wx, wy) = ws.split_at_mut(1);
+        let (gx, gy) = grads.split_at_mut(1);
         let out_x = self
             .sae_x
-            .forward_backward(&input_x, &mut self.grads[0], &mut self.ws[0])?;
+            .forward_backward(&input_x, &mut gx[0], &mut wx[0])?;
         let out_y = self
             .sae_y
-            .forward_backward(&input_y, &mut self.grads[1], &mut self.ws[1])?;
+            .forward_backward(&input_y, &mut gy[0], &mut wy[0])?;
         // 2. The Jacobian term on the active blocks (skipped for the plain pair, λ = 0:
         //    the pair's training is then two independent TopK SAEs).
         let mut stats = JacStats::new(self.cfg.k, self.cfg.k);
@@ -392,17 +264,22 @@ impl JsaePair {
             stats.sum_abs = f64::NAN;
             0.0
         } else {
-            self.fill_gains(x, n);
-            let lam = self.cfg.lambda * optim::sparsity_factor(t, self.cfg.lambda_warmup_steps);
+            match self.cfg.jac_at {
+                JacAt::TrueInput => jacobian::gains_of(&self.mlp, ctx.raw[0], n, &mut self.gains),
+                JacAt::Reconstruction => {
+                    scaled(&wx[0].recon, 1.0 / self.scale_x, &mut self.raw);
+                    jacobian::gains_of(&self.mlp, &self.raw, n, &mut self.gains);
+                }
+            }
+            let lam = self.cfg.lambda * ctx.sparsity_scale;
             let coef = lam * d as f32 / (n as f64 * self.k2()) as f32;
             let tables = self.tables();
             let r = self.ratio();
-            let (gx, gy) = self.grads.split_at_mut(1);
             let sum_j = jacobian::penalty_step(
                 &self.mlp,
                 &tables,
-                &self.ws[0].codes,
-                &self.ws[1].codes,
+                &wx[0].codes,
+                &wy[0].codes,
                 &self.gains,
                 r,
                 coef,
@@ -413,77 +290,31 @@ impl JsaePair {
             );
             coef as f64 * sum_j
         };
-        let loss = out_x.loss + out_y.loss + jac_loss;
-        if !loss.is_finite() {
-            return Err(PairError::NonFinite {
-                what: "loss",
-                step: t,
-            });
+        let jac_frac = if self.cfg.lambda == 0.0 {
+            f64::NAN
+        } else {
+            stats.frac_above(0.01)
+        };
+        let mut metrics = Vec::new();
+        if self.cfg.lambda != 0.0 {
+            metrics.extend([
+                ("jac_mean_abs", stats.mean_abs()),
+                ("jac_frac_0_01", jac_frac),
+            ]);
         }
-        // 3. Unit-norm decoders: project, clip, Adam, renormalise.
-        for (s, sae) in [&self.sae_x, &self.sae_y].into_iter().enumerate() {
-            c::project_rows(&mut self.grads[s][W_DEC], &sae.params()[W_DEC].data, d);
-        }
-        if self.cfg.grad_clip > 0.0 {
-            let norm = self
-                .grads
-                .iter()
-                .flatten()
-                .map(|g| optim::sum_sq(g))
-                .sum::<f64>()
-                .sqrt();
-            if !norm.is_finite() {
-                return Err(PairError::NonFinite {
-                    what: "gradient",
-                    step: t,
-                });
-            }
-            if norm > self.cfg.grad_clip as f64 {
-                let s = (self.cfg.grad_clip as f64 / norm) as f32;
-                for g in self.grads.iter_mut().flatten() {
-                    optim::scale(g, s);
-                }
-            }
-        }
-        let lr = self.cfg.adam.lr
-            * optim::lr_factor(
-                t,
-                self.cfg.total_steps.max(1),
-                self.cfg.lr_warmup_steps,
-                self.cfg.lr_decay_frac,
-            );
-        for (s, sae) in [&mut self.sae_x, &mut self.sae_y].into_iter().enumerate() {
-            for (i, p) in sae.params_mut().iter_mut().enumerate() {
-                if !p.trainable {
-                    continue;
-                }
-                self.cfg.adam.update(
-                    lr,
-                    t + 1,
-                    &mut p.data,
-                    &self.grads[s][i],
-                    &mut self.m[s][i],
-                    &mut self.v[s][i],
-                );
-                if p.unit_rows {
-                    c::normalize_rows(&mut p.data, d);
-                }
-            }
-        }
-        self.step += 1;
-        Ok(PairStep {
-            loss,
-            mse_x: out_x.loss,
-            mse_y: out_y.loss,
-            jac_mean_abs: stats.mean_abs(),
-            jac_frac: if self.cfg.lambda == 0.0 {
-                f64::NAN
-            } else {
-                stats.frac_above(0.01)
-            },
+        Ok(ModelOutput {
+            loss: out_x.loss + out_y.loss + jac_loss,
+            losses: vec![
+                ("mse_x", out_x.loss),
+                ("mse_y", out_y.loss),
+                ("jacobian", jac_loss),
+            ],
+            metrics,
         })
     }
+}
 
+impl JsaePair {
     /// A fresh evaluation accumulator.
     pub fn new_eval(&self) -> PairEval {
         let (d, f) = (self.mlp.d, self.cfg.d_sae);

@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
 use super::ce::{ce_context, ce_with, CeContext};
-use crate::config::{BDecInit, LrDecay, Pipeline};
+use crate::config::Pipeline;
 use crate::data::pack::Window;
 use crate::data::Split;
 use crate::hub::HubOptions;
@@ -48,20 +48,17 @@ use crate::pipeline::results::MetricsRow;
 use crate::sae::export::ExportMeta;
 use crate::store::reader::{ActBatch, ActivationSet, Expect, SeqReader};
 use crate::store::set_dir;
-use crate::train::optim::Adam;
+use crate::train::{TrainConfig, Trainer};
 use crate::util::progress::Reporter;
 use crate::util::rng::Rng;
 
 /// The completion marker of a trained and evaluated pair.
 pub const JSAE_DONE: &str = "jsae_done.json";
 
-/// The in-progress training state of the pairs (`data/<run>/jsae/`), written every
-/// `train.checkpoint_every` tokens (default: as the SAE trainer, every 1000 steps) and
-/// removed once every pair's [`JSAE_DONE`] is written.
+/// The in-progress training state of a pair (`data/<run>/jsae/<variant>/`): the training
+/// engine's checkpoint, written every `train.checkpoint_every` tokens (default: every 1000
+/// steps) and removed once the pair's [`JSAE_DONE`] is written.
 pub const JSAE_CHECKPOINT: &str = "checkpoint.safetensors";
-
-/// Format tag of [`JSAE_CHECKPOINT`].
-const CHECKPOINT_FORMAT: &str = "saepipe-jsae-checkpoint-1";
 
 /// Rows per shuffle block of the paired training reader.
 pub const SHUFFLE_ROWS: usize = 1 << 15;
@@ -76,115 +73,13 @@ struct JsaeDone {
     rows: Vec<MetricsRow>,
 }
 
-/// Scalars of the stage checkpoint (`__metadata__["saepipe"]`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct PairCheckpointMeta {
-    format: String,
-    config_hash: String,
-    /// The pairs it holds, in training order; their tensors are prefixed `<variant>.`.
-    variants: Vec<String>,
-    step: u64,
-    /// Training seconds of each pair so far.
-    train_seconds: Vec<f64>,
+/// Where the checkpoint of one pair lives.
+fn checkpoint_path(p: &Pipeline, variant: &str) -> PathBuf {
+    variant_dir(p, variant).join(JSAE_CHECKPOINT)
 }
 
-/// Where the stage checkpoint of a pipeline lives.
-fn checkpoint_path(p: &Pipeline) -> PathBuf {
-    p.run_dir().join("jsae").join(JSAE_CHECKPOINT)
-}
-
-/// Write the state of every pair trained in lockstep (see [`JsaePair::state`]) into one
-/// file, atomically, so the pairs can never be caught at different steps.
-fn save_checkpoint(path: &Path, hash: &str, pairs: &[TrainingPair]) -> Result<()> {
-    let mut names = Vec::new();
-    let mut bytes: Vec<Vec<u8>> = Vec::new();
-    for (v, _, pair, _) in pairs {
-        for (name, t) in pair.state() {
-            names.push(format!("{v}.{name}"));
-            bytes.push(t.iter().flat_map(|x| x.to_le_bytes()).collect());
-        }
-    }
-    let mut views = Vec::with_capacity(names.len());
-    for (name, b) in names.iter().zip(&bytes) {
-        views.push((
-            name.clone(),
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![b.len() / 4], b)?,
-        ));
-    }
-    let meta = PairCheckpointMeta {
-        format: CHECKPOINT_FORMAT.into(),
-        config_hash: hash.into(),
-        variants: pairs.iter().map(|(v, ..)| v.to_string()).collect(),
-        step: pairs.first().map_or(0, |(_, _, pair, _)| pair.step_count()),
-        train_seconds: pairs.iter().map(|(.., secs)| *secs).collect(),
-    };
-    let md =
-        std::collections::HashMap::from([("saepipe".to_string(), serde_json::to_string(&meta)?)]);
-    let out = safetensors::serialize(views, Some(md))?;
-    crate::util::fs::atomic_write(path, &out).with_context(|| format!("writing {}", path.display()))
-}
-
-/// Put the state of a checkpoint written by [`save_checkpoint`] back into `pairs` and return
-/// its step; `None` (pairs untouched) when there is no checkpoint, or it was written by
-/// another configuration or for another set of pairs (the next save overwrites it).
-fn restore_checkpoint(path: &Path, hash: &str, pairs: &mut [TrainingPair]) -> Result<Option<u64>> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    };
-    let bad = |what: String| {
-        anyhow::anyhow!(
-            "{}: {what}; delete it to retrain the JSAE pairs from the start",
-            path.display()
-        )
-    };
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| bad(format!("not a safetensors file ({e})")))?;
-    let meta: PairCheckpointMeta = header
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get("saepipe"))
-        .ok_or_else(|| bad("no saepipe metadata".into()))
-        .and_then(|m| serde_json::from_str(m).map_err(|e| bad(format!("bad metadata ({e})"))))?;
-    if meta.format != CHECKPOINT_FORMAT {
-        return Err(bad(format!(
-            "format {} is not {CHECKPOINT_FORMAT}",
-            meta.format
-        )));
-    }
-    let ours: Vec<String> = pairs.iter().map(|(v, ..)| v.to_string()).collect();
-    if meta.config_hash != hash || meta.variants != ours || meta.train_seconds.len() != ours.len() {
-        return Ok(None);
-    }
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| bad(format!("not a safetensors file ({e})")))?;
-    for ((v, _, pair, secs), s0) in pairs.iter_mut().zip(&meta.train_seconds) {
-        let mut tensors = std::collections::HashMap::new();
-        let prefix = format!("{v}.");
-        for (name, t) in st.tensors() {
-            let Some(rest) = name.strip_prefix(&prefix) else {
-                continue;
-            };
-            if t.dtype() != safetensors::Dtype::F32 {
-                return Err(bad(format!("tensor {name} is {:?}, not F32", t.dtype())));
-            }
-            let vals = t
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            tensors.insert(rest.to_string(), vals);
-        }
-        pair.restore(meta.step, &tensors)
-            .map_err(|e| bad(format!("the {v} pair: {e}")))?;
-        *secs = *s0;
-    }
-    Ok(Some(meta.step))
-}
-
-/// A pair being trained: variant, λ, the pair, its training seconds.
-type TrainingPair = (&'static str, f64, JsaePair, f64);
+/// A pair being trained: variant, λ, its engine, its training seconds.
+type TrainingPair = (&'static str, f64, Trainer, f64);
 
 /// Hash of everything that changes a pair: model, data, capture, train, eval, jsae, seed.
 fn config_hash(p: &Pipeline) -> String {
@@ -457,42 +352,27 @@ fn ce_pair(ctx: &CeContext, layer: usize, mut pair: Option<&mut JsaePair>) -> Re
     )
 }
 
-fn pair_config(p: &Pipeline, d: usize, lambda: f64, total_steps: u64) -> PairConfig {
+/// The pair and the engine settings of one variant: the pipeline's `[train]` as for any
+/// SAE, always with Adam (under PAM-SGD, its encoder Adam settings), and `b_dec` at the
+/// mean of the init sample unless `b_dec_init = "zeros"`.
+fn pair_config(p: &Pipeline, d: usize, lambda: f64) -> (PairConfig, TrainConfig) {
     let c = &p.config;
     let j = c.jsae.as_ref().expect("invariant: only called with [jsae]");
-    let t = &c.train;
-    // The pair always trains with Adam; under PAM-SGD its encoder Adam settings are used.
-    let (lr, beta1, beta2, eps) = t.optimizer.adam();
-    let d_sae = j.d_sae.unwrap_or(j.expansion_factor * d);
-    let decay_frac = match t.lr_decay {
-        LrDecay::None => 0.0,
-        LrDecay::Linear => match t.lr_decay_steps {
-            Some(s) => s as f32 / total_steps.max(1) as f32,
-            None => 0.2,
-        },
+    let mut train = c.trainer_config();
+    train.optimizer = crate::train::Optimizer::Adam;
+    train.b_dec_init = match train.b_dec_init {
+        crate::train::BDecInit::Zero => crate::train::BDecInit::Zero,
+        _ => crate::train::BDecInit::Mean,
     };
-    PairConfig {
+    let pair = PairConfig {
         k: j.k,
-        d_sae,
+        d_sae: j.d_sae.unwrap_or(j.expansion_factor * d),
         lambda: lambda as f32,
-        lambda_warmup_steps: t
-            .l1_warmup_steps
-            .unwrap_or((total_steps as f64 * 0.05).ceil() as u64),
         jac_at: j.jac_at,
-        adam: Adam {
-            lr: lr.unwrap_or(j.lr) as f32,
-            beta1: beta1.unwrap_or(0.9) as f32,
-            beta2: beta2.unwrap_or(0.999) as f32,
-            eps: eps as f32,
-        },
-        lr_warmup_steps: t.lr_warmup_steps.min(total_steps / 10),
-        lr_decay_frac: decay_frac,
-        grad_clip: t.grad_clip as f32,
-        b_dec_mean: t.b_dec_init != BDecInit::Zeros,
-        scale_inputs: t.scale_inputs,
-        total_steps,
+        lr: j.lr as f32,
         seed: c.run.seed,
-    }
+    };
+    (pair, train)
 }
 
 /// Train and evaluate the pairs of `[jsae]` that are not done yet (all with `force`).
@@ -548,9 +428,7 @@ pub fn jsae_stage(
         mlp.d
     );
     // 2. Init sample, then the pairs (same seed: same init).
-    let train_tokens = c.train.train_tokens.unwrap_or(c.data.n_tokens);
     let batch = c.train.batch_tokens.max(1);
-    let total_steps = (train_tokens / batch as u64).max(1);
     let mut batches = Batches {
         reader: PairedReader::new(train_sets.clone()),
         rng: Rng::new(c.run.seed ^ 0x4a53_4145),
@@ -565,57 +443,93 @@ pub fn jsae_stage(
         .min(train_sets[0].n_tokens() as usize)
         .max(1);
     PairedReader::new(train_sets.clone()).take(init_rows, &mut ix, &mut iy)?;
-    let mut pairs = Vec::new();
+    // 3. One training engine per pair. Resume: a pair with a checkpoint of this config
+    //    continues from it; the data stream is replayed (read only) from the earliest
+    //    step, and each pair steps only on the batches it has not seen, so a resumed run
+    //    sees the batches an uninterrupted one would and ends with the same weights.
+    let mut pairs: Vec<TrainingPair> = Vec::new();
     for &(v, lam) in &todo {
-        let cfg = pair_config(p, d, lam, total_steps);
-        pairs.push((v, lam, JsaePair::new(cfg, mlp.clone(), &ix, &iy)?, 0.0f64));
+        let (pcfg, tcfg) = pair_config(p, d, lam);
+        let ckpt = checkpoint_path(p, v);
+        let saved = if force || !ckpt.exists() {
+            None
+        } else {
+            crate::train::checkpoint::load(&ckpt)
+                .ok()
+                .filter(|ck| ck.get::<String>("config_hash").ok().as_deref() == Some(&hash))
+        };
+        let model = Box::new(JsaePair::new(pcfg, mlp.clone())?);
+        let (trainer, secs) = match saved {
+            Some(ck) => (
+                Trainer::restore(&ck, tcfg, model)
+                    .with_context(|| format!("resuming the {v} pair from {}", ckpt.display()))?,
+                ck.get::<f64>("train_seconds").unwrap_or(0.0),
+            ),
+            None => (Trainer::with_model(tcfg, model, &[&ix, &iy])?, 0.0),
+        };
+        pairs.push((v, lam, trainer, secs));
     }
-    // 3. Resume: put back the checkpoint of these pairs, if any, and replay the data
-    //    stream up to its step (reading only), so a resumed run sees the batches an
-    //    uninterrupted one would and ends with the same weights.
+    let total_steps = pairs[0].2.total_steps();
+    let start = pairs.iter().map(|r| r.2.step_count()).min().unwrap_or(0);
     let (mut x, mut y) = (Vec::new(), Vec::new());
-    let ckpt = checkpoint_path(p);
-    let mut start = 0u64;
-    if !force {
-        if let Some(step) = restore_checkpoint(&ckpt, &hash, &mut pairs)? {
-            start = step.min(total_steps);
-            for _ in 0..start {
-                batches.next_batch(batch, &mut x, &mut y)?;
-            }
-            reporter.message(&format!(
-                "jsae: resuming {} pair(s) at step {start} of {total_steps} from {}",
-                pairs.len(),
-                ckpt.display()
-            ));
-        }
+    let resumed: Vec<String> = pairs
+        .iter()
+        .filter(|r| r.2.step_count() > 0)
+        .map(|r| format!("{} at step {}", r.0, r.2.step_count()))
+        .collect();
+    if !resumed.is_empty() {
+        reporter.message(&format!(
+            "jsae: resuming {} of {} pair(s) from their checkpoints in {} ({}); the data stream is replayed from step {start} of {total_steps}",
+            resumed.len(),
+            pairs.len(),
+            p.run_dir().join("jsae").display(),
+            resumed.join(", ")
+        ));
     }
-    let every = c.train.checkpoint_every.map_or(
-        crate::train::TrainConfig::default().checkpoint_every,
-        |tok| (tok / batch as u64).max(1),
-    );
+    for _ in 0..start {
+        batches.next_batch(batch, &mut x, &mut y)?;
+    }
     // 4. Lockstep training.
     let prog = reporter.start(
         &format!("jsae L{layer}"),
         Some(total_steps * batch as u64 * pairs.len() as u64),
     );
-    prog.advance(start * batch as u64 * pairs.len() as u64);
+    prog.advance(pairs.iter().map(|r| r.2.step_count() * batch as u64).sum());
     for step in start..total_steps {
         batches.next_batch(batch, &mut x, &mut y)?;
         let mut msg = String::new();
-        for (v, _, pair, secs) in pairs.iter_mut() {
+        for (v, _, trainer, secs) in pairs.iter_mut() {
+            if trainer.step_count() != step {
+                continue;
+            }
             let t0 = Instant::now();
-            let s = pair.step(&x, &y, batch)?;
+            let s = trainer.step_on(&[&x, &y], batch)?;
             *secs += t0.elapsed().as_secs_f64();
             prog.advance(batch as u64);
+            let term = |k: &str| {
+                s.terms
+                    .iter()
+                    .chain(&s.metrics)
+                    .find(|t| t.0 == k)
+                    .map_or(f64::NAN, |t| t.1)
+            };
             msg.push_str(&format!(
                 "{v}: mse {:.3}/{:.3} |J| {:.4}  ",
-                s.mse_x, s.mse_y, s.jac_mean_abs
+                term("mse_x"),
+                term("mse_y"),
+                term("jac_mean_abs")
             ));
+            if trainer.checkpoint_due() && step + 1 < total_steps {
+                let dir = variant_dir(p, v);
+                std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+                trainer.save_checkpoint_with(
+                    &checkpoint_path(p, v),
+                    serde_json::json!({ "config_hash": hash, "train_seconds": *secs }),
+                )?;
+            }
         }
         prog.set_message(msg);
-        if (step + 1) % every == 0 && step + 1 < total_steps {
-            save_checkpoint(&ckpt, &hash, &pairs)?;
-        }
     }
     prog.finish();
     // 5. Held-out metrics, CE with both SAEs spliced in, export, marker.
@@ -631,7 +545,10 @@ pub fn jsae_stage(
         None => None,
     };
     let revision = train_sets[0].manifest.meta.model_revision.clone();
-    for (v, lam, pair, secs) in pairs.iter_mut() {
+    for (v, lam, trainer, secs) in pairs.iter_mut() {
+        let pair = trainer
+            .model_as_mut::<JsaePair>()
+            .expect("invariant: the JSAE stage's engines train JSAE pairs");
         let mut acc = pair.new_eval();
         let mut reader = PairedReader::new(eval_sets.clone());
         let mut seen = 0u64;
@@ -697,6 +614,13 @@ pub fn jsae_stage(
         })?;
         crate::util::fs::atomic_write(&dir.join(JSAE_DONE), text.as_bytes())
             .with_context(|| format!("writing {}", dir.join(JSAE_DONE).display()))?;
+        let ckpt = checkpoint_path(p, v);
+        match std::fs::remove_file(&ckpt) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("removing {}", ckpt.display()));
+            }
+            _ => {}
+        }
         reporter.message(&format!(
             "jsae {v} (λ = {lam:.4}): |J| > 0.01 on {:.1}% of entries, mean |J| {:.4}, R² {:.3} / {:.3}, CE {:?} → {:?}",
             100.0 * acc.jac.frac_above(0.01),
@@ -706,12 +630,6 @@ pub fn jsae_stage(
             ce.as_ref().map(|x| x.clean),
             spliced
         ));
-    }
-    match std::fs::remove_file(&ckpt) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("removing {}", ckpt.display()));
-        }
-        _ => {}
     }
     Ok(pairs.len())
 }

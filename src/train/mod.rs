@@ -634,6 +634,14 @@ impl Trainer {
     pub fn model_mut(&mut self) -> &mut dyn Model {
         &mut *self.model
     }
+    /// The model as its own type `M` (`None` if it is another one).
+    pub fn model_as<M: Model>(&self) -> Option<&M> {
+        self.model.as_any().downcast_ref()
+    }
+    /// Mutable [`Trainer::model_as`].
+    pub fn model_as_mut<M: Model>(&mut self) -> Option<&mut M> {
+        self.model.as_any_mut().downcast_mut()
+    }
     /// The first (for a single-SAE model: the) SAE being trained.
     pub fn sae(&self) -> &dyn Sae {
         self.model.sae(0)

@@ -43,7 +43,7 @@ pub struct ModelOutput {
 }
 
 /// Something the engine can train.
-pub trait Model: Send {
+pub trait Model: Send + std::any::Any {
     /// Name for messages and checkpoints (the SAE variant, or `jsae_pair`).
     fn name(&self) -> &'static str;
     /// How many SAEs the model holds.
@@ -60,6 +60,11 @@ pub trait Model: Send {
     fn supports_pam_sgd(&self) -> bool {
         false
     }
+    /// The model as [`std::any::Any`], so that a stage can reach its own type back
+    /// through [`super::Trainer::model_as`].
+    fn as_any(&self) -> &dyn std::any::Any;
+    /// Mutable [`Model::as_any`].
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
     /// Told once the engine knows the input scale of every SAE (at init and on resume).
     fn set_scales(&mut self, scales: &[f32]) {
         let _ = scales;
@@ -114,6 +119,12 @@ impl Model for SingleSae {
     }
     fn supports_pam_sgd(&self) -> bool {
         self.arch.supports_pam_sgd()
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
     }
     fn forward_backward(
         &mut self,
