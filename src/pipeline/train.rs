@@ -14,8 +14,12 @@
 //! the group (no anchor library does this by default; the read is the shared cost). So
 //! `run.seed` varies the SAE's initialisation, not the data order, which follows the
 //! pipeline's base `run.seed`.
-//! Decision: an interrupted group restarts its unfinished units from scratch; exact
-//! mid-run resume is the trainer's checkpoint mechanism, used for single runs.
+//! Decision: every unit checkpoints into its own folder (`checkpoint.safetensors`, the
+//! training engine's format) every `train.checkpoint_every` tokens. After a kill, a unit
+//! with a checkpoint of its point hash continues from it: its group replays the shared
+//! batch stream (reading only) from the earliest step of its units, and each unit steps
+//! only on the batches it has not seen, so every SAE ends byte-identical to an
+//! uninterrupted run. The checkpoint is removed once the unit's marker is written.
 //! Decision: a `[synthetic]` pipeline trains on [`SyntheticSource`] rows (the training
 //! stream of its dictionary, in order) instead of captured activations.
 //! Decision: the SAEs of a group take each step in parallel (rayon), so `train_seconds` is
@@ -39,7 +43,7 @@ use crate::store::reader::{ActivationSet, Expect, ParquetSource, ShuffleConfig};
 use crate::store::set_dir;
 use crate::store::{ActivationSource, DataError};
 use crate::synthetic::SyntheticSource;
-use crate::train::{StepRecord, Trainer, LOG_FILE};
+use crate::train::{SingleSae, StepRecord, Trainer, CHECKPOINT_FILE, LOG_FILE};
 use crate::util::progress::Reporter;
 
 /// The completion marker of a trained unit.
@@ -312,35 +316,67 @@ fn train_group(
     src.seek(0)?;
     let mut running = Vec::with_capacity(group.len());
     for &u in group {
-        let cfg = u.point.config.trainer_config();
-        let d_sae = u.point.config.sae.d_sae(d);
         let t0 = Instant::now();
-        let mut s = SliceSource {
-            data: &buf,
-            d,
-            pos: 0,
+        let (trainer, seconds) = match resume_unit(u, d)? {
+            Some((trainer, seconds)) => {
+                reporter.message(&format!(
+                    "train: resuming {} at {} from step {} of {} ({})",
+                    u.point.id,
+                    u.hookpoint,
+                    trainer.step_count(),
+                    trainer.total_steps(),
+                    u.dir.join(CHECKPOINT_FILE).display()
+                ));
+                (trainer, seconds)
+            }
+            None => {
+                let cfg = u.point.config.trainer_config();
+                let d_sae = u.point.config.sae.d_sae(d);
+                let mut s = SliceSource {
+                    data: &buf,
+                    d,
+                    pos: 0,
+                };
+                let trainer = Trainer::new(cfg, &u.point.config.sae.arch, d_sae, &mut s)
+                    .with_context(|| format!("setting up {} at {}", u.point.id, u.hookpoint))?;
+                (trainer, 0.0)
+            }
         };
-        let trainer = Trainer::new(cfg, &u.point.config.sae.arch, d_sae, &mut s)
-            .with_context(|| format!("setting up {} at {}", u.point.id, u.hookpoint))?;
         running.push(Running {
             unit: u,
             steps: trainer.total_steps(),
             trainer,
-            seconds: t0.elapsed().as_secs_f64(),
+            seconds: seconds + t0.elapsed().as_secs_f64(),
         });
     }
     let total: u64 = running.iter().map(|r| r.steps).sum();
     let max_steps = running.iter().map(|r| r.steps).max().unwrap_or(0);
+    let start = running
+        .iter()
+        .map(|r| r.trainer.step_count())
+        .min()
+        .unwrap_or(0);
     let prog = reporter.start(
         &format!("train {}", group[0].hookpoint),
         Some(total * batch as u64),
     );
-    // 2. Lockstep: one read per step, every unfinished SAE steps on it.
+    prog.advance(
+        running
+            .iter()
+            .map(|r| r.trainer.step_count() * batch as u64)
+            .sum(),
+    );
+    // 2. Replay the stream (reading only) up to the earliest resumed step.
+    for _ in 0..start {
+        read_rows(src, batch, &mut buf)?;
+    }
+    // 3. Lockstep: one read per step; every unit that is at this step takes it.
     let mut done = 0;
-    for step in 0..max_steps {
+    for step in start..max_steps {
         let t0 = Instant::now();
         read_rows(src, batch, &mut buf)?;
-        let active = running.iter().filter(|r| r.steps > step).count().max(1);
+        let due = |r: &Running| r.steps > step && r.trainer.step_count() == step;
+        let active = running.iter().filter(|r| due(r)).count().max(1);
         let read_share = t0.elapsed().as_secs_f64() / active as f64;
         // The SAEs of the group step in parallel (each also parallel inside, through rayon's
         // shared pool): at these sizes one SAE's kernels are too small to keep both cores
@@ -349,7 +385,7 @@ fn train_group(
         let records: Vec<Result<(usize, StepRecord)>> = running
             .par_iter_mut()
             .enumerate()
-            .filter(|(_, r)| r.steps > step)
+            .filter(|(_, r)| due(r))
             .map(|(i, r)| {
                 let t1 = Instant::now();
                 let mut s = SliceSource {
@@ -378,12 +414,58 @@ fn train_group(
             if step + 1 == r.steps {
                 finish(pipeline, &data.dataset, r)?;
                 done += 1;
+            } else if r.trainer.checkpoint_due() {
+                save_unit_checkpoint(r)?;
             }
         }
         prog.set_message(msg);
     }
     prog.finish();
     Ok(done)
+}
+
+/// Write a unit's checkpoint into its folder (atomically), with its point hash and seconds.
+fn save_unit_checkpoint(r: &Running) -> Result<()> {
+    let u = r.unit;
+    std::fs::create_dir_all(&u.dir).with_context(|| format!("creating {}", u.dir.display()))?;
+    let path = u.dir.join(CHECKPOINT_FILE);
+    r.trainer
+        .save_checkpoint_with(
+            &path,
+            serde_json::json!({ "point_hash": u.point.hash, "train_seconds": r.seconds }),
+        )
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// The engine of a unit restored from its checkpoint, when there is one of this unit's
+/// point hash; `None` to start from step 0 (no checkpoint, or one of another config).
+fn resume_unit(u: &Unit, d: usize) -> Result<Option<(Trainer, f64)>> {
+    let path = u.dir.join(CHECKPOINT_FILE);
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let ck = match crate::train::checkpoint::load(&path) {
+        Ok(ck) => ck,
+        Err(e) => {
+            tracing::warn!(
+                "{e}; training {} at {} from the start",
+                u.point.id,
+                u.hookpoint
+            );
+            return Ok(None);
+        }
+    };
+    if ck.get::<String>("point_hash").ok().as_deref() != Some(u.point.hash.as_str()) {
+        return Ok(None);
+    }
+    let arch = &u.point.config.sae.arch;
+    let cfg = u.point.config.trainer_config();
+    let sae = arch.build(d, u.point.config.sae.d_sae(d), cfg.seed)?;
+    let trainer = Trainer::restore(&ck, cfg, Box::new(SingleSae::new(arch.clone(), sae)))
+        .with_context(|| format!("resuming from {}", path.display()))?;
+    let seconds = ck.get::<f64>("train_seconds").unwrap_or(0.0);
+    Ok(Some((trainer, seconds)))
 }
 
 /// Export a finished SAE, its log, then the completion marker.
@@ -416,5 +498,11 @@ fn finish(pipeline: &Pipeline, dataset: &str, r: &Running) -> Result<()> {
     let text = serde_json::to_string_pretty(&done)?;
     crate::util::fs::atomic_write(&u.dir.join(TRAIN_DONE), text.as_bytes())
         .with_context(|| format!("writing {}", u.dir.join(TRAIN_DONE).display()))?;
-    Ok(())
+    let ck = u.dir.join(CHECKPOINT_FILE);
+    match std::fs::remove_file(&ck) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", ck.display()))
+        }
+        _ => Ok(()),
+    }
 }
