@@ -190,7 +190,7 @@ impl Optimizer for AdamOptimizer {
         Vec::new()
     }
     fn update(&mut self, model: &mut dyn Model, grads: &[Vec<Vec<f32>>], lr: f32, t: u64) {
-        for s in 0..model.n_saes() {
+        for (s, grads) in grads.iter().enumerate().take(model.n_saes()) {
             let sae = model.sae_mut(s);
             let d = sae.dims().0;
             for (i, p) in sae.params_mut().iter_mut().enumerate() {
@@ -201,7 +201,7 @@ impl Optimizer for AdamOptimizer {
                     lr,
                     t,
                     &mut p.data,
-                    &grads[s][i],
+                    &grads[i],
                     &mut self.m[s][i],
                     &mut self.v[s][i],
                 );
