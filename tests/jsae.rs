@@ -80,9 +80,7 @@ fn mlp_out_of(model: &dyn HookedModel, ids: &Tensor, x: &[f32]) -> Vec<f32> {
 /// A JSAE pair (λ warms up over the first 5% of `steps`) on the training engine, with its
 /// input scales and `b_dec` from `(x, y)`.
 fn pair_trainer(
-    k: usize,
-    d_sae: usize,
-    lambda: f32,
+    (k, d_sae, lambda): (usize, usize, f32),
     steps: u64,
     batch: usize,
     mlp: saepipe::models::MlpWeights,
@@ -156,7 +154,7 @@ fn jacobian_block_matches_finite_differences_through_the_real_mlp() {
                 );
             }
         }
-        let mut trainer = pair_trainer(4, 32, 0.5, 10, n, mlp, &x, &y);
+        let mut trainer = pair_trainer((4, 32, 0.5), 10, n, mlp, &x, &y);
         for _ in 0..3 {
             trainer.step_on(&[&x, &y], n).unwrap();
         }
@@ -233,7 +231,7 @@ fn jsae_pair_is_sparser_than_the_plain_pair() {
     let (n, batch, steps) = (x.len() / d, 256, 120u64);
     let mut out = Vec::new();
     for lambda in [0.0f32, 2.0] {
-        let mut trainer = pair_trainer(8, 128, lambda, steps, batch, mlp.clone(), &x, &y);
+        let mut trainer = pair_trainer((8, 128, lambda), steps, batch, mlp.clone(), &x, &y);
         for s in 0..steps as usize {
             let lo = (s * batch) % (n - batch);
             trainer
