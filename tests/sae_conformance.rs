@@ -367,5 +367,5 @@ fn batchtopk_preset_dead_latents_get_auxk_and_threshold_is_set() {
         .unwrap()
         .data[0];
     assert!(th > 0.0);
-    let _ = BDecInit::Zero;
+    let _ = BDecInit::Zeros;
 }

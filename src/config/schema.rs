@@ -31,7 +31,7 @@ pub struct PipelineConfig {
     pub capture: CaptureConfig,
     /// `[train]`: optimiser, schedules and budgets of SAE training. Optional section.
     #[serde(default)]
-    pub train: TrainConfig,
+    pub train: TrainSection,
     /// `[sae]`: width and architecture of the SAE (the base point of the grid).
     pub sae: SaeConfig,
     /// `[eval]`: evaluation budgets. Optional section.
@@ -332,23 +332,16 @@ pub enum LrDecay {
     Linear,
 }
 
-/// How the decoder bias is initialised.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum BDecInit {
-    /// Geometric median of a sample of activations (Weiszfeld).
-    #[default]
-    GeometricMedian,
-    /// Mean of a sample of activations.
-    Mean,
-    /// Zeros.
-    Zeros,
-}
+/// How the decoder bias is initialised: the training engine's own type.
+pub use crate::train::BDecInit;
 
-/// `[train]`. Every key maps onto `train::TrainConfig` through
-/// [`PipelineConfig::trainer_config`].
+/// `[train]`, as the file says it (steps and tokens, optional keys). It is not a copy of
+/// the engine's [`crate::train::TrainConfig`] but its source: [`PipelineConfig::trainer_config`]
+/// resolves it (with `run.seed` and `data.n_tokens`) into the engine's settings, the
+/// LowArgs → HiArgs split of STYLE.md (ripgrep). Shared vocabulary (`BDecInit`, PAM-SGD's
+/// defaults) is the engine's own.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainConfig {
+pub struct TrainSection {
     /// Optimiser table, `{ kind = "adam", lr = 2e-4, beta1 = 0.9, beta2 = 0.999 }`.
     /// Default Adam with the variant's recommended lr and betas.
     #[serde(default)]
@@ -420,11 +413,11 @@ fn default_log_every() -> u64 {
     10
 }
 
-impl Default for TrainConfig {
+impl Default for TrainSection {
     fn default() -> Self {
         toml::Table::new()
             .try_into()
-            .expect("invariant: every TrainConfig field has a default")
+            .expect("invariant: every TrainSection field has a default")
     }
 }
 

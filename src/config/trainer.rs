@@ -5,7 +5,7 @@
 //! `checkpoint_every` in tokens becomes steps (rounded down, at least 1); absent keys
 //! keep the trainer's defaults (5% warmup, 20% decay, every 1000 steps).
 
-use super::schema::{BDecInit, LrDecay, OptimizerConfig, PipelineConfig};
+use super::schema::{LrDecay, OptimizerConfig, PipelineConfig};
 use crate::train;
 
 impl PipelineConfig {
@@ -66,11 +66,7 @@ impl PipelineConfig {
                 .map_or(defaults.sparsity_warmup_frac, frac),
             grad_clip: (t.grad_clip > 0.0).then_some(t.grad_clip as f32),
             dead_after_tokens: t.dead_after_tokens,
-            b_dec_init: match t.b_dec_init {
-                BDecInit::GeometricMedian => train::BDecInit::GeometricMedian,
-                BDecInit::Mean => train::BDecInit::Mean,
-                BDecInit::Zeros => train::BDecInit::Zero,
-            },
+            b_dec_init: t.b_dec_init,
             init_tokens: t.init_tokens,
             scale_inputs: t.scale_inputs,
             seed: self.run.seed,

@@ -162,7 +162,7 @@ pub fn check(mut raw: Table, probs: &mut Problems) -> Option<PipelineConfig> {
     let model = sec!("model", ModelConfig);
     let data = sec!("data", DataConfig);
     let capture = sec!("capture", CaptureConfig);
-    let train = sec!("train", TrainConfig);
+    let train = sec!("train", TrainSection);
     let sae = sec!("sae", SaeConfig);
     let eval = sec!("eval", EvalConfig);
     let sweep = sec!("sweep", Table);
@@ -446,7 +446,7 @@ fn check_capture(c: &CaptureConfig, probs: &mut Problems) {
     positive(probs, "capture.shard_tokens", c.shard_tokens);
 }
 
-fn check_train(t: &TrainConfig, probs: &mut Problems) {
+fn check_train(t: &TrainSection, probs: &mut Problems) {
     let (lr, beta1, beta2, eps) = t.optimizer.adam();
     let (lr, beta1, beta2, eps) = (&lr, &beta1, &beta2, &eps);
     if let OptimizerConfig::PamSgd { .. } = &t.optimizer {

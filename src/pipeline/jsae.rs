@@ -361,7 +361,7 @@ fn pair_config(p: &Pipeline, d: usize, lambda: f64) -> (PairConfig, TrainConfig)
     let mut train = c.trainer_config();
     train.optimizer = crate::train::Optimizer::Adam;
     train.b_dec_init = match train.b_dec_init {
-        crate::train::BDecInit::Zero => crate::train::BDecInit::Zero,
+        crate::train::BDecInit::Zeros => crate::train::BDecInit::Zeros,
         _ => crate::train::BDecInit::Mean,
     };
     let pair = PairConfig {

@@ -50,7 +50,7 @@ pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
 /// Training log file name inside the output directory.
 pub const LOG_FILE: &str = "train_log.parquet";
 
-/// How `b_dec` is initialised.
+/// How `b_dec` is initialised (`train.b_dec_init`: `"geometric_median"`, `"mean"`, `"zeros"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum BDecInit {
@@ -59,8 +59,8 @@ pub enum BDecInit {
     GeometricMedian,
     /// Mean of the init sample.
     Mean,
-    /// Zero.
-    Zero,
+    /// Zeros.
+    Zeros,
 }
 
 /// The optimiser of a run.
@@ -463,7 +463,7 @@ impl Trainer {
             let b_dec = match cfg.b_dec_init {
                 BDecInit::GeometricMedian => geometric_median(&scaled, d),
                 BDecInit::Mean => mean_rows(&scaled, d),
-                BDecInit::Zero => vec![0.0; d],
+                BDecInit::Zeros => vec![0.0; d],
             };
             if let Some(p) = sae.params_mut().iter_mut().find(|p| p.name == "b_dec") {
                 p.data.copy_from_slice(&b_dec);
