@@ -12,6 +12,8 @@
 //! Decision: all reductions have a fixed order (per-latent tasks, per-column tasks, fixed
 //! token chunks), so results do not depend on the thread schedule: a resumed run is bit-exact.
 
+pub mod cholesky;
+
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
