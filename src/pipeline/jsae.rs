@@ -196,8 +196,9 @@ fn config_hash(p: &Pipeline) -> String {
     hex::encode(&sha2::Sha256::digest(v.to_string().as_bytes())[..8])
 }
 
-/// The pairs of a pipeline: `(variant, λ)`.
-fn variants(p: &Pipeline, d: usize) -> Vec<(&'static str, f64)> {
+/// The pairs of a pipeline whose MLP input is `d` wide: `(variant, λ)` (none without
+/// `[jsae]`).
+pub fn variants(p: &Pipeline, d: usize) -> Vec<(&'static str, f64)> {
     let Some(j) = &p.config.jsae else {
         return vec![];
     };
@@ -457,9 +458,11 @@ fn ce_pair(ctx: &CeContext, layer: usize, mut pair: Option<&mut JsaePair>) -> Re
     )
 }
 
-fn pair_config(p: &Pipeline, d: usize, lambda: f64, total_steps: u64) -> PairConfig {
+/// How the pair of variant `lambda` is trained, for an MLP input `d` wide and
+/// `total_steps` optimiser steps: `[jsae]` and `[train]` resolved (`None` without `[jsae]`).
+pub fn pair_config(p: &Pipeline, d: usize, lambda: f64, total_steps: u64) -> Option<PairConfig> {
     let c = &p.config;
-    let j = c.jsae.as_ref().expect("invariant: only called with [jsae]");
+    let j = c.jsae.as_ref()?;
     let t = &c.train;
     // The pair always trains with Adam; under PAM-SGD its encoder Adam settings are used.
     let (lr, beta1, beta2, eps) = t.optimizer.adam();
@@ -471,7 +474,7 @@ fn pair_config(p: &Pipeline, d: usize, lambda: f64, total_steps: u64) -> PairCon
             None => 0.2,
         },
     };
-    PairConfig {
+    Some(PairConfig {
         k: j.k,
         d_sae,
         lambda: lambda as f32,
@@ -492,7 +495,7 @@ fn pair_config(p: &Pipeline, d: usize, lambda: f64, total_steps: u64) -> PairCon
         scale_inputs: t.scale_inputs,
         total_steps,
         seed: c.run.seed,
-    }
+    })
 }
 
 /// Train and evaluate the pairs of `[jsae]` that are not done yet (all with `force`).
@@ -567,7 +570,7 @@ pub fn jsae_stage(
     PairedReader::new(train_sets.clone()).take(init_rows, &mut ix, &mut iy)?;
     let mut pairs = Vec::new();
     for &(v, lam) in &todo {
-        let cfg = pair_config(p, d, lam, total_steps);
+        let cfg = pair_config(p, d, lam, total_steps).context("[jsae] vanished")?;
         pairs.push((v, lam, JsaePair::new(cfg, mlp.clone(), &ix, &iy)?, 0.0f64));
     }
     // 3. Resume: put back the checkpoint of these pairs, if any, and replay the data
