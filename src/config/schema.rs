@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::arch::ArchConfig;
 pub use crate::data::DataConfig;
 use crate::models::Hookpoint;
+pub use crate::store::{ActCompression, ActDtype};
 
 /// A whole pipeline file after defaults: what `config.resolved.toml` holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,7 +59,9 @@ pub struct RunConfig {
     /// Name of the run; outputs go to `<data_dir>/<name>/`. Letters, digits, `.`, `_`,
     /// `-` only. Required.
     pub name: String,
-    /// Master seed (SAE init, shuffling when `data.shuffle_seed` is unset). Default 0.
+    /// Master seed: SAE (and JSAE pair) initialisation and the order in which training
+    /// reads the captured rows. The document order of capture is `data.shuffle_seed`'s.
+    /// Default 0.
     #[serde(default)]
     pub seed: u64,
     /// Folder that holds every run's outputs, relative to the working directory.
@@ -88,6 +91,17 @@ pub enum Dtype {
     Bf16,
 }
 
+impl Dtype {
+    /// The value as written in a pipeline file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::Bf16 => "bf16",
+        }
+    }
+}
+
 /// Where the model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -97,6 +111,16 @@ pub enum DeviceKind {
     Cpu,
     /// The first CUDA GPU (needs the `cuda` feature).
     Cuda,
+}
+
+impl DeviceKind {
+    /// The value as written in a pipeline file.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Cpu => "cpu",
+            DeviceKind::Cuda => "cuda",
+        }
+    }
 }
 
 /// `[model]`.
@@ -111,10 +135,12 @@ pub struct ModelConfig {
     /// sources; moving branches (`main`, `master`) are refused. Ignored for local/gguf.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
-    /// Weight and compute dtype. Default `"f32"`.
+    /// Weight and compute dtype. Default `"f32"`, the only value implemented in this
+    /// version: any other is a validation error until GPU support lands.
     #[serde(default)]
     pub dtype: Dtype,
-    /// Device. Default `"cpu"`.
+    /// Device. Default `"cpu"`, the only value implemented in this version: `"cuda"` is a
+    /// validation error until GPU support lands.
     #[serde(default)]
     pub device: DeviceKind,
     /// Replace every trained weight by a random one (the JSAE paper's randomised-LLM
@@ -143,17 +169,6 @@ impl ModelConfig {
     }
 }
 
-/// Stored dtype of captured activations (Arrow has no bf16).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum ActDtype {
-    /// Float32.
-    #[default]
-    F32,
-    /// Float16.
-    F16,
-}
-
 /// `[capture]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CaptureConfig {
@@ -178,7 +193,7 @@ pub struct CaptureConfig {
     /// Parquet compression of the shards: `"none"` (default; floats barely compress),
     /// `"snappy"` or `"zstd"`.
     #[serde(default)]
-    pub compression: crate::store::ActCompression,
+    pub compression: ActCompression,
 }
 
 fn default_shard_tokens() -> u64 {

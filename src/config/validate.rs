@@ -190,6 +190,9 @@ pub fn check(mut raw: Table, probs: &mut Problems) -> Option<PipelineConfig> {
             probs.add(key, msg);
         }
     }
+    if let Some(m) = &model {
+        check_model_compute(m, probs);
+    }
     match &data {
         Some(d) if synthetic => positive(probs, "data.n_tokens", d.n_tokens),
         Some(d) => check_data(d, probs),
@@ -345,6 +348,29 @@ fn positive(probs: &mut Problems, key: &str, v: u64) {
 fn positive_opt(probs: &mut Problems, key: &str, v: Option<u64>) {
     if let Some(v) = v {
         positive(probs, key, v);
+    }
+}
+
+/// `model.dtype` and `model.device` name what the model should run in, but the forward
+/// pass is f32 on the CPU only: any other value is refused rather than silently ignored.
+fn check_model_compute(m: &ModelConfig, probs: &mut Problems) {
+    if m.dtype != Dtype::F32 {
+        probs.add(
+            "model.dtype",
+            format!(
+                "\"{}\": only \"f32\" is implemented in this version; bf16/f16 and CUDA come with GPU support",
+                m.dtype.name()
+            ),
+        );
+    }
+    if m.device != DeviceKind::Cpu {
+        probs.add(
+            "model.device",
+            format!(
+                "\"{}\": only \"cpu\" is implemented in this version; bf16/f16 and CUDA come with GPU support",
+                m.device.name()
+            ),
+        );
     }
 }
 
@@ -613,5 +639,50 @@ mod tests {
             model_source(&m("local:", None)).unwrap_err().0,
             "model.source"
         );
+    }
+
+    #[test]
+    fn unimplemented_dtype_and_device_are_refused_with_the_other_problems() {
+        let text = r#"
+[run]
+name = "x"
+[model]
+source = "local:models/tiny"
+dtype = "bf16"
+device = "cuda"
+[data]
+files = ["corpus.txt"]
+context_len = 0
+n_tokens = 1000
+[capture]
+hookpoints = ["blocks.0.hook_resid_post"]
+[sae]
+expansion_factor = 2
+arch = { kind = "topk", k = 4 }
+"#;
+        let err = super::super::from_str(text, std::path::Path::new("p.toml"), &[]).unwrap_err();
+        let super::super::ConfigError::Invalid { problems, .. } = err else {
+            panic!("expected Invalid, got {err}");
+        };
+        let msg = |key: &str| {
+            problems
+                .iter()
+                .find(|p| p.key == key)
+                .map(|p| p.message.clone())
+                .unwrap_or_else(|| panic!("no problem for {key}: {problems:?}"))
+        };
+        assert!(msg("model.dtype").contains(r#""bf16": only "f32" is implemented"#));
+        assert!(msg("model.device").contains(r#""cuda": only "cpu" is implemented"#));
+        assert!(msg("model.device").contains("GPU support"));
+        // reported together with the file's other problems
+        msg("data.context_len");
+        let sets = [
+            r#"model.dtype="f32""#.to_string(),
+            r#"model.device="cpu""#.to_string(),
+        ];
+        let err = super::super::from_str(text, std::path::Path::new("p.toml"), &sets)
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("model.d"), "{err}");
     }
 }

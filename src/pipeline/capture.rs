@@ -21,7 +21,7 @@ use crate::config::Pipeline;
 use crate::data::{DocSplit, PackSpec, Packing, TextSource};
 use crate::hub::{HubOptions, ResolvedModel};
 use crate::models::ModelSource;
-use crate::store::{ActDtype, WriterSettings};
+use crate::store::WriterSettings;
 use crate::util::progress::Reporter;
 
 /// The `activations` folder of a run.
@@ -104,10 +104,7 @@ pub fn spec_from_pipeline(
         n_eval_tokens: d.eval_tokens,
         batch_size: c.capture.batch_size,
         shard_windows: ((c.capture.shard_tokens / d.context_len.max(1) as u64).max(1)) as usize,
-        dtype: match c.capture.dtype {
-            crate::config::ActDtype::F32 => ActDtype::F32,
-            crate::config::ActDtype::F16 => ActDtype::F16,
-        },
+        dtype: c.capture.dtype,
         writer: WriterSettings {
             row_group_rows: c.capture.row_group_rows,
             compression: c.capture.compression,

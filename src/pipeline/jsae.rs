@@ -91,8 +91,9 @@ fn config_hash(p: &Pipeline) -> String {
     hex::encode(&sha2::Sha256::digest(v.to_string().as_bytes())[..8])
 }
 
-/// The pairs of a pipeline: `(variant, λ)`.
-fn variants(p: &Pipeline, d: usize) -> Vec<(&'static str, f64)> {
+/// The pairs of a pipeline whose MLP input is `d` wide: `(variant, λ)` (none without
+/// `[jsae]`).
+pub fn variants(p: &Pipeline, d: usize) -> Vec<(&'static str, f64)> {
     let Some(j) = &p.config.jsae else {
         return vec![];
     };
@@ -354,10 +355,10 @@ fn ce_pair(ctx: &CeContext, layer: usize, mut pair: Option<&mut JsaePair>) -> Re
 
 /// The pair and the engine settings of one variant: the pipeline's `[train]` as for any
 /// SAE, always with Adam (under PAM-SGD, its encoder Adam settings), and `b_dec` at the
-/// mean of the init sample unless `b_dec_init = "zeros"`.
-fn pair_config(p: &Pipeline, d: usize, lambda: f64) -> (PairConfig, TrainConfig) {
+/// mean of the init sample unless `b_dec_init = "zeros"` (`None` without `[jsae]`).
+pub fn pair_config(p: &Pipeline, d: usize, lambda: f64) -> Option<(PairConfig, TrainConfig)> {
     let c = &p.config;
-    let j = c.jsae.as_ref().expect("invariant: only called with [jsae]");
+    let j = c.jsae.as_ref()?;
     let mut train = c.trainer_config();
     train.optimizer = crate::train::Optimizer::Adam;
     train.b_dec_init = match train.b_dec_init {
@@ -372,7 +373,7 @@ fn pair_config(p: &Pipeline, d: usize, lambda: f64) -> (PairConfig, TrainConfig)
         lr: j.lr as f32,
         seed: c.run.seed,
     };
-    (pair, train)
+    Some((pair, train))
 }
 
 /// Train and evaluate the pairs of `[jsae]` that are not done yet (all with `force`).
@@ -449,7 +450,7 @@ pub fn jsae_stage(
     //    sees the batches an uninterrupted one would and ends with the same weights.
     let mut pairs: Vec<TrainingPair> = Vec::new();
     for &(v, lam) in &todo {
-        let (pcfg, tcfg) = pair_config(p, d, lam);
+        let (pcfg, tcfg) = pair_config(p, d, lam).context("the pipeline has no [jsae] section")?;
         let ckpt = checkpoint_path(p, v);
         let saved = if force || !ckpt.exists() {
             None
