@@ -30,7 +30,7 @@ use super::jacobian::{self, JacGrads, JacStats, JacTables};
 use crate::eval::{ReconStats, SparsityStats};
 use crate::kernels as c;
 use crate::models::MlpWeights;
-use crate::sae::topk::{self, TopK, B_DEC, W_DEC, W_ENC};
+use crate::sae::topk::{self, TopK};
 use crate::sae::{Sae, SaeError, StepInput, Workspace};
 use crate::train::optim::{self, Adam};
 use crate::util::rng::Rng;
@@ -211,7 +211,7 @@ impl JsaePair {
         if cfg.b_dec_mean {
             for (sae, x, s) in [(&mut sae_x, init_x, scale_x), (&mut sae_y, init_y, scale_y)] {
                 let n = (x.len() / d) as f32;
-                let b = &mut sae.params_mut()[B_DEC].data;
+                let b = sae.b_dec_mut();
                 b.fill(0.0);
                 for r in x.chunks(d) {
                     for (bb, v) in b.iter_mut().zip(r) {
@@ -321,13 +321,7 @@ impl JsaePair {
     /// the output SAE.
     fn tables(&self) -> JacTables {
         let f = self.cfg.d_sae;
-        JacTables::build(
-            &self.mlp,
-            &self.sae_x.params()[W_DEC].data,
-            f,
-            &self.sae_y.params()[W_ENC].data,
-            f,
-        )
+        JacTables::build(&self.mlp, self.sae_x.w_dec(), f, self.sae_y.w_enc(), f)
     }
 
     /// `r = c_y / c_x`: the factor that puts `J` in the SAE latents' units.
@@ -382,9 +376,11 @@ impl JsaePair {
         let out_x = self
             .sae_x
             .forward_backward(&input_x, &mut self.grads[0], &mut self.ws[0])?;
+        self.sae_x.update_state(&input_x, &self.ws[0]);
         let out_y = self
             .sae_y
             .forward_backward(&input_y, &mut self.grads[1], &mut self.ws[1])?;
+        self.sae_y.update_state(&input_y, &self.ws[1]);
         // 2. The Jacobian term on the active blocks (skipped for the plain pair, λ = 0:
         //    the pair's training is then two independent TopK SAEs).
         let mut stats = JacStats::new(self.cfg.k, self.cfg.k);
@@ -406,8 +402,8 @@ impl JsaePair {
                 &self.gains,
                 r,
                 coef,
-                &mut gx[0][W_DEC],
-                &mut gy[0][W_ENC],
+                TopK::grad_w_dec(&mut gx[0]),
+                TopK::grad_w_enc(&mut gy[0]),
                 &mut self.jg,
                 &mut stats,
             );
@@ -422,7 +418,7 @@ impl JsaePair {
         }
         // 3. Unit-norm decoders: project, clip, Adam, renormalise.
         for (s, sae) in [&self.sae_x, &self.sae_y].into_iter().enumerate() {
-            c::project_rows(&mut self.grads[s][W_DEC], &sae.params()[W_DEC].data, d);
+            c::project_rows(TopK::grad_w_dec(&mut self.grads[s]), sae.w_dec(), d);
         }
         if self.cfg.grad_clip > 0.0 {
             let norm = self

@@ -213,7 +213,7 @@ pub struct StepRecord {
     pub tokens: u64,
     /// Total loss.
     pub loss: f64,
-    /// Loss terms.
+    /// Loss parts, then metrics ([`crate::sae::StepOutput`]), as logged.
     pub terms: Vec<(&'static str, f64)>,
     /// Mean active latents per token (training codes).
     pub l0: f64,
@@ -260,7 +260,7 @@ impl PamRun {
         if !arch.supports_pam_sgd() {
             return Err(TrainError::Config(format!(
                 "train.optimizer.kind = \"pam_sgd\" supports sae.arch kinds {}; this SAE is `{}` (use kind = \"adam\" for it)",
-                ArchConfig::PAM_SGD_KINDS.join(", "),
+                ArchConfig::pam_sgd_kinds().join(", "),
                 arch.kind()
             )));
         }
@@ -753,6 +753,7 @@ impl Trainer {
         let mut out = self
             .sae
             .forward_backward(&input, &mut self.grads, &mut self.ws)?;
+        self.sae.update_state(&input, &self.ws);
         // 3b. PAM-SGD: the decoder is frozen during the encoder step, which gets the
         //     proximal term towards its anchor.
         if let Some(pr) = &self.pam {
@@ -762,11 +763,11 @@ impl Trainer {
             pr.state.add_prox_grads(&pr.cfg, params, &mut self.grads);
             let prox = pr.state.prox_loss(&pr.cfg, params);
             out.loss += prox;
-            out.terms.push(("prox", prox));
+            out.losses.push(("prox", prox));
         }
         // 4. NaN guard
         let mut vals: Vec<f32> = vec![out.loss as f32];
-        vals.extend(out.terms.iter().map(|t| t.1 as f32));
+        vals.extend(out.losses.iter().chain(&out.metrics).map(|t| t.1 as f32));
         ensure_finite(&vals, "loss terms", Some(t)).map_err(nonfinite)?;
         // 5. project, clip, Adam, renormalise
         let d = self.sae.dims().0;
@@ -855,7 +856,7 @@ impl Trainer {
             step: self.step,
             tokens: self.tokens,
             loss: out.loss,
-            terms: out.terms,
+            terms: out.losses.into_iter().chain(out.metrics).collect(),
             l0: self.ws.codes.nnz() as f64 / n as f64,
             dead_frac: n_dead as f64 / self.tsf.len() as f64,
             lr,
