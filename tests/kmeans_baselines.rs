@@ -101,8 +101,8 @@ fn fit(arch: ArchConfig, d_sae: usize) -> (f64, f64, f64) {
 
 #[test]
 fn kmeans_and_local_pca_fit_and_export() {
-    let (km, km_export, km_l0) = fit(ArchConfig::KMeans(kmeans::Config {}), 4);
-    let (pca, pca_export, pca_l0) = fit(ArchConfig::KMeansPca(kmeans::PcaConfig { rank: 2 }), 12);
+    let (km, km_export, km_l0) = fit(ArchConfig::new(kmeans::Config {}), 4);
+    let (pca, pca_export, pca_l0) = fit(ArchConfig::new(kmeans::PcaConfig { rank: 2 }), 12);
     eprintln!("kmeans R² {km:.4} (export {km_export:.4}, L0 {km_l0}); kmeans_pca R² {pca:.4} (export {pca_export:.4}, L0 {pca_l0})");
     assert_eq!(km_l0, 1.0);
     assert!(pca_l0 > 2.9 && pca_l0 <= 3.0, "{pca_l0}");

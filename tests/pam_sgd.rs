@@ -56,7 +56,7 @@ fn pam_sgd_is_more_sample_efficient_than_adam_for_topk() {
 
 #[test]
 fn pam_sgd_relu_reconstructs_better_with_fewer_active_latents_at_low_budget() {
-    let relu = ArchConfig::ReluL1(relu_l1::Config {
+    let relu = ArchConfig::new(relu_l1::Config {
         l1_coefficient: 1.0,
         ..Default::default()
     });
@@ -90,7 +90,7 @@ fn pam_sgd_keeps_unit_rows_and_resumes_bit_exactly() {
     };
     for arch in [
         topk_arch(4),
-        ArchConfig::ReluL1(relu_l1::Config {
+        ArchConfig::new(relu_l1::Config {
             l1_coefficient: 1.0,
             ..Default::default()
         }),
@@ -142,7 +142,7 @@ fn pam_sgd_refuses_other_variants_naming_the_key_and_the_supported_kinds() {
     };
     let e = Trainer::new(
         cfg,
-        &ArchConfig::Gated(gated::Config::default()),
+        &ArchConfig::new(gated::Config::default()),
         64,
         &mut src,
     )

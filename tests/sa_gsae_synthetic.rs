@@ -83,7 +83,7 @@ fn sa_gsae_at_h_nearly_matches_gated_at_2h_on_bipolar_features_with_no_more_dead
     })
     .with_bipolar_share(0.5);
     let sa = train(
-        &ArchConfig::SaGsae(sa_gsae::Config {
+        &ArchConfig::new(sa_gsae::Config {
             l1_coefficient: LAMBDA,
             ..Default::default()
         }),
@@ -91,7 +91,7 @@ fn sa_gsae_at_h_nearly_matches_gated_at_2h_on_bipolar_features_with_no_more_dead
         &synth,
     );
     let g = train(
-        &ArchConfig::Gated(gated::Config {
+        &ArchConfig::new(gated::Config {
             l1_coefficient: LAMBDA,
             ..Default::default()
         }),

@@ -251,7 +251,7 @@ fn bad_inputs_give_clear_errors() {
     assert!(e.to_string().contains("all zeros"), "{e}");
     // nonsensical widths and k
     assert!(topk.build(D, 0, 0).is_err());
-    let big_k = ArchConfig::TopK(saepipe::sae::topk::Config {
+    let big_k = ArchConfig::new(saepipe::sae::topk::Config {
         k: F + 1,
         ..Default::default()
     });

@@ -36,7 +36,7 @@ proptest! {
     #[test]
     fn topk_l0_at_most_k(seed in 0u64..1000, k in 1usize..12, n in 1usize..40) {
         let (d, f) = (8, 24);
-        let sae = ArchConfig::TopK(topk::Config { k, ..Default::default() }).build(d, f, seed).unwrap();
+        let sae = ArchConfig::new(topk::Config { k, ..Default::default() }).build(d, f, seed).unwrap();
         let mut rng = saepipe::util::rng::Rng::new(seed);
         let x: Vec<f32> = (0..n * d).map(|_| rng.normal() as f32 * 3.0).collect();
         let mut ws = Workspace::default();

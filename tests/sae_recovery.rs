@@ -22,7 +22,7 @@ fn topk_recovers_sparse_ground_truth() {
         seed: 11,
     });
     let mut src = InMemorySource::new(synth.sample(1 << 16, 5), 32);
-    let arch = ArchConfig::TopK(topk::Config {
+    let arch = ArchConfig::new(topk::Config {
         k: 4,
         ..Default::default()
     });

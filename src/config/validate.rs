@@ -262,7 +262,7 @@ pub fn check(mut raw: Table, probs: &mut Problems) -> Option<PipelineConfig> {
             "train.optimizer.kind",
             format!(
                 "\"pam_sgd\" supports sae.arch kinds {}, not `{}`; use kind = \"adam\" for this SAE",
-                crate::sae::ArchConfig::PAM_SGD_KINDS.join(", "),
+                crate::sae::ArchConfig::pam_sgd_kinds().join(", "),
                 config.sae.arch.kind()
             ),
         );

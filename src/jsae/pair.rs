@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use super::jacobian::{self, JacGrads, JacStats, JacTables};
 use crate::eval::{ReconStats, SparsityStats};
 use crate::models::MlpWeights;
-use crate::sae::topk::{self, TopK, W_DEC, W_ENC};
+use crate::sae::topk::{self, TopK};
 use crate::sae::{Sae, SaeError, StepInput, Workspace};
 use crate::train::{Model, ModelOutput, StepCtx, TrainError};
 use crate::util::rng::Rng;
@@ -169,13 +169,7 @@ impl JsaePair {
     /// the output SAE.
     fn tables(&self) -> JacTables {
         let f = self.cfg.d_sae;
-        JacTables::build(
-            &self.mlp,
-            &self.sae_x.params()[W_DEC].data,
-            f,
-            &self.sae_y.params()[W_ENC].data,
-            f,
-        )
+        JacTables::build(&self.mlp, self.sae_x.w_dec(), f, self.sae_y.w_enc(), f)
     }
 
     /// `r = c_y / c_x`: the factor that puts `J` in the SAE latents' units.
@@ -254,9 +248,11 @@ impl Model for JsaePair {
         let out_x = self
             .sae_x
             .forward_backward(&input_x, &mut gx[0], &mut wx[0])?;
+        self.sae_x.update_state(&input_x, &wx[0]);
         let out_y = self
             .sae_y
             .forward_backward(&input_y, &mut gy[0], &mut wy[0])?;
+        self.sae_y.update_state(&input_y, &wy[0]);
         // 2. The Jacobian term on the active blocks (skipped for the plain pair, λ = 0:
         //    the pair's training is then two independent TopK SAEs).
         let mut stats = JacStats::new(self.cfg.k, self.cfg.k);
@@ -283,8 +279,8 @@ impl Model for JsaePair {
                 &self.gains,
                 r,
                 coef,
-                &mut gx[0][W_DEC],
-                &mut gy[0][W_ENC],
+                TopK::grad_w_dec(&mut gx[0]),
+                TopK::grad_w_enc(&mut gy[0]),
                 &mut self.jg,
                 &mut stats,
             );

@@ -12,15 +12,16 @@
 //! `candidates_per_token` (default 4k) largest activations instead of the full `B × d_sae`
 //! matrix, so memory stays at one encoder chunk. It is exact unless some token would keep
 //! more than that many latents; such steps are counted in the `batchtopk_capped` term.
-//! Decision: θ starts at the first batch's `m_t` (dictionary_learning), then the SAELens EMA.
+//! Decision: θ starts at the first batch's `m_t` (dictionary_learning), then the SAELens EMA;
+//! it is updated in [`Sae::update_state`] from the kept codes (`m_t = min ws.codes.val`).
 
 use serde::{Deserialize, Serialize};
 
-use super::topk::{
-    dead_list, push_aux, topk_backward, topk_export, topk_params, B_DEC, B_ENC, W_ENC,
-};
+use super::registry::divide_k;
+use super::topk_family::{dead_list, push_aux, TopKParams};
 use super::{
-    check_width, ArchConfig, ExportParts, Fold, Param, Sae, SaeError, StepInput, StepOutput,
+    check_width, ArchConfig, ArchSpec, ExportParts, Fold, Param, Sae, SaeError, StepInput,
+    StepOutput, Variant,
 };
 use crate::kernels::{self as c, Workspace};
 use crate::util::rng::Rng;
@@ -53,14 +54,51 @@ impl Default for Config {
     }
 }
 
-const THRESHOLD: usize = 4;
+/// The registration (see [`super::registry`]); files load as SAELens `jumprelu`, the
+/// format registered by [`super::jumprelu`].
+pub static VARIANT: Variant = Variant {
+    kind: ARCH,
+    parse: Variant::parse::<Config>,
+    example: || {
+        Config {
+            k: 4,
+            ..Config::default()
+        }
+        .into()
+    },
+    formats: &[],
+};
+
+impl ArchSpec for Config {
+    fn kind(&self) -> &'static str {
+        ARCH
+    }
+    fn build(&self, d: usize, f: usize, rng: &mut Rng) -> Result<Box<dyn Sae>, SaeError> {
+        Ok(Box::new(BatchTopK::new(self.clone(), d, f, rng)?))
+    }
+    fn with_sparsity(&self, factor: f32) -> ArchConfig {
+        Config {
+            k: divide_k(self.k, factor),
+            ..self.clone()
+        }
+        .into()
+    }
+    fn sparsity_param(&self) -> (&'static str, f64) {
+        ("k", self.k as f64)
+    }
+    fn recommended_adam(&self, d_sae: usize) -> (f32, f32, f32) {
+        super::topk::recommended_adam(d_sae)
+    }
+}
 
 /// The BatchTopK SAE.
 pub struct BatchTopK {
     cfg: Config,
     d: usize,
     f: usize,
-    params: Vec<Param>,
+    params: TopKParams,
+    /// Index of `threshold` among the extra parameters.
+    threshold: usize,
     sel: Vec<f32>,
 }
 
@@ -79,22 +117,23 @@ impl BatchTopK {
                 msg: "candidates_per_token must be >= k".into(),
             });
         }
-        let mut params = topk_params(d, f, rng);
+        let mut params = TopKParams::new(d, f, rng);
         let mut th = Param::new("threshold", vec![1], vec![0.0]);
         th.trainable = false;
-        params.push(th);
+        let threshold = params.push(th);
         Ok(Self {
             cfg,
             d,
             f,
             params,
+            threshold,
             sel: Vec::new(),
         })
     }
 
     /// The current inference threshold θ.
     pub fn threshold(&self) -> f32 {
-        self.params[THRESHOLD].data[0]
+        self.params.extra(self.threshold)[0]
     }
 }
 
@@ -103,30 +142,30 @@ impl Sae for BatchTopK {
         ARCH
     }
     fn config(&self) -> ArchConfig {
-        ArchConfig::BatchTopK(self.cfg.clone())
+        self.cfg.clone().into()
     }
     fn dims(&self) -> (usize, usize) {
         (self.d, self.f)
     }
     fn params(&self) -> &[Param] {
-        &self.params
+        self.params.all()
     }
     fn params_mut(&mut self) -> &mut [Param] {
-        &mut self.params
+        self.params.all_mut()
     }
 
     fn encode(&self, x: &[f32], n: usize, ws: &mut Workspace) -> Result<(), SaeError> {
         check_width(ARCH, self.d, x, n)?;
         let p = &self.params;
         let th = self.threshold().max(0.0);
-        c::prepare_input(x, self.d, Some(&p[B_DEC].data), &mut ws.xt);
+        c::prepare_input(x, self.d, Some(p.b_dec()), &mut ws.xt);
         c::encode_collect(
             ws,
             n,
             self.d,
-            &p[W_ENC].data,
+            p.w_enc(),
             self.f,
-            Some(&p[B_ENC].data),
+            Some(p.b_enc()),
             |_, row, buf| {
                 buf.main.extend(
                     row.iter()
@@ -154,14 +193,14 @@ impl Sae for BatchTopK {
         let k_aux = self.cfg.aux_k.unwrap_or(d / 2).max(1).min(dead.len());
         let p = &self.params;
         // 1. candidates: per token the `cap` largest positive activations, plus AuxK
-        c::prepare_input(input.x, d, Some(&p[B_DEC].data), &mut ws.xt);
+        c::prepare_input(input.x, d, Some(p.b_dec()), &mut ws.xt);
         c::encode_collect(
             ws,
             n,
             d,
-            &p[W_ENC].data,
+            p.w_enc(),
             f,
-            Some(&p[B_ENC].data),
+            Some(p.b_enc()),
             |_, row, buf| {
                 c::topk_positive(row, cap, &mut buf.scratch, &mut buf.main);
                 push_aux(row, &dead, k_aux, buf);
@@ -172,7 +211,6 @@ impl Sae for BatchTopK {
         let keep = n * k;
         let codes = &mut ws.codes;
         let mut capped = 0.0;
-        let min_kept;
         if codes.nnz() > keep {
             self.sel.clear();
             self.sel.extend_from_slice(&codes.val);
@@ -208,29 +246,34 @@ impl Sae for BatchTopK {
             }
             codes.idx.truncate(w);
             codes.val.truncate(w);
-            min_kept = tau;
-        } else {
-            min_kept = codes.val.iter().copied().fold(f32::INFINITY, f32::min);
         }
-        // 3. threshold EMA (inference mode), in f64
+        // 3. decode, losses, gradients as TopK
+        let (mse, auxk) = self
+            .params
+            .backward((d, f), (input.x, n), alpha, grads, ws);
+        Ok(StepOutput {
+            loss: mse + auxk,
+            losses: vec![("mse", mse), ("auxk", auxk)],
+            metrics: vec![("batchtopk_capped", capped)],
+        })
+    }
+
+    /// Threshold EMA (inference mode), in f64, from `m_t` = the smallest kept activation
+    /// (the batch selection's `τ` when it cut, every candidate's minimum otherwise).
+    fn update_state(&mut self, _input: &StepInput, ws: &Workspace) {
+        let min_kept = ws.codes.val.iter().copied().fold(f32::INFINITY, f32::min);
         if min_kept.is_finite() {
-            let th = &mut self.params[THRESHOLD].data[0];
+            let th = &mut self.params.extra_mut(self.threshold)[0];
             *th = if *th == 0.0 {
                 min_kept
             } else {
                 (0.99 * *th as f64 + 0.01 * min_kept as f64) as f32
             };
         }
-        // 4. decode, losses, gradients as TopK
-        let (mse, auxk) = topk_backward(&self.params, d, f, input.x, n, alpha, grads, ws);
-        Ok(StepOutput {
-            loss: mse + auxk,
-            terms: vec![("mse", mse), ("auxk", auxk), ("batchtopk_capped", capped)],
-        })
     }
 
     fn export_parts(&self) -> ExportParts {
-        let mut e = topk_export(&self.params, "jumprelu");
+        let mut e = self.params.export("jumprelu");
         e.per_latent.push((
             "threshold",
             vec![self.threshold().max(0.0); self.f],

@@ -1,6 +1,11 @@
 //! SAELens v6 on-disk format (ecosystem.md §4.1): `cfg.json` + `sae_weights.safetensors`,
 //! written atomically, and a loader that runs the exported SAE ([`LoadedSae`]).
 //!
+//! This file is format I/O only. What each `architecture` reads and how it encodes is a
+//! [`Format`] registered by the variant file that owns it (`standard` in `relu_l1`, `topk`,
+//! `jumprelu` (also BatchTopK's format), `gated`, `kmeans`, `bi_jumprelu` and `sa_gsae` in
+//! `sa_gsae/export.rs`); [`LoadedSae`] finds it through the registry.
+//!
 //! Export folds, in order (sae_variants.md §1.1, §1.3 B):
 //! 1. the input scale `c`: `W_enc ← c·W_enc`, `W_dec ← W_dec/c`, `b_dec ← b_dec/c`
 //!    (pre-activations unchanged), so the file runs on raw activations and
@@ -27,7 +32,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, TensorView};
 
-use super::{Fold, Sae};
+use super::{registry, Fold, Sae};
 use crate::kernels::{self as c, Codes, Workspace};
 use crate::util::fs as fsutil;
 
@@ -104,6 +109,54 @@ pub struct Folded {
     pub extra_cfg: Vec<(String, serde_json::Value)>,
     /// Our variant name.
     pub saepipe_arch: String,
+}
+
+impl Folded {
+    /// The per-latent tensor `name`.
+    pub fn per(&self, name: &str) -> &[f32] {
+        &self
+            .per_latent
+            .iter()
+            .find(|(n, _)| n == name)
+            .expect("invariant: load() read the per-latent tensors of this architecture")
+            .1
+    }
+
+    /// The integer extra `cfg.json` key `name` (0 when absent).
+    pub fn extra_usize(&self, name: &str) -> usize {
+        self.extra_cfg
+            .iter()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.as_u64())
+            .unwrap_or(0) as usize
+    }
+}
+
+/// [`Format::read_cfg`]: check the `cfg.json` (`cfg`, `d_sae`), return the extra keys to keep.
+pub type ReadCfg =
+    fn(&serde_json::Value, usize) -> Result<Vec<(String, serde_json::Value)>, String>;
+
+/// One SAELens `architecture` our loader runs, registered by the variant file that owns it
+/// ([`super::Variant::formats`]).
+pub struct Format {
+    /// The `cfg.json` `architecture` string.
+    pub architecture: &'static str,
+    /// Per-latent tensors `[d_sae]` the file must hold, besides `W_enc`, `W_dec`, `b_dec`.
+    pub per_latent: &'static [&'static str],
+    /// Check the architecture's own `cfg.json` keys (`cfg`, `d_sae`) and return the extra keys
+    /// to keep in [`Folded::extra_cfg`]; the error says what is wrong.
+    pub read_cfg: ReadCfg,
+    /// Encode `n` rows of `ws.xt` (raw input, minus `b_dec` when `apply_b_dec_to_input`)
+    /// into `ws.codes` with the loaded tensors.
+    pub encode: fn(&Folded, usize, &mut Workspace),
+}
+
+/// [`Format::read_cfg`] for architectures without extra keys.
+pub fn no_extra_cfg(
+    _cfg: &serde_json::Value,
+    _d_sae: usize,
+) -> Result<Vec<(String, serde_json::Value)>, String> {
+    Ok(Vec::new())
 }
 
 /// Fold the input scale `scale` and the decoder norms into `sae`'s export tensors.
@@ -282,12 +335,15 @@ impl LoadedSae {
             .as_str()
             .ok_or_else(|| fmt_err(&cpath, "missing `architecture`"))?
             .to_string();
-        if !matches!(
-            architecture.as_str(),
-            "standard" | "topk" | "jumprelu" | "gated" | "kmeans" | "bi_jumprelu" | "sa_gsae"
-        ) {
-            return Err(fmt_err(&cpath, format!("architecture `{architecture}` is not supported (standard, topk, jumprelu, gated, kmeans, bi_jumprelu, sa_gsae)")));
-        }
+        let Some(format) = registry::format(&architecture) else {
+            return Err(fmt_err(
+                &cpath,
+                format!(
+                    "architecture `{architecture}` is not supported ({})",
+                    registry::architectures().join(", ")
+                ),
+            ));
+        };
         let version = cfg["metadata"]["sae_lens_version"].as_str().unwrap_or("0");
         if version
             .split('.')
@@ -336,49 +392,12 @@ impl LoadedSae {
         let w_enc = transpose(&read("W_enc", &[d, f])?, d, f);
         let w_dec = read("W_dec", &[f, d])?;
         let b_dec = read("b_dec", &[d])?;
-        let names: &[&str] = match architecture.as_str() {
-            "gated" => &["b_gate", "b_mag", "r_mag"],
-            "jumprelu" => &["b_enc", "threshold"],
-            "kmeans" => &["b_enc", "code_value"],
-            "bi_jumprelu" => &["b_enc", "threshold_pos", "threshold_neg"],
-            "sa_gsae" => &[
-                "b_gate",
-                "threshold_pos",
-                "threshold_neg",
-                "r_mag_pos",
-                "r_mag_neg",
-                "b_mag_pos",
-                "b_mag_neg",
-            ],
-            _ => &["b_enc"],
-        };
         let mut per_latent = Vec::new();
-        for n in names {
+        for n in format.per_latent {
             per_latent.push((n.to_string(), read(n, &[f])?));
         }
         let k = cfg["k"].as_u64().map(|v| v as usize);
-        if architecture == "topk" && !k.is_some_and(|k| k >= 1 && k <= f) {
-            return Err(fmt_err(&cpath, "topk needs an integer `k` in 1..=d_sae"));
-        }
-        let mut extra_cfg = vec![];
-        if architecture == "kmeans" {
-            // saepipe's own architecture (jsae_pamsgd.md §2.4, sae/kmeans.rs): cluster c owns
-            // latents c(1+rank) .. c(1+rank)+rank.
-            let rank = cfg["rank"].as_u64();
-            let clusters = cfg["n_clusters"].as_u64();
-            match (rank, clusters) {
-                (Some(r), Some(kc)) if kc >= 1 && kc * (1 + r) <= f as u64 => {
-                    extra_cfg.push(("rank".to_string(), serde_json::json!(r)));
-                    extra_cfg.push(("n_clusters".to_string(), serde_json::json!(kc)));
-                }
-                _ => {
-                    return Err(fmt_err(
-                        &cpath,
-                        "kmeans needs integers `rank` and `n_clusters` with n_clusters·(1+rank) <= d_sae",
-                    ))
-                }
-            }
-        }
+        let extra_cfg = (format.read_cfg)(&cfg, f).map_err(|msg| fmt_err(&cpath, msg))?;
         Ok(Self {
             hook_name: cfg["metadata"]["hook_name"]
                 .as_str()
@@ -394,13 +413,7 @@ impl LoadedSae {
                 per_latent,
                 apply_b_dec_to_input: cfg["apply_b_dec_to_input"].as_bool().unwrap_or(true),
                 k,
-                extra_cfg: extra_cfg
-                    .into_iter()
-                    .chain(
-                        cfg.get("sign_consistent")
-                            .map(|v| ("sign_consistent".to_string(), v.clone())),
-                    )
-                    .collect(),
+                extra_cfg,
                 saepipe_arch: cfg["metadata"]["saepipe_arch"]
                     .as_str()
                     .unwrap_or("")
@@ -409,179 +422,21 @@ impl LoadedSae {
         })
     }
 
-    fn per(&self, name: &str) -> &[f32] {
-        &self
-            .t
-            .per_latent
-            .iter()
-            .find(|(n, _)| n == name)
-            .expect("invariant: load() checked the per-latent tensors of this architecture")
-            .1
-    }
-
     /// Encode raw activations `x: [n, d_in]` into `ws.codes` with SAELens semantics.
     pub fn encode(&self, x: &[f32], n: usize, ws: &mut Workspace) {
         let t = &self.t;
-        let (d, f) = (t.d_in, t.d_sae);
         c::prepare_input(
             x,
-            d,
+            t.d_in,
             t.apply_b_dec_to_input.then_some(&t.b_dec[..]),
             &mut ws.xt,
         );
-        match t.architecture.as_str() {
-            "gated" => {
-                let (bg, bm, r) = (self.per("b_gate"), self.per("b_mag"), self.per("r_mag"));
-                c::encode_collect(ws, n, d, &t.w_enc, f, None, |_, row, buf| {
-                    for (i, &u) in row.iter().enumerate() {
-                        if u + bg[i] > 0.0 {
-                            let m = r[i].exp() * u + bm[i];
-                            if m > 0.0 {
-                                buf.main.push((i as u32, m));
-                            }
-                        }
-                    }
-                });
-            }
-            "bi_jumprelu" => {
-                let (tp, tn) = (self.per("threshold_pos"), self.per("threshold_neg"));
-                c::encode_collect(
-                    ws,
-                    n,
-                    d,
-                    &t.w_enc,
-                    f,
-                    Some(self.per("b_enc")),
-                    |_, row, buf| {
-                        for (i, &m) in row.iter().enumerate() {
-                            if (m > tp[i] || m < tn[i]) && m != 0.0 {
-                                buf.main.push((i as u32, m));
-                            }
-                        }
-                    },
-                );
-            }
-            "sa_gsae" => {
-                let sign = !t
-                    .extra_cfg
-                    .iter()
-                    .any(|(k, v)| k == "sign_consistent" && v == &serde_json::Value::Bool(false));
-                let bg = self.per("b_gate");
-                let th = [self.per("threshold_pos"), self.per("threshold_neg")];
-                let r = [self.per("r_mag_pos"), self.per("r_mag_neg")];
-                let bm = [self.per("b_mag_pos"), self.per("b_mag_neg")];
-                c::encode_collect(ws, n, d, &t.w_enc, f, None, |_, row, buf| {
-                    for (i, &u) in row.iter().enumerate() {
-                        let pi = u + bg[i];
-                        let s = if pi > th[0][i] {
-                            0
-                        } else if -pi > th[1][i] {
-                            1
-                        } else {
-                            continue;
-                        };
-                        let m = r[s][i].exp() * u + bm[s][i];
-                        let keep = match (sign, s) {
-                            (false, _) => m != 0.0,
-                            (true, 0) => m > 0.0,
-                            _ => m < 0.0,
-                        };
-                        if keep {
-                            buf.main.push((i as u32, m));
-                        }
-                    }
-                });
-            }
-            "jumprelu" => {
-                let th = self.per("threshold");
-                c::encode_collect(
-                    ws,
-                    n,
-                    d,
-                    &t.w_enc,
-                    f,
-                    Some(self.per("b_enc")),
-                    |_, row, buf| {
-                        buf.main.extend(
-                            row.iter()
-                                .zip(th)
-                                .enumerate()
-                                .filter(|(_, (&v, &h))| v > h && v > 0.0)
-                                .map(|(i, (&v, _))| (i as u32, v)),
-                        );
-                    },
-                );
-            }
-            "kmeans" => {
-                let get = |name: &str| {
-                    t.extra_cfg
-                        .iter()
-                        .find(|(k, _)| k == name)
-                        .and_then(|(_, v)| v.as_u64())
-                        .unwrap_or(0) as usize
-                };
-                let (s, kc) = (1 + get("rank"), get("n_clusters"));
-                let cv = self.per("code_value");
-                c::encode_collect(
-                    ws,
-                    n,
-                    d,
-                    &t.w_enc,
-                    f,
-                    Some(self.per("b_enc")),
-                    |_, row, buf| {
-                        // nearest centroid = argmax over the centroid latents
-                        let mut best = 0;
-                        for cl in 1..kc {
-                            if row[cl * s] > row[best * s] {
-                                best = cl;
-                            }
-                        }
-                        let base = best * s;
-                        if cv[base] != 0.0 {
-                            buf.main.push((base as u32, cv[base]));
-                        }
-                        for j in 1..s {
-                            if row[base + j] != 0.0 {
-                                buf.main.push(((base + j) as u32, row[base + j]));
-                            }
-                        }
-                    },
-                );
-            }
-            "topk" => {
-                let k = t.k.unwrap_or(1);
-                c::encode_collect(
-                    ws,
-                    n,
-                    d,
-                    &t.w_enc,
-                    f,
-                    Some(self.per("b_enc")),
-                    |_, row, buf| {
-                        c::topk_positive(row, k, &mut buf.scratch, &mut buf.main);
-                    },
-                );
-            }
-            _ => {
-                c::encode_collect(
-                    ws,
-                    n,
-                    d,
-                    &t.w_enc,
-                    f,
-                    Some(self.per("b_enc")),
-                    |_, row, buf| {
-                        buf.main.extend(
-                            row.iter()
-                                .enumerate()
-                                .filter(|(_, &v)| v > 0.0)
-                                .map(|(i, &v)| (i as u32, v)),
-                        );
-                    },
-                );
-            }
-        }
+        // load() accepts only registered architectures; a hand-built `Folded` with another
+        // one runs as `standard` (ReLU), as it always did.
+        let format = registry::format(&t.architecture)
+            .or_else(|| registry::format("standard"))
+            .expect("invariant: relu_l1 registers the `standard` format");
+        (format.encode)(t, n, ws);
     }
 
     /// Decode codes into raw-space reconstructions `[n, d_in]`.

@@ -31,8 +31,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::export::{Folded, Format};
 use super::{
-    check_width, ArchConfig, ExportParts, Fold, Param, Sae, SaeError, StepInput, StepOutput,
+    check_width, ArchConfig, ArchSpec, ExportParts, Fold, Param, Sae, SaeError, StepInput,
+    StepOutput, Variant,
 };
 use crate::kernels::{self as c, Workspace};
 use crate::util::rng::Rng;
@@ -77,6 +79,56 @@ const B_MAG: usize = 2;
 const R_MAG: usize = 3;
 const W_DEC: usize = 4;
 const B_DEC: usize = 5;
+
+/// The registration (see [`super::registry`]).
+pub static VARIANT: Variant = Variant {
+    kind: ARCH,
+    parse: Variant::parse::<Config>,
+    example: || Config::default().into(),
+    formats: &[Format {
+        architecture: "gated",
+        per_latent: &["b_gate", "b_mag", "r_mag"],
+        read_cfg: super::export::no_extra_cfg,
+        encode: encode_loaded,
+    }],
+};
+
+impl ArchSpec for Config {
+    fn kind(&self) -> &'static str {
+        ARCH
+    }
+    fn build(&self, d: usize, f: usize, rng: &mut Rng) -> Result<Box<dyn Sae>, SaeError> {
+        Ok(Box::new(Gated::new(self.clone(), d, f, rng)?))
+    }
+    fn with_sparsity(&self, factor: f32) -> ArchConfig {
+        Config {
+            l1_coefficient: self.l1_coefficient * factor,
+            ..self.clone()
+        }
+        .into()
+    }
+    fn sparsity_param(&self) -> (&'static str, f64) {
+        ("l1_coefficient", self.l1_coefficient as f64)
+    }
+    fn recommended_adam(&self, _d_sae: usize) -> (f32, f32, f32) {
+        (3e-4, 0.0, 0.999)
+    }
+}
+
+/// SAELens `gated` encode: `u = x W_enc`; where `u + b_gate > 0`, `ReLU(exp(r_mag)·u + b_mag)`.
+fn encode_loaded(t: &Folded, n: usize, ws: &mut Workspace) {
+    let (bg, bm, r) = (t.per("b_gate"), t.per("b_mag"), t.per("r_mag"));
+    c::encode_collect(ws, n, t.d_in, &t.w_enc, t.d_sae, None, |_, row, buf| {
+        for (i, &u) in row.iter().enumerate() {
+            if u + bg[i] > 0.0 {
+                let m = r[i].exp() * u + bm[i];
+                if m > 0.0 {
+                    buf.main.push((i as u32, m));
+                }
+            }
+        }
+    });
+}
 
 /// The Gated SAE.
 pub struct Gated {
@@ -131,7 +183,7 @@ impl Sae for Gated {
         ARCH
     }
     fn config(&self) -> ArchConfig {
-        ArchConfig::Gated(self.cfg.clone())
+        self.cfg.clone().into()
     }
     fn dims(&self) -> (usize, usize) {
         (self.d, self.f)
@@ -307,7 +359,8 @@ impl Sae for Gated {
         let aux = sse_aux / n as f64;
         Ok(StepOutput {
             loss: mse + l1 + aux,
-            terms: vec![("mse", mse), ("l1", l1), ("aux", aux)],
+            losses: vec![("mse", mse), ("l1", l1), ("aux", aux)],
+            metrics: vec![],
         })
     }
 

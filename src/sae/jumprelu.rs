@@ -19,8 +19,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::export::{Folded, Format};
 use super::{
-    check_width, ArchConfig, ExportParts, Fold, Param, Sae, SaeError, StepInput, StepOutput,
+    check_width, ArchConfig, ArchSpec, ExportParts, Fold, Param, Sae, SaeError, StepInput,
+    StepOutput, Variant,
 };
 use crate::kernels::{self as c, Workspace};
 use crate::util::rng::Rng;
@@ -55,6 +57,64 @@ const B_ENC: usize = 1;
 const W_DEC: usize = 2;
 const B_DEC: usize = 3;
 const LOG_TH: usize = 4;
+
+/// The registration (see [`super::registry`]).
+pub static VARIANT: Variant = Variant {
+    kind: ARCH,
+    parse: Variant::parse::<Config>,
+    example: || Config::default().into(),
+    formats: &[Format {
+        architecture: "jumprelu",
+        per_latent: &["b_enc", "threshold"],
+        read_cfg: super::export::no_extra_cfg,
+        encode: encode_loaded,
+    }],
+};
+
+impl ArchSpec for Config {
+    fn kind(&self) -> &'static str {
+        ARCH
+    }
+    fn build(&self, d: usize, f: usize, rng: &mut Rng) -> Result<Box<dyn Sae>, SaeError> {
+        Ok(Box::new(JumpRelu::new(self.clone(), d, f, rng)?))
+    }
+    fn with_sparsity(&self, factor: f32) -> ArchConfig {
+        Config {
+            l0_coefficient: self.l0_coefficient * factor,
+            ..self.clone()
+        }
+        .into()
+    }
+    fn sparsity_param(&self) -> (&'static str, f64) {
+        ("l0_coefficient", self.l0_coefficient as f64)
+    }
+    fn recommended_adam(&self, _d_sae: usize) -> (f32, f32, f32) {
+        (7e-5, 0.0, 0.999)
+    }
+}
+
+/// SAELens `jumprelu` encode (also BatchTopK's export): `m·1[m > threshold]`, `m > 0`,
+/// `m = x W_enc + b_enc`.
+fn encode_loaded(t: &Folded, n: usize, ws: &mut Workspace) {
+    let th = t.per("threshold");
+    c::encode_collect(
+        ws,
+        n,
+        t.d_in,
+        &t.w_enc,
+        t.d_sae,
+        Some(t.per("b_enc")),
+        |_, row, buf| {
+            buf.main.extend(
+                row.iter()
+                    .zip(th)
+                    .enumerate()
+                    .filter(|(_, (&v, &h))| v > h && v > 0.0)
+                    .map(|(i, (&v, _))| (i as u32, v)),
+            );
+        },
+    );
+}
 
 /// The JumpReLU SAE.
 pub struct JumpRelu {
@@ -107,7 +167,7 @@ impl Sae for JumpRelu {
         ARCH
     }
     fn config(&self) -> ArchConfig {
-        ArchConfig::JumpRelu(self.cfg.clone())
+        self.cfg.clone().into()
     }
     fn dims(&self) -> (usize, usize) {
         (self.d, self.f)
@@ -241,7 +301,8 @@ impl Sae for JumpRelu {
         let l0 = lambda as f64 * ws.codes.nnz() as f64 / n as f64;
         Ok(StepOutput {
             loss: mse + l0,
-            terms: vec![("mse", mse), ("l0_penalty", l0)],
+            losses: vec![("mse", mse), ("l0_penalty", l0)],
+            metrics: vec![],
         })
     }
 

@@ -13,11 +13,12 @@
 //! K = ⌊d_sae / (1+r)⌋ clusters; leftover latents are never used.
 //! ```
 //!
-//! Fitting, inside `forward_backward` (the trainer stays generic):
+//! Fitting, in `forward_backward` and `update_state` (the trainer stays generic):
 //! - centroids: mini-batch k-means (Sculley 2010) with per-centroid rate `m_c / n_c`
 //!   (`μ_c ← μ_c + (Σ_{b∈c} x̃_b − m_c μ_c)/n_c`, counts `n_c` kept as state), initialised by
-//!   k-means++ on the first batch (seeded). They are updated in place, not by Adam (their
-//!   gradient is reported as zero).
+//!   k-means++ on the first batch (seeded, in `forward_backward`, which needs them for the
+//!   codes). They are updated in place by [`Sae::update_state`] from the assignment the
+//!   step used, not by Adam (their gradient is reported as zero).
 //! - local subspaces (`kmeans_pca`): a rank-r linear autoencoder per cluster (`e_{c,j}`
 //!   encoder rows, `d_{c,j}` decoder rows) trained by Adam on the reconstruction loss of the
 //!   tokens assigned to it; its optimum spans the cluster's top-r principal subspace
@@ -43,8 +44,10 @@
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::export::{Folded, Format};
 use super::{
-    check_width, ArchConfig, ExportParts, Fold, Param, Sae, SaeError, StepInput, StepOutput,
+    check_width, ArchConfig, ArchSpec, ExportParts, Fold, Param, Sae, SaeError, StepInput,
+    StepOutput, Variant,
 };
 use crate::kernels::{self as c, Workspace};
 use crate::util::rng::Rng;
@@ -73,6 +76,126 @@ impl Default for PcaConfig {
     fn default() -> Self {
         Self { rank: 8 }
     }
+}
+
+/// The registration of `kmeans` (it owns the `kmeans` SAELens format, also used by
+/// `kmeans_pca`).
+pub static VARIANT: Variant = Variant {
+    kind: ARCH,
+    parse: Variant::parse::<Config>,
+    example: || Config {}.into(),
+    formats: &[Format {
+        architecture: "kmeans",
+        per_latent: &["b_enc", "code_value"],
+        read_cfg,
+        encode: encode_loaded,
+    }],
+};
+
+/// The registration of `kmeans_pca`.
+pub static PCA_VARIANT: Variant = Variant {
+    kind: ARCH_PCA,
+    parse: Variant::parse::<PcaConfig>,
+    example: || PcaConfig { rank: 2 }.into(),
+    formats: &[],
+};
+
+/// Only the local-PCA subspaces use Adam (centroids are mini-batch k-means).
+const ADAM: (f32, f32, f32) = (1e-3, 0.9, 0.999);
+
+impl ArchSpec for Config {
+    fn kind(&self) -> &'static str {
+        ARCH
+    }
+    fn build(&self, d: usize, f: usize, rng: &mut Rng) -> Result<Box<dyn Sae>, SaeError> {
+        Ok(Box::new(KMeans::new(0, d, f, rng)?))
+    }
+    /// L0 = 1 by construction: no knob.
+    fn with_sparsity(&self, _factor: f32) -> ArchConfig {
+        self.clone().into()
+    }
+    fn sparsity_param(&self) -> (&'static str, f64) {
+        ("rank", 0.0)
+    }
+    fn recommended_adam(&self, _d_sae: usize) -> (f32, f32, f32) {
+        ADAM
+    }
+}
+
+impl ArchSpec for PcaConfig {
+    fn kind(&self) -> &'static str {
+        ARCH_PCA
+    }
+    fn build(&self, d: usize, f: usize, rng: &mut Rng) -> Result<Box<dyn Sae>, SaeError> {
+        if self.rank == 0 {
+            return Err(SaeError::Config {
+                arch: ARCH_PCA,
+                msg: "rank must be >= 1 (rank 0 is kind = \"kmeans\")".into(),
+            });
+        }
+        Ok(Box::new(KMeans::new(self.rank, d, f, rng)?))
+    }
+    fn with_sparsity(&self, factor: f32) -> ArchConfig {
+        PcaConfig {
+            rank: super::registry::divide_k(self.rank, factor),
+        }
+        .into()
+    }
+    fn sparsity_param(&self) -> (&'static str, f64) {
+        ("rank", self.rank as f64)
+    }
+    fn recommended_adam(&self, _d_sae: usize) -> (f32, f32, f32) {
+        ADAM
+    }
+}
+
+/// `cfg.json` of the `kmeans` format: cluster c owns latents c(1+rank) .. c(1+rank)+rank.
+fn read_cfg(
+    cfg: &serde_json::Value,
+    f: usize,
+) -> Result<Vec<(String, serde_json::Value)>, String> {
+    match (cfg["rank"].as_u64(), cfg["n_clusters"].as_u64()) {
+        (Some(r), Some(kc)) if kc >= 1 && kc * (1 + r) <= f as u64 => Ok(vec![
+            ("rank".to_string(), serde_json::json!(r)),
+            ("n_clusters".to_string(), serde_json::json!(kc)),
+        ]),
+        _ => Err(
+            "kmeans needs integers `rank` and `n_clusters` with n_clusters·(1+rank) <= d_sae"
+                .into(),
+        ),
+    }
+}
+
+/// `kmeans` encode: the nearest centroid is the argmax over the centroid latents of
+/// `x W_enc + b_enc`; it gets its `code_value`, its subspace latents their linear codes.
+fn encode_loaded(t: &Folded, n: usize, ws: &mut Workspace) {
+    let (s, kc) = (1 + t.extra_usize("rank"), t.extra_usize("n_clusters"));
+    let cv = t.per("code_value");
+    c::encode_collect(
+        ws,
+        n,
+        t.d_in,
+        &t.w_enc,
+        t.d_sae,
+        Some(t.per("b_enc")),
+        |_, row, buf| {
+            let mut best = 0;
+            for cl in 1..kc {
+                if row[cl * s] > row[best * s] {
+                    best = cl;
+                }
+            }
+            let base = best * s;
+            if cv[base] != 0.0 {
+                buf.main.push((base as u32, cv[base]));
+            }
+            for j in 1..s {
+                if row[base + j] != 0.0 {
+                    buf.main.push(((base + j) as u32, row[base + j]));
+                }
+            }
+        },
+    );
 }
 
 const W_ENC: usize = 0;
@@ -309,9 +432,9 @@ impl Sae for KMeans {
     }
     fn config(&self) -> ArchConfig {
         if self.rank == 0 {
-            ArchConfig::KMeans(Config {})
+            Config {}.into()
         } else {
-            ArchConfig::KMeansPca(PcaConfig { rank: self.rank })
+            PcaConfig { rank: self.rank }.into()
         }
     }
     fn dims(&self) -> (usize, usize) {
@@ -425,16 +548,22 @@ impl Sae for KMeans {
                 &mut gd[0],
             );
         }
-        // 4. mini-batch k-means step
-        let xt = std::mem::take(&mut ws.xt);
-        self.update_centroids(&xt, &assign);
-        ws.xt = xt;
+        // the assignment stays in `ws.dead` for `update_state`
         ws.dead = assign;
         let mse = sse / n as f64;
         Ok(StepOutput {
             loss: mse,
-            terms: vec![("mse", mse)],
+            losses: vec![("mse", mse)],
+            metrics: vec![],
         })
+    }
+
+    /// Mini-batch k-means step on `ws.xt` (`x̃` of the step) with the assignment
+    /// `forward_backward` left in `ws.dead`.
+    fn update_state(&mut self, input: &StepInput, ws: &Workspace) {
+        if ws.dead.len() == input.n && ws.xt.len() == input.n * self.d {
+            self.update_centroids(&ws.xt, &ws.dead);
+        }
     }
 
     fn export_parts(&self) -> ExportParts {
@@ -524,6 +653,14 @@ mod tests {
                     &mut ws,
                 )
                 .unwrap();
+            let input = StepInput {
+                x: &x,
+                n,
+                step,
+                sparsity_scale: 1.0,
+                dead: &[],
+            };
+            sae.update_state(&input, &ws);
             last = out.loss;
         }
         assert!(last < 0.01, "mse {last}");

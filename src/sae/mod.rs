@@ -1,9 +1,19 @@
 //! Sparse-autoencoder variants behind one trait (STYLE.md §2.3; sae_variants.md §2–6).
 //!
-//! Every variant is one file with its `Config`, its struct and `impl Sae`. The trainer,
-//! metrics and I/O only see [`Sae`], [`Param`] and [`crate::kernels::Codes`]. Adding a variant
-//! means one file plus one `mod` line, one [`ArchConfig`] arm, one `build` arm and one
-//! `examples` entry.
+//! Every variant is one file (or folder) with its `Config` (`impl` [`ArchSpec`]: kind, build,
+//! sparsity knob, recommended Adam), its SAE (`impl` [`Sae`]), the SAELens formats it loads
+//! ([`export::Format`]: which tensors, how they encode) and a `pub static VARIANT:`
+//! [`Variant`]. Adding a variant is that file plus one line in the `variants!` list below,
+//! which declares the module and registers it in [`VARIANTS`]; [`ArchConfig`] (the
+//! `[sae] arch` table), the conformance suite, the trainer and the SAELens loader find it
+//! there (README "Adding an SAE variant"). The trainer, metrics and I/O only see [`Sae`],
+//! [`Param`] and [`crate::kernels::Codes`].
+//!
+//! One step is [`Sae::forward_backward`] (loss parts in [`StepOutput::losses`], diagnostics
+//! in [`StepOutput::metrics`], gradients) then [`Sae::update_state`] (running statistics
+//! such as BatchTopK's threshold and the k-means centroids), then the optimiser.
+//! Parameters are reached by name or through a variant's own typed accessors (the TopK
+//! family shares [`topk_family::TopKParams`]); no index constants cross files.
 //!
 //! Decision: plain `f32` buffers and hand-written backward passes instead of candle
 //! autograd (sae_variants.md §8 "Autograd"): generic autograd would materialise dense
@@ -12,18 +22,33 @@
 //! carry signed values (`≠ 0` means active), parameters are a named list with per-latent
 //! vectors, and [`ExportParts`] lists per-latent tensors with how they fold.
 
-pub mod batchtopk;
 pub mod export;
-pub mod gated;
-pub mod jumprelu;
-pub mod kmeans;
-pub mod relu_l1;
-pub mod sa_gsae;
-pub mod topk;
+pub mod registry;
+pub mod topk_family;
 
-use serde::{Deserialize, Serialize};
+/// Declares each variant module and lists the [`Variant`]s it registers in [`VARIANTS`].
+macro_rules! variants {
+    ($($module:ident => [$($variant:ident),+ $(,)?]),+ $(,)?) => {
+        $(pub mod $module;)+
+        /// Every registered SAE variant, in the order of [`ArchConfig::examples`] and of the
+        /// kinds listed in error messages.
+        pub static VARIANTS: &[&Variant] = &[$($(&$module::$variant,)+)+];
+    };
+}
+
+// The registry: one line per variant file (sae_variants.md; README "Adding an SAE variant").
+variants! {
+    relu_l1 => [VARIANT],
+    topk => [VARIANT],
+    batchtopk => [VARIANT],
+    jumprelu => [VARIANT],
+    gated => [VARIANT],
+    kmeans => [VARIANT, PCA_VARIANT],
+    sa_gsae => [VARIANT],
+}
 
 pub use crate::kernels::{Codes, Workspace};
+pub use registry::{ArchConfig, ArchSpec, Variant};
 
 /// Errors from building or running an SAE.
 #[derive(Debug, thiserror::Error)]
@@ -97,13 +122,15 @@ pub struct StepInput<'a> {
     pub dead: &'a [bool],
 }
 
-/// Loss terms of one training step.
+/// Loss and diagnostics of one training step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepOutput {
-    /// Total loss that was differentiated.
+    /// Total loss that was differentiated: the sum of [`StepOutput::losses`].
     pub loss: f64,
-    /// Named terms (each already weighted), e.g. `("mse", …)`, `("l1", …)`, `("auxk", …)`.
-    pub terms: Vec<(&'static str, f64)>,
+    /// Named loss parts (each already weighted), e.g. `("mse", …)`, `("l1", …)`, `("auxk", …)`.
+    pub losses: Vec<(&'static str, f64)>,
+    /// Named diagnostics that are not part of the loss, e.g. `("batchtopk_capped", 0/1)`.
+    pub metrics: Vec<(&'static str, f64)>,
 }
 
 /// How a per-latent export tensor transforms when decoder norms are folded into the
@@ -152,13 +179,21 @@ pub trait Sae: Send + Sync {
     /// One training forward and backward pass. Writes the gradient of every parameter
     /// into `grads` (same order and sizes as [`Sae::params`]; the caller zeroes them), the
     /// training codes into `ws.codes` and the reconstruction into `ws.recon`.
-    /// May update non-trainable state (BatchTopK's threshold).
+    /// Running statistics are updated afterwards, by [`Sae::update_state`].
     fn forward_backward(
         &mut self,
         input: &StepInput,
         grads: &mut [Vec<f32>],
         ws: &mut Workspace,
     ) -> Result<StepOutput, SaeError>;
+
+    /// Update non-trainable state from the step just run (BatchTopK's threshold EMA, the
+    /// k-means centroids). Called by the trainer right after [`Sae::forward_backward`], with
+    /// the same `input` and the workspace it filled, before the optimiser step. Default:
+    /// nothing.
+    fn update_state(&mut self, input: &StepInput, ws: &Workspace) {
+        let _ = (input, ws);
+    }
     /// Export tensors before folding.
     fn export_parts(&self) -> ExportParts;
 
@@ -178,7 +213,7 @@ pub trait Sae: Send + Sync {
             arch: self.arch(),
             msg: format!(
                 "PAM-SGD (train.optimizer.kind = \"pam_sgd\") supports sae.arch kinds {}",
-                ArchConfig::PAM_SGD_KINDS.join(", ")
+                ArchConfig::pam_sgd_kinds().join(", ")
             ),
         })
     }
@@ -241,210 +276,4 @@ pub(crate) fn check_width(
         });
     }
     Ok(())
-}
-
-/// The SAE architecture and its hyperparameters: the `[sae] arch = { kind = "topk", k = 32 }`
-/// table of a pipeline file.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum ArchConfig {
-    /// ReLU + norm-weighted L1 (Anthropic April-2024 update), §2.2.
-    ReluL1(relu_l1::Config),
-    /// TopK with AuxK (Gao et al. 2024), §3.1–3.4.
-    #[serde(rename = "topk")]
-    TopK(topk::Config),
-    /// BatchTopK (Bussmann et al. 2024), §3.5.
-    #[serde(rename = "batchtopk")]
-    BatchTopK(batchtopk::Config),
-    /// JumpReLU with rectangle-kernel STE (Rajamanoharan et al. 2024), §5.
-    #[serde(rename = "jumprelu")]
-    JumpRelu(jumprelu::Config),
-    /// Gated SAE with `r_mag` sharing (Rajamanoharan et al. 2024), §4.
-    Gated(gated::Config),
-    /// k-means autoencoder (a Top-1 SAE with code 1), the SplInterp baseline
-    /// (`jsae_pamsgd.md` §2.4). `d_sae` = number of clusters; L0 = 1.
-    #[serde(rename = "kmeans")]
-    KMeans(kmeans::Config),
-    /// k-means + local-PCA autoencoder (rank-r affine map per Voronoi cell), §2.4.
-    #[serde(rename = "kmeans_pca")]
-    KMeansPca(kmeans::PcaConfig),
-    /// Sign-Aware Gated SAE with Bi-Jump-ReLU (arXiv 2605.28149), §6.
-    SaGsae(sa_gsae::Config),
-}
-
-impl ArchConfig {
-    /// The variants PAM-SGD can train (they implement [`Sae::install_decoder`]).
-    pub const PAM_SGD_KINDS: [&'static str; 2] = [topk::ARCH, relu_l1::ARCH];
-
-    /// Whether `train.optimizer.kind = "pam_sgd"` can train this variant.
-    pub fn supports_pam_sgd(&self) -> bool {
-        Self::PAM_SGD_KINDS.contains(&self.kind())
-    }
-
-    /// Variant name (the serde `kind`).
-    pub fn kind(&self) -> &'static str {
-        match self {
-            ArchConfig::ReluL1(_) => relu_l1::ARCH,
-            ArchConfig::TopK(_) => topk::ARCH,
-            ArchConfig::BatchTopK(_) => batchtopk::ARCH,
-            ArchConfig::JumpRelu(_) => jumprelu::ARCH,
-            ArchConfig::Gated(_) => gated::ARCH,
-            ArchConfig::KMeans(_) => kmeans::ARCH,
-            ArchConfig::KMeansPca(_) => kmeans::ARCH_PCA,
-            ArchConfig::SaGsae(_) => sa_gsae::ARCH,
-        }
-    }
-
-    /// Build an SAE of width `d_sae` on `d_in`-dimensional inputs, initialised from `seed`.
-    pub fn build(&self, d_in: usize, d_sae: usize, seed: u64) -> Result<Box<dyn Sae>, SaeError> {
-        if d_in == 0 || d_sae == 0 {
-            return Err(SaeError::Config {
-                arch: self.kind(),
-                msg: format!("d_in = {d_in} and d_sae = {d_sae} must both be positive"),
-            });
-        }
-        let mut rng = crate::util::rng::Rng::new(seed);
-        Ok(match self {
-            ArchConfig::ReluL1(c) => {
-                Box::new(relu_l1::ReluL1::new(c.clone(), d_in, d_sae, &mut rng)?)
-            }
-            ArchConfig::TopK(c) => Box::new(topk::TopK::new(c.clone(), d_in, d_sae, &mut rng)?),
-            ArchConfig::BatchTopK(c) => {
-                Box::new(batchtopk::BatchTopK::new(c.clone(), d_in, d_sae, &mut rng)?)
-            }
-            ArchConfig::JumpRelu(c) => {
-                Box::new(jumprelu::JumpRelu::new(c.clone(), d_in, d_sae, &mut rng)?)
-            }
-            ArchConfig::Gated(c) => Box::new(gated::Gated::new(c.clone(), d_in, d_sae, &mut rng)?),
-            ArchConfig::KMeans(_) => Box::new(kmeans::KMeans::new(0, d_in, d_sae, &mut rng)?),
-            ArchConfig::KMeansPca(c) => {
-                if c.rank == 0 {
-                    return Err(SaeError::Config {
-                        arch: kmeans::ARCH_PCA,
-                        msg: "rank must be >= 1 (rank 0 is kind = \"kmeans\")".into(),
-                    });
-                }
-                Box::new(kmeans::KMeans::new(c.rank, d_in, d_sae, &mut rng)?)
-            }
-            ArchConfig::SaGsae(c) => {
-                Box::new(sa_gsae::SaGsae::new(c.clone(), d_in, d_sae, &mut rng)?)
-            }
-        })
-    }
-
-    /// One small default per variant; drives the conformance suite.
-    pub fn examples() -> Vec<ArchConfig> {
-        vec![
-            // λ = 1: the default 5 is tuned for d_in in the thousands (E‖x‖ = √d); at the
-            // examples' tiny widths it would switch every latent off.
-            ArchConfig::ReluL1(relu_l1::Config {
-                l1_coefficient: 1.0,
-                ..relu_l1::Config::default()
-            }),
-            ArchConfig::TopK(topk::Config {
-                k: 4,
-                ..topk::Config::default()
-            }),
-            ArchConfig::BatchTopK(batchtopk::Config {
-                k: 4,
-                ..batchtopk::Config::default()
-            }),
-            ArchConfig::JumpRelu(jumprelu::Config::default()),
-            ArchConfig::Gated(gated::Config::default()),
-            ArchConfig::KMeans(kmeans::Config {}),
-            ArchConfig::KMeansPca(kmeans::PcaConfig { rank: 2 }),
-            ArchConfig::SaGsae(sa_gsae::Config::default()),
-        ]
-    }
-
-    /// The same config with its sparsity knob turned by `factor` (> 1 = sparser): λ times
-    /// `factor` for penalty variants, `k` divided by `factor` (at least 1) for TopK-style ones.
-    pub fn with_sparsity(&self, factor: f32) -> ArchConfig {
-        let div = |k: usize| ((k as f32 / factor).round() as usize).max(1);
-        match self {
-            ArchConfig::ReluL1(c) => ArchConfig::ReluL1(relu_l1::Config {
-                l1_coefficient: c.l1_coefficient * factor,
-                ..c.clone()
-            }),
-            ArchConfig::TopK(c) => ArchConfig::TopK(topk::Config {
-                k: div(c.k),
-                ..c.clone()
-            }),
-            ArchConfig::BatchTopK(c) => ArchConfig::BatchTopK(batchtopk::Config {
-                k: div(c.k),
-                ..c.clone()
-            }),
-            ArchConfig::JumpRelu(c) => ArchConfig::JumpRelu(jumprelu::Config {
-                l0_coefficient: c.l0_coefficient * factor,
-                ..c.clone()
-            }),
-            ArchConfig::Gated(c) => ArchConfig::Gated(gated::Config {
-                l1_coefficient: c.l1_coefficient * factor,
-                ..c.clone()
-            }),
-            // L0 = 1 by construction: no knob.
-            ArchConfig::KMeans(c) => ArchConfig::KMeans(c.clone()),
-            ArchConfig::KMeansPca(c) => {
-                ArchConfig::KMeansPca(kmeans::PcaConfig { rank: div(c.rank) })
-            }
-            ArchConfig::SaGsae(c) => ArchConfig::SaGsae(sa_gsae::Config {
-                l1_coefficient: c.l1_coefficient * factor,
-                ..c.clone()
-            }),
-        }
-    }
-
-    /// The variant's sparsity parameter as `(name, value)`: what a sweep varies and the
-    /// results tables report (`k` for the TopK family, the penalty coefficient otherwise).
-    pub fn sparsity_param(&self) -> (&'static str, f64) {
-        match self {
-            ArchConfig::ReluL1(c) => ("l1_coefficient", c.l1_coefficient as f64),
-            ArchConfig::TopK(c) => ("k", c.k as f64),
-            ArchConfig::BatchTopK(c) => ("k", c.k as f64),
-            ArchConfig::JumpRelu(c) => ("l0_coefficient", c.l0_coefficient as f64),
-            ArchConfig::Gated(c) => ("l1_coefficient", c.l1_coefficient as f64),
-            ArchConfig::KMeans(_) => ("rank", 0.0),
-            ArchConfig::KMeansPca(c) => ("rank", c.rank as f64),
-            ArchConfig::SaGsae(c) => ("l1_coefficient", c.l1_coefficient as f64),
-        }
-    }
-
-    /// Recommended Adam `(lr, beta1, beta2)` for this variant (§9), used when the training
-    /// config leaves them unset.
-    pub fn recommended_adam(&self, d_sae: usize) -> (f32, f32, f32) {
-        match self {
-            ArchConfig::ReluL1(_) => (5e-5, 0.9, 0.999),
-            ArchConfig::TopK(_) | ArchConfig::BatchTopK(_) => {
-                (2e-4 / ((d_sae as f32) / 16384.0).sqrt(), 0.9, 0.999)
-            }
-            ArchConfig::JumpRelu(_) => (7e-5, 0.0, 0.999),
-            ArchConfig::Gated(_) | ArchConfig::SaGsae(_) => (3e-4, 0.0, 0.999),
-            // Only the local-PCA subspaces use Adam (centroids are mini-batch k-means).
-            ArchConfig::KMeans(_) | ArchConfig::KMeansPca(_) => (1e-3, 0.9, 0.999),
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn arch_config_parses_from_toml_and_rejects_unknown_fields() {
-        #[derive(Deserialize)]
-        struct T {
-            arch: ArchConfig,
-        }
-        let t: T = toml::from_str("arch = { kind = \"topk\", k = 32 }").unwrap();
-        assert!(matches!(t.arch, ArchConfig::TopK(ref c) if c.k == 32));
-        let bad = toml::from_str::<T>("arch = { kind = \"topk\", kk = 32 }");
-        assert!(bad.is_err());
-        let t: T = toml::from_str("arch = { kind = \"batchtopk\", k = 8 }").unwrap();
-        assert_eq!(t.arch.kind(), "batchtopk");
-        for ex in ArchConfig::examples() {
-            let s = serde_json::to_string(&ex).unwrap();
-            let back: ArchConfig = serde_json::from_str(&s).unwrap();
-            assert_eq!(back, ex);
-        }
-    }
 }

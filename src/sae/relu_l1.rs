@@ -14,8 +14,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::export::{Folded, Format};
 use super::{
-    check_width, ArchConfig, ExportParts, Fold, Param, Sae, SaeError, StepInput, StepOutput,
+    check_width, ArchConfig, ArchSpec, ExportParts, Fold, Param, Sae, SaeError, StepInput,
+    StepOutput, Variant,
 };
 use crate::kernels::{self as c, Workspace};
 use crate::util::rng::Rng;
@@ -46,6 +48,72 @@ const W_ENC: usize = 0;
 const B_ENC: usize = 1;
 const W_DEC: usize = 2;
 const B_DEC: usize = 3;
+
+/// The registration (see [`super::registry`]).
+pub static VARIANT: Variant = Variant {
+    kind: ARCH,
+    parse: Variant::parse::<Config>,
+    example: || {
+        // λ = 1: the default 5 is tuned for d_in in the thousands (E‖x‖ = √d); at the
+        // examples' tiny widths it would switch every latent off.
+        Config {
+            l1_coefficient: 1.0,
+            ..Config::default()
+        }
+        .into()
+    },
+    formats: &[Format {
+        architecture: "standard",
+        per_latent: &["b_enc"],
+        read_cfg: super::export::no_extra_cfg,
+        encode: encode_loaded,
+    }],
+};
+
+impl ArchSpec for Config {
+    fn kind(&self) -> &'static str {
+        ARCH
+    }
+    fn build(&self, d: usize, f: usize, rng: &mut Rng) -> Result<Box<dyn Sae>, SaeError> {
+        Ok(Box::new(ReluL1::new(self.clone(), d, f, rng)?))
+    }
+    fn with_sparsity(&self, factor: f32) -> ArchConfig {
+        Config {
+            l1_coefficient: self.l1_coefficient * factor,
+            ..self.clone()
+        }
+        .into()
+    }
+    fn sparsity_param(&self) -> (&'static str, f64) {
+        ("l1_coefficient", self.l1_coefficient as f64)
+    }
+    fn recommended_adam(&self, _d_sae: usize) -> (f32, f32, f32) {
+        (5e-5, 0.9, 0.999)
+    }
+    fn supports_pam_sgd(&self) -> bool {
+        true
+    }
+}
+
+/// SAELens `standard` encode: `ReLU(x W_enc + b_enc)`.
+fn encode_loaded(t: &Folded, n: usize, ws: &mut Workspace) {
+    c::encode_collect(
+        ws,
+        n,
+        t.d_in,
+        &t.w_enc,
+        t.d_sae,
+        Some(t.per("b_enc")),
+        |_, row, buf| {
+            buf.main.extend(
+                row.iter()
+                    .enumerate()
+                    .filter(|(_, &v)| v > 0.0)
+                    .map(|(i, &v)| (i as u32, v)),
+            );
+        },
+    );
+}
 
 /// The ReLU+L1 SAE.
 pub struct ReluL1 {
@@ -90,7 +158,7 @@ impl Sae for ReluL1 {
         ARCH
     }
     fn config(&self) -> ArchConfig {
-        ArchConfig::ReluL1(self.cfg.clone())
+        self.cfg.clone().into()
     }
     fn dims(&self) -> (usize, usize) {
         (self.d, self.f)
@@ -212,7 +280,8 @@ impl Sae for ReluL1 {
         let l1 = lambda as f64 * penalty / n as f64;
         Ok(StepOutput {
             loss: mse + l1,
-            terms: vec![("mse", mse), ("l1", l1)],
+            losses: vec![("mse", mse), ("l1", l1)],
+            metrics: vec![],
         })
     }
 

@@ -16,8 +16,12 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::export::{Folded, Format};
+use super::registry::divide_k;
+use super::topk_family::{dead_list, push_aux, TopKParams};
 use super::{
-    check_width, ArchConfig, ExportParts, Fold, Param, Sae, SaeError, StepInput, StepOutput,
+    check_width, ArchConfig, ArchSpec, ExportParts, Param, Sae, SaeError, StepInput, StepOutput,
+    Variant,
 };
 use crate::kernels::{self as c, Workspace};
 use crate::util::rng::Rng;
@@ -47,203 +51,80 @@ impl Default for Config {
     }
 }
 
-pub(crate) const W_ENC: usize = 0;
-pub(crate) const B_ENC: usize = 1;
-pub(crate) const W_DEC: usize = 2;
-pub(crate) const B_DEC: usize = 3;
-
-/// Standard TopK-family parameters: `W_enc = W_decᵀ` (tied init), unit decoder rows.
-pub(crate) fn topk_params(d: usize, f: usize, rng: &mut Rng) -> Vec<Param> {
-    let w_dec = c::random_rows(rng, f, d, 1.0);
-    let mut dec = Param::new("W_dec", vec![f, d], w_dec.clone());
-    dec.unit_rows = true;
-    vec![
-        Param::new("W_enc", vec![f, d], w_dec),
-        Param::new("b_enc", vec![f], vec![0.0; f]),
-        dec,
-        Param::new("b_dec", vec![d], vec![0.0; d]),
-    ]
-}
-
-/// Push the AuxK selection of one token: top-`k_aux` of `π` over `dead`, positive values only.
-pub(crate) fn push_aux(row: &[f32], dead: &[u32], k_aux: usize, buf: &mut c::TaskBuf) {
-    if k_aux == 0 {
-        return;
-    }
-    buf.scratch2.clear();
-    buf.scratch2.extend(dead.iter().map(|&i| row[i as usize]));
-    let s = buf.aux.len();
-    c::topk_select(&buf.scratch2, k_aux, &mut buf.scratch, &mut buf.aux);
-    let mut w = s;
-    for r in s..buf.aux.len() {
-        let (j, v) = buf.aux[r];
-        if v > 0.0 {
-            buf.aux[w] = (dead[j as usize], v);
-            w += 1;
+/// The registration (see [`super::registry`]).
+pub static VARIANT: Variant = Variant {
+    kind: ARCH,
+    parse: Variant::parse::<Config>,
+    example: || {
+        Config {
+            k: 4,
+            ..Config::default()
         }
-    }
-    buf.aux.truncate(w);
-}
+        .into()
+    },
+    formats: &[Format {
+        architecture: "topk",
+        per_latent: &["b_enc"],
+        read_cfg,
+        encode: encode_loaded,
+    }],
+};
 
-/// Dead latents as a list (into the reused `out`), empty when AuxK is off.
-pub(crate) fn dead_list(
-    dead: &[bool],
-    f: usize,
-    aux_k: Option<usize>,
-    alpha: f32,
-    out: &mut Vec<u32>,
-) {
-    out.clear();
-    if alpha == 0.0 || dead.len() != f || aux_k == Some(0) {
-        return;
+impl ArchSpec for Config {
+    fn kind(&self) -> &'static str {
+        ARCH
     }
-    out.extend((0..f as u32).filter(|&i| dead[i as usize]));
-}
-
-/// Backward pass shared by TopK and BatchTopK once `ws.codes` (main, values `z > 0`) and
-/// `ws.aux` (AuxK selection) are filled and `ws.xt = x − b_dec`. Returns `(mse, auxk)`.
-#[allow(clippy::too_many_arguments)] // one call site per TopK-family variant; a struct would only rename them
-pub(crate) fn topk_backward(
-    params: &[Param],
-    d: usize,
-    f: usize,
-    x: &[f32],
-    n: usize,
-    alpha: f32,
-    grads: &mut [Vec<f32>],
-    ws: &mut Workspace,
-) -> (f64, f64) {
-    let w_dec = &params[W_DEC].data;
-    // 1. main reconstruction and g = 2(x̂ − x)/B
-    c::decode(
-        &mut ws.scratch,
-        &ws.codes,
-        w_dec,
-        d,
-        f,
-        Some(&params[B_DEC].data),
-        &mut ws.recon,
-    );
-    let sse = c::residual(&ws.recon, x, d, 2.0 / n as f32, &mut ws.resid);
-    c::col_sums(&ws.resid, n, d, &mut grads[B_DEC]);
-    // 2. δ_{b,i} = d_i·g_b on the selected latents (ReLU'd-out ones are not stored)
-    c::entry_dots(
-        &mut ws.scratch,
-        &ws.codes,
-        w_dec,
-        d,
-        f,
-        &ws.resid,
-        &mut ws.gvals,
-    );
-    let mut auxk = 0.0;
-    if ws.aux.nnz() > 0 {
-        // 3. AuxK: ê over dead latents; h = α·2(ê − e)/V with e = x − x̂, V = ‖e − ē‖²
-        //    V = Σ‖e‖² − ‖Σe‖²/B, and Σe = −(B/2)·Σg.
-        let half_n = n as f64 / 2.0;
-        let sum_g_sq: f64 = grads[B_DEC].iter().map(|&v| (v as f64) * (v as f64)).sum();
-        let var = (sse - half_n * half_n * sum_g_sq / n as f64).max(1e-12);
-        c::decode(
-            &mut ws.scratch,
-            &ws.aux,
-            w_dec,
-            d,
-            f,
-            None,
-            &mut ws.aux_recon,
-        );
-        // aux_recon ← ê + x̂, so that (aux_recon − x) = ê − e
-        for (a, r) in ws.aux_recon.iter_mut().zip(&ws.recon) {
-            *a += r;
+    fn build(&self, d: usize, f: usize, rng: &mut Rng) -> Result<Box<dyn Sae>, SaeError> {
+        Ok(Box::new(TopK::new(self.clone(), d, f, rng)?))
+    }
+    fn with_sparsity(&self, factor: f32) -> ArchConfig {
+        Config {
+            k: divide_k(self.k, factor),
+            ..self.clone()
         }
-        let sse_aux = c::residual(
-            &ws.aux_recon,
-            x,
-            d,
-            (2.0 * alpha as f64 / var) as f32,
-            &mut ws.aux_resid,
-        );
-        auxk = alpha as f64 * sse_aux / var;
-        c::entry_dots(
-            &mut ws.scratch,
-            &ws.aux,
-            w_dec,
-            d,
-            f,
-            &ws.aux_resid,
-            &mut ws.aux_gvals,
-        );
+        .into()
     }
-    // 4. gradients: W_enc, b_enc from δ (main + aux), W_dec from f·g (+ z_aux·h)
-    let (ge, rest) = grads.split_at_mut(B_ENC);
-    let (gb, rest) = rest.split_at_mut(1);
-    let gd = &mut rest[0];
-    c::accumulate_rows(
-        &mut ws.scratch,
-        &ws.codes,
-        &ws.gvals,
-        &ws.xt,
-        d,
-        f,
-        &mut ge[W_ENC],
-    );
-    c::scatter_add(&ws.codes, &ws.gvals, &mut gb[0]);
-    c::accumulate_rows(
-        &mut ws.scratch,
-        &ws.codes,
-        &ws.codes.val,
-        &ws.resid,
-        d,
-        f,
-        gd,
-    );
-    if ws.aux.nnz() > 0 {
-        c::accumulate_rows(
-            &mut ws.scratch,
-            &ws.aux,
-            &ws.aux_gvals,
-            &ws.xt,
-            d,
-            f,
-            &mut ge[W_ENC],
-        );
-        c::scatter_add(&ws.aux, &ws.aux_gvals, &mut gb[0]);
-        c::accumulate_rows(
-            &mut ws.scratch,
-            &ws.aux,
-            &ws.aux.val,
-            &ws.aux_resid,
-            d,
-            f,
-            gd,
-        );
+    fn sparsity_param(&self) -> (&'static str, f64) {
+        ("k", self.k as f64)
     }
-    // 5. b_dec through x̃ = x − b_dec: −Σ_i (Σ_b δ_{b,i}) w_i
-    c::resize(&mut ws.lat, f);
-    for (l, s) in ws.lat.iter_mut().zip(&gb[0]) {
-        *l = -s;
+    fn recommended_adam(&self, d_sae: usize) -> (f32, f32, f32) {
+        recommended_adam(d_sae)
     }
-    c::add_weighted_rows(
-        &mut ws.scratch,
-        &ws.lat,
-        &params[W_ENC].data,
-        d,
-        &mut grads[B_DEC],
-    );
-    (sse / n as f64, auxk)
+    fn supports_pam_sgd(&self) -> bool {
+        true
+    }
 }
 
-/// Export parts shared by the TopK family.
-pub(crate) fn topk_export(params: &[Param], architecture: &'static str) -> ExportParts {
-    ExportParts {
-        architecture,
-        w_enc: params[W_ENC].data.clone(),
-        w_dec: params[W_DEC].data.clone(),
-        b_dec: params[B_DEC].data.clone(),
-        per_latent: vec![("b_enc", params[B_ENC].data.clone(), Fold::ByDecoderNorm)],
-        apply_b_dec_to_input: true,
-        extra_cfg: vec![],
+/// Adam `(lr, beta1, beta2)` of the TopK family (§9): `2e-4 / sqrt(d_sae / 16384)`.
+pub(crate) fn recommended_adam(d_sae: usize) -> (f32, f32, f32) {
+    (2e-4 / ((d_sae as f32) / 16384.0).sqrt(), 0.9, 0.999)
+}
+
+/// `cfg.json` of the `topk` format: an integer `k` in `1..=d_sae`.
+fn read_cfg(
+    cfg: &serde_json::Value,
+    f: usize,
+) -> Result<Vec<(String, serde_json::Value)>, String> {
+    if !cfg["k"].as_u64().is_some_and(|k| k >= 1 && k as usize <= f) {
+        return Err("topk needs an integer `k` in 1..=d_sae".into());
     }
+    Ok(Vec::new())
+}
+
+/// SAELens `topk` encode: top-k of `ReLU(x W_enc + b_enc)`.
+fn encode_loaded(t: &Folded, n: usize, ws: &mut Workspace) {
+    let k = t.k.unwrap_or(1);
+    c::encode_collect(
+        ws,
+        n,
+        t.d_in,
+        &t.w_enc,
+        t.d_sae,
+        Some(t.per("b_enc")),
+        |_, row, buf| {
+            c::topk_positive(row, k, &mut buf.scratch, &mut buf.main);
+        },
+    );
 }
 
 /// The TopK SAE.
@@ -251,7 +132,7 @@ pub struct TopK {
     cfg: Config,
     d: usize,
     f: usize,
-    params: Vec<Param>,
+    params: TopKParams,
 }
 
 impl TopK {
@@ -270,11 +151,34 @@ impl TopK {
             });
         }
         Ok(Self {
-            params: topk_params(d, f, rng),
+            params: TopKParams::new(d, f, rng),
             cfg,
             d,
             f,
         })
+    }
+}
+
+impl TopK {
+    /// Encoder rows `[d_sae, d_in]`.
+    pub fn w_enc(&self) -> &[f32] {
+        self.params.w_enc()
+    }
+    /// Decoder rows `[d_sae, d_in]`.
+    pub fn w_dec(&self) -> &[f32] {
+        self.params.w_dec()
+    }
+    /// Decoder bias, mutable (the JSAE pair sets it to the data mean).
+    pub fn b_dec_mut(&mut self) -> &mut [f32] {
+        self.params.b_dec_mut()
+    }
+    /// The `W_enc` gradient in a gradient list laid out like [`Sae::params`].
+    pub fn grad_w_enc(grads: &mut [Vec<f32>]) -> &mut Vec<f32> {
+        TopKParams::grad_w_enc(grads)
+    }
+    /// The `W_dec` gradient in a gradient list laid out like [`Sae::params`].
+    pub fn grad_w_dec(grads: &mut [Vec<f32>]) -> &mut Vec<f32> {
+        TopKParams::grad_w_dec(grads)
     }
 }
 
@@ -283,30 +187,30 @@ impl Sae for TopK {
         ARCH
     }
     fn config(&self) -> ArchConfig {
-        ArchConfig::TopK(self.cfg.clone())
+        self.cfg.clone().into()
     }
     fn dims(&self) -> (usize, usize) {
         (self.d, self.f)
     }
     fn params(&self) -> &[Param] {
-        &self.params
+        self.params.all()
     }
     fn params_mut(&mut self) -> &mut [Param] {
-        &mut self.params
+        self.params.all_mut()
     }
 
     fn encode(&self, x: &[f32], n: usize, ws: &mut Workspace) -> Result<(), SaeError> {
         check_width(ARCH, self.d, x, n)?;
         let p = &self.params;
         let k = self.cfg.k;
-        c::prepare_input(x, self.d, Some(&p[B_DEC].data), &mut ws.xt);
+        c::prepare_input(x, self.d, Some(p.b_dec()), &mut ws.xt);
         c::encode_collect(
             ws,
             n,
             self.d,
-            &p[W_ENC].data,
+            p.w_enc(),
             self.f,
-            Some(&p[B_ENC].data),
+            Some(p.b_enc()),
             |_, row, buf| {
                 c::topk_positive(row, k, &mut buf.scratch, &mut buf.main);
             },
@@ -328,14 +232,14 @@ impl Sae for TopK {
         dead_list(input.dead, f, self.cfg.aux_k, alpha, &mut dead);
         let k_aux = self.cfg.aux_k.unwrap_or(d / 2).max(1).min(dead.len());
         // 1. x̃ = x − b_dec; π = W_enc x̃ + b_enc chunk by chunk; top-k and AuxK selection
-        c::prepare_input(input.x, d, Some(&p[B_DEC].data), &mut ws.xt);
+        c::prepare_input(input.x, d, Some(p.b_dec()), &mut ws.xt);
         c::encode_collect(
             ws,
             n,
             d,
-            &p[W_ENC].data,
+            p.w_enc(),
             f,
-            Some(&p[B_ENC].data),
+            Some(p.b_enc()),
             |_, row, buf| {
                 c::topk_positive(row, k, &mut buf.scratch, &mut buf.main);
                 push_aux(row, &dead, k_aux, buf);
@@ -343,42 +247,22 @@ impl Sae for TopK {
         );
         // 2. decode, losses and gradients
         ws.dead = dead;
-        let (mse, auxk) = topk_backward(p, d, f, input.x, n, alpha, grads, ws);
+        let (mse, auxk) = p.backward((d, f), (input.x, n), alpha, grads, ws);
         Ok(StepOutput {
             loss: mse + auxk,
-            terms: vec![("mse", mse), ("auxk", auxk)],
+            losses: vec![("mse", mse), ("auxk", auxk)],
+            metrics: vec![],
         })
     }
 
-    /// PAM-SGD: `b_enc += W_enc (b_new − b_old)` first, so that `π = W_enc(x − b_dec) + b_enc`
-    /// is unchanged by the new `b_dec`; then unit rows with the norms moved into the encoder
-    /// ([`c::install_unit_decoder`]).
+    /// PAM-SGD: see [`TopKParams::install_decoder`].
     fn install_decoder(&mut self, w_dec: &[f32], b_dec: &[f32]) -> Result<(), SaeError> {
-        let d = self.d;
-        let delta: Vec<f32> = b_dec
-            .iter()
-            .zip(&self.params[B_DEC].data)
-            .map(|(n, o)| n - o)
-            .collect();
-        let (enc, rest) = self.params.split_at_mut(B_ENC);
-        let (be, rest) = rest.split_at_mut(1);
-        for (b, row) in be[0].data.iter_mut().zip(enc[W_ENC].data.chunks(d)) {
-            *b += c::dot(row, &delta);
-        }
-        let (wd, bd) = rest.split_at_mut(1);
-        c::install_unit_decoder(
-            w_dec,
-            &mut wd[0].data,
-            &mut enc[W_ENC].data,
-            &mut be[0].data,
-            d,
-        );
-        bd[0].data.copy_from_slice(b_dec);
+        self.params.install_decoder(w_dec, b_dec, self.d);
         Ok(())
     }
 
     fn export_parts(&self) -> ExportParts {
-        let mut e = topk_export(&self.params, "topk");
+        let mut e = self.params.export("topk");
         e.extra_cfg = vec![
             ("k", serde_json::json!(self.cfg.k)),
             ("rescale_acts_by_decoder_norm", serde_json::json!(false)),

@@ -142,10 +142,13 @@ impl Model for SingleSae {
         let out = self
             .sae
             .forward_backward(&input, &mut grads[0], &mut ws[0])?;
+        // State updates (BatchTopK's threshold, k-means centroids) right after the pass
+        // whose codes they read, before the optimiser step.
+        self.sae.update_state(&input, &ws[0]);
         Ok(ModelOutput {
             loss: out.loss,
-            losses: out.terms,
-            metrics: Vec::new(),
+            losses: out.losses,
+            metrics: out.metrics,
         })
     }
 }

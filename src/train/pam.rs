@@ -399,7 +399,7 @@ impl PamSgd {
         if !model.supports_pam_sgd() || model.n_saes() != 1 {
             return Err(TrainError::Config(format!(
                 "train.optimizer.kind = \"pam_sgd\" supports sae.arch kinds {}; this model is `{}` (use kind = \"adam\" for it)",
-                crate::sae::ArchConfig::PAM_SGD_KINDS.join(", "),
+                crate::sae::ArchConfig::pam_sgd_kinds().join(", "),
                 model.name()
             )));
         }

@@ -115,8 +115,8 @@ fn negative_side_off_is_the_gated_sae() {
     }
     assert!(close(og.loss as f32, os.loss as f32, 1e-5), "{og:?} {os:?}");
     for name in ["mse", "l1", "aux"] {
-        let a = og.terms.iter().find(|t| t.0 == name).unwrap().1;
-        let b = os.terms.iter().find(|t| t.0 == name).unwrap().1;
+        let a = og.losses.iter().find(|t| t.0 == name).unwrap().1;
+        let b = os.losses.iter().find(|t| t.0 == name).unwrap().1;
         assert!(close(a as f32, b as f32, 1e-5), "{name}: {a} {b}");
     }
     for name in ["W_enc", "b_gate", "b_mag", "r_mag", "W_dec", "b_dec"] {
@@ -351,5 +351,5 @@ fn dead_latents_get_their_thresholds_reset() {
     assert_eq!(s.params()[1].data[7], 0.0);
     assert_eq!(param(s.params(), "revived").unwrap().data[0], 2.0);
     let (out, _, _) = run(&mut s, &x(1));
-    assert_eq!(out.terms.iter().find(|t| t.0 == "revived").unwrap().1, 2.0);
+    assert_eq!(out.metrics.iter().find(|t| t.0 == "revived").unwrap().1, 2.0);
 }

@@ -42,7 +42,7 @@ pub struct FitResult {
 
 /// TopK with `k` and AuxK off (the comparison is about the optimiser).
 pub fn topk_arch(k: usize) -> ArchConfig {
-    ArchConfig::TopK(topk::Config {
+    ArchConfig::new(topk::Config {
         k,
         aux_coefficient: 0.0,
         ..Default::default()
@@ -153,7 +153,7 @@ pub fn run(args: &[String]) -> Result<String, super::BenchError> {
     });
     let archs = [
         topk_arch(a.k),
-        ArchConfig::ReluL1(relu_l1::Config {
+        ArchConfig::new(relu_l1::Config {
             l1_coefficient: a.l1,
             ..Default::default()
         }),

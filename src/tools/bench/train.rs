@@ -101,17 +101,17 @@ fn loadavg() -> String {
 
 fn arch_for(kind: &str, k: usize) -> Result<ArchConfig, BenchError> {
     Ok(match kind {
-        "relu_l1" => ArchConfig::ReluL1(relu_l1::Config::default()),
-        "topk" => ArchConfig::TopK(topk::Config {
+        "relu_l1" => ArchConfig::new(relu_l1::Config::default()),
+        "topk" => ArchConfig::new(topk::Config {
             k,
             ..Default::default()
         }),
-        "batchtopk" => ArchConfig::BatchTopK(batchtopk::Config {
+        "batchtopk" => ArchConfig::new(batchtopk::Config {
             k,
             ..Default::default()
         }),
-        "jumprelu" => ArchConfig::JumpRelu(jumprelu::Config::default()),
-        "gated" => ArchConfig::Gated(gated::Config::default()),
+        "jumprelu" => ArchConfig::new(jumprelu::Config::default()),
+        "gated" => ArchConfig::new(gated::Config::default()),
         other => {
             return Err(BenchError::Args(format!(
                 "unknown variant `{other}` (relu_l1, topk, batchtopk, jumprelu, gated)"

@@ -65,12 +65,22 @@
 //! tokens of step 0). Closed gates inside the STE/L0 band are carried in the workspace's aux
 //! list with value ±0.0 (the sign bit names the side); they add nothing to the aux
 //! reconstruction. The cumulative count of reset latents is a non-trainable parameter
-//! `revived` (so it survives checkpoints) and is logged as the term `revived`.
+//! `revived` (so it survives checkpoints) and is logged as the metric `revived`.
+//!
+//! Files: this one (config, parameters, `impl Sae`), `gate.rs` (the per-token gate),
+//! `train.rs` (the training step), `export.rs` (export and its two formats), `tests.rs`.
 
 use serde::{Deserialize, Serialize};
 
+mod export;
+mod gate;
+mod train;
+
+use gate::aux_side;
+
 use super::{
-    check_width, ArchConfig, ExportParts, Fold, Param, Sae, SaeError, StepInput, StepOutput,
+    check_width, ArchConfig, ArchSpec, ExportParts, Fold, Param, Sae, SaeError, StepInput,
+    StepOutput, Variant,
 };
 use crate::kernels::{self as c, Codes, TaskBuf, Workspace};
 use crate::util::rng::Rng;
@@ -173,6 +183,36 @@ impl Default for Config {
     }
 }
 
+/// The registration (see [`super::registry`]).
+pub static VARIANT: Variant = Variant {
+    kind: ARCH,
+    parse: Variant::parse::<Config>,
+    example: || Config::default().into(),
+    formats: export::FORMATS,
+};
+
+impl ArchSpec for Config {
+    fn kind(&self) -> &'static str {
+        ARCH
+    }
+    fn build(&self, d: usize, f: usize, rng: &mut Rng) -> Result<Box<dyn Sae>, SaeError> {
+        Ok(Box::new(SaGsae::new(self.clone(), d, f, rng)?))
+    }
+    fn with_sparsity(&self, factor: f32) -> ArchConfig {
+        Config {
+            l1_coefficient: self.l1_coefficient * factor,
+            ..self.clone()
+        }
+        .into()
+    }
+    fn sparsity_param(&self) -> (&'static str, f64) {
+        ("l1_coefficient", self.l1_coefficient as f64)
+    }
+    fn recommended_adam(&self, _d_sae: usize) -> (f32, f32, f32) {
+        (3e-4, 0.0, 0.999)
+    }
+}
+
 /// Parameter indices; `[positive, negative]` pairs point at the same parameter when tied.
 #[derive(Debug, Clone, Copy)]
 struct Ix {
@@ -202,68 +242,6 @@ pub struct SaGsae {
     side: Vec<u8>,
     /// G on aux entries (STE only).
     band_g: Vec<f32>,
-}
-
-/// Everything the per-token gate needs, borrowed from the parameters.
-struct Gate<'a> {
-    bg: &'a [f32],
-    th: [&'a [f32]; 2],
-    a: [&'a [f32]; 2],
-    bm: [&'a [f32]; 2],
-    neg: bool,
-    raw: bool,
-    /// Half bandwidth when closed gates inside the band must be collected.
-    half: Option<f32>,
-}
-
-impl Gate<'_> {
-    /// One token: active latents → `buf.main` (value f); with `train`, open gates →
-    /// `buf.aux` (value s) and closed band entries (value ±0.0).
-    #[inline]
-    fn row(&self, row: &[f32], buf: &mut TaskBuf, train: bool) {
-        for (i, &u) in row.iter().enumerate() {
-            let pi = u + self.bg[i];
-            let side = if pi > self.th[0][i] {
-                0
-            } else if self.neg && -pi > self.th[1][i] {
-                1
-            } else {
-                if let (true, Some(h)) = (train, self.half) {
-                    if self.th[0][i] - pi < h {
-                        buf.aux.push((i as u32, 0.0));
-                    } else if self.neg && self.th[1][i] + pi < h {
-                        buf.aux.push((i as u32, -0.0));
-                    }
-                }
-                continue;
-            };
-            let m = self.a[side][i] * u + self.bm[side][i];
-            let keep = if self.raw {
-                m != 0.0
-            } else if side == 0 {
-                m > 0.0
-            } else {
-                m < 0.0
-            };
-            if keep {
-                buf.main.push((i as u32, m));
-            }
-            if train {
-                let s = if side == 0 {
-                    pi - self.th[0][i]
-                } else {
-                    pi + self.th[1][i]
-                };
-                buf.aux.push((i as u32, s));
-            }
-        }
-    }
-}
-
-/// Side of an aux entry: negative when `s < 0`, or `s = −0.0` for a closed band entry.
-#[inline]
-fn aux_side(s: f32) -> usize {
-    s.is_sign_negative() as usize
 }
 
 impl SaGsae {
@@ -371,77 +349,12 @@ impl SaGsae {
         }
     }
 
-    fn gate<'a>(&'a self, th: &'a [Vec<f32>; 2], a: &'a [Vec<f32>; 2], train: bool) -> Gate<'a> {
-        let p = &self.params;
-        let banded = self.cfg.threshold_ste || self.cfg.sparsity == SparsityPenalty::L0;
-        Gate {
-            bg: &p[self.ix.b_gate].data,
-            th: [&th[0], &th[1]],
-            a: [&a[0], &a[1]],
-            bm: [&p[self.ix.bm[0]].data, &p[self.ix.bm[1]].data],
-            neg: self.cfg.negative_side,
-            raw: self.cfg.output == OutputSign::Raw,
-            half: (train && banded).then_some(0.5 * self.cfg.bandwidth),
-        }
-    }
-
     fn pre_sub(&self) -> Option<&[f32]> {
         self.cfg
             .pre_encoder_bias
             .then_some(&self.params[self.ix.b_dec].data[..])
     }
 
-    /// θ_i ← quantile `q` of |π_i| over the first ≤ [`c::CHUNK`] tokens of `x` (step 0).
-    fn calibrate_thresholds(&mut self, x: &[f32], n: usize, q: f32) {
-        let (d, f) = (self.d, self.f);
-        let rows = n.min(c::CHUNK);
-        let mut xt = Vec::new();
-        c::prepare_input(&x[..rows * d], d, self.pre_sub(), &mut xt);
-        let mut pre = vec![0.0; rows * f];
-        let p = &self.params;
-        c::gemm_xwt(
-            &xt,
-            rows,
-            d,
-            &p[self.ix.w_enc].data,
-            f,
-            Some(&p[self.ix.b_gate].data),
-            &mut pre,
-        );
-        let k = ((q as f64 * rows as f64) as usize).min(rows - 1);
-        let mut col = vec![0.0f32; rows];
-        let mut t = vec![0.0f32; f];
-        for (i, ti) in t.iter_mut().enumerate() {
-            for (b, v) in col.iter_mut().enumerate() {
-                *v = pre[b * f + i].abs();
-            }
-            col.select_nth_unstable_by(k, f32::total_cmp);
-            *ti = col[k].max(1e-6).ln();
-        }
-        for s in 0..2 {
-            self.params[self.ix.t[s]].data.copy_from_slice(&t);
-        }
-    }
-
-    /// Side of each main entry: from the sign of f (sign-consistent) or, for raw outputs,
-    /// from the matching open-gate entry (both lists are in latent order per token).
-    fn main_sides(&mut self, codes: &Codes, aux: &Codes) {
-        self.side.clear();
-        if self.cfg.output == OutputSign::SignConsistent {
-            self.side.extend(codes.val.iter().map(|&v| (v < 0.0) as u8));
-            return;
-        }
-        for b in 0..codes.n() {
-            let (ai, av) = aux.row(b);
-            let mut j = 0;
-            for &i in codes.row(b).0 {
-                while ai[j] != i {
-                    j += 1;
-                }
-                self.side.push(aux_side(av[j]) as u8);
-            }
-        }
-    }
 }
 
 impl Sae for SaGsae {
@@ -449,7 +362,7 @@ impl Sae for SaGsae {
         ARCH
     }
     fn config(&self) -> ArchConfig {
-        ArchConfig::SaGsae(self.cfg.clone())
+        self.cfg.clone().into()
     }
     fn dims(&self) -> (usize, usize) {
         (self.d, self.f)
@@ -486,249 +399,7 @@ impl Sae for SaGsae {
         grads: &mut [Vec<f32>],
         ws: &mut Workspace,
     ) -> Result<StepOutput, SaeError> {
-        let (d, f, n) = (self.d, self.f, input.n);
-        check_width(ARCH, d, input.x, n)?;
-        if let (0, Some(q)) = (input.step, self.cfg.init_threshold_quantile) {
-            self.calibrate_thresholds(input.x, n, q);
-        }
-        let lambda = self.cfg.l1_coefficient * input.sparsity_scale;
-        let (eps, half) = (self.cfg.bandwidth, 0.5 * self.cfg.bandwidth);
-        let unit = self.cfg.decoder_norm == DecoderNorm::Unit;
-        let l0 = self.cfg.sparsity == SparsityPenalty::L0;
-        let ste = self.cfg.threshold_ste;
-        self.derive();
-        let ix = self.ix;
-        // 1. u = W_enc x̃; active → codes (f), open gates → aux (s), closed band → aux (±0)
-        {
-            let (th, a) = (std::mem::take(&mut self.th), std::mem::take(&mut self.a));
-            let gate = self.gate(&th, &a, true);
-            c::prepare_input(input.x, d, self.pre_sub(), &mut ws.xt);
-            c::encode_collect(
-                ws,
-                n,
-                d,
-                &self.params[ix.w_enc].data,
-                f,
-                None,
-                |_, row, buf| gate.row(row, buf, true),
-            );
-            self.th = th;
-            self.a = a;
-        }
-        let codes = std::mem::take(&mut ws.codes);
-        let aux = std::mem::take(&mut ws.aux);
-        self.main_sides(&codes, &aux);
-        let p = &self.params;
-        let w_dec = &p[ix.w_dec].data;
-        let b_dec = &p[ix.b_dec].data;
-        // 2. main reconstruction: g = 2(x̂ − x)/B, G = d_i·g on active (and, STE, aux) entries
-        c::decode(
-            &mut ws.scratch,
-            &codes,
-            w_dec,
-            d,
-            f,
-            Some(b_dec),
-            &mut ws.recon,
-        );
-        let sse = c::residual(&ws.recon, input.x, d, 2.0 / n as f32, &mut ws.resid);
-        c::entry_dots(
-            &mut ws.scratch,
-            &codes,
-            w_dec,
-            d,
-            f,
-            &ws.resid,
-            &mut ws.gvals,
-        );
-        if ste {
-            c::entry_dots(
-                &mut ws.scratch,
-                &aux,
-                w_dec,
-                d,
-                f,
-                &ws.resid,
-                &mut self.band_g,
-            );
-        }
-        // 3. aux reconstruction through the gate: h = 2(x̂_aux − x)/B, A = d_i·h
-        c::decode(
-            &mut ws.scratch,
-            &aux,
-            w_dec,
-            d,
-            f,
-            Some(b_dec),
-            &mut ws.aux_recon,
-        );
-        let sse_aux = c::residual(&ws.aux_recon, input.x, d, 2.0 / n as f32, &mut ws.aux_resid);
-        c::entry_dots(
-            &mut ws.scratch,
-            &aux,
-            w_dec,
-            d,
-            f,
-            &ws.aux_resid,
-            &mut ws.aux_gvals,
-        );
-        // 4. magnitude path on active entries: ∂u = a_σ G, ∂r_σ = G (m − b_mag_σ), ∂b_mag_σ = G
-        c::resize(&mut ws.coef, codes.nnz());
-        for e in 0..codes.nnz() {
-            let (i, s, g) = (codes.idx[e] as usize, self.side[e] as usize, ws.gvals[e]);
-            ws.coef[e] = self.a[s][i] * g;
-            let bm = p[ix.bm[s]].data[i];
-            grads[ix.r[s]][i] += g * (codes.val[e] - bm);
-            grads[ix.bm[s]][i] += g;
-        }
-        // 5. gate path on aux entries: ∂π (→ u, b_gate) and ∂θ (→ t = ln θ)
-        if ste {
-            for s in 0..2 {
-                let (bg, bm) = (&p[ix.b_gate].data, &p[ix.bm[s]].data);
-                self.jump[s].clear();
-                self.jump[s].extend((0..f).map(|i| {
-                    let u = if s == 0 {
-                        self.th[0][i] - bg[i]
-                    } else {
-                        -self.th[1][i] - bg[i]
-                    };
-                    let m = self.a[s][i] * u + bm[i];
-                    match (self.cfg.output, s) {
-                        (OutputSign::Raw, _) => m,
-                        (_, 0) => m.max(0.0),
-                        _ => m.min(0.0),
-                    }
-                }));
-            }
-        }
-        let lb = lambda / n as f32;
-        let mut n_open = 0usize;
-        let mut l1_sum = 0.0f64;
-        c::resize(&mut ws.aux_coef, aux.nnz());
-        for e in 0..aux.nnz() {
-            let (i, sv) = (aux.idx[e] as usize, aux.val[e]);
-            let side = aux_side(sv);
-            let open = sv != 0.0;
-            let sgn = if side == 0 { 1.0 } else { -1.0 };
-            let a_val = ws.aux_gvals[e];
-            let (mut dpi, mut dth) = (0.0f32, 0.0f32);
-            if open {
-                n_open += 1;
-                if l0 {
-                    dpi = a_val;
-                } else {
-                    dpi = sgn * lb * self.norms[i] + a_val;
-                    l1_sum += (self.norms[i] * sv.abs()) as f64;
-                }
-                dth = -sgn * dpi;
-            }
-            let in_band = !open || sv.abs() < half;
-            if in_band && (l0 || ste) {
-                if l0 {
-                    dth -= lb / eps;
-                }
-                if ste {
-                    dth -= self.band_g[e] * self.jump[side][i] / eps;
-                }
-            }
-            ws.aux_coef[e] = dpi;
-            grads[ix.t[side]][i] += self.th[side][i] * dth;
-        }
-        // 6. encoder rows, b_gate
-        c::accumulate_rows(
-            &mut ws.scratch,
-            &codes,
-            &ws.coef,
-            &ws.xt,
-            d,
-            f,
-            &mut grads[ix.w_enc],
-        );
-        c::accumulate_rows(
-            &mut ws.scratch,
-            &aux,
-            &ws.aux_coef,
-            &ws.xt,
-            d,
-            f,
-            &mut grads[ix.w_enc],
-        );
-        c::scatter_add(&aux, &ws.aux_coef, &mut grads[ix.b_gate]);
-        // 7. decoder and b_dec
-        c::accumulate_rows(
-            &mut ws.scratch,
-            &codes,
-            &codes.val,
-            &ws.resid,
-            d,
-            f,
-            &mut grads[ix.w_dec],
-        );
-        c::col_sums(&ws.resid, n, d, &mut grads[ix.b_dec]);
-        if !unit {
-            // live decoder in the aux term, and the norm-weighted penalty λ/B Σ|s| d_i/‖d_i‖
-            c::accumulate_rows(
-                &mut ws.scratch,
-                &aux,
-                &aux.val,
-                &ws.aux_resid,
-                d,
-                f,
-                &mut grads[ix.w_dec],
-            );
-            let mut bsum = vec![0.0f32; d];
-            c::col_sums(&ws.aux_resid, n, d, &mut bsum);
-            grads[ix.b_dec]
-                .iter_mut()
-                .zip(&bsum)
-                .for_each(|(g, v)| *g += v);
-            if !l0 {
-                c::resize(&mut ws.lat2, f);
-                ws.lat2.fill(0.0);
-                for (&i, &sv) in aux.idx.iter().zip(&aux.val) {
-                    ws.lat2[i as usize] += sv.abs();
-                }
-                let gw = &mut grads[ix.w_dec];
-                for i in 0..f {
-                    let k = ws.lat2[i] * lb / self.norms[i].max(1e-12);
-                    if k != 0.0 {
-                        c::axpy(k, &w_dec[i * d..(i + 1) * d], &mut gw[i * d..(i + 1) * d]);
-                    }
-                }
-            }
-        }
-        if self.cfg.pre_encoder_bias {
-            c::resize(&mut ws.lat, f);
-            ws.lat.fill(0.0);
-            c::scatter_add(&codes, &ws.coef, &mut ws.lat);
-            c::scatter_add(&aux, &ws.aux_coef, &mut ws.lat);
-            ws.lat.iter_mut().for_each(|v| *v = -*v);
-            c::add_weighted_rows(
-                &mut ws.scratch,
-                &ws.lat,
-                &p[ix.w_enc].data,
-                d,
-                &mut grads[ix.b_dec],
-            );
-        }
-        ws.codes = codes;
-        ws.aux = aux;
-        let mse = sse / n as f64;
-        let sparsity = if l0 {
-            lambda as f64 * n_open as f64 / n as f64
-        } else {
-            lambda as f64 * l1_sum / n as f64
-        };
-        let aux_loss = sse_aux / n as f64;
-        Ok(StepOutput {
-            loss: mse + sparsity + aux_loss,
-            terms: vec![
-                ("mse", mse),
-                (if l0 { "l0_penalty" } else { "l1" }, sparsity),
-                ("aux", aux_loss),
-                ("revived", p[ix.revived].data[0] as f64),
-            ],
-        })
+        self.train_step(input, grads, ws)
     }
 
     fn revive_dead(&mut self, steps_done: u64, dead: &[bool]) -> Vec<(usize, usize)> {
@@ -795,80 +466,7 @@ impl Sae for SaGsae {
     }
 
     fn export_parts(&self) -> ExportParts {
-        let (d, f) = (self.d, self.f);
-        let p = &self.params;
-        let ix = self.ix;
-        let th: [Vec<f32>; 2] = [0, 1].map(|s| {
-            if s == 1 && !self.cfg.negative_side {
-                vec![f32::INFINITY; f]
-            } else {
-                p[ix.t[s]].data.iter().map(|t| t.exp()).collect()
-            }
-        });
-        let raw = self.cfg.output == OutputSign::Raw;
-        if !self.cfg.tied_magnitudes {
-            return ExportParts {
-                architecture: ARCH,
-                w_enc: p[ix.w_enc].data.clone(),
-                w_dec: p[ix.w_dec].data.clone(),
-                b_dec: p[ix.b_dec].data.clone(),
-                per_latent: vec![
-                    ("b_gate", p[ix.b_gate].data.clone(), Fold::ByDecoderNorm),
-                    ("threshold_pos", th[0].clone(), Fold::ByDecoderNorm),
-                    ("threshold_neg", th[1].clone(), Fold::ByDecoderNorm),
-                    ("r_mag_pos", p[ix.r[0]].data.clone(), Fold::Keep),
-                    ("r_mag_neg", p[ix.r[1]].data.clone(), Fold::Keep),
-                    ("b_mag_pos", p[ix.bm[0]].data.clone(), Fold::ByDecoderNorm),
-                    ("b_mag_neg", p[ix.bm[1]].data.clone(), Fold::ByDecoderNorm),
-                ],
-                apply_b_dec_to_input: self.cfg.pre_encoder_bias,
-                extra_cfg: vec![("sign_consistent", serde_json::Value::Bool(!raw))],
-            };
-        }
-        // Bi-Jump-ReLU (§6.3): m = W'x + b', f = m (1[m > τ⁺] + 1[m < τ⁻]).
-        let (w, bg, bm, r) = (
-            &p[ix.w_enc].data,
-            &p[ix.b_gate].data,
-            &p[ix.bm[0]].data,
-            &p[ix.r[0]].data,
-        );
-        let bd = &p[ix.b_dec].data;
-        let mut w2 = w.clone();
-        let mut b2 = bm.clone();
-        let mut tp = vec![0.0; f];
-        let mut tn = vec![0.0; f];
-        for i in 0..f {
-            let a = r[i].exp();
-            let row = &mut w2[i * d..(i + 1) * d];
-            if self.cfg.pre_encoder_bias {
-                b2[i] -= a * c::dot(row, bd);
-            }
-            row.iter_mut().for_each(|v| *v *= a);
-            let up = a * (th[0][i] - bg[i]) + bm[i];
-            let un = if self.cfg.negative_side {
-                a * (-th[1][i] - bg[i]) + bm[i]
-            } else {
-                f32::NEG_INFINITY
-            };
-            (tp[i], tn[i]) = if raw {
-                (up, un)
-            } else {
-                (up.max(0.0), un.min(0.0))
-            };
-        }
-        ExportParts {
-            architecture: EXPORT_BI_JUMPRELU,
-            w_enc: w2,
-            w_dec: p[ix.w_dec].data.clone(),
-            b_dec: bd.clone(),
-            per_latent: vec![
-                ("b_enc", b2, Fold::ByDecoderNorm),
-                ("threshold_pos", tp, Fold::ByDecoderNorm),
-                ("threshold_neg", tn, Fold::ByDecoderNorm),
-            ],
-            apply_b_dec_to_input: false,
-            extra_cfg: vec![],
-        }
+        self.export()
     }
 }
 

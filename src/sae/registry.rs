@@ -1,0 +1,339 @@
+//! The variant registry: [`ArchSpec`] (what every variant's `Config` implements),
+//! [`Variant`] (what every variant file registers) and [`ArchConfig`] (the `[sae] arch` table,
+//! a boxed `ArchSpec` found by its `kind` in [`VARIANTS`]).
+//!
+//! Adding a variant is one file that defines its `Config` (with `impl ArchSpec`), its SAE
+//! (with `impl Sae`) and a `pub static VARIANT: Variant`, plus one line in the `variants!`
+//! list of `sae/mod.rs` (which declares the module and registers it in [`VARIANTS`]).
+//!
+//! Decision: `ArchConfig` serializes through `erased_serde` as `{ kind, ..Config fields }`
+//! with the fields written by the variant's own derived `Serialize` into the caller's
+//! serializer, so the TOML and JSON forms (and hence the resolved-config hashes) are
+//! byte-identical to those of the former `#[serde(tag = "kind")]` enum: no intermediate
+//! value (which would reorder keys and widen `f32`s differently).
+//! Decision: deserialization reads the table into a `serde_json::Value`, looks `kind` up in
+//! the registry and deserializes the rest into that variant's `Config` (which keeps
+//! `deny_unknown_fields`); the error messages are serde's own (`missing field`, `unknown
+//! variant … expected one of …`, `unknown field`), which `config::parse` turns into problems.
+
+use std::any::Any;
+use std::fmt;
+use std::sync::OnceLock;
+
+use serde::de::{DeserializeOwned, Error as _, Unexpected};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use super::export::Format;
+pub use super::VARIANTS;
+use super::{Sae, SaeError};
+use crate::util::rng::Rng;
+
+/// What a variant file registers.
+pub struct Variant {
+    /// The `kind` of its `[sae] arch` table (equal to its `Config`'s [`ArchSpec::kind`]).
+    pub kind: &'static str,
+    /// Deserialize the table's other keys into the variant's `Config`:
+    /// `Variant::parse::<Config>`.
+    pub parse: fn(serde_json::Value) -> Result<ArchConfig, serde_json::Error>,
+    /// One small config that trains at the conformance suite's tiny widths.
+    pub example: fn() -> ArchConfig,
+    /// The SAELens `architecture`s whose files this variant's code loads and runs
+    /// (see [`super::export`]); empty when it exports in another variant's format.
+    pub formats: &'static [Format],
+}
+
+impl Variant {
+    /// Deserialize `value` (the table without `kind`) as `C`.
+    pub fn parse<C: ArchSpec + DeserializeOwned>(
+        value: serde_json::Value,
+    ) -> Result<ArchConfig, serde_json::Error> {
+        serde_json::from_value::<C>(value).map(ArchConfig::new)
+    }
+}
+
+/// The registered variant of `kind`.
+pub fn variant(kind: &str) -> Option<&'static Variant> {
+    VARIANTS.iter().copied().find(|v| v.kind == kind)
+}
+
+/// Every registered `kind`, in registry order.
+pub fn kinds() -> &'static [&'static str] {
+    static KINDS: OnceLock<Vec<&'static str>> = OnceLock::new();
+    KINDS.get_or_init(|| VARIANTS.iter().map(|v| v.kind).collect())
+}
+
+/// The registered SAELens format of `architecture`.
+pub fn format(architecture: &str) -> Option<&'static Format> {
+    VARIANTS
+        .iter()
+        .flat_map(|v| v.formats.iter())
+        .find(|f| f.architecture == architecture)
+}
+
+/// Every loadable SAELens `architecture`, in registry order.
+pub fn architectures() -> Vec<&'static str> {
+    VARIANTS
+        .iter()
+        .flat_map(|v| v.formats.iter().map(|f| f.architecture))
+        .collect()
+}
+
+/// Plumbing every [`ArchSpec`] gets for free (blanket impl): cloning, downcasting and
+/// type-erased serialization.
+pub trait SpecBase: Any + Send + Sync + fmt::Debug {
+    /// A boxed clone.
+    fn clone_spec(&self) -> Box<dyn ArchSpec>;
+    /// For [`ArchConfig::get`].
+    fn as_any(&self) -> &dyn Any;
+    /// The config's own fields, serialized by its derived `Serialize`.
+    fn as_serialize(&self) -> &dyn erased_serde::Serialize;
+}
+
+impl<T: ArchSpec + Clone + Serialize> SpecBase for T {
+    fn clone_spec(&self) -> Box<dyn ArchSpec> {
+        Box::new(self.clone())
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_serialize(&self) -> &dyn erased_serde::Serialize {
+        self
+    }
+}
+
+/// A variant's hyperparameters: what its `Config` implements to be an [`ArchConfig`].
+pub trait ArchSpec: SpecBase {
+    /// Variant name (the `kind` key).
+    fn kind(&self) -> &'static str;
+    /// Build the SAE (`d_in`, `d_sae` already checked positive).
+    fn build(&self, d_in: usize, d_sae: usize, rng: &mut Rng) -> Result<Box<dyn Sae>, SaeError>;
+    /// The same config with its sparsity knob turned by `factor` (> 1 = sparser).
+    fn with_sparsity(&self, factor: f32) -> ArchConfig;
+    /// The sparsity parameter as `(name, value)`.
+    fn sparsity_param(&self) -> (&'static str, f64);
+    /// Recommended Adam `(lr, beta1, beta2)` (sae_variants.md §9).
+    fn recommended_adam(&self, d_sae: usize) -> (f32, f32, f32);
+    /// Whether PAM-SGD can train it (its SAE implements [`Sae::install_decoder`]).
+    fn supports_pam_sgd(&self) -> bool {
+        false
+    }
+}
+
+/// `k / factor`, rounded, at least 1: the sparsity knob of the TopK-style variants.
+pub fn divide_k(k: usize, factor: f32) -> usize {
+    ((k as f32 / factor).round() as usize).max(1)
+}
+
+/// The SAE architecture and its hyperparameters: the `[sae] arch = { kind = "topk", k = 32 }`
+/// table of a pipeline file. Serializes as that table.
+pub struct ArchConfig(Box<dyn ArchSpec>);
+
+impl ArchConfig {
+    /// Wrap a variant's config (also `config.into()`).
+    pub fn new(spec: impl ArchSpec) -> Self {
+        Self(Box::new(spec))
+    }
+
+    /// The variant's config.
+    pub fn spec(&self) -> &dyn ArchSpec {
+        &*self.0
+    }
+
+    /// The variant's config as its concrete type, if it is a `C`.
+    pub fn get<C: ArchSpec>(&self) -> Option<&C> {
+        self.0.as_any().downcast_ref::<C>()
+    }
+
+    /// The variants PAM-SGD can train, in reverse name order (`topk, relu_l1`: the order
+    /// the error messages have always quoted).
+    pub fn pam_sgd_kinds() -> Vec<&'static str> {
+        let mut k: Vec<&'static str> = VARIANTS
+            .iter()
+            .filter(|v| (v.example)().supports_pam_sgd())
+            .map(|v| v.kind)
+            .collect();
+        k.sort_unstable_by(|a, b| b.cmp(a));
+        k
+    }
+
+    /// Whether `train.optimizer.kind = "pam_sgd"` can train this variant.
+    pub fn supports_pam_sgd(&self) -> bool {
+        self.0.supports_pam_sgd()
+    }
+
+    /// Variant name (the serde `kind`).
+    pub fn kind(&self) -> &'static str {
+        self.0.kind()
+    }
+
+    /// Build an SAE of width `d_sae` on `d_in`-dimensional inputs, initialised from `seed`.
+    pub fn build(&self, d_in: usize, d_sae: usize, seed: u64) -> Result<Box<dyn Sae>, SaeError> {
+        if d_in == 0 || d_sae == 0 {
+            return Err(SaeError::Config {
+                arch: self.kind(),
+                msg: format!("d_in = {d_in} and d_sae = {d_sae} must both be positive"),
+            });
+        }
+        let mut rng = Rng::new(seed);
+        self.0.build(d_in, d_sae, &mut rng)
+    }
+
+    /// One small default per variant, in registry order; drives the conformance suite.
+    pub fn examples() -> Vec<ArchConfig> {
+        VARIANTS.iter().map(|v| (v.example)()).collect()
+    }
+
+    /// The same config with its sparsity knob turned by `factor` (> 1 = sparser): λ times
+    /// `factor` for penalty variants, `k` divided by `factor` (at least 1) for TopK-style ones.
+    pub fn with_sparsity(&self, factor: f32) -> ArchConfig {
+        self.0.with_sparsity(factor)
+    }
+
+    /// The variant's sparsity parameter as `(name, value)`: what a sweep varies and the
+    /// results tables report (`k` for the TopK family, the penalty coefficient otherwise).
+    pub fn sparsity_param(&self) -> (&'static str, f64) {
+        self.0.sparsity_param()
+    }
+
+    /// Recommended Adam `(lr, beta1, beta2)` for this variant (§9), used when the training
+    /// config leaves them unset.
+    pub fn recommended_adam(&self, d_sae: usize) -> (f32, f32, f32) {
+        self.0.recommended_adam(d_sae)
+    }
+}
+
+impl<C: ArchSpec> From<C> for ArchConfig {
+    fn from(c: C) -> Self {
+        Self::new(c)
+    }
+}
+
+impl Clone for ArchConfig {
+    fn clone(&self) -> Self {
+        Self(self.0.clone_spec())
+    }
+}
+
+impl fmt::Debug for ArchConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ArchConfig").field(&self.0).finish()
+    }
+}
+
+impl PartialEq for ArchConfig {
+    /// Same kind and same serialized fields.
+    fn eq(&self, other: &Self) -> bool {
+        self.kind() == other.kind()
+            && serde_json::to_value(self).ok() == serde_json::to_value(other).ok()
+    }
+}
+
+impl Serialize for ArchConfig {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Tagged<'a> {
+            kind: &'static str,
+            #[serde(flatten)]
+            fields: &'a dyn erased_serde::Serialize,
+        }
+        Tagged {
+            kind: self.kind(),
+            fields: self.0.as_serialize(),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for ArchConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        const EXPECTED: &str = "internally tagged enum ArchConfig";
+        let value = serde_json::Value::deserialize(d)?;
+        let mut table = match value {
+            serde_json::Value::Object(table) => table,
+            other => return Err(D::Error::invalid_type(unexpected(&other), &EXPECTED)),
+        };
+        let kind = match table.remove("kind") {
+            None => return Err(D::Error::missing_field("kind")),
+            Some(serde_json::Value::String(s)) => s,
+            Some(other) => return Err(D::Error::invalid_type(unexpected(&other), &"kind")),
+        };
+        let v = variant(&kind).ok_or_else(|| D::Error::unknown_variant(&kind, kinds()))?;
+        (v.parse)(serde_json::Value::Object(table)).map_err(D::Error::custom)
+    }
+}
+
+fn unexpected(v: &serde_json::Value) -> Unexpected<'_> {
+    use serde_json::Value as V;
+    match v {
+        V::Null => Unexpected::Unit,
+        V::Bool(b) => Unexpected::Bool(*b),
+        V::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
+            (Some(u), _, _) => Unexpected::Unsigned(u),
+            (_, Some(i), _) => Unexpected::Signed(i),
+            (_, _, f) => Unexpected::Float(f.unwrap_or(f64::NAN)),
+        },
+        V::String(s) => Unexpected::Str(s),
+        V::Array(_) => Unexpected::Seq,
+        V::Object(_) => Unexpected::Map,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize)]
+    struct T {
+        arch: ArchConfig,
+    }
+
+    #[test]
+    fn arch_config_parses_from_toml_and_rejects_unknown_fields() {
+        let t: T = toml::from_str("arch = { kind = \"topk\", k = 32 }").unwrap();
+        assert_eq!(
+            (t.arch.kind(), t.arch.sparsity_param()),
+            ("topk", ("k", 32.0))
+        );
+        let bad = toml::from_str::<T>("arch = { kind = \"topk\", kk = 32 }");
+        assert!(bad.is_err());
+        let t: T = toml::from_str("arch = { kind = \"batchtopk\", k = 8 }").unwrap();
+        assert_eq!(t.arch.kind(), "batchtopk");
+        for ex in ArchConfig::examples() {
+            let s = serde_json::to_string(&ex).unwrap();
+            let back: ArchConfig = serde_json::from_str(&s).unwrap();
+            assert_eq!(back, ex);
+        }
+    }
+
+    #[test]
+    fn unknown_kind_lists_the_registered_kinds() {
+        let e = toml::from_str::<T>("arch = { kind = \"topkk\" }")
+            .err()
+            .map(|e| e.message().to_string())
+            .unwrap_or_default();
+        for k in kinds() {
+            assert!(e.contains(&format!("`{k}`")), "{e}");
+        }
+        let e = toml::from_str::<T>("arch = { k = 3 }")
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("missing field `kind`")));
+    }
+
+    #[test]
+    fn registry_is_consistent() {
+        let mut seen = std::collections::HashSet::new();
+        for v in VARIANTS {
+            assert!(seen.insert(v.kind), "{} registered twice", v.kind);
+            assert_eq!((v.example)().kind(), v.kind);
+        }
+        let archs = architectures();
+        let unique: std::collections::HashSet<_> = archs.iter().collect();
+        assert_eq!(
+            unique.len(),
+            archs.len(),
+            "a SAELens format registered twice"
+        );
+        assert_eq!(ArchConfig::pam_sgd_kinds(), ["topk", "relu_l1"]);
+    }
+}
