@@ -894,7 +894,10 @@ mod tests {
                             want += dense[bb * f + i] as f64 * w[i * d + j] as f64;
                         }
                         let got = out[bb * d + j];
-                        assert!(close(got, want), "decode {n}x{f} [{bb},{j}]: {got} vs {want}");
+                        assert!(
+                            close(got, want),
+                            "decode {n}x{f} [{bb},{j}]: {got} vs {want}"
+                        );
                     }
                 }
             }
@@ -910,7 +913,11 @@ mod tests {
                         let want: f64 = (0..d)
                             .map(|j| w[i * d + j] as f64 * v[bb * d + j] as f64)
                             .sum();
-                        assert!(close(g[e], want), "entry_dots {n}x{f} entry {e}: {} vs {want}", g[e]);
+                        assert!(
+                            close(g[e], want),
+                            "entry_dots {n}x{f} entry {e}: {} vs {want}",
+                            g[e]
+                        );
                         e += 1;
                     }
                 }
@@ -940,16 +947,36 @@ mod tests {
             accumulate_rows(&mut ws, &codes, &coef, &v, d, f, &mut out);
             for (k, (&a, (&b, &i0))) in out.iter().zip(want.iter().zip(&init)).enumerate() {
                 let twice = 2.0 * b - i0 as f64;
-                assert!(close(a, twice), "accumulate_rows twice [{k}]: {a} vs {twice}");
+                assert!(
+                    close(a, twice),
+                    "accumulate_rows twice [{k}]: {a} vs {twice}"
+                );
             }
         }
         // all rows empty: nothing to accumulate, decode is the bias
         let codes = random_codes(&mut r, 5, 10, 0.0, 0);
         let mut out = vec![1.0f32; 10 * 2];
-        accumulate_rows(&mut Scratch::default(), &codes, &[], &[0.0; 10], 2, 10, &mut out);
+        accumulate_rows(
+            &mut Scratch::default(),
+            &codes,
+            &[],
+            &[0.0; 10],
+            2,
+            10,
+            &mut out,
+        );
         assert!(out.iter().all(|&v| v == 1.0));
         let mut rec = Vec::new();
-        decode(&mut Scratch::default(), &codes, &[0.0; 20], 2, 10, Some(&[3.0, 4.0]), &mut rec);
-        assert_eq!(rec, [3.0, 4.0].repeat(5));
+        let bias = [3.0f32, 4.0];
+        decode(
+            &mut Scratch::default(),
+            &codes,
+            &[0.0; 20],
+            2,
+            10,
+            Some(&bias[..]),
+            &mut rec,
+        );
+        assert_eq!(rec, bias.repeat(5));
     }
 }
