@@ -502,7 +502,7 @@ fn check_jumprelu_ste(c: &Case, base: &Run, pi: usize) -> usize {
     let mut want = vec![0.0f64; f];
     let mut band = 0;
     for b in 0..n {
-        let mut g = vec![0.0f64; D];
+        let mut g = [0.0f64; D];
         for (j, gj) in g.iter_mut().enumerate() {
             let mut xh = b_dec[j] as f64;
             for i in 0..f {
@@ -528,15 +528,14 @@ fn check_jumprelu_ste(c: &Case, base: &Run, pi: usize) -> usize {
         c.label
     );
     let mut max_w = 0.0f64;
-    for i in 0..f {
-        let got = base.grads[pi][i] as f64;
+    for (i, (&got, &w)) in base.grads[pi].iter().zip(&want).enumerate() {
+        let got = got as f64;
         assert!(
-            (got - want[i]).abs() <= 1e-3 * want[i].abs().max(1.0),
-            "{}: log_threshold[{i}]: hand-written {got:.6e} vs spec STE {:.6e}",
-            c.label,
-            want[i]
+            (got - w).abs() <= 1e-3 * w.abs().max(1.0),
+            "{}: log_threshold[{i}]: hand-written {got:.6e} vs spec STE {w:.6e}",
+            c.label
         );
-        max_w = max_w.max(want[i].abs());
+        max_w = max_w.max(w.abs());
     }
     assert!(max_w >= TEETH, "{}: STE gradients all tiny", c.label);
     band
