@@ -832,4 +832,153 @@ mod tests {
             }
         }
     }
+
+    /// Random CSR codes over `f` latents with per-pair probability `p`; every `zero_every`-th
+    /// token (if nonzero) gets no entry at all.
+    fn random_codes(r: &mut Rng, n: usize, f: usize, p: f64, zero_every: usize) -> Codes {
+        let mut codes = Codes::default();
+        codes.clear();
+        for b in 0..n {
+            if zero_every == 0 || b % zero_every != 0 {
+                for i in 0..f {
+                    if r.uniform() < p {
+                        codes.idx.push(i as u32);
+                        codes.val.push(r.normal() as f32);
+                    }
+                }
+            }
+            codes.indptr.push(codes.idx.len());
+        }
+        codes
+    }
+
+    fn close(a: f32, b: f64) -> bool {
+        (a as f64 - b).abs() <= 1e-4 * b.abs().max(1.0)
+    }
+
+    #[test]
+    fn sparse_paths_match_naive_references() {
+        // Codes below DENSE_FALLBACK take the sparse branches of decode, entry_dots and
+        // accumulate_rows (the branch is decided by `density(codes, f)` alone). Shapes with n
+        // below, at and above CHUNK (not multiples of it), with empty rows.
+        let mut r = Rng::new(21);
+        for &(n, d, f, p) in &[
+            (7, 5, 64, 0.02),
+            (CHUNK, 16, 200, 0.01),
+            (CHUNK + 37, 9, 300, 0.004),
+            (2 * CHUNK + 1, 3, 128, 0.02),
+        ] {
+            let codes = random_codes(&mut r, n, f, p, 3);
+            let dn = density(&codes, f);
+            assert!(
+                dn > 0.0 && dn < DENSE_FALLBACK / 2.0,
+                "{n}x{f}: density {dn} must take the sparse path"
+            );
+            let empty = (0..n).filter(|&b| codes.row(b).0.is_empty()).count();
+            assert!(empty >= n / 3, "rows with no active latent");
+            let w: Vec<f32> = (0..f * d).map(|_| r.normal() as f32).collect();
+            let v: Vec<f32> = (0..n * d).map(|_| r.normal() as f32).collect();
+            let bias: Vec<f32> = (0..d).map(|_| r.normal() as f32).collect();
+            let coef: Vec<f32> = (0..codes.nnz()).map(|_| r.normal() as f32).collect();
+            let dense = codes.to_dense(f);
+            let mut ws = Scratch::default();
+
+            // decode: out[b, j] = bias[j] + Σ_i a[b, i] w[i, j], with and without the bias
+            for with_bias in [true, false] {
+                let mut out = vec![f32::NAN; 3]; // wrong size and contents: must be overwritten
+                let b = with_bias.then_some(&bias[..]);
+                decode(&mut ws, &codes, &w, d, f, b, &mut out);
+                assert_eq!(out.len(), n * d);
+                for bb in 0..n {
+                    for j in 0..d {
+                        let mut want = if with_bias { bias[j] as f64 } else { 0.0 };
+                        for i in 0..f {
+                            want += dense[bb * f + i] as f64 * w[i * d + j] as f64;
+                        }
+                        let got = out[bb * d + j];
+                        assert!(
+                            close(got, want),
+                            "decode {n}x{f} [{bb},{j}]: {got} vs {want}"
+                        );
+                    }
+                }
+            }
+
+            // entry_dots: out[e] = w[idx[e]] · v[token(e)]
+            let mut g = vec![f32::NAN; 1];
+            entry_dots(&mut ws, &codes, &w, d, f, &v, &mut g);
+            assert_eq!(g.len(), codes.nnz());
+            let mut e = 0;
+            for bb in 0..n {
+                for i in 0..f {
+                    if dense[bb * f + i] != 0.0 {
+                        let want: f64 = (0..d)
+                            .map(|j| w[i * d + j] as f64 * v[bb * d + j] as f64)
+                            .sum();
+                        assert!(
+                            close(g[e], want),
+                            "entry_dots {n}x{f} entry {e}: {} vs {want}",
+                            g[e]
+                        );
+                        e += 1;
+                    }
+                }
+            }
+            assert_eq!(e, codes.nnz());
+
+            // accumulate_rows: out[i, :] += Σ_b c[b, i] v[b, :], on top of existing contents
+            let init: Vec<f32> = (0..f * d).map(|_| r.normal() as f32).collect();
+            let mut out = init.clone();
+            accumulate_rows(&mut ws, &codes, &coef, &v, d, f, &mut out);
+            let mut want: Vec<f64> = init.iter().map(|&x| x as f64).collect();
+            let mut e = 0;
+            for bb in 0..n {
+                for i in 0..f {
+                    if dense[bb * f + i] != 0.0 {
+                        for j in 0..d {
+                            want[i * d + j] += coef[e] as f64 * v[bb * d + j] as f64;
+                        }
+                        e += 1;
+                    }
+                }
+            }
+            for (k, (&a, &b)) in out.iter().zip(&want).enumerate() {
+                assert!(close(a, b), "accumulate_rows {n}x{f} [{k}]: {a} vs {b}");
+            }
+            // a second call on the reused scratch accumulates again (CSC buffers reset)
+            accumulate_rows(&mut ws, &codes, &coef, &v, d, f, &mut out);
+            for (k, (&a, (&b, &i0))) in out.iter().zip(want.iter().zip(&init)).enumerate() {
+                let twice = 2.0 * b - i0 as f64;
+                assert!(
+                    close(a, twice),
+                    "accumulate_rows twice [{k}]: {a} vs {twice}"
+                );
+            }
+        }
+        // all rows empty: nothing to accumulate, decode is the bias
+        let codes = random_codes(&mut r, 5, 10, 0.0, 0);
+        let mut out = vec![1.0f32; 10 * 2];
+        accumulate_rows(
+            &mut Scratch::default(),
+            &codes,
+            &[],
+            &[0.0; 10],
+            2,
+            10,
+            &mut out,
+        );
+        assert!(out.iter().all(|&v| v == 1.0));
+        let mut rec = Vec::new();
+        let bias = [3.0f32, 4.0];
+        decode(
+            &mut Scratch::default(),
+            &codes,
+            &[0.0; 20],
+            2,
+            10,
+            Some(&bias[..]),
+            &mut rec,
+        );
+        assert_eq!(rec, bias.repeat(5));
+    }
 }
