@@ -9,29 +9,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use rand::{Rng, SeedableRng};
-
 const BIN: &str = env!("CARGO_BIN_EXE_saepipe");
 const HP: &str = "blocks.1.hook_resid_mid";
 
 /// A corpus of `n` in-vocabulary sentences, one paragraph each.
 fn corpus(dir: &Path, n: usize) -> PathBuf {
-    let words = common::tiny_words();
-    let content = &words[5..];
-    let mut rng = rand::rngs::StdRng::seed_from_u64(11);
-    let text: Vec<String> = (0..n)
-        .map(|_| {
-            let k = rng.random_range(4..16);
-            let mut s: Vec<&str> = (0..k)
-                .map(|_| content[rng.random_range(0..content.len())].as_str())
-                .collect();
-            s.push(".");
-            s.join(" ")
-        })
-        .collect();
-    let p = dir.join("corpus.txt");
-    std::fs::write(&p, text.join("\n\n")).unwrap();
-    p
+    common::write_corpus(dir, n, 11)
 }
 
 struct Fixture {

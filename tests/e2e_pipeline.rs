@@ -11,27 +11,11 @@ use std::time::SystemTime;
 
 use arrow::array::{Array, BooleanArray, Float64Array, StringArray};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use rand::{Rng, SeedableRng};
 
 const BIN: &str = env!("CARGO_BIN_EXE_saepipe");
 
 fn corpus(dir: &Path) -> PathBuf {
-    let words = common::tiny_words();
-    let content = &words[5..];
-    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-    let docs: Vec<String> = (0..1500)
-        .map(|_| {
-            let k = rng.random_range(4..16);
-            let mut s: Vec<&str> = (0..k)
-                .map(|_| content[rng.random_range(0..content.len())].as_str())
-                .collect();
-            s.push(".");
-            s.join(" ")
-        })
-        .collect();
-    let p = dir.join("corpus.txt");
-    std::fs::write(&p, docs.join("\n\n")).unwrap();
-    p
+    common::write_corpus(dir, 1500, 3)
 }
 
 fn run_pipeline(model: &Path, corpus: &Path, data_dir: &Path) -> String {

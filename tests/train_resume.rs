@@ -10,28 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use rand::{Rng, SeedableRng};
-
 const BIN: &str = env!("CARGO_BIN_EXE_saepipe");
-
-fn corpus(dir: &Path, n: usize) -> PathBuf {
-    let words = common::tiny_words();
-    let content = &words[5..];
-    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
-    let text: Vec<String> = (0..n)
-        .map(|_| {
-            let k = rng.random_range(4..16);
-            let mut s: Vec<&str> = (0..k)
-                .map(|_| content[rng.random_range(0..content.len())].as_str())
-                .collect();
-            s.push(".");
-            s.join(" ")
-        })
-        .collect();
-    let p = dir.join("corpus.txt");
-    std::fs::write(&p, text.join("\n\n")).unwrap();
-    p
-}
 
 /// `saepipe <stage> pipelines/smoke.toml` on the fixture, outputs under `data_dir`: 8 units
 /// (4 grid points × 2 hookpoints) of 128 steps each, a checkpoint after every step.
@@ -98,7 +77,7 @@ fn outputs(saes: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 fn killed_train_stage_resumes_mid_unit_bit_identically() {
     let tmp = tempfile::tempdir().unwrap();
     let model = common::tiny_llama(&tmp.path().join("model"), 5, false);
-    let corpus = corpus(tmp.path(), 1500);
+    let corpus = common::write_corpus(tmp.path(), 1500, 21);
     // Uninterrupted reference.
     let a = tmp.path().join("a");
     ok(cmd("capture", &model, &corpus, &a));

@@ -305,3 +305,25 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .and_then(|d| d.to_scalar::<f32>())
         .expect("tensors of equal shape")
 }
+
+/// Write `corpus.txt` into `dir`: `n` paragraphs of 4–15 in-vocabulary words and a full
+/// stop, deterministic in `seed`.
+pub fn write_corpus(dir: &Path, n: usize, seed: u64) -> PathBuf {
+    use rand::Rng;
+    let words = tiny_words();
+    let content = &words[5..];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let docs: Vec<String> = (0..n)
+        .map(|_| {
+            let k = rng.random_range(4..16);
+            let mut s: Vec<&str> = (0..k)
+                .map(|_| content[rng.random_range(0..content.len())].as_str())
+                .collect();
+            s.push(".");
+            s.join(" ")
+        })
+        .collect();
+    let p = dir.join("corpus.txt");
+    std::fs::write(&p, docs.join("\n\n")).expect("writing the test corpus");
+    p
+}
