@@ -19,24 +19,14 @@
 //!
 //! | layer | modules | what |
 //! |---|---|---|
-//! | primitives | [`util`], [`kernels`] | errors, files, RNG, progress; dense and sparse f32 kernels |
-//! | things | [`models`], [`hub`], [`data`], [`store`], [`sae`] | hookable LMs, the hub, text → windows, Parquet activations, SAE variants |
-//! | processes | [`eval`], [`train`], [`capture`], [`jsae`], [`synthetic`] | metrics, the training engine, capture, Jacobian pairs, synthetic data |
-//! | wiring | [`config`], [`pipeline`] | the pipeline file; the stages of a run |
-//! | edges | [`tools`] (and the binary's `cli.rs`) | inspect, trace, bench |
+//! | 0 | [`util`] | errors, atomic files, RNG, progress |
+//! | 1 | [`kernels`] | dense and sparse f32 kernels, Cholesky |
+//! | 2 | [`models`], [`data`] | hookable LMs; text → token windows |
+//! | 3 | [`hub`], [`store`], [`sae`] | the hub; Parquet activations and `ActivationSource`; SAE variants |
+//! | 4 | [`eval`], [`train`] | metrics and Pareto; the training engine |
+//! | 5 | [`capture`], [`jsae`], [`synthetic`] | capture; Jacobian SAE pairs; synthetic dictionaries |
+//! | 6 | [`config`] | the pipeline file |
+//! | 7 | [`pipeline`] | the stages of a run, one file each |
+//! | 8 | [`tools`] (and the binary's `cli.rs`) | inspect, trace, bench |
 
-pub mod capture;
-pub mod config;
-pub mod data;
-pub mod eval;
-pub mod hub;
-pub mod jsae;
-pub mod kernels;
-pub mod models;
-pub mod pipeline;
-pub mod sae;
-pub mod store;
-pub mod synthetic;
-pub mod tools;
-pub mod train;
 pub mod util;
