@@ -29,4 +29,18 @@
 //! | 7 | [`pipeline`] | the stages of a run, one file each |
 //! | 8 | [`tools`] (and the binary's `cli.rs`) | inspect, trace, bench |
 
+pub mod capture;
+pub mod config;
+pub mod data;
+pub mod eval;
+pub mod hub;
+pub mod jsae;
+pub mod kernels;
+pub mod models;
+pub mod pipeline;
+pub mod sae;
+pub mod store;
+pub mod synthetic;
+pub mod tools;
+pub mod train;
 pub mod util;

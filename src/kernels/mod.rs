@@ -72,7 +72,7 @@ impl Codes {
     }
 }
 
-/// Per-task output buffers of [`collect_rows`]; kept in the [`Workspace`] so that their
+/// Per-task output buffers of [`encode_collect`]; kept in the [`Workspace`] so that their
 /// capacity is reused from step to step.
 #[derive(Debug, Default)]
 pub struct TaskBuf {

@@ -219,7 +219,7 @@ pub fn train_stage(
                     rows: n,
                     dataset: "synthetic".into(),
                 };
-                trained += train_group(pipeline, data, &group, reporter)
+                trained += train_group(pipeline, data, &group, force, reporter)
                     .with_context(|| format!("training SAEs on synthetic data ({hp})"))?;
             }
             continue;
@@ -258,7 +258,7 @@ pub fn train_stage(
                 rows: set.n_tokens(),
                 dataset: set.manifest.meta.dataset.clone(),
             };
-            trained += train_group(pipeline, data, &group, reporter)
+            trained += train_group(pipeline, data, &group, force, reporter)
                 .with_context(|| format!("training SAEs on {hp}"))?;
         }
     }
@@ -295,10 +295,12 @@ struct Running<'u, 'a> {
     steps: u64,
 }
 
+/// Train one lockstep group; `force` ignores the units' checkpoints (train from step 0).
 fn train_group(
     pipeline: &Pipeline,
     data: Data,
     group: &[&Unit],
+    force: bool,
     reporter: &dyn Reporter,
 ) -> Result<usize> {
     let src = data.src;
@@ -317,7 +319,8 @@ fn train_group(
     let mut running = Vec::with_capacity(group.len());
     for &u in group {
         let t0 = Instant::now();
-        let (trainer, seconds) = match resume_unit(u, d)? {
+        let resumed = if force { None } else { resume_unit(u, d)? };
+        let (trainer, seconds) = match resumed {
             Some((trainer, seconds)) => {
                 reporter.message(&format!(
                     "train: resuming {} at {} from step {} of {} ({})",

@@ -17,7 +17,7 @@
 //!
 //! Decision: plain `f32` buffers and hand-written backward passes instead of candle
 //! autograd (sae_variants.md §8 "Autograd"): generic autograd would materialise dense
-//! `B × d_sae` gradients, and the sparse kernels in [`common`] are what makes CPU training fast.
+//! `B × d_sae` gradients, and the sparse kernels in [`crate::kernels`] are what makes CPU training fast.
 //! Decision: the trait is written so that a signed, gated variant (SA-GSAE, §6) fits: codes
 //! carry signed values (`≠ 0` means active), parameters are a named list with per-latent
 //! vectors, and [`ExportParts`] lists per-latent tensors with how they fold.
