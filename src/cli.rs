@@ -70,8 +70,9 @@ pub struct PipelineArgs {
     /// Override any key of the pipeline file: --set train.batch_tokens=8192.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-    /// Use the hub cache only; never touch the network.
-    #[arg(long, env = "HF_HUB_OFFLINE")]
+    /// Use the hub cache only; never touch the network. `HF_HUB_OFFLINE=1` (or true/yes/on,
+    /// any case) does the same; it is read with the hub's own rules, not as this flag.
+    #[arg(long)]
     pub offline: bool,
     /// Overwrite outputs made with a different config.
     #[arg(long)]
@@ -137,8 +138,8 @@ pub struct TraceArgs {
     /// Output safetensors file.
     #[arg(long)]
     pub out: PathBuf,
-    /// Use the hub cache only.
-    #[arg(long, env = "HF_HUB_OFFLINE")]
+    /// Use the hub cache only (also `HF_HUB_OFFLINE=1`).
+    #[arg(long)]
     pub offline: bool,
 }
 

@@ -161,7 +161,7 @@ pub struct HubOptions {
 
 impl HubOptions {
     /// Options from the environment: `HF_ENDPOINT`, `HF_HUB_CACHE`/`HF_HOME`, `HF_TOKEN`,
-    /// `HF_HUB_OFFLINE`.
+    /// `HF_HUB_OFFLINE` (`1`/`true`/`yes`/`on` in any case, as the hub reads it).
     pub fn from_env() -> Self {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
         let cache_dir = default_cache_dir();
@@ -170,7 +170,7 @@ impl HubOptions {
             endpoint: env("HF_ENDPOINT").unwrap_or_else(|| "https://huggingface.co".to_string()),
             cache_dir,
             token,
-            offline: env("HF_HUB_OFFLINE").is_some_and(|v| v != "0" && v.to_lowercase() != "false"),
+            offline: crate::util::env::flag("HF_HUB_OFFLINE"),
         }
     }
 

@@ -1,7 +1,8 @@
-//! Primitives every other module may use and that use nothing of the crate: numeric
-//! guards ([`error`]), atomic file writes ([`fs`]), the seeded RNG ([`rng`]) and the
+//! Primitives every other module may use and that use nothing of the crate: boolean
+//! environment variables ([`env`]), numeric guards ([`error`]), atomic file writes ([`fs`]), the seeded RNG ([`rng`]) and the
 //! progress-reporting trait ([`progress`]).
 
+pub mod env;
 pub mod error;
 pub mod fs;
 pub mod progress;
