@@ -136,12 +136,18 @@ pub fn from_str(text: &str, path: &Path, overrides: &[String]) -> Result<Pipelin
     })
 }
 
-/// The canonical TOML of `config` and its sha256 (hex, `run.offline` left out).
+/// The canonical TOML of `config` and its sha256 (hex).
+///
+/// Decision: the hash is the identity of what is computed, not of where it is kept:
+/// `run.offline`, `run.data_dir` and `run.name` are left out, so `./data`, `data/`, an
+/// absolute path or a moved or renamed run folder still recognise their finished stages.
 pub(crate) fn canonical(config: &PipelineConfig) -> (String, String) {
     let resolved =
         toml::to_string(config).expect("invariant: a PipelineConfig always serializes to TOML");
     let mut for_hash = config.clone();
     for_hash.run.offline = false;
+    for_hash.run.data_dir = PathBuf::new();
+    for_hash.run.name = String::new();
     let hashed =
         toml::to_string(&for_hash).expect("invariant: a PipelineConfig always serializes to TOML");
     (resolved, sha256_hex(hashed.as_bytes()))

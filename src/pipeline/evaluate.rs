@@ -80,6 +80,16 @@ pub fn evaluate_stage(
         .copied()
         .filter(|u| force || read_metrics(&u.dir).is_none_or(|m| m.point_hash != u.point.hash))
         .collect();
+    if trained.is_empty() && crate::pipeline::jsae::metric_rows(pipeline).is_empty() {
+        anyhow::bail!(
+            "nothing to evaluate: none of the {} SAEs of {} is trained in {}; run `saepipe train {}` (or `saepipe run`) first. The results in {} are left as they are",
+            all.len(),
+            pipeline.path.display(),
+            pipeline.run_dir().join("saes").display(),
+            pipeline.path.display(),
+            pipeline.run_dir().join("results").display()
+        );
+    }
     if trained.len() < all.len() {
         reporter.message(&format!(
             "evaluate: {} of {} SAEs are not trained yet (run `saepipe train`); evaluating the rest",
