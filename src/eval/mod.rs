@@ -76,11 +76,20 @@ impl ReconStats {
             .map(|j| self.sum_sq[j] - self.sum_x[j] * self.sum_x[j] / n)
             .sum()
     }
-    /// Fraction of variance unexplained, `SSE/SST`.
+    /// Whether the evaluation set has no variance to explain: `SST ≤ VARIANCE_FLOOR · Σ‖x‖²`
+    /// (constant activations leave only f64 rounding noise in SST).
+    pub fn degenerate(&self) -> bool {
+        let total: f64 = self.sum_sq.iter().sum();
+        self.sst() <= VARIANCE_FLOOR * total
+    }
+    /// Fraction of variance unexplained, `SSE/SST`; NaN when [`ReconStats::degenerate`].
     pub fn fvu(&self) -> f64 {
+        if self.degenerate() {
+            return f64::NAN;
+        }
         self.sse / self.sst()
     }
-    /// `R² = 1 − FVU`.
+    /// `R² = 1 − FVU`; NaN when [`ReconStats::degenerate`].
     pub fn r2(&self) -> f64 {
         1.0 - self.fvu()
     }
@@ -89,6 +98,13 @@ impl ReconStats {
         self.sse / self.n.max(1) as f64
     }
 }
+
+/// Relative floor on the evaluation set's variance: below `VARIANCE_FLOOR · Σ‖x‖²` the total
+/// variance is rounding noise and R²/FVU are undefined (reported as null, with a warning).
+/// Decision: relative, so the floor means the same at every activation scale; 1e-9 is far
+/// above f64 rounding of the accumulators (~1e-16) and far below any real hookpoint's
+/// variance share.
+pub const VARIANCE_FLOOR: f64 = 1e-9;
 
 /// Sparsity statistics (L0, L1, dead and dense fractions).
 #[derive(Debug, Clone, PartialEq)]
@@ -324,5 +340,34 @@ mod census_tests {
         let e0 = 120.0 * 4.0;
         assert!((s.bipolar_var_share() - e0 / (e0 + 155.0 + 40.0)).abs() < 1e-12);
         assert_eq!(s.dead_frac(), 0.25);
+    }
+}
+
+#[cfg(test)]
+mod variance_floor_tests {
+    use super::ReconStats;
+
+    #[test]
+    fn constant_activations_have_no_r2() {
+        let d = 8;
+        // Every token the same vector: SST is rounding noise, R² would read > 1.
+        let x: Vec<f32> = (0..64)
+            .flat_map(|_| (0..d).map(|j| 3.7 + j as f32 * 0.1))
+            .collect();
+        let recon: Vec<f32> = x.iter().map(|v| v + 1e-4).collect();
+        let mut s = ReconStats::new(d);
+        s.update(&x, &recon);
+        assert!(s.degenerate());
+        assert!(s.r2().is_nan() && s.fvu().is_nan());
+        // A little real variance is enough to define it again.
+        let y: Vec<f32> = x
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + if i % 3 == 0 { 0.05 } else { 0.0 })
+            .collect();
+        let mut s = ReconStats::new(d);
+        s.update(&y, &y);
+        assert!(!s.degenerate());
+        assert_eq!(s.r2(), 1.0);
     }
 }

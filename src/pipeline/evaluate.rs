@@ -299,6 +299,14 @@ fn evaluate_unit(
     })?;
     anyhow::ensure!(seen > 0, "no held-out tokens to evaluate on");
     let m = metrics.finish();
+    if !m.r2.is_finite() {
+        tracing::warn!(
+            "{}: the {seen} held-out activations have no variance to explain (below {} of their mean square): R² and FVU are left null for {}",
+            u.hookpoint,
+            crate::eval::VARIANCE_FLOOR,
+            u.point.id
+        );
+    }
     let window = cfg.dead_window_tokens.unwrap_or(seen).min(seen);
     let dead = last_fire
         .iter()
@@ -347,8 +355,8 @@ fn evaluate_unit(
         optimizer: u.point.config.train.optimizer.kind().into(),
         train_tokens: done.train_tokens,
         eval_tokens: seen,
-        r2: m.r2,
-        fvu: m.fvu,
+        r2: m.r2.is_finite().then_some(m.r2),
+        fvu: m.fvu.is_finite().then_some(m.fvu),
         mse: m.mse,
         l0: m.l0,
         l1: m.l1,
@@ -415,9 +423,10 @@ pub fn summary_table(rows: &[MetricsRow]) -> String {
             let best = rows
                 .iter()
                 .filter(|r| r.hookpoint == hp && r.series() == arch && r.l0 >= lo && r.l0 < hi)
-                .max_by(|a, b| a.r2.total_cmp(&b.r2));
+                .filter_map(|r| r.r2.map(|v| (v, r)))
+                .max_by(|a, b| a.0.total_cmp(&b.0));
             let cell = match best {
-                Some(r) => format!("{:.3} / {:.2}", r.r2, r.dead_frac),
+                Some((r2, r)) => format!("{r2:.3} / {:.2}", r.dead_frac),
                 None => "-".into(),
             };
             out.push_str(&format!(" {cell:>18}"));

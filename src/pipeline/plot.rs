@@ -37,7 +37,7 @@ pub fn plot_pareto(path: &Path, rows: &[MetricsRow], title: &str) -> Result<(), 
     let p = path.display().to_string();
     let pts: Vec<&MetricsRow> = rows
         .iter()
-        .filter(|r| r.l0 > 0.0 && r.l0.is_finite() && r.r2.is_finite())
+        .filter(|r| r.l0 > 0.0 && r.l0.is_finite() && r.r2.is_some_and(f64::is_finite))
         .collect();
     if pts.is_empty() {
         return Err(PlotError::Empty { path: p });
@@ -48,8 +48,9 @@ pub fn plot_pareto(path: &Path, rows: &[MetricsRow], title: &str) -> Result<(), 
     for r in &pts {
         x0 = x0.min(r.l0);
         x1 = x1.max(r.l0);
-        y0 = y0.min(r.r2);
-        y1 = y1.max(r.r2);
+        let r2 = r.r2.unwrap_or(f64::NAN);
+        y0 = y0.min(r2);
+        y1 = y1.max(r2);
     }
     let (x0, x1) = (x0 / 1.3, x1 * 1.3);
     let pad = ((y1 - y0) * 0.08).max(0.01);
@@ -113,7 +114,7 @@ pub fn plot_pareto(path: &Path, rows: &[MetricsRow], title: &str) -> Result<(), 
                 let mine: Vec<(f64, f64)> = pts
                     .iter()
                     .filter(|r| &r.hookpoint == hp && &r.series() == s)
-                    .map(|r| (r.l0, r.r2))
+                    .map(|r| (r.l0, r.r2.unwrap_or(f64::NAN)))
                     .collect();
                 if mine.is_empty() {
                     continue;

@@ -48,10 +48,11 @@ pub struct MetricsRow {
     pub train_tokens: u64,
     /// Held-out tokens evaluated.
     pub eval_tokens: u64,
-    /// Pooled R² = 1 − SSE/SST (unitless).
-    pub r2: f64,
-    /// Fraction of variance unexplained = SSE/SST.
-    pub fvu: f64,
+    /// Pooled R² = 1 − SSE/SST (unitless); null when the evaluation set has no variance
+    /// ([`crate::eval::VARIANCE_FLOOR`]).
+    pub r2: Option<f64>,
+    /// Fraction of variance unexplained = SSE/SST; null with `r2`.
+    pub fvu: Option<f64>,
     /// SSE / tokens (squared activation units per token).
     pub mse: f64,
     /// Mean active latents per token.
@@ -167,8 +168,8 @@ fn schema() -> Schema {
         f("optimizer", Utf8, false),
         f("train_tokens", UInt64, false),
         f("eval_tokens", UInt64, false),
-        f("r2", Float64, false),
-        f("fvu", Float64, false),
+        f("r2", Float64, true),
+        f("fvu", Float64, true),
         f("mse", Float64, false),
         f("l0", Float64, false),
         f("l1", Float64, false),
@@ -228,8 +229,8 @@ pub fn to_batch(rows: &[MetricsRow], is_pareto: &[bool]) -> Result<RecordBatch, 
         s(rows, |r| &r.optimizer),
         u(rows, |r| r.train_tokens),
         u(rows, |r| r.eval_tokens),
-        x(rows, |r| r.r2),
-        x(rows, |r| r.fvu),
+        o(rows, |r| r.r2),
+        o(rows, |r| r.fvu),
         x(rows, |r| r.mse),
         x(rows, |r| r.l0),
         x(rows, |r| r.l1),
@@ -283,7 +284,12 @@ pub fn pareto_mask(rows: &[MetricsRow]) -> Vec<bool> {
                 ) == g
             })
             .collect();
-        let pts: Vec<(f64, f64)> = idx.iter().map(|&i| (rows[i].l0, rows[i].r2)).collect();
+        // Rows without an R² (no variance to explain) are on no frontier.
+        let idx: Vec<usize> = idx.into_iter().filter(|&i| rows[i].r2.is_some()).collect();
+        let pts: Vec<(f64, f64)> = idx
+            .iter()
+            .map(|&i| (rows[i].l0, rows[i].r2.unwrap_or(f64::NAN)))
+            .collect();
         for j in pareto::frontier((pareto::L0, pareto::R2), &pts) {
             mask[idx[j]] = true;
         }
@@ -361,8 +367,8 @@ pub(crate) fn example_row(arch: &str, l0: f64, r2: f64) -> MetricsRow {
         optimizer: "adam".into(),
         train_tokens: 1000,
         eval_tokens: 100,
-        r2,
-        fvu: 1.0 - r2,
+        r2: Some(r2),
+        fvu: Some(1.0 - r2),
         mse: 0.1,
         l0,
         l1: l0,
@@ -422,6 +428,28 @@ mod tests {
         // topk: (8, .5) and (32, .8) on the frontier; (16, .4) dominated; gated alone.
         assert_eq!(front[0].num_rows(), 3);
         assert_eq!(pareto_mask(&rows), vec![true, false, true, true]);
+    }
+
+    #[test]
+    fn an_undefined_r2_is_null_and_on_no_frontier() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut flat = example_row("topk", 4.0, 0.0);
+        flat.r2 = None;
+        flat.fvu = None;
+        let rows = vec![flat, example_row("topk", 16.0, 0.4)];
+        assert_eq!(pareto_mask(&rows), vec![false, true]);
+        write_results(dir.path(), &rows).unwrap();
+        let f = File::open(dir.path().join("metrics.parquet")).unwrap();
+        let b = ParquetRecordBatchReaderBuilder::try_new(f)
+            .unwrap()
+            .build()
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        let r2 = b.column_by_name("r2").unwrap();
+        assert!(r2.is_null(0) && !r2.is_null(1));
+        assert!(b.column_by_name("fvu").unwrap().is_null(0));
     }
 
     #[test]
