@@ -150,6 +150,7 @@ pub fn run() -> Result<ExitCode> {
     match cli.command {
         Command::Run(args) => {
             let pipeline = args.load()?;
+            let _lock = saepipe::util::lock::RunLock::acquire(&pipeline.run_dir())?;
             let opts = args.hub_options(&pipeline);
             let reporter = saepipe::util::progress::reporter(cli.global.progress);
             let name = args.pipeline.display();
@@ -172,6 +173,7 @@ pub fn run() -> Result<ExitCode> {
         }
         Command::Download(args) => {
             let pipeline = args.load()?;
+            let _lock = saepipe::util::lock::RunLock::acquire(&pipeline.run_dir())?;
             if pipeline.config.synthetic.is_some() {
                 eprintln!(
                     "{}: [synthetic] pipeline, nothing to download",
@@ -198,6 +200,7 @@ pub fn run() -> Result<ExitCode> {
         }
         Command::Capture(args) => {
             let pipeline = args.load()?;
+            let _lock = saepipe::util::lock::RunLock::acquire(&pipeline.run_dir())?;
             let opts = args.hub_options(&pipeline);
             let reporter = saepipe::util::progress::reporter(cli.global.progress);
             let sums = saepipe::pipeline::capture::run_stage(
@@ -222,6 +225,7 @@ pub fn run() -> Result<ExitCode> {
         }
         Command::Train(args) => {
             let pipeline = args.pipeline.load()?;
+            let _lock = saepipe::util::lock::RunLock::acquire(&pipeline.run_dir())?;
             let reporter = saepipe::util::progress::reporter(cli.global.progress);
             let n = saepipe::pipeline::train::train_stage(
                 &pipeline,
@@ -248,6 +252,7 @@ pub fn run() -> Result<ExitCode> {
         }
         Command::Evaluate(args) => {
             let pipeline = args.load()?;
+            let _lock = saepipe::util::lock::RunLock::acquire(&pipeline.run_dir())?;
             let opts = args.hub_options(&pipeline);
             let reporter = saepipe::util::progress::reporter(cli.global.progress);
             let table = saepipe::pipeline::evaluate::evaluate_stage(

@@ -1,9 +1,10 @@
 //! Primitives every other module may use and that use nothing of the crate: boolean
-//! environment variables ([`env`]), numeric guards ([`error`]), atomic file writes ([`fs`]), the seeded RNG ([`rng`]) and the
+//! environment variables ([`env`]), numeric guards ([`error`]), the run-folder lock ([`lock`]), atomic file writes ([`fs`]), the seeded RNG ([`rng`]) and the
 //! progress-reporting trait ([`progress`]).
 
 pub mod env;
 pub mod error;
 pub mod fs;
+pub mod lock;
 pub mod progress;
 pub mod rng;
