@@ -233,10 +233,10 @@ impl Trainer {
                 return Err(TrainError::EmptyData("empty"));
             }
             if !sample.len().is_multiple_of(d) {
-                return Err(TrainError::Width {
-                    expected: d,
-                    found: sample.len(),
-                });
+                return Err(TrainError::Config(format!(
+                    "the init sample of SAE {s} has {} values, not whole rows of d_in = {d}; pass [n, {d}] rows of that SAE's hookpoint",
+                    sample.len()
+                )));
             }
             ensure_finite(sample, "activations (init sample)", None).map_err(|source| {
                 TrainError::NonFinite {
