@@ -242,6 +242,31 @@ pub fn check(mut raw: Table, probs: &mut Problems) -> Option<PipelineConfig> {
         if j.k == 0 {
             probs.add("jsae.k", "must be at least 1");
         }
+        if let Some(f) = j.d_sae.filter(|&f| j.k > f) {
+            probs.add(
+                "jsae.k",
+                format!(
+                    "{} is more than jsae.d_sae = {f} latents; lower it to at most {f}",
+                    j.k
+                ),
+            );
+        }
+        if j.d_sae == Some(0) || (j.d_sae.is_none() && j.expansion_factor == 0) {
+            probs.add(
+                if j.d_sae.is_some() {
+                    "jsae.d_sae"
+                } else {
+                    "jsae.expansion_factor"
+                },
+                "must be > 0",
+            );
+        }
+        if let Some(l) = j.lambda.filter(|l| !(l.is_finite() && *l >= 0.0)) {
+            probs.add("jsae.lambda", format!("{l} must be a finite number >= 0"));
+        }
+        if !(j.lr.is_finite() && j.lr > 0.0) {
+            probs.add("jsae.lr", format!("{} must be a finite number > 0", j.lr));
+        }
     }
     // Cross-section rules.
     if let Some(e) = config.eval.eval_tokens {
@@ -534,6 +559,11 @@ fn check_sae(s: &SaeConfig, probs: &mut Problems) {
         (Some(0), _) => probs.add("sae.expansion_factor", "must be > 0"),
         (_, Some(0)) => probs.add("sae.d_sae", "must be > 0"),
         _ => {}
+    }
+    // The variant's own hyperparameter checks (what building the SAE would refuse after
+    // capture); against d_sae only when it is explicit (d_in is not known yet).
+    for (field, msg) in s.arch.problems(s.d_sae.filter(|&f| f > 0)) {
+        probs.add(format!("sae.arch.{field}"), msg);
     }
 }
 

@@ -89,6 +89,18 @@ impl ArchSpec for Config {
     fn recommended_adam(&self, d_sae: usize) -> (f32, f32, f32) {
         super::topk::recommended_adam(d_sae)
     }
+    fn problems(&self, d_sae: Option<usize>) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        crate::sae::registry::check_k(&mut out, "k", self.k, d_sae);
+        crate::sae::registry::check_nonneg(&mut out, "aux_coefficient", self.aux_coefficient);
+        if let Some(c) = self.candidates_per_token.filter(|&c| c < self.k) {
+            out.push((
+                "candidates_per_token",
+                format!("{c} is less than k = {}; it must be >= k (or left unset: 4k)", self.k),
+            ));
+        }
+        out
+    }
 }
 
 /// The BatchTopK SAE.

@@ -113,6 +113,12 @@ impl ArchSpec for Config {
     fn recommended_adam(&self, _d_sae: usize) -> (f32, f32, f32) {
         (3e-4, 0.0, 0.999)
     }
+    fn problems(&self, _d_sae: Option<usize>) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        crate::sae::registry::check_nonneg(&mut out, "l1_coefficient", self.l1_coefficient);
+        crate::sae::registry::check_nonneg(&mut out, "init_l0", self.init_l0);
+        out
+    }
 }
 
 /// SAELens `gated` encode: `u = x W_enc`; where `u + b_gate > 0`, `ReLU(exp(r_mag)·u + b_mag)`.

@@ -91,6 +91,13 @@ impl ArchSpec for Config {
     fn recommended_adam(&self, _d_sae: usize) -> (f32, f32, f32) {
         (7e-5, 0.0, 0.999)
     }
+    fn problems(&self, _d_sae: Option<usize>) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        crate::sae::registry::check_nonneg(&mut out, "l0_coefficient", self.l0_coefficient);
+        crate::sae::registry::check_positive(&mut out, "bandwidth", self.bandwidth);
+        crate::sae::registry::check_positive(&mut out, "init_threshold", self.init_threshold);
+        out
+    }
 }
 
 /// SAELens `jumprelu` encode (also BatchTopK's export): `m·1[m > threshold]`, `m > 0`,

@@ -147,6 +147,25 @@ impl ArchSpec for PcaConfig {
     fn recommended_adam(&self, _d_sae: usize) -> (f32, f32, f32) {
         ADAM
     }
+    fn problems(&self, d_sae: Option<usize>) -> Vec<(&'static str, String)> {
+        if self.rank == 0 {
+            return vec![(
+                "rank",
+                "0: must be at least 1 (rank 0 is kind = \"kmeans\")".into(),
+            )];
+        }
+        match d_sae.filter(|&f| f < 1 + self.rank) {
+            Some(f) => vec![(
+                "rank",
+                format!(
+                    "{}: sae.d_sae = {f} is less than 1 + rank = {}, no room for a single cluster; lower the rank or raise d_sae",
+                    self.rank,
+                    1 + self.rank
+                ),
+            )],
+            None => Vec::new(),
+        }
+    }
 }
 
 /// `cfg.json` of the `kmeans` format: cluster c owns latents c(1+rank) .. c(1+rank)+rank.

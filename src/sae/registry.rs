@@ -117,6 +117,48 @@ pub trait ArchSpec: SpecBase {
     fn supports_pam_sgd(&self) -> bool {
         false
     }
+    /// Every problem of the hyperparameters on their own, and against `d_sae` when the
+    /// pipeline sets it explicitly, as `(field, message)`: checked when the pipeline file is
+    /// loaded, before any stage runs (what [`ArchSpec::build`] would refuse after capture).
+    fn problems(&self, d_sae: Option<usize>) -> Vec<(&'static str, String)> {
+        let _ = d_sae;
+        Vec::new()
+    }
+}
+
+/// A problem for [`ArchSpec::problems`] when `v` is not a finite number `>= 0`.
+pub fn check_nonneg(out: &mut Vec<(&'static str, String)>, field: &'static str, v: f32) {
+    if !(v.is_finite() && v >= 0.0) {
+        out.push((field, format!("{v} must be a finite number >= 0")));
+    }
+}
+
+/// A problem for [`ArchSpec::problems`] when `v` is not a finite number `> 0`.
+pub fn check_positive(out: &mut Vec<(&'static str, String)>, field: &'static str, v: f32) {
+    if !(v.is_finite() && v > 0.0) {
+        out.push((field, format!("{v} must be a finite number > 0")));
+    }
+}
+
+/// A problem for [`ArchSpec::problems`] when `k` (active latents per token) is 0 or more
+/// than an explicit `d_sae`.
+pub fn check_k(
+    out: &mut Vec<(&'static str, String)>,
+    field: &'static str,
+    k: usize,
+    d_sae: Option<usize>,
+) {
+    if k == 0 {
+        out.push((
+            field,
+            "0: must be at least 1 (active latents per token)".into(),
+        ));
+    } else if let Some(f) = d_sae.filter(|&f| k > f) {
+        out.push((
+            field,
+            format!("{k} is more than sae.d_sae = {f} latents; lower it to at most {f}"),
+        ));
+    }
 }
 
 /// `k / factor`, rounded, at least 1: the sparsity knob of the TopK-style variants.
@@ -193,6 +235,12 @@ impl ArchConfig {
     /// results tables report (`k` for the TopK family, the penalty coefficient otherwise).
     pub fn sparsity_param(&self) -> (&'static str, f64) {
         self.0.sparsity_param()
+    }
+
+    /// Every problem of the hyperparameters, as `(field of the arch table, message)`;
+    /// `d_sae` when the pipeline sets it explicitly ([`ArchSpec::problems`]).
+    pub fn problems(&self, d_sae: Option<usize>) -> Vec<(&'static str, String)> {
+        self.0.problems(d_sae)
     }
 
     /// Recommended Adam `(lr, beta1, beta2)` for this variant (§9), used when the training

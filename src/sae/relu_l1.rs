@@ -90,6 +90,12 @@ impl ArchSpec for Config {
     fn recommended_adam(&self, _d_sae: usize) -> (f32, f32, f32) {
         (5e-5, 0.9, 0.999)
     }
+    fn problems(&self, _d_sae: Option<usize>) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        crate::sae::registry::check_nonneg(&mut out, "l1_coefficient", self.l1_coefficient);
+        crate::sae::registry::check_positive(&mut out, "decoder_init_norm", self.decoder_init_norm);
+        out
+    }
     fn supports_pam_sgd(&self) -> bool {
         true
     }

@@ -90,6 +90,12 @@ impl ArchSpec for Config {
     fn recommended_adam(&self, d_sae: usize) -> (f32, f32, f32) {
         recommended_adam(d_sae)
     }
+    fn problems(&self, d_sae: Option<usize>) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        crate::sae::registry::check_k(&mut out, "k", self.k, d_sae);
+        crate::sae::registry::check_nonneg(&mut out, "aux_coefficient", self.aux_coefficient);
+        out
+    }
     fn supports_pam_sgd(&self) -> bool {
         true
     }

@@ -211,6 +211,17 @@ impl ArchSpec for Config {
     fn recommended_adam(&self, _d_sae: usize) -> (f32, f32, f32) {
         (3e-4, 0.0, 0.999)
     }
+    fn problems(&self, _d_sae: Option<usize>) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        crate::sae::registry::check_nonneg(&mut out, "l1_coefficient", self.l1_coefficient);
+        crate::sae::registry::check_positive(&mut out, "bandwidth", self.bandwidth);
+        crate::sae::registry::check_positive(&mut out, "init_threshold", self.init_threshold);
+        crate::sae::registry::check_nonneg(&mut out, "init_l0", self.init_l0);
+        if let Some(q) = self.init_threshold_quantile.filter(|q| !(*q > 0.0 && *q < 1.0)) {
+            out.push(("init_threshold_quantile", format!("{q} must be in (0, 1)")));
+        }
+        out
+    }
 }
 
 /// Parameter indices; `[positive, negative]` pairs point at the same parameter when tied.
