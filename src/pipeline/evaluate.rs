@@ -59,6 +59,19 @@ const EVAL_BATCH: usize = 4096;
 struct MetricsFile {
     point_hash: String,
     row: MetricsRow,
+    /// sha256 of the weights evaluated (train_done.json's; absent in older files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    weights_sha256: Option<String>,
+}
+
+impl MetricsFile {
+    /// Whether this is the evaluation of `u` as it is trained now (`done` its marker).
+    fn is_of(&self, u: &Unit, done: Option<&super::train::TrainDone>) -> bool {
+        self.point_hash == u.point.hash
+            && self.row.point_id == u.point.id
+            && self.row.hookpoint == u.hookpoint.to_string()
+            && done.and_then(|d| d.weights_sha256.as_ref()) == self.weights_sha256.as_ref()
+    }
 }
 
 /// Evaluate every trained unit that has no up-to-date `metrics.json` (all with `force`),
@@ -71,6 +84,27 @@ pub fn evaluate_stage(
     reporter: &dyn Reporter,
 ) -> Result<String> {
     let all = units(pipeline, None)?;
+    // Refuse, before anything is evaluated or written, a folder that holds another unit's SAE.
+    let mut foreign = Vec::new();
+    for u in &all {
+        if let Some(m) = super::unit_check::check_unit_folder(u)? {
+            foreign.push(format!("  - {}: {m}", u.dir.display()));
+        }
+    }
+    if !foreign.is_empty() {
+        anyhow::bail!(
+            "{} SAE folder{} of {} do{} not hold the SAE of {} unit:\n{}\nNothing was evaluated and the results in {} are left as they are. Run `saepipe train {}` (with the same --set options) to train {} again: train replaces a folder that does not match its unit",
+            foreign.len(),
+            if foreign.len() == 1 { "" } else { "s" },
+            pipeline.path.display(),
+            if foreign.len() == 1 { "es" } else { "" },
+            if foreign.len() == 1 { "its" } else { "their" },
+            foreign.join("\n"),
+            pipeline.run_dir().join("results").display(),
+            pipeline.path.display(),
+            if foreign.len() == 1 { "it" } else { "them" },
+        );
+    }
     let trained: Vec<&Unit> = all
         .iter()
         .filter(|u| read_done(&u.dir).is_some_and(|d| d.point_hash == u.point.hash))
@@ -78,7 +112,9 @@ pub fn evaluate_stage(
     let pending: Vec<&Unit> = trained
         .iter()
         .copied()
-        .filter(|u| force || read_metrics(&u.dir).is_none_or(|m| m.point_hash != u.point.hash))
+        .filter(|u| {
+            force || read_metrics(&u.dir).is_none_or(|m| !m.is_of(u, read_done(&u.dir).as_ref()))
+        })
         .collect();
     if trained.is_empty() && crate::pipeline::jsae::metric_rows(pipeline).is_empty() {
         anyhow::bail!(
@@ -160,7 +196,11 @@ pub fn evaluate_stage(
     }
     let mut rows: Vec<MetricsRow> = trained
         .iter()
-        .filter_map(|u| read_metrics(&u.dir).map(|m| m.row))
+        .filter_map(|u| {
+            read_metrics(&u.dir)
+                .filter(|m| m.is_of(u, read_done(&u.dir).as_ref()))
+                .map(|m| m.row)
+        })
         .collect();
     // JSAE pairs (`[jsae]`) keep their own records; their rows join the same tables.
     rows.extend(crate::pipeline::jsae::metric_rows(pipeline));
@@ -182,6 +222,7 @@ fn write_metrics(u: &Unit, row: MetricsRow) -> Result<()> {
     let text = serde_json::to_string_pretty(&MetricsFile {
         point_hash: u.point.hash.clone(),
         row,
+        weights_sha256: read_done(&u.dir).and_then(|d| d.weights_sha256),
     })?;
     crate::util::fs::atomic_write(&u.dir.join(METRICS_FILE), text.as_bytes())
         .with_context(|| format!("writing {}", u.dir.join(METRICS_FILE).display()))

@@ -15,3 +15,4 @@ pub mod jsae;
 pub mod plot;
 pub mod results;
 pub mod train;
+pub mod unit_check;

@@ -83,6 +83,12 @@ pub struct TrainDone {
     pub train_tokens: u64,
     /// Seconds spent in this SAE's training steps plus its share of data reading.
     pub train_seconds: f64,
+    /// sha256 of the `cfg.json` training wrote (absent in markers of older versions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cfg_sha256: Option<String>,
+    /// sha256 of the `sae_weights.safetensors` training wrote (absent in older markers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weights_sha256: Option<String>,
 }
 
 /// The units of `pipeline`, all or the one grid point `only`.
@@ -111,9 +117,12 @@ pub fn read_done(dir: &Path) -> Option<TrainDone> {
     serde_json::from_str(&text).ok()
 }
 
-/// Whether the unit is trained with its current config.
+/// Whether the unit is trained with its current config: its marker records this unit and
+/// its point hash, and the folder's files are the ones training wrote for it
+/// ([`super::unit_check`]).
 pub fn is_trained(u: &Unit) -> bool {
     read_done(&u.dir).is_some_and(|d| d.point_hash == u.point.hash)
+        && matches!(super::unit_check::check_unit_folder(u), Ok(None))
 }
 
 /// Rows held in a borrowed slice: how one shared batch is handed to each trainer.
@@ -187,7 +196,21 @@ pub fn train_stage(
     reporter: &dyn Reporter,
 ) -> Result<usize> {
     let all = units(pipeline, only)?;
-    let pending: Vec<&Unit> = all.iter().filter(|u| force || !is_trained(u)).collect();
+    let mut pending: Vec<&Unit> = Vec::new();
+    for u in &all {
+        // A folder holding another unit's SAE is trained again (and replaced), never kept.
+        let foreign = super::unit_check::check_unit_folder(u)?;
+        if let Some(m) = &foreign {
+            reporter.message(&format!(
+                "train: {} does not hold the SAE of its unit: {m}; training it again",
+                u.dir.display()
+            ));
+        }
+        let done = read_done(&u.dir).is_some_and(|d| d.point_hash == u.point.hash);
+        if force || foreign.is_some() || !done {
+            pending.push(u);
+        }
+    }
     if pending.is_empty() {
         reporter.message(&format!("train: all {} SAEs already trained", all.len()));
         return Ok(0);
@@ -489,6 +512,15 @@ fn finish(pipeline: &Pipeline, dataset: &str, r: &Running) -> Result<()> {
         .write_parquet(&u.dir.join(LOG_FILE))
         .with_context(|| format!("writing {}", u.dir.join(LOG_FILE).display()))?;
     let (d_in, d_sae) = r.trainer.sae().dims();
+    // The evaluation of whatever the folder held before is not one of these weights.
+    let old_metrics = u.dir.join(super::evaluate::METRICS_FILE);
+    match std::fs::remove_file(&old_metrics) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", old_metrics.display()))
+        }
+        _ => {}
+    }
+    let sha = |name: &str| super::unit_check::file_sha256(&u.dir.join(name)).map(Some);
     let done = TrainDone {
         point_id: u.point.id.clone(),
         hookpoint: u.hookpoint.to_string(),
@@ -497,6 +529,8 @@ fn finish(pipeline: &Pipeline, dataset: &str, r: &Running) -> Result<()> {
         d_sae,
         train_tokens: r.steps * u.point.config.train.batch_tokens as u64,
         train_seconds: r.seconds,
+        cfg_sha256: sha(crate::sae::export::CFG_FILE)?,
+        weights_sha256: sha(crate::sae::export::WEIGHTS_FILE)?,
     };
     let text = serde_json::to_string_pretty(&done)?;
     crate::util::fs::atomic_write(&u.dir.join(TRAIN_DONE), text.as_bytes())
