@@ -125,7 +125,10 @@ fn missing_text_field_or_column_names_the_alternatives() {
         .args(base_args(&model, &j.display().to_string(), &out, &[]))
         .output()
         .unwrap();
-    fails_with(&o, &["c.jsonl:1", "no field 'text'", "body", "text_field"]);
+    fails_with(
+        &o,
+        &["c.jsonl:1", "no field 'text'", "body", "data.text_column"],
+    );
     no_manifest(&out);
 
     use arrow::array::StringArray;

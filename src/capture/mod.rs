@@ -314,20 +314,40 @@ fn prepare_set(
     };
     if let Some(m) = manifest {
         if m.meta.config_hash == state.meta.config_hash {
-            state.done = true;
-            state.bytes = m.shards.iter().map(|s| s.bytes).sum();
-            return Ok(state);
-        }
-        if !force {
+            // Finished, unless a shard it lists is missing or damaged (`--force` also decodes
+            // every shard): those are captured again, the others kept (the resume path below).
+            let damaged = crate::store::verify::damaged_shards(&dir, &m, force);
+            if damaged.is_empty() {
+                state.done = true;
+                state.bytes = m.shards.iter().map(|s| s.bytes).sum();
+                return Ok(state);
+            }
+            for (path, why) in &damaged {
+                tracing::warn!(
+                    "{}: {why}; the manifest lists it, so it is captured again",
+                    path.display()
+                );
+                match std::fs::remove_file(path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(CaptureError::io(path, e))
+                    }
+                    _ => {}
+                }
+            }
+            // The set is unfinished until the new manifest is written.
+            let mpath = dir.join(MANIFEST);
+            std::fs::remove_file(&mpath).map_err(|e| CaptureError::io(&mpath, e))?;
+        } else if !force {
             return Err(StoreError::ConfigChanged {
                 path: dir.join(MANIFEST),
                 found: m.meta.config_hash,
                 expected: state.meta.config_hash.clone(),
             }
             .into());
+        } else {
+            clear_set(&dir)?;
+            return Ok(state);
         }
-        clear_set(&dir)?;
-        return Ok(state);
     }
     for (i, path) in list_parts(&dir)? {
         match reader::read_shard_meta(&path) {

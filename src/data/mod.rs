@@ -40,7 +40,7 @@ pub enum DataError {
         msg: String,
     },
     /// A file's extension names no format we read.
-    #[error("{path}: unknown text format; use a .txt, .jsonl (or .json lines) or .parquet file, or set data.format")]
+    #[error("{path}: unknown text format; text is read from .txt, .jsonl (or .json lines) and .parquet files: list only those in data.files (e.g. \"<dir>/*.jsonl\" instead of \"<dir>/*\")")]
     UnknownFormat {
         /// The file.
         path: PathBuf,

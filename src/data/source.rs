@@ -270,12 +270,12 @@ impl DocStream {
                         Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
                         Some(serde_json::Value::Null) => continue,
                         Some(other) => Err(err(format!(
-                            "field '{}' is not a string (found {}); set data.text_field",
+                            "field '{}' is not a string (found {}); set data.text_column",
                             self.field,
                             json_kind(other)
                         ))),
                         None => Err(err(format!(
-                            "no field '{}' (fields: {}); set data.text_field to one of them",
+                            "no field '{}' (fields: {}); set data.text_column to one of them",
                             self.field,
                             v.as_object()
                                 .map(|o| o.keys().cloned().collect::<Vec<_>>().join(", "))

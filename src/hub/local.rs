@@ -108,7 +108,7 @@ pub(super) fn resolve_local_data(data: &DataConfig) -> Result<ResolvedDataset, H
                 if !["txt", "jsonl", "parquet"].contains(&ext) {
                     return Err(HubError::LocalData {
                         message: format!(
-                            "{}: text is read from .txt, .jsonl or .parquet files",
+                            "{}: text is read from .txt, .jsonl or .parquet files; list only those in data.files (e.g. \"<dir>/*.jsonl\" instead of \"{pat}\")",
                             p.display()
                         ),
                     });

@@ -61,7 +61,8 @@ pub(crate) fn ce_context(
         .context("reading the held-out windows for CE")?;
     if windows.is_empty() {
         anyhow::bail!(
-            "no held-out windows for the CE-loss metrics: raise data.eval_fraction or set eval.ce_sequences = 0"
+            "no held-out windows for the CE-loss metrics: raise data.eval_fraction and run `saepipe run {} --force`, or set eval.ce_sequences = 0 (no CE columns)",
+            pipeline.path.display()
         );
     }
     let special = special_token_ids(&tokenizer, special_ids, &info.eos_token_ids);

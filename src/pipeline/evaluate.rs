@@ -133,6 +133,17 @@ pub fn evaluate_stage(
             all.len()
         ));
     }
+    if !pending.is_empty()
+        && pipeline.config.synthetic.is_none()
+        && pipeline.config.data.eval_tokens == 0
+    {
+        anyhow::bail!(
+            "evaluation reads the held-out split, but data.eval_tokens is 0 in {}, so none was captured: set data.eval_tokens > 0 (e.g. --set data.eval_tokens=1024, with data.eval_fraction > 0) and run `saepipe run {} --force` (the capture, and so every SAE, depends on it). The results in {} are left as they are",
+            pipeline.path.display(),
+            pipeline.path.display(),
+            pipeline.run_dir().join("results").display()
+        );
+    }
     if !pending.is_empty() {
         let ce = if pipeline.config.eval.ce_sequences > 0 && pipeline.config.synthetic.is_none() {
             Some(ce_context(pipeline, opts, reporter)?)
@@ -172,10 +183,18 @@ pub fn evaluate_stage(
                 },
             )
             .with_context(|| {
-                format!(
-                    "opening the held-out {hp} activations in {}; set data.eval_tokens > 0 and run `saepipe capture`",
-                    dir.display()
-                )
+                let fix = if pipeline.config.data.eval_tokens == 0 {
+                    format!(
+                        "data.eval_tokens is 0, so no held-out split was captured: set it > 0 (e.g. --set data.eval_tokens=1024) and run `saepipe run {} --force` (the capture, and so every SAE, depends on it)",
+                        pipeline.path.display()
+                    )
+                } else {
+                    format!(
+                        "run `saepipe capture {}` (it resumes, and captures a missing or damaged shard again)",
+                        pipeline.path.display()
+                    )
+                };
+                format!("opening the held-out {hp} activations in {}; {fix}", dir.display())
             })?;
             let zero = match &ce {
                 Some(c) => Some(

@@ -535,7 +535,13 @@ pub fn jsae_stage(
     prog.finish();
     // 5. Held-out metrics, CE with both SAEs spliced in, export, marker.
     let eval_sets = open_pair(p, layer, Split::Eval)
-        .context("the JSAE stage evaluates on the held-out split; set data.eval_tokens > 0")?;
+        .with_context(|| {
+            if c.data.eval_tokens == 0 {
+                "the JSAE stage evaluates on the held-out split, but data.eval_tokens is 0: set it > 0 (e.g. --set data.eval_tokens=1024) and run `saepipe run <pipeline.toml> --force` (the capture depends on it)".to_string()
+            } else {
+                "the JSAE stage evaluates on the held-out split".to_string()
+            }
+        })?;
     let limit = c
         .eval
         .eval_tokens

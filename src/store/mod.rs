@@ -9,6 +9,7 @@ pub mod manifest;
 pub mod reader;
 pub mod schema;
 pub mod source;
+pub mod verify;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
@@ -41,7 +42,7 @@ pub enum StoreError {
         msg: String,
     },
     /// A manifest that cannot be read.
-    #[error("{path}: unreadable manifest ({msg}); delete it and re-run capture with --force")]
+    #[error("{path}: unreadable manifest ({msg}); run `saepipe capture <pipeline.toml> --force`: it rebuilds this set, keeping the shards that are intact")]
     BadManifest {
         /// The manifest file.
         path: PathBuf,
@@ -73,7 +74,7 @@ pub enum StoreError {
         found: String,
     },
     /// A file that is not an activation shard, or is damaged.
-    #[error("{path}: not a readable activation shard ({msg}); it may be truncated or corrupt: delete it and re-run capture")]
+    #[error("{path}: not a readable activation shard ({msg}); it may be truncated or corrupt: run `saepipe capture <pipeline.toml> --force`, which checks every shard of the set (decoding each) and captures a damaged one again")]
     Corrupt {
         /// The file.
         path: PathBuf,

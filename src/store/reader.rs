@@ -137,7 +137,17 @@ impl ActivationSet {
         expect.check(&dir.join(MANIFEST), &manifest.meta)?;
         let mut total = 0;
         for (info, path) in manifest.shards.iter().zip(manifest.shard_paths(dir)) {
-            let (meta, rows) = read_shard_meta(&path)?;
+            let (meta, rows) = read_shard_meta(&path).map_err(|e| match e {
+                StoreError::Io { path, source }
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    StoreError::Corrupt {
+                        path,
+                        msg: "the manifest lists it, but it is missing".into(),
+                    }
+                }
+                e => e,
+            })?;
             if meta.config_hash != manifest.meta.config_hash {
                 return Err(StoreError::SchemaMismatch {
                     path,

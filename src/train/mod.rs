@@ -77,7 +77,7 @@ pub enum TrainError {
         found: usize,
     },
     /// Nothing to train on.
-    #[error("the activation set is {0}; capture activations first (saepipe capture)")]
+    #[error("the training activations are {0}")]
     EmptyData(&'static str),
     /// A NaN or infinity appeared.
     #[error("training {arch} stopped at step {step}: {source}; lower the learning rate or check the activations")]
@@ -230,7 +230,7 @@ impl Trainer {
             let sae = model.sae_mut(s);
             let d = sae.dims().0;
             if sample.is_empty() {
-                return Err(TrainError::EmptyData("empty"));
+                return Err(TrainError::EmptyData("empty; run `saepipe capture` first (a finished capture holds data.n_tokens rows)"));
             }
             if !sample.len().is_multiple_of(d) {
                 return Err(TrainError::Config(format!(
@@ -251,7 +251,7 @@ impl Trainer {
                 .sum::<f64>()
                 / (sample.len() / d) as f64;
             if mean_norm == 0.0 {
-                return Err(TrainError::EmptyData("all zeros (mean norm 0)"));
+                return Err(TrainError::EmptyData("all zeros (mean norm 0) in the init sample: this hookpoint carries no signal on this data, so no SAE can learn from it; train on another hookpoint (capture.hookpoints)"));
             }
             let scale = if cfg.scale_inputs {
                 ((d as f64).sqrt() / mean_norm) as f32
@@ -493,7 +493,7 @@ impl Trainer {
             let got = src.next_batch(rows - self.batch.len() / d, &mut self.batch)?;
             if got == 0 {
                 if wrapped {
-                    return Err(TrainError::EmptyData("empty"));
+                    return Err(TrainError::EmptyData("empty; run `saepipe capture` first (a finished capture holds data.n_tokens rows)"));
                 }
                 src.seek(0)?;
                 wrapped = true;
