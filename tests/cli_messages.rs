@@ -72,3 +72,35 @@ fn capture_args(model: &Path, corpus: &Path, data_dir: &Path) -> Vec<String> {
     ]
     .into()
 }
+
+#[test]
+fn invalid_utf8_in_a_text_file_names_file_line_and_byte_offset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = common::tiny_llama(&tmp.path().join("model"), 3, false);
+    // jsonl: line 1 is 30 bytes with its newline; line 2 holds a latin-1 é (0xe9) at
+    // byte 14 of the line, file offset 30 + 13 = 43.
+    let j = tmp.path().join("latin1.jsonl");
+    let mut bytes = b"{\"text\": \"the water was hot\"}\n".to_vec();
+    assert_eq!(bytes.len(), 30);
+    bytes.extend_from_slice(b"{\"text\": \"caf\xe9 of the day\"}\n");
+    std::fs::write(&j, &bytes).unwrap();
+    let o = Command::new(BIN)
+        .args(capture_args(&model, &j, &tmp.path().join("out")))
+        .output()
+        .unwrap();
+    let e = fails(&o);
+    for needle in ["latin1.jsonl:2", "invalid UTF-8", "byte offset 43", "byte 14 of the line", "0xe9"] {
+        assert!(e.contains(needle), "stderr lacks '{needle}': {e}");
+    }
+    // txt: the same for paragraphs.
+    let t = tmp.path().join("latin1.txt");
+    std::fs::write(&t, b"the water was hot .\n\nthe caf\xe9 .\n").unwrap();
+    let o = Command::new(BIN)
+        .args(capture_args(&model, &t, &tmp.path().join("out2")))
+        .output()
+        .unwrap();
+    let e = fails(&o);
+    for needle in ["latin1.txt:3", "byte offset 28"] {
+        assert!(e.contains(needle), "stderr lacks '{needle}': {e}");
+    }
+}
