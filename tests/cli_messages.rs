@@ -89,7 +89,13 @@ fn invalid_utf8_in_a_text_file_names_file_line_and_byte_offset() {
         .output()
         .unwrap();
     let e = fails(&o);
-    for needle in ["latin1.jsonl:2", "invalid UTF-8", "byte offset 43", "byte 14 of the line", "0xe9"] {
+    for needle in [
+        "latin1.jsonl:2",
+        "invalid UTF-8",
+        "byte offset 43",
+        "byte 14 of the line",
+        "0xe9",
+    ] {
         assert!(e.contains(needle), "stderr lacks '{needle}': {e}");
     }
     // txt: the same for paragraphs.
@@ -103,4 +109,68 @@ fn invalid_utf8_in_a_text_file_names_file_line_and_byte_offset() {
     for needle in ["latin1.txt:3", "byte offset 28"] {
         assert!(e.contains(needle), "stderr lacks '{needle}': {e}");
     }
+}
+
+fn trace_gguf(path: &Path, out: &Path) -> Output {
+    Command::new(BIN)
+        .arg("trace")
+        .arg(format!("gguf:{}", path.display()))
+        .args(["--token-ids", "1,2", "--logits", "--out"])
+        .arg(out)
+        .output()
+        .unwrap()
+}
+
+/// A small but real GGUF header (llama architecture, one tensor).
+fn write_gguf(path: &Path) {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    let t = Tensor::zeros((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&t, GgmlDType::F32).unwrap();
+    let arch = gguf_file::Value::String("llama".into());
+    let name = gguf_file::Value::String("a tiny model with a long enough name".into());
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(
+        &mut f,
+        &[("general.architecture", &arch), ("general.name", &name)],
+        &[("token_embd.weight", &q)],
+    )
+    .unwrap();
+}
+
+#[test]
+fn random_bytes_are_not_a_gguf_and_a_cut_gguf_is_truncated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("t.safetensors");
+    // Seeded random bytes.
+    let junk = tmp.path().join("junk.gguf");
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let bytes: Vec<u8> = (0..4096)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    assert_ne!(&bytes[..4], b"GGUF");
+    std::fs::write(&junk, &bytes).unwrap();
+    let e = fails(&trace_gguf(&junk, &out));
+    assert!(
+        e.contains("junk.gguf") && e.contains("not a GGUF file"),
+        "{e}"
+    );
+    assert!(
+        !e.contains("truncated"),
+        "random bytes are not a truncated GGUF: {e}"
+    );
+    // A real GGUF header cut short.
+    let cut = tmp.path().join("cut.gguf");
+    write_gguf(&cut);
+    let full = std::fs::read(&cut).unwrap();
+    std::fs::write(&cut, &full[..40]).unwrap();
+    let e = fails(&trace_gguf(&cut, &out));
+    assert!(e.contains("cut.gguf") && e.contains("truncated"), "{e}");
+    assert!(!e.contains("not a GGUF file"), "{e}");
+    assert!(!out.exists());
 }

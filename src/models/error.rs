@@ -125,13 +125,22 @@ pub enum ModelError {
     )]
     GgufArchitecture { path: PathBuf, arch: String },
 
-    /// A GGUF file that cannot be parsed.
+    /// A GGUF file (right magic) whose header or tensor data cannot be read to its end.
     #[error(
         "{}: not a readable GGUF file ({detail}); the download is probably truncated — \
          download it again",
         path.display()
     )]
     GgufRead { path: PathBuf, detail: String },
+
+    /// A file given as a GGUF that does not start with the GGUF magic.
+    #[error(
+        "{}: not a GGUF file (it starts with {found}, a GGUF file starts with \"GGUF\"); \
+         gguf: sources must be llama.cpp GGUF files — check the path, or use local:<dir> for a \
+         Hugging Face folder",
+        path.display()
+    )]
+    GgufMagic { path: PathBuf, found: String },
 
     /// A GGUF metadata key is missing or has the wrong type.
     #[error(
