@@ -321,6 +321,16 @@ fn init_logging(g: &GlobalArgs) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(stderr_colours())
         .with_target(false)
         .try_init();
+}
+
+/// Colour escape codes only for a person at a terminal: never when stderr is a pipe or a
+/// file (CI logs, `2> log`), and never when `NO_COLOR` is set to anything non-empty
+/// (no-color.org).
+fn stderr_colours() -> bool {
+    use std::io::IsTerminal;
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    std::io::stderr().is_terminal() && !no_color
 }

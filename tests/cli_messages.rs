@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const BIN: &str = env!("CARGO_BIN_EXE_saepipe");
@@ -173,4 +173,43 @@ fn random_bytes_are_not_a_gguf_and_a_cut_gguf_is_truncated() {
     assert!(e.contains("cut.gguf") && e.contains("truncated"), "{e}");
     assert!(!e.contains("not a GGUF file"), "{e}");
     assert!(!out.exists());
+}
+
+#[test]
+fn no_colour_codes_on_a_stderr_that_is_not_a_terminal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = common::tiny_gpt_neox(&tmp.path().join("m"), 3);
+    let out: PathBuf = tmp.path().join("acts.safetensors");
+    // Output captured by the test is a pipe; NO_COLOR unset so only the TTY check decides.
+    let o = Command::new(BIN)
+        .env_remove("NO_COLOR")
+        .env_remove("RUST_LOG")
+        .arg("trace")
+        .arg(format!("local:{}", dir.display()))
+        .args([
+            "--token-ids",
+            "1,5,9",
+            "--hookpoints",
+            "blocks.1.hook_mlp_out",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(
+        e.contains("INFO") && e.contains("traced"),
+        "a log line is expected: {e}"
+    );
+    assert!(!e.contains('\x1b'), "escape codes in piped stderr: {e:?}");
+    // Errors too.
+    let o = Command::new(BIN)
+        .env_remove("NO_COLOR")
+        .arg("-v")
+        .arg("run")
+        .arg(tmp.path().join("missing.toml"))
+        .output()
+        .unwrap();
+    assert!(!stderr(&o).contains('\x1b'), "{:?}", stderr(&o));
 }
