@@ -116,6 +116,11 @@ pub enum ModelError {
     )]
     Safetensors { path: PathBuf, detail: String },
 
+    /// A sharded-weights index that cannot be used (the same error `local:` resolution
+    /// gives).
+    #[error(transparent)]
+    BadIndex(#[from] IndexError),
+
     /// A GGUF whose architecture we have no forward pass for.
     #[error(
         "{}: GGUF general.architecture '{arch}' is not supported; gguf: sources must be \
@@ -188,6 +193,18 @@ pub enum ModelError {
         #[source]
         source: candle_core::Error,
     },
+}
+
+/// A `model.safetensors.index.json` that cannot be used: unreadable, not the
+/// transformers format, or naming a shard outside the model folder
+/// ([`super::weights::index_shard_names`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: bad sharded-weights index: {message}", path.display())]
+pub struct IndexError {
+    /// The index file.
+    pub path: PathBuf,
+    /// What is wrong.
+    pub message: String,
 }
 
 impl ModelError {
