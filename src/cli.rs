@@ -141,6 +141,10 @@ pub struct TraceArgs {
     /// Use the hub cache only (also `HF_HUB_OFFLINE=1`).
     #[arg(long)]
     pub offline: bool,
+    /// Hub cache folder (default: HF_HUB_CACHE, else HF_HOME/hub, else
+    /// ~/.cache/huggingface/hub).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// Parse the command line, set up logging and run the command.
@@ -269,7 +273,7 @@ pub fn run() -> Result<ExitCode> {
             print!("{}", saepipe::tools::inspect::inspect(&path)?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Trace(args) => trace(args),
+        Command::Trace(args) => trace(args, cli.global.progress),
         Command::Bench { what, args } => {
             saepipe::tools::bench::run(&what, &args)
                 .with_context(|| format!("saepipe bench {what}"))?;
@@ -279,13 +283,17 @@ pub fn run() -> Result<ExitCode> {
 }
 
 /// `saepipe trace`: parse the arguments into a [`saepipe::tools::trace::TraceRequest`] and run it.
-fn trace(a: TraceArgs) -> Result<ExitCode> {
+fn trace(a: TraceArgs, progress: ProgressMode) -> Result<ExitCode> {
     use saepipe::models::ModelSource;
     use saepipe::tools::trace::{TraceInput, TraceRequest};
     let source: ModelSource = a.model.parse()?;
-    // Hub sources are resolved to a snapshot directory by the hub code (hubconfig); until
-    // that is wired in here, load_source answers them with a clear error.
-    let _ = a.offline;
+    // A hub source comes from the hub cache, or is downloaded into it, as in capture.
+    let mut opts = saepipe::hub::HubOptions::from_env();
+    opts.offline |= a.offline;
+    if let Some(dir) = &a.cache_dir {
+        opts.cache_dir = dir.clone();
+    }
+    let reporter = saepipe::util::progress::reporter(progress);
     let input = match (a.text, a.token_ids) {
         (Some(t), None) => TraceInput::Text(t),
         (None, Some(ids)) => TraceInput::TokenIds(ids),
@@ -298,8 +306,13 @@ fn trace(a: TraceArgs) -> Result<ExitCode> {
         logits: a.logits,
         out: a.out,
     };
-    let summary = saepipe::tools::trace::trace(&req, &saepipe::models::default_device())
-        .with_context(|| format!("tracing {}", a.model))?;
+    let summary = saepipe::tools::trace::trace_source(
+        &req,
+        &opts,
+        reporter.as_ref(),
+        &saepipe::models::default_device(),
+    )
+    .with_context(|| format!("tracing {}", a.model))?;
     eprintln!(
         "wrote {} ({} tokens: {})",
         summary.out.display(),
@@ -321,6 +334,16 @@ fn init_logging(g: &GlobalArgs) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(stderr_colours())
         .with_target(false)
         .try_init();
+}
+
+/// Colour escape codes only for a person at a terminal: never when stderr is a pipe or a
+/// file (CI logs, `2> log`), and never when `NO_COLOR` is set to anything non-empty
+/// (no-color.org).
+fn stderr_colours() -> bool {
+    use std::io::IsTerminal;
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    std::io::stderr().is_terminal() && !no_color
 }

@@ -1,7 +1,8 @@
 //! Interop: our activation shards read by an independent Parquet reader (pyarrow).
 //!
-//! Fails (does not skip) when pyarrow is missing: `.ci/run` installs it with
-//! `pip install pyarrow`. `SAEPIPE_PYTHON` picks the interpreter (default `python3`).
+//! Fails (does not skip) when pyarrow is missing. `SAEPIPE_PYTHON` picks the interpreter
+//! (default `python3`); `make test` sets it (scripts/test_python.sh: python3 when it has
+//! pyarrow, else a local `.venv-test` with pyarrow, made on first use).
 
 use std::path::Path;
 use std::process::Command;
@@ -71,7 +72,7 @@ fn read_with_pyarrow(path: &Path) -> serde_json::Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         !stdout.contains("MISSING_PYARROW"),
-        "pyarrow is not installed for {py}: run `pip install pyarrow` (the interop test needs it)"
+        "pyarrow is not installed for {py}: run the tests with `make test` (it sets up a Python with pyarrow), or `pip install pyarrow`"
     );
     assert!(
         out.status.success(),

@@ -283,10 +283,12 @@ fn not_a_gguf_file() {
         &msg,
         &[
             &path.display().to_string(),
-            "not a readable GGUF",
-            "download it again",
+            "not a GGUF file",
+            "starts with \"this\"",
+            "check the path",
         ],
     );
+    assert!(!msg.contains("truncated"), "{msg}");
     let msg = err_of(load_gguf(&tmp.path().join("absent.gguf"), &Device::Cpu));
     assert_mentions(&msg, &["absent.gguf", "not found"]);
 }

@@ -332,6 +332,29 @@ fn bad_inputs_give_clear_errors() {
     let e = t.run(&mut src, None, &Silent, None).unwrap_err();
     let msg = e.to_string();
     assert!(msg.contains("topk") && msg.contains("step 2"), "{msg}");
+    // ... as a problem of the data: NaN input is no learning-rate problem (issue 17).
+    assert!(
+        msg.contains("problem of the data") && !msg.contains("learning rate"),
+        "{msg}"
+    );
+    // A NaN that arises in training from finite data keeps the learning-rate advice.
+    let mut src = InMemorySource::new(data(512, 1), D);
+    let mut t = Trainer::new(
+        TrainConfig {
+            lr: Some(1e36),
+            grad_clip: None,
+            ..cfg(8)
+        },
+        &topk,
+        F,
+        &mut src,
+    )
+    .unwrap();
+    let msg = t
+        .run(&mut src, None, &Silent, None)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("lower the learning rate"), "{msg}");
 }
 
 #[test]

@@ -139,6 +139,11 @@ fn trace_errors_name_the_fix() {
         .arg(&out)
         .output()
         .unwrap();
+    // Hub repos are traced from the cache or downloaded (tests/trace_sources.rs); an
+    // unpinned one is refused, saying how to pin it.
     let e = String::from_utf8_lossy(&o.stderr);
-    assert!(e.contains("saepipe download"), "{e}");
+    assert!(
+        e.contains("EleutherAI/pythia-70m@<commit sha or tag>"),
+        "{e}"
+    );
 }

@@ -63,6 +63,20 @@ pub enum DataError {
         /// What is wrong.
         msg: String,
     },
+    /// A text file holds a byte sequence that is not UTF-8.
+    #[error("{path}:{line}: invalid UTF-8 at byte offset {offset} (line {line}, byte {column} of the line: 0x{byte:02x}); text files must be UTF-8 — re-encode the file (e.g. `iconv -f latin1 -t utf-8`) or remove the bytes")]
+    Utf8 {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// 1-based byte position of the bad byte in its line.
+        column: usize,
+        /// 0-based byte offset of the bad byte in the file.
+        offset: u64,
+        /// The first byte that is not valid UTF-8.
+        byte: u8,
+    },
     /// A Parquet file has no column of that name (or it is not a string column).
     #[error("{path}: no text column '{column}' (columns: {available}); set data.text_column to one of them")]
     NoColumn {

@@ -149,13 +149,12 @@ pub struct Doc {
 enum Open {
     Txt {
         path: PathBuf,
-        lines: std::io::Lines<BufReader<File>>,
+        lines: Lines,
         unit: TxtUnit,
     },
     Jsonl {
         path: PathBuf,
-        lines: std::io::Lines<BufReader<File>>,
-        line_no: usize,
+        lines: Lines,
     },
     Parquet {
         path: PathBuf,
@@ -197,14 +196,13 @@ impl DocStream {
         };
         self.open = Some(match fmt {
             TextFormat::Txt => Open::Txt {
-                lines: BufReader::new(File::open(&path).map_err(io)?).lines(),
+                lines: Lines::new(File::open(&path).map_err(io)?),
                 path,
                 unit: self.unit,
             },
             TextFormat::Jsonl => Open::Jsonl {
-                lines: BufReader::new(File::open(&path).map_err(io)?).lines(),
+                lines: Lines::new(File::open(&path).map_err(io)?),
                 path,
-                line_no: 0,
             },
             TextFormat::Parquet => {
                 let reader = open_parquet_text(&path, &self.field)?;
@@ -226,11 +224,7 @@ impl DocStream {
         match open {
             Open::Txt { path, lines, unit } => {
                 let mut doc = String::new();
-                for line in lines.by_ref() {
-                    let line = line.map_err(|source| DataError::Io {
-                        path: path.clone(),
-                        source,
-                    })?;
+                while let Some(line) = lines.next_line(path)? {
                     if *unit == TxtUnit::Paragraph && line.trim().is_empty() {
                         if doc.trim().is_empty() {
                             doc.clear();
@@ -245,23 +239,14 @@ impl DocStream {
                 }
                 Ok((!doc.trim().is_empty()).then_some(doc))
             }
-            Open::Jsonl {
-                path,
-                lines,
-                line_no,
-            } => {
-                for line in lines.by_ref() {
-                    *line_no += 1;
-                    let line = line.map_err(|source| DataError::Io {
-                        path: path.clone(),
-                        source,
-                    })?;
+            Open::Jsonl { path, lines } => {
+                while let Some(line) = lines.next_line(path)? {
                     if line.trim().is_empty() {
                         continue;
                     }
                     let err = |msg: String| DataError::Jsonl {
                         path: path.clone(),
-                        line: *line_no,
+                        line: lines.line_no,
                         msg,
                     };
                     let v: serde_json::Value = serde_json::from_str(&line)
@@ -326,6 +311,63 @@ impl DocStream {
                 };
                 pending.extend(texts.into_iter().flatten());
             },
+        }
+    }
+}
+
+/// The lines of a text file, without their `\n` / `\r\n`, counted (1-based) and
+/// checked to be UTF-8 one by one, so an invalid byte is reported with its line and its
+/// byte offset in the file ([`DataError::Utf8`]) instead of a bare I/O error.
+struct Lines {
+    reader: BufReader<File>,
+    buf: Vec<u8>,
+    /// Byte offset of the start of the next line.
+    offset: u64,
+    /// 1-based number of the line last returned (0 before the first).
+    line_no: usize,
+}
+
+impl Lines {
+    fn new(file: File) -> Self {
+        Self {
+            reader: BufReader::new(file),
+            buf: Vec::new(),
+            offset: 0,
+            line_no: 0,
+        }
+    }
+
+    /// The next line, `None` at the end of the file.
+    fn next_line(&mut self, path: &Path) -> Result<Option<String>, DataError> {
+        self.buf.clear();
+        let n = self
+            .reader
+            .read_until(b'\n', &mut self.buf)
+            .map_err(|source| DataError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if n == 0 {
+            return Ok(None);
+        }
+        let start = self.offset;
+        self.offset += n as u64;
+        self.line_no += 1;
+        if self.buf.last() == Some(&b'\n') {
+            self.buf.pop();
+            if self.buf.last() == Some(&b'\r') {
+                self.buf.pop();
+            }
+        }
+        match std::str::from_utf8(&self.buf) {
+            Ok(s) => Ok(Some(s.to_owned())),
+            Err(e) => Err(DataError::Utf8 {
+                path: path.to_path_buf(),
+                line: self.line_no,
+                column: e.valid_up_to() + 1,
+                offset: start + e.valid_up_to() as u64,
+                byte: self.buf[e.valid_up_to()],
+            }),
         }
     }
 }
@@ -456,6 +498,44 @@ mod tests {
         );
         let mut it = DocStream::new(&src).unwrap();
         assert_eq!(it.next().unwrap().unwrap().text, "hello");
+    }
+
+    #[test]
+    fn invalid_utf8_names_line_and_byte_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        // Line 1 is 7 bytes with its \r\n, line 2 is empty; the bad byte 0xe9 (latin-1 é) is
+        // byte 6 of line 3, at offset 13.
+        let p = dir.path().join("a.txt");
+        std::fs::write(&p, b"caf\xc3\xa9\r\n\nnaif \xe9t\xe9\n").unwrap();
+        let src = TextSource::new([p.to_str().unwrap()]);
+        let err = docs(&src).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DataError::Utf8 {
+                    line: 3,
+                    column: 6,
+                    offset: 13,
+                    byte: 0xe9,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        let msg = err.to_string();
+        assert!(
+            msg.contains("a.txt:3") && msg.contains("byte offset 13"),
+            "{msg}"
+        );
+        let j = dir.path().join("b.jsonl");
+        std::fs::write(&j, b"{\"text\": \"ok\"}\n{\"text\": \"\xff\"}\n").unwrap();
+        let mut it = DocStream::new(&TextSource::new([j.to_str().unwrap()])).unwrap();
+        assert_eq!(it.next().unwrap().unwrap().text, "ok");
+        let msg = it.next().unwrap().unwrap_err().to_string();
+        assert!(
+            msg.contains("b.jsonl:2") && msg.contains("byte offset 25"),
+            "{msg}"
+        );
     }
 
     #[test]

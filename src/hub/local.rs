@@ -58,41 +58,11 @@ pub(super) fn resolve_local_dir(dir: &Path) -> Result<ResolvedModel, HubError> {
     })
 }
 
-/// The shard file names a `model.safetensors.index.json` lists, sorted, deduplicated.
+/// The shard file names a `model.safetensors.index.json` lists, sorted, deduplicated and
+/// checked to stay inside the folder: the loader's own check
+/// ([`crate::models::index_shard_names`]), so capture and trace refuse the same entries.
 pub fn shard_names(index: &Path) -> Result<Vec<String>, HubError> {
-    let bad = |message: String| HubError::BadIndex {
-        path: index.to_path_buf(),
-        message,
-    };
-    let text = std::fs::read_to_string(index).map_err(|source| HubError::Io {
-        path: index.to_path_buf(),
-        source,
-    })?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| bad("no \"weight_map\" object".into()))?;
-    let mut names = std::collections::BTreeSet::new();
-    for (tensor, file) in map {
-        let f = file
-            .as_str()
-            .ok_or_else(|| bad(format!("weight_map[{tensor}] is not a file name")))?;
-        let ok = !f.is_empty()
-            && !f.starts_with('/')
-            && !f.split(['/', '\\']).any(|c| c == ".." || c.is_empty());
-        if !ok {
-            return Err(bad(format!(
-                "shard name '{f}' is not a plain relative file name"
-            )));
-        }
-        names.insert(f.to_string());
-    }
-    if names.is_empty() {
-        return Err(bad("weight_map is empty".into()));
-    }
-    Ok(names.into_iter().collect())
+    Ok(crate::models::index_shard_names(index)?)
 }
 
 pub(super) fn resolve_local_data(data: &DataConfig) -> Result<ResolvedDataset, HubError> {

@@ -115,9 +115,9 @@ pub enum HubError {
         a: String,
         b: String,
     },
-    /// A sharded-weights index that cannot be used.
-    #[error("{path}: bad sharded-weights index: {message}")]
-    BadIndex { path: PathBuf, message: String },
+    /// A sharded-weights index that cannot be used (the loader's error, shared).
+    #[error(transparent)]
+    BadIndex(#[from] crate::models::IndexError),
     /// A `local:` folder that is missing or incomplete.
     #[error("model source local:{dir}: {message}", dir = dir.display())]
     LocalModel { dir: PathBuf, message: String },

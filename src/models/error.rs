@@ -116,6 +116,11 @@ pub enum ModelError {
     )]
     Safetensors { path: PathBuf, detail: String },
 
+    /// A sharded-weights index that cannot be used (the same error `local:` resolution
+    /// gives).
+    #[error(transparent)]
+    BadIndex(#[from] IndexError),
+
     /// A GGUF whose architecture we have no forward pass for.
     #[error(
         "{}: GGUF general.architecture '{arch}' is not supported; gguf: sources must be \
@@ -125,13 +130,22 @@ pub enum ModelError {
     )]
     GgufArchitecture { path: PathBuf, arch: String },
 
-    /// A GGUF file that cannot be parsed.
+    /// A GGUF file (right magic) whose header or tensor data cannot be read to its end.
     #[error(
         "{}: not a readable GGUF file ({detail}); the download is probably truncated — \
          download it again",
         path.display()
     )]
     GgufRead { path: PathBuf, detail: String },
+
+    /// A file given as a GGUF that does not start with the GGUF magic.
+    #[error(
+        "{}: not a GGUF file (it starts with {found}, a GGUF file starts with \"GGUF\"); \
+         gguf: sources must be llama.cpp GGUF files — check the path, or use local:<dir> for a \
+         Hugging Face folder",
+        path.display()
+    )]
+    GgufMagic { path: PathBuf, found: String },
 
     /// A GGUF metadata key is missing or has the wrong type.
     #[error(
@@ -179,6 +193,18 @@ pub enum ModelError {
         #[source]
         source: candle_core::Error,
     },
+}
+
+/// A `model.safetensors.index.json` that cannot be used: unreadable, not the
+/// transformers format, or naming a shard outside the model folder
+/// ([`super::weights::index_shard_names`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: bad sharded-weights index: {message}", path.display())]
+pub struct IndexError {
+    /// The index file.
+    pub path: PathBuf,
+    /// What is wrong.
+    pub message: String,
 }
 
 impl ModelError {

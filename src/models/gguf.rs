@@ -42,13 +42,77 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama"];
 /// The llama-3 pre-tokenizer split (transformers' `_LLAMA3_SPLIT`).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// The 4 bytes every GGUF file starts with.
+const GGUF_MAGIC: &[u8; 4] = b"GGUF";
+
 /// Read a GGUF's header and metadata (no tensor data).
+///
+/// Decision: the magic is checked here before candle parses anything, so a file that is
+/// not a GGUF at all (random bytes, a safetensors file, an HTML error page saved as
+/// `.gguf`) is called that ([`ModelError::GgufMagic`]), and "truncated"
+/// ([`ModelError::GgufRead`]) is kept for a real GGUF header that cannot be read to its end.
 pub fn read_content(path: &Path) -> Result<Content, ModelError> {
-    let mut reader = BufReader::new(File::open(path).map_err(ModelError::io(path))?);
-    Content::read(&mut reader).map_err(|e| ModelError::GgufRead {
+    let mut file = File::open(path).map_err(ModelError::io(path))?;
+    let mut head = [0u8; 8];
+    let n = read_up_to(&mut file, &mut head).map_err(ModelError::io(path))?;
+    let truncated = |detail: String| ModelError::GgufRead {
         path: path.to_path_buf(),
-        detail: e.to_string(),
-    })
+        detail,
+    };
+    if n < 4 && GGUF_MAGIC.starts_with(&head[..n]) {
+        return Err(truncated(format!(
+            "the file is {n} bytes long, shorter than the GGUF header"
+        )));
+    }
+    if &head[..4] != GGUF_MAGIC {
+        return Err(ModelError::GgufMagic {
+            path: path.to_path_buf(),
+            found: escape_bytes(&head[..n.min(4)]),
+        });
+    }
+    if n < 8 {
+        return Err(truncated(format!(
+            "the file is {n} bytes long, shorter than the GGUF header"
+        )));
+    }
+    let version = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    if !(1..=3).contains(&version) {
+        return Err(ModelError::GgufMetadata {
+            path: path.to_path_buf(),
+            key: "version".into(),
+            problem: format!("is {version}; saepipe reads GGUF versions 1 to 3"),
+        });
+    }
+    let mut reader = BufReader::new(File::open(path).map_err(ModelError::io(path))?);
+    Content::read(&mut reader).map_err(|e| truncated(e.to_string()))
+}
+
+/// Read into `buf` until it is full or the file ends; the number of bytes read.
+fn read_up_to(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// `bytes` as a quoted string, printable ASCII kept and the rest as `\xNN`.
+fn escape_bytes(bytes: &[u8]) -> String {
+    let mut s = String::from("\"");
+    for &b in bytes {
+        if b.is_ascii_graphic() || b == b' ' {
+            s.push(b as char);
+        } else {
+            s.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    s.push('"');
+    s
 }
 
 /// Typed access to GGUF metadata with errors that name the key.

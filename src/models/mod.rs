@@ -18,7 +18,7 @@ pub mod weights;
 
 use candle_core::{Device, Tensor};
 
-pub use error::{ModelError, SUPPORTED_MODEL_TYPES};
+pub use error::{IndexError, ModelError, SUPPORTED_MODEL_TYPES};
 pub use hooks::{Hookpoint, HookpointError, Hooks, NoHooks, Recorder, Replace, Site};
 pub use load::{
     load_dir, load_dir_with, load_gguf, load_gguf_with, load_source, load_source_with, LoadedModel,
@@ -26,6 +26,7 @@ pub use load::{
 };
 pub use mlp::{MlpAct, MlpError, MlpKind, MlpWeights};
 pub use nn::{OneOrMany, RopeParameters};
+pub use weights::index_shard_names;
 
 /// The device forward passes run on: the first CUDA GPU when built with the `cuda`
 /// feature and one is present, else the CPU.

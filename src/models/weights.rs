@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
-use super::error::ModelError;
+use super::error::{IndexError, ModelError};
 
 /// Where the tensors come from.
 enum Store {
@@ -236,32 +236,57 @@ impl Weights {
     }
 }
 
-/// The shard files named by a `model.safetensors.index.json`, in first-seen order.
-fn shard_paths(index_path: &Path) -> Result<Vec<PathBuf>, ModelError> {
-    let text = std::fs::read_to_string(index_path).map_err(ModelError::io(index_path))?;
-    let bad = |detail: String| ModelError::Safetensors {
-        path: index_path.to_path_buf(),
-        detail,
+/// The shard file names a `model.safetensors.index.json` lists (its `weight_map` values),
+/// sorted and deduplicated, each checked to be a plain relative name inside the model
+/// folder.
+///
+/// Decision: this is the one check both `local:<dir>` resolution (capture, download) and
+/// the loader (trace, every stage that opens the weights) go through, so a `weight_map`
+/// entry such as `../other/model.safetensors` or `/abs/path` is refused with the same
+/// error everywhere instead of being followed by one command and refused by another.
+pub fn index_shard_names(index: &Path) -> Result<Vec<String>, IndexError> {
+    let bad = |message: String| IndexError {
+        path: index.to_path_buf(),
+        message,
     };
+    let text = std::fs::read_to_string(index).map_err(|e| bad(format!("cannot read: {e}")))?;
     let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+        serde_json::from_str(&text).map_err(|e| bad(format!("not JSON: {e}")))?;
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| bad("no \"weight_map\" object".to_string()))?;
-    let dir = index_path.parent().unwrap_or(Path::new("."));
-    let mut out: Vec<PathBuf> = Vec::new();
+    let mut names = std::collections::BTreeSet::new();
     for (tensor, file) in map {
-        let file = file
+        let f = file
             .as_str()
-            .ok_or_else(|| bad(format!("weight_map entry for '{tensor}' is not a string")))?;
-        let p = dir.join(file);
-        if !out.contains(&p) {
-            out.push(p);
+            .ok_or_else(|| bad(format!("weight_map[{tensor}] is not a file name")))?;
+        let plain = !f.is_empty()
+            && !f.starts_with(['/', '\\'])
+            && !f.contains(':')
+            && !f
+                .split(['/', '\\'])
+                .any(|c| c == ".." || c == "." || c.is_empty());
+        if !plain {
+            return Err(bad(format!(
+                "shard name '{f}' (weight_map[{tensor}]) is not a plain relative file name \
+                 inside the model folder; every shard must sit beside the index — fix the \
+                 entry or copy the shard into the folder"
+            )));
         }
+        names.insert(f.to_string());
     }
-    if out.is_empty() {
-        return Err(bad("empty weight_map".to_string()));
+    if names.is_empty() {
+        return Err(bad("weight_map is empty".to_string()));
     }
-    Ok(out)
+    Ok(names.into_iter().collect())
+}
+
+/// The shard files named by a `model.safetensors.index.json` ([`index_shard_names`]).
+fn shard_paths(index_path: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let dir = index_path.parent().unwrap_or(Path::new("."));
+    Ok(index_shard_names(index_path)?
+        .into_iter()
+        .map(|f| dir.join(f))
+        .collect())
 }

@@ -81,6 +81,23 @@ pub enum StoreError {
         /// What went wrong.
         msg: String,
     },
+    /// A NaN or infinity stored in a shard (capture never writes one: the file is damaged
+    /// or was not written by this capture).
+    #[error("{path}: row {row} (window {seq}, position {pos}), dimension {dim} holds {value}; activation data must be finite, so this is a problem of the data, not of training — capture it again: delete the folder {} and run `saepipe capture` (it re-captures only what is missing)", path.parent().unwrap_or(Path::new(".")).display())]
+    NonFiniteData {
+        /// The shard.
+        path: PathBuf,
+        /// 0-based row in the shard.
+        row: u64,
+        /// The row's window index (`seq` column).
+        seq: u64,
+        /// The row's position in its window (`pos` column).
+        pos: u32,
+        /// 0-based dimension of the value.
+        dim: usize,
+        /// The value (NaN or ±inf).
+        value: f32,
+    },
     /// An invalid capture request.
     #[error("invalid capture settings: {0}")]
     BadSpec(String),

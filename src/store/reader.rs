@@ -274,9 +274,16 @@ pub fn decode_batch(
 }
 
 /// Sequential reader over shards.
+///
+/// Decision: every batch is checked for NaN and infinity as it is read, and the error
+/// ([`StoreError::NonFiniteData`]) names the shard file, the row and the dimension. Capture
+/// never writes such a value, so one in a shard is damage or foreign data; catching it here
+/// keeps it from surfacing in training as a NaN loss with learning-rate advice.
 pub struct SeqReader {
     paths: std::vec::IntoIter<PathBuf>,
     current: Option<(PathBuf, ParquetRecordBatchReader)>,
+    /// Rows already served from the current shard.
+    row_in_shard: u64,
     d: usize,
     batch_rows: usize,
 }
@@ -287,10 +294,28 @@ impl SeqReader {
         Self {
             paths: paths.into_iter(),
             current: None,
+            row_in_shard: 0,
             d,
             batch_rows: batch_rows.max(1),
         }
     }
+}
+
+/// [`StoreError::NonFiniteData`] for the first NaN/infinity of `b` (rows `first_row..` of
+/// the shard `path`), if any.
+fn check_finite(path: &Path, b: &ActBatch, d: usize, first_row: u64) -> Result<(), StoreError> {
+    let Some(i) = b.act.iter().position(|v| !v.is_finite()) else {
+        return Ok(());
+    };
+    let r = i / d.max(1);
+    Err(StoreError::NonFiniteData {
+        path: path.to_path_buf(),
+        row: first_row + r as u64,
+        seq: b.seq.get(r).copied().unwrap_or_default(),
+        pos: b.pos.get(r).copied().unwrap_or_default(),
+        dim: i % d.max(1),
+        value: b.act[i],
+    })
 }
 
 impl Iterator for SeqReader {
@@ -300,7 +325,17 @@ impl Iterator for SeqReader {
         loop {
             if let Some((path, reader)) = self.current.as_mut() {
                 match reader.next() {
-                    Some(Ok(b)) => return Some(decode_batch(path, &b, self.d)),
+                    Some(Ok(b)) => {
+                        let first = self.row_in_shard;
+                        self.row_in_shard += b.num_rows() as u64;
+                        let out = decode_batch(path, &b, self.d)
+                            .and_then(|b| check_finite(path, &b, self.d, first).map(|()| b));
+                        if out.is_err() {
+                            self.current = None;
+                            self.paths = Vec::new().into_iter();
+                        }
+                        return Some(out);
+                    }
                     Some(Err(e)) => {
                         let path = path.clone();
                         self.current = None;
@@ -325,7 +360,10 @@ impl Iterator for SeqReader {
                         })
                 });
             match opened {
-                Ok(r) => self.current = Some((path, r)),
+                Ok(r) => {
+                    self.current = Some((path, r));
+                    self.row_in_shard = 0;
+                }
                 Err(e) => {
                     self.paths = Vec::new().into_iter();
                     return Some(Err(e));

@@ -2,8 +2,8 @@
 //!
 //! Implements the `inspect` row of `../shared/specs/pipeline.md` §1. Dispatches on what
 //! the path is: an activation set folder (`manifest.json`), an unfinished capture folder
-//! (shards but no manifest), one activation shard, or any other Parquet file (schema,
-//! metadata, rows). SAE folders and metrics files get their own arms as those stages land.
+//! (shards but no manifest), one activation shard, an SAE folder or a unit's `metrics.json`
+//! ([`super::inspect_sae`]), or any other Parquet file (schema, metadata, rows).
 //!
 //! Decision: activation summaries stream every row once with f64 accumulators (per
 //! dimension Σx and Σx²) and keep a seeded reservoir of at most 100 000 row norms for the
@@ -26,8 +26,11 @@ use crate::store::StoreError;
 #[derive(Debug, thiserror::Error)]
 pub enum InspectError {
     /// Nothing we know how to read.
-    #[error("{0}: not something saepipe writes (expected an activation folder with manifest.json, a part-*.parquet shard or another .parquet file)")]
+    #[error("{0}: not something saepipe writes (expected an activation folder with manifest.json, a part-*.parquet shard, an SAE folder with cfg.json and sae_weights.safetensors, a metrics.json or another .parquet file)")]
     Unknown(PathBuf),
+    /// An SAE folder's file that cannot be read.
+    #[error(transparent)]
+    Sae(#[from] super::inspect_sae::SaeInspectError),
     /// Reading an activation set or shard failed.
     #[error(transparent)]
     Capture(#[from] StoreError),
@@ -47,6 +50,9 @@ pub fn inspect(path: &Path) -> Result<String, InspectError> {
         if path.join(MANIFEST).is_file() {
             return inspect_set(path);
         }
+        if super::inspect_sae::is_sae_dir(path) {
+            return Ok(super::inspect_sae::inspect_sae(path)?);
+        }
         let parts = list_part_files(path);
         if !parts.is_empty() {
             let mut out = format!(
@@ -58,6 +64,13 @@ pub fn inspect(path: &Path) -> Result<String, InspectError> {
             return Ok(out);
         }
         return Err(InspectError::Unknown(path.to_path_buf()));
+    }
+    if super::inspect_sae::is_metrics_file(path) {
+        let m = super::inspect_sae::render_metrics(path)?;
+        return Ok(format!(
+            "{}: metrics of one evaluated SAE\n{m}",
+            path.display()
+        ));
     }
     let is_parquet = path
         .extension()

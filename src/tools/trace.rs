@@ -19,8 +19,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::hub::{HubError, HubOptions};
 use crate::models::{Hookpoint, HookpointError, LoadedModel, ModelError, ModelSource, Recorder};
 use crate::util::error::{ensure_finite, NumericError};
+use crate::util::progress::Reporter;
 
 /// What to feed the model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,7 +37,8 @@ pub enum TraceInput {
 /// One `saepipe trace` invocation.
 #[derive(Debug, Clone)]
 pub struct TraceRequest {
-    /// The model (hub sources must be resolved to `Local` by the caller first).
+    /// The model; a hub source is resolved through the hub cache by [`trace_source`]
+    /// ([`trace`] alone opens local sources only).
     pub source: ModelSource,
     /// The prompt.
     pub input: TraceInput,
@@ -64,6 +67,9 @@ pub enum TraceError {
     /// Loading the model failed, or a hookpoint does not exist in it.
     #[error(transparent)]
     Model(Box<ModelError>),
+    /// A hub source could not be resolved from the cache or downloaded.
+    #[error(transparent)]
+    Hub(Box<HubError>),
     /// A hookpoint name does not parse.
     #[error("--hookpoints: {0}")]
     Hookpoint(#[from] HookpointError),
@@ -104,6 +110,34 @@ impl From<ModelError> for TraceError {
     fn from(e: ModelError) -> Self {
         TraceError::Model(Box::new(e))
     }
+}
+
+impl From<HubError> for TraceError {
+    fn from(e: HubError) -> Self {
+        TraceError::Hub(Box::new(e))
+    }
+}
+
+/// [`trace`], resolving a hub source (`org/name@revision`) first as the pipeline's
+/// download stage does: from the hub cache when the files are there (no request at all),
+/// else downloaded into it unless `opts.offline`. The output's `model` metadata keeps the
+/// hub name, not the snapshot folder.
+pub fn trace_source(
+    req: &TraceRequest,
+    opts: &HubOptions,
+    reporter: &dyn Reporter,
+    device: &Device,
+) -> Result<TraceSummary, TraceError> {
+    if !matches!(req.source, ModelSource::Hub { .. }) {
+        return trace(req, device);
+    }
+    let hps = parse_hookpoints(&req.hookpoints)?;
+    if hps.is_empty() && !req.logits {
+        return Err(TraceError::NothingRequested);
+    }
+    let resolved = crate::hub::resolve_model(&req.source, opts, reporter)?;
+    let model = crate::models::load_dir(&resolved.path, device)?;
+    trace_loaded(&model, &req.source.to_string(), req, &hps)
 }
 
 /// Load the model of `req.source` on `device` and trace it.

@@ -79,7 +79,17 @@ pub enum TrainError {
     /// Nothing to train on.
     #[error("the training activations are {0}")]
     EmptyData(&'static str),
-    /// A NaN or infinity appeared.
+    /// A NaN or infinity in the input activations: a data problem, before any training.
+    #[error("training {arch} stopped at step {step}: {source}; the input activations are not finite: a problem of the data, not of training, so no trainer setting fixes it — fix or re-create the activation source")]
+    NonFiniteInput {
+        /// Variant.
+        arch: &'static str,
+        /// Step.
+        step: u64,
+        /// Which value.
+        source: NumericError,
+    },
+    /// A NaN or infinity arose in training from finite inputs.
     #[error("training {arch} stopped at step {step}: {source}; lower the learning rate or check the activations")]
     NonFinite {
         /// Variant.
@@ -239,7 +249,7 @@ impl Trainer {
                 )));
             }
             ensure_finite(sample, "activations (init sample)", None).map_err(|source| {
-                TrainError::NonFinite {
+                TrainError::NonFiniteInput {
                     arch: sae.arch(),
                     step: 0,
                     source,
@@ -538,6 +548,13 @@ impl Trainer {
                     found: x.len() / n,
                 });
             }
+            ensure_finite(x, "activation batch", Some(t)).map_err(|source| {
+                TrainError::NonFiniteInput {
+                    arch,
+                    step: t,
+                    source,
+                }
+            })?;
             let sc = self.scales[s];
             let inp = &mut self.inputs[s];
             inp.clear();
@@ -546,7 +563,7 @@ impl Trainer {
                 inp.par_chunks_mut(1 << 14)
                     .for_each(|c| c.iter_mut().for_each(|v| *v *= sc));
             }
-            ensure_finite(inp, "activation batch", Some(t)).map_err(nonfinite)?;
+            ensure_finite(inp, "scaled activation batch", Some(t)).map_err(nonfinite)?;
         }
         // 2. zero grads, dead masks
         for g in self.grads.iter_mut().flatten() {
