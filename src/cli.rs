@@ -51,6 +51,8 @@ pub enum Command {
     Units(cluster::UnitsArgs),
     /// Merge every unit's metrics into results/ (metrics.parquet, pareto.parquet, plot).
     Results(PipelineArgs),
+    /// Write (or --submit) Slurm job arrays for a pipeline, chained with afterok.
+    Slurm(cluster::SlurmArgs),
     /// Show schema, metadata and a summary of any file saepipe writes.
     Inspect {
         /// A Parquet activation set, an SAE folder or a metrics file.
@@ -283,6 +285,7 @@ pub fn run() -> Result<ExitCode> {
         }
         Command::Units(args) => cluster::units(args, cli.global.progress),
         Command::Results(args) => cluster::results(args),
+        Command::Slurm(args) => cluster::slurm(args, cli.global.progress),
         Command::Inspect { path } => {
             print!("{}", saepipe::tools::inspect::inspect(&path)?);
             Ok(ExitCode::SUCCESS)

@@ -6,12 +6,14 @@
 //! exclusively (`saepipe::util::lock`), so array tasks of different units run side by side
 //! and a whole-stage command refuses while any runs.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use saepipe::capture::Select;
 use saepipe::pipeline::units::{parse_range, Units};
+use saepipe::tools::cluster::{slurm, Invocation};
 use saepipe::util::lock::{RunLock, UnitLock};
 use saepipe::util::progress::ProgressMode;
 
@@ -58,6 +60,46 @@ pub struct UnitsArgs {
     /// Print JSON instead of the listing.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `saepipe slurm`.
+#[derive(Debug, Args)]
+pub struct SlurmArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Partition of every job.
+    #[arg(long)]
+    pub partition: Option<String>,
+    /// Account to charge.
+    #[arg(long)]
+    pub account: Option<String>,
+    /// GPUs per task (capture, train, evaluate); 0 requests none.
+    #[arg(long, default_value_t = 0)]
+    pub gpus_per_task: u32,
+    /// CPUs per task.
+    #[arg(long)]
+    pub cpus_per_task: Option<u32>,
+    /// Memory per task (sbatch --mem, e.g. 32G).
+    #[arg(long)]
+    pub mem: Option<String>,
+    /// Time limit per task (sbatch --time, e.g. 04:00:00).
+    #[arg(long)]
+    pub time: Option<String>,
+    /// At most this many tasks of one array at once.
+    #[arg(long)]
+    pub max_concurrent: Option<usize>,
+    /// A further sbatch option for every job (repeatable): --sbatch=--qos=high.
+    #[arg(long = "sbatch", value_name = "OPTION", allow_hyphen_values = true)]
+    pub sbatch: Vec<String>,
+    /// Where the scripts go (default: <run>/slurm).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// The saepipe binary as the compute nodes see it (default: this one).
+    #[arg(long, value_name = "PATH")]
+    pub binary: Option<PathBuf>,
+    /// Also run submit.sh.
+    #[arg(long)]
+    pub submit: bool,
 }
 
 pub fn capture(a: CaptureArgs, progress: ProgressMode) -> Result<ExitCode> {
@@ -158,6 +200,69 @@ pub fn units(a: UnitsArgs, progress: ProgressMode) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&units)?);
     } else {
         print!("{}", units.render(&pipeline));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How the tasks call saepipe: absolute paths, the same overrides.
+fn invocation(a: &PipelineArgs, binary: Option<PathBuf>) -> Result<Invocation> {
+    let pipeline = std::fs::canonicalize(&a.pipeline)
+        .with_context(|| format!("{}: no such pipeline file", a.pipeline.display()))?;
+    let binary = match binary {
+        Some(b) => b,
+        None => std::env::current_exe().context("finding this saepipe binary; pass --binary")?,
+    };
+    let cache_dir = match &a.cache_dir {
+        Some(c) => Some(std::path::absolute(c).with_context(|| c.display().to_string())?),
+        None => None,
+    };
+    Ok(Invocation {
+        binary,
+        pipeline,
+        sets: a.set.clone(),
+        cache_dir,
+    })
+}
+
+pub fn slurm(a: SlurmArgs, progress: ProgressMode) -> Result<ExitCode> {
+    let (pipeline, units) = load_units(&a.pipeline, progress)?;
+    let inv = invocation(&a.pipeline, a.binary.clone())?;
+    let out = match &a.out {
+        Some(o) => o.clone(),
+        None => pipeline.run_dir().join("slurm"),
+    };
+    let out = std::path::absolute(&out).with_context(|| out.display().to_string())?;
+    let opts = slurm::SlurmOptions {
+        partition: a.partition,
+        account: a.account,
+        gpus_per_task: a.gpus_per_task,
+        cpus_per_task: a.cpus_per_task,
+        mem: a.mem,
+        time: a.time,
+        max_concurrent: a.max_concurrent,
+        extra: a.sbatch,
+    };
+    let w = slurm::write(&out, &units, &inv, &opts, &pipeline.config.run.name)
+        .with_context(|| format!("writing the Slurm scripts into {}", out.display()))?;
+    eprintln!(
+        "{} capture, {} train, {} evaluate task(s); submit with: bash {}",
+        units.capture(),
+        units.train.len(),
+        units.evaluate,
+        w.submit.display()
+    );
+    if a.submit {
+        let status = std::process::Command::new("bash")
+            .arg(&w.submit)
+            .status()
+            .with_context(|| format!("running {}", w.submit.display()))?;
+        anyhow::ensure!(
+            status.success(),
+            "{} failed ({status}); is sbatch on PATH and the cluster up (`sinfo`)?",
+            w.submit.display()
+        );
+    } else {
+        println!("{}", w.submit.display());
     }
     Ok(ExitCode::SUCCESS)
 }
