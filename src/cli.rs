@@ -53,6 +53,8 @@ pub enum Command {
     Results(PipelineArgs),
     /// Write (or --submit) Slurm job arrays for a pipeline, chained with afterok.
     Slurm(cluster::SlurmArgs),
+    /// Write Kubernetes Indexed Jobs for a pipeline.
+    K8s(cluster::K8sArgs),
     /// Show schema, metadata and a summary of any file saepipe writes.
     Inspect {
         /// A Parquet activation set, an SAE folder or a metrics file.
@@ -286,6 +288,7 @@ pub fn run() -> Result<ExitCode> {
         Command::Units(args) => cluster::units(args, cli.global.progress),
         Command::Results(args) => cluster::results(args),
         Command::Slurm(args) => cluster::slurm(args, cli.global.progress),
+        Command::K8s(args) => cluster::k8s(args, cli.global.progress),
         Command::Inspect { path } => {
             print!("{}", saepipe::tools::inspect::inspect(&path)?);
             Ok(ExitCode::SUCCESS)

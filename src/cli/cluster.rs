@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use saepipe::capture::Select;
 use saepipe::pipeline::units::{parse_range, Units};
-use saepipe::tools::cluster::{slurm, Invocation};
+use saepipe::tools::cluster::{k8s, slurm, Invocation};
 use saepipe::util::lock::{RunLock, UnitLock};
 use saepipe::util::progress::ProgressMode;
 
@@ -100,6 +100,40 @@ pub struct SlurmArgs {
     /// Also run submit.sh.
     #[arg(long)]
     pub submit: bool,
+}
+
+/// `saepipe k8s`.
+#[derive(Debug, Args)]
+pub struct K8sArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Container image with saepipe in it.
+    #[arg(long)]
+    pub image: String,
+    /// A ReadWriteMany PersistentVolumeClaim for run.data_dir and the hub cache.
+    #[arg(long)]
+    pub pvc: String,
+    /// Where the claim is mounted in every pod.
+    #[arg(long, default_value = "/data")]
+    pub mount: String,
+    /// Namespace.
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    /// nvidia.com/gpu per pod (capture, train, evaluate); 0 requests none.
+    #[arg(long, default_value_t = 0)]
+    pub gpus: u32,
+    /// Pods of one stage at once.
+    #[arg(long, default_value_t = 8)]
+    pub parallelism: usize,
+    /// Retries of each index before its Job fails.
+    #[arg(long, default_value_t = 2)]
+    pub retries: u32,
+    /// The saepipe binary inside the image.
+    #[arg(long, default_value = "saepipe")]
+    pub binary: String,
+    /// Where the manifests go (default: <run>/k8s).
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
 }
 
 pub fn capture(a: CaptureArgs, progress: ProgressMode) -> Result<ExitCode> {
@@ -264,5 +298,39 @@ pub fn slurm(a: SlurmArgs, progress: ProgressMode) -> Result<ExitCode> {
     } else {
         println!("{}", w.submit.display());
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn k8s(a: K8sArgs, progress: ProgressMode) -> Result<ExitCode> {
+    let (pipeline, units) = load_units(&a.pipeline, progress)?;
+    let text = std::fs::read_to_string(&a.pipeline.pipeline)
+        .with_context(|| format!("reading {}", a.pipeline.pipeline.display()))?;
+    let mut inv = invocation(&a.pipeline, Some(PathBuf::from(&a.binary)))?;
+    let name = inv
+        .pipeline
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "pipeline.toml".into());
+    inv.pipeline = PathBuf::from(k8s::PIPELINE_MOUNT).join(name);
+    let out = match &a.out {
+        Some(o) => o.clone(),
+        None => pipeline.run_dir().join("k8s"),
+    };
+    let opts = k8s::K8sOptions {
+        image: a.image,
+        binary: a.binary,
+        namespace: a.namespace,
+        pvc: a.pvc,
+        mount: a.mount,
+        gpus: a.gpus,
+        parallelism: a.parallelism,
+        retries: a.retries,
+    };
+    let w = k8s::write(&out, &units, &inv, &opts, &pipeline.config.run.name, &text)
+        .with_context(|| format!("writing the Kubernetes manifests into {}", out.display()))?;
+    for m in &w.manifests {
+        println!("{}", m.display());
+    }
+    eprintln!("apply in order with: bash {}", w.apply.display());
     Ok(ExitCode::SUCCESS)
 }

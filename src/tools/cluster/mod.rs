@@ -9,6 +9,7 @@
 //! Decision: a stage with no units (a `[synthetic]` pipeline captures nothing) is left
 //! out of the chain, and the next stage depends on the one before it.
 
+pub mod k8s;
 pub mod slurm;
 
 use std::path::PathBuf;
