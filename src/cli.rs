@@ -8,6 +8,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use saepipe::util::progress::ProgressMode;
 
+mod cluster;
+
 /// From a Hugging Face language model to a Pareto sweep of sparse autoencoders.
 #[derive(Debug, Parser)]
 #[command(name = "saepipe", version, about)]
@@ -40,11 +42,19 @@ pub enum Command {
     /// Fetch model and dataset files into the hub cache.
     Download(PipelineArgs),
     /// Capture hookpoint activations to Parquet.
-    Capture(PipelineArgs),
+    Capture(cluster::CaptureArgs),
     /// Train one or all SAE grid points.
     Train(TrainArgs),
     /// Evaluate trained SAEs: metrics, Pareto frontier, plot.
-    Evaluate(PipelineArgs),
+    Evaluate(cluster::EvaluateArgs),
+    /// List the units of every stage with their indices (for --shard / --unit).
+    Units(cluster::UnitsArgs),
+    /// Merge every unit's metrics into results/ (metrics.parquet, pareto.parquet, plot).
+    Results(PipelineArgs),
+    /// Write (or --submit) Slurm job arrays for a pipeline, chained with afterok.
+    Slurm(cluster::SlurmArgs),
+    /// Write Kubernetes Indexed Jobs for a pipeline.
+    K8s(cluster::K8sArgs),
     /// Show schema, metadata and a summary of any file saepipe writes.
     Inspect {
         /// A Parquet activation set, an SAE folder or a metrics file.
@@ -112,6 +122,9 @@ pub struct TrainArgs {
     /// Train only this grid point.
     #[arg(long)]
     pub point: Option<String>,
+    /// Train only unit I of `saepipe units` (one array task).
+    #[arg(long, value_name = "I", conflicts_with = "point")]
+    pub unit: Option<usize>,
 }
 
 /// `saepipe trace`.
@@ -202,7 +215,9 @@ pub fn run() -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Capture(args) => {
+        Command::Capture(cargs) if cargs.is_unit() => cluster::capture(cargs, cli.global.progress),
+        Command::Capture(cargs) => {
+            let args = cargs.pipeline;
             let pipeline = args.load()?;
             let _lock = saepipe::util::lock::RunLock::acquire(&pipeline.run_dir())?;
             let opts = args.hub_options(&pipeline);
@@ -227,6 +242,7 @@ pub fn run() -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Train(args) if args.unit.is_some() => cluster::train(args, cli.global.progress),
         Command::Train(args) => {
             let pipeline = args.pipeline.load()?;
             let _lock = saepipe::util::lock::RunLock::acquire(&pipeline.run_dir())?;
@@ -254,7 +270,11 @@ pub fn run() -> Result<ExitCode> {
             tracing::info!(trained = n, "train done");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Evaluate(args) => {
+        Command::Evaluate(eargs) if eargs.unit.is_some() => {
+            cluster::evaluate(eargs, cli.global.progress)
+        }
+        Command::Evaluate(eargs) => {
+            let args = eargs.pipeline;
             let pipeline = args.load()?;
             let _lock = saepipe::util::lock::RunLock::acquire(&pipeline.run_dir())?;
             let opts = args.hub_options(&pipeline);
@@ -269,6 +289,10 @@ pub fn run() -> Result<ExitCode> {
             print!("{table}");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Units(args) => cluster::units(args, cli.global.progress),
+        Command::Results(args) => cluster::results(args),
+        Command::Slurm(args) => cluster::slurm(args, cli.global.progress),
+        Command::K8s(args) => cluster::k8s(args, cli.global.progress),
         Command::Inspect { path } => {
             print!("{}", saepipe::tools::inspect::inspect(&path)?);
             Ok(ExitCode::SUCCESS)

@@ -17,6 +17,16 @@
 //! (model, revision, tokenizer hash, data, packing, split, budgets, shard size, batch
 //! size, dtype, writer settings, exclusion policy) and not the other hookpoints, so adding
 //! a hookpoint to a pipeline does not invalidate the ones already captured.
+//! Decision (issue 15, array tasks): a *capture unit* is one shard index of the whole
+//! capture, every hookpoint at once (one forward pass serves them all): units
+//! `0..n_train` are the training split's shards, `n_train..n_train + n_eval` the held-out
+//! split's. [`Select::Units`] computes only those shards; a shard's marker is its part file
+//! itself (written as `.tmp`, renamed when complete; its footer records the config hash
+//! and its rows). The manifests, the sets' completion markers, are written only by a
+//! capture that sees every shard: plain `saepipe capture` ([`Select::All`]) or
+//! `saepipe capture --finalize` ([`Select::Finalize`]: computes nothing and names the
+//! missing units instead), which runs once after the shard tasks, so no two tasks race
+//! on a manifest.
 
 #[cfg(test)]
 mod tests;
@@ -24,6 +34,7 @@ mod tests;
 pub(crate) mod toy;
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -77,6 +88,47 @@ pub enum CaptureError {
     /// A NaN or infinity in the activations.
     #[error(transparent)]
     NonFinite(#[from] NumericError),
+    /// `--finalize` found shards that no task has captured yet.
+    #[error("capture units {missing:?} ({split} shards of {hookpoint}) are not captured yet; run `saepipe capture <pipeline> --shard I` for each (or plain `saepipe capture`), then finalize again")]
+    MissingShards {
+        /// `train` or `eval`.
+        split: &'static str,
+        /// One hookpoint lacking them.
+        hookpoint: String,
+        /// Their capture unit indices.
+        missing: Vec<usize>,
+    },
+    /// A capture unit index beyond the last shard.
+    #[error(
+        "capture unit {index} does not exist: this pipeline has {count} (see `saepipe units`)"
+    )]
+    NoSuchUnit {
+        /// The index asked for.
+        index: usize,
+        /// Units there are.
+        count: usize,
+    },
+}
+
+/// Which shards a capture computes (module doc: capture units).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Select {
+    /// Every shard, then the manifests (plain `saepipe capture`).
+    All,
+    /// Only these capture units; no manifest is written.
+    Units(Range<usize>),
+    /// Compute nothing; write the manifests when every shard is there, else name the
+    /// missing units.
+    Finalize,
+}
+
+/// How many capture units each split has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnitCounts {
+    /// Shards of the training split (units `0..train`).
+    pub train: usize,
+    /// Shards of the held-out split (units `train..train + eval`).
+    pub eval: usize,
 }
 
 impl CaptureError {
@@ -177,6 +229,76 @@ pub fn capture(
     spec: &CaptureSpec,
     reporter: &dyn Reporter,
 ) -> Result<Vec<SetSummary>, CaptureError> {
+    capture_select(model, tokenizer, spec, &Select::All, reporter)
+}
+
+/// The exclusion list and special ids of a capture.
+fn exclusions(
+    model: &dyn HookedModel,
+    tokenizer: &Tokenizer,
+    spec: &CaptureSpec,
+) -> (Vec<u32>, SpecialIds) {
+    let info = model.info();
+    let special = SpecialIds {
+        bos: info.bos_token_id,
+        eos: info.eos_token_ids.first().copied(),
+        pad: info.pad_token_id,
+    };
+    let excluded = if spec.exclude_special_tokens {
+        special_token_ids(tokenizer, special, &info.eos_token_ids)
+    } else {
+        Vec::new()
+    };
+    (excluded, special)
+}
+
+/// Count the capture units of `spec` by packing its windows (tokenising only; no forward
+/// pass).
+pub fn count_units(
+    model: &dyn HookedModel,
+    tokenizer: Arc<Tokenizer>,
+    spec: &CaptureSpec,
+) -> Result<UnitCounts, CaptureError> {
+    let (excluded, special) = exclusions(model, &tokenizer, spec);
+    let mut n = [0usize; 2];
+    for (i, (split, budget)) in [
+        (Split::Train, spec.n_tokens),
+        (Split::Eval, spec.n_eval_tokens),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if budget == 0 {
+            continue;
+        }
+        let mut stream = WindowStream::new(
+            &spec.source,
+            tokenizer.clone(),
+            &spec.pack,
+            spec.split,
+            split,
+            special,
+        )?;
+        let mut remaining = budget;
+        while remaining > 0 {
+            plan_shard(&mut stream, spec, split, budget, &excluded, &mut remaining)?;
+            n[i] += 1;
+        }
+    }
+    Ok(UnitCounts {
+        train: n[0],
+        eval: n[1],
+    })
+}
+
+/// Like [`capture`], computing only the shards `select` names (module doc).
+pub fn capture_select(
+    model: &dyn HookedModel,
+    tokenizer: Arc<Tokenizer>,
+    spec: &CaptureSpec,
+    select: &Select,
+    reporter: &dyn Reporter,
+) -> Result<Vec<SetSummary>, CaptureError> {
     if spec.hookpoints.is_empty() {
         return Err(CaptureError::BadSpec(
             "no hookpoints to capture; set capture.hookpoints".into(),
@@ -190,18 +312,18 @@ pub fn capture(
     for hp in &spec.hookpoints {
         model.check_hookpoint(*hp)?;
     }
-    let info = model.info().clone();
-    let d_model = info.d_model;
-    let special = SpecialIds {
-        bos: info.bos_token_id,
-        eos: info.eos_token_ids.first().copied(),
-        pad: info.pad_token_id,
-    };
-    let excluded = if spec.exclude_special_tokens {
-        special_token_ids(&tokenizer, special, &info.eos_token_ids)
-    } else {
-        Vec::new()
-    };
+    let d_model = model.info().d_model;
+    let (excluded, special) = exclusions(model, &tokenizer, spec);
+    let units_mode = matches!(select, Select::Units(_));
+    if units_mode && spec.force {
+        return Err(CaptureError::BadSpec(
+            "--force with --shard would let one task clear the shards of the others; run `saepipe capture --force` once, or delete the activations folder, then the shard tasks".into(),
+        ));
+    }
+    // Capture units before the current split (the held-out split's come after the
+    // training split's); `None` until the training split has been counted.
+    let mut offset = Some(0usize);
+    let mut n_units = 0usize;
     let tok_sha = tokenizer_sha256(&tokenizer);
     let packing = serde_json::to_string(&spec.pack).unwrap_or_default();
 
@@ -216,6 +338,33 @@ pub fn capture(
     ] {
         if budget == 0 {
             continue;
+        }
+        // The split-local shards to compute, and whether to stream the whole split.
+        let pick = match select {
+            Select::All => Pick {
+                compute: None,
+                manifest: true,
+                offset: offset.unwrap_or(0),
+            },
+            Select::Finalize => Pick {
+                compute: Some(0..0),
+                manifest: true,
+                offset: offset.unwrap_or(0),
+            },
+            Select::Units(r) => {
+                let Some(off) = offset else { break };
+                Pick {
+                    compute: Some(r.start.saturating_sub(off)..r.end.saturating_sub(off)),
+                    manifest: false,
+                    offset: off,
+                }
+            }
+        };
+        if let (Select::Units(r), Some(c)) = (select, &pick.compute) {
+            if c.is_empty() && r.end <= pick.offset {
+                // Nothing of this split (or after it) is asked for.
+                break;
+            }
         }
         let mut sets = Vec::new();
         for &hp in &hookpoints {
@@ -256,10 +405,17 @@ pub fn capture(
                 packing: packing.clone(),
             };
             let dir = set_dir(&spec.out_dir, hp, split);
-            sets.push(prepare_set(hp, dir, meta, spec.force)?);
+            sets.push(prepare_set(
+                hp,
+                dir,
+                meta,
+                spec.force,
+                *select == Select::All,
+            )?);
         }
         let todo = sets.iter().filter(|s| !s.done).count() as u64;
-        if todo > 0 {
+        let mut count = None;
+        if todo > 0 && !matches!(select, Select::Finalize) {
             let bytes = budget * bytes_per_token(d_model, spec.dtype) * todo;
             reporter.message(&format!(
                 "capture {}: {budget} tokens × {todo} hookpoint(s) of d_model {d_model} ({}) → about {} on disk under {}",
@@ -268,10 +424,20 @@ pub fn capture(
                 human_bytes(bytes),
                 spec.out_dir.display()
             ));
-            run_split(
-                model, &tokenizer, spec, split, budget, &excluded, special, &mut sets, reporter,
+        }
+        if todo > 0 || units_mode {
+            count = run_split(
+                model, &tokenizer, spec, split, budget, &excluded, special, &mut sets, &pick,
+                reporter,
             )?;
         }
+        offset = match (offset, count) {
+            (Some(o), Some(c)) => {
+                n_units = o + c;
+                Some(o + c)
+            }
+            _ => None,
+        };
         for s in sets {
             out.push(SetSummary {
                 hookpoint: s.hp,
@@ -283,16 +449,67 @@ pub fn capture(
             });
         }
     }
+    if let (Select::Units(r), Some(_)) = (select, offset) {
+        if r.end > n_units {
+            return Err(CaptureError::NoSuchUnit {
+                index: r.end - 1,
+                count: n_units,
+            });
+        }
+    }
     Ok(out)
+}
+
+/// What [`run_split`] computes of its split.
+struct Pick {
+    /// Split-local shards to compute (`None`: all).
+    compute: Option<Range<usize>>,
+    /// Write the manifests (every shard must then be there).
+    manifest: bool,
+    /// Capture units before this split (for messages).
+    offset: usize,
+}
+
+/// The windows of the next shard of a split and the positions each keeps (budget exact).
+fn plan_shard(
+    stream: &mut WindowStream,
+    spec: &CaptureSpec,
+    split: Split,
+    budget: u64,
+    excluded: &[u32],
+    remaining: &mut u64,
+) -> Result<Vec<(Window, Vec<usize>)>, CaptureError> {
+    let mut plan: Vec<(Window, Vec<usize>)> = Vec::with_capacity(spec.shard_windows);
+    while plan.len() < spec.shard_windows && *remaining > 0 {
+        let w = match stream.next() {
+            Some(w) => w?,
+            None => {
+                return Err(CaptureError::CorpusTooSmall {
+                    split: split.name(),
+                    have: budget - *remaining,
+                    need: budget,
+                    source_desc: spec.source.describe(),
+                })
+            }
+        };
+        let mut kept = kept_positions(&w, excluded);
+        kept.truncate((*remaining).min(kept.len() as u64) as usize);
+        *remaining -= kept.len() as u64;
+        plan.push((w, kept));
+    }
+    Ok(plan)
 }
 
 /// Look at what a set folder holds: finished (same hash), partial (same hash: resume),
 /// or another config's output (refuse unless `force`).
+/// `clean` deletes stray `*.tmp` files; a shard task must not (they may be another task's
+/// shard in flight).
 fn prepare_set(
     hp: Hookpoint,
     dir: PathBuf,
     meta: ActMeta,
     force: bool,
+    clean: bool,
 ) -> Result<SetState, CaptureError> {
     std::fs::create_dir_all(&dir).map_err(|e| CaptureError::io(&dir, e))?;
     let mut state = SetState {
@@ -349,7 +566,7 @@ fn prepare_set(
             return Ok(state);
         }
     }
-    for (i, path) in list_parts(&dir)? {
+    for (i, path) in list_parts_with(&dir, clean)? {
         match reader::read_shard_meta(&path) {
             Ok((meta, rows)) if meta.config_hash == state.meta.config_hash => {
                 let bytes = std::fs::metadata(&path)
@@ -382,6 +599,11 @@ fn prepare_set(
 /// `part-NNNNN.parquet` files of `dir` with their index, sorted; stray `*.tmp` files of
 /// an interrupted run are deleted.
 pub(crate) fn list_parts(dir: &Path) -> Result<Vec<(usize, PathBuf)>, CaptureError> {
+    list_parts_with(dir, true)
+}
+
+/// [`list_parts`], deleting stray `*.tmp` files only when `clean`.
+fn list_parts_with(dir: &Path, clean: bool) -> Result<Vec<(usize, PathBuf)>, CaptureError> {
     let mut parts = Vec::new();
     let rd = std::fs::read_dir(dir).map_err(|e| CaptureError::io(dir, e))?;
     for entry in rd {
@@ -389,6 +611,9 @@ pub(crate) fn list_parts(dir: &Path) -> Result<Vec<(usize, PathBuf)>, CaptureErr
         let name = entry.file_name().to_string_lossy().into_owned();
         let path = entry.path();
         if name.starts_with("part-") && name.ends_with(".tmp") {
+            if !clean {
+                continue;
+            }
             std::fs::remove_file(&path).map_err(|e| CaptureError::io(&path, e))?;
             continue;
         }
@@ -434,8 +659,9 @@ fn run_split(
     excluded: &[u32],
     special: SpecialIds,
     sets: &mut [SetState],
+    pick: &Pick,
     reporter: &dyn Reporter,
-) -> Result<(), CaptureError> {
+) -> Result<Option<usize>, CaptureError> {
     let _span = tracing::info_span!("capture", split = split.name()).entered();
     let started = std::time::Instant::now();
     let mut stream = WindowStream::new(
@@ -452,26 +678,17 @@ fn run_split(
     let mut n_windows = 0u64;
     let mut computed = 0u64;
     let mut shard = 0usize;
+    let mut missing = Vec::new();
     while remaining > 0 {
-        // 1. The shard's windows and the positions each keeps (budget exact).
-        let mut plan: Vec<(Window, Vec<usize>)> = Vec::with_capacity(spec.shard_windows);
-        while plan.len() < spec.shard_windows && remaining > 0 {
-            let w = match stream.next() {
-                Some(w) => w?,
-                None => {
-                    return Err(CaptureError::CorpusTooSmall {
-                        split: split.name(),
-                        have: budget - remaining,
-                        need: budget,
-                        source_desc: spec.source.describe(),
-                    })
-                }
-            };
-            let mut kept = kept_positions(&w, excluded);
-            kept.truncate(remaining.min(kept.len() as u64) as usize);
-            remaining -= kept.len() as u64;
-            plan.push((w, kept));
+        // A shard task stops after its last shard unless the split must be counted.
+        if let Some(c) = &pick.compute {
+            if !pick.manifest && shard >= c.end && !c.is_empty() {
+                progress.finish();
+                return Ok(None);
+            }
         }
+        // 1. The shard's windows and the positions each keeps (budget exact).
+        let plan = plan_shard(&mut stream, spec, split, budget, excluded, &mut remaining)?;
         let rows: u64 = plan.iter().map(|(_, k)| k.len() as u64).sum();
         let window_start = plan.first().map(|(w, _)| w.index).unwrap_or(n_windows);
         n_windows += plan.len() as u64;
@@ -496,6 +713,12 @@ fn run_split(
                 }
                 _ => todo.push(si),
             }
+        }
+        let wanted_here = pick.compute.as_ref().is_none_or(|c| c.contains(&shard));
+        if !wanted_here && !todo.is_empty() {
+            // Another task's shard: leave it (and note it for --finalize).
+            missing.push(pick.offset + shard);
+            todo.clear();
         }
         if todo.is_empty() {
             progress.advance(rows);
@@ -557,11 +780,26 @@ fn run_split(
         shard += 1;
     }
     progress.finish();
+    if !pick.manifest {
+        return Ok(Some(shard));
+    }
+    if !missing.is_empty() {
+        let hookpoint = sets
+            .iter()
+            .find(|s| !s.done)
+            .map(|s| s.hp.to_string())
+            .unwrap_or_default();
+        return Err(CaptureError::MissingShards {
+            split: split.name(),
+            hookpoint,
+            missing,
+        });
+    }
 
     // 4. Manifests last: the only completion marker.
     for s in sets.iter_mut().filter(|s| !s.done) {
         // Shards beyond the last one (a longer earlier run cannot share our hash, but be safe).
-        for (i, p) in list_parts(&s.dir)? {
+        for (i, p) in list_parts_with(&s.dir, pick.compute.is_none())? {
             if i >= shard {
                 std::fs::remove_file(&p).map_err(|e| CaptureError::io(&p, e))?;
             }
@@ -587,7 +825,7 @@ fn run_split(
         budget - computed,
         computed as f64 / secs.max(1e-9)
     );
-    Ok(())
+    Ok(Some(shard))
 }
 
 /// Rows of the kept positions of a batch, given its activations `(b, ctx, d)` flattened.

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
-use crate::capture::{capture, CaptureSpec, SetSummary};
+use crate::capture::{capture_select, count_units, CaptureSpec, Select, SetSummary, UnitCounts};
 use crate::config::Pipeline;
 use crate::data::{DocSplit, PackSpec, Packing, TextSource};
 use crate::hub::{HubOptions, ResolvedModel};
@@ -151,6 +151,52 @@ pub fn run_stage(
     force: bool,
     reporter: &dyn Reporter,
 ) -> Result<Vec<SetSummary>> {
+    run_select(pipeline, opts, force, &Select::All, reporter)
+}
+
+/// The lock file of capture unit `i` (held while a task computes that shard).
+pub fn unit_lock_path(pipeline: &Pipeline, i: usize) -> std::path::PathBuf {
+    pipeline
+        .run_dir()
+        .join(".locks")
+        .join(format!("capture-{i:05}.lock"))
+}
+
+/// How many capture units (shards, every hookpoint at once) `pipeline` has: resolves and
+/// loads the model for its tokenizer and special tokens, then packs the windows.
+pub fn unit_counts(
+    pipeline: &Pipeline,
+    opts: &HubOptions,
+    reporter: &dyn Reporter,
+) -> Result<UnitCounts> {
+    let c = &pipeline.config;
+    if c.synthetic.is_some() {
+        return Ok(UnitCounts { train: 0, eval: 0 });
+    }
+    let (resolved, loaded) = load_pipeline_model(pipeline, opts, reporter)?;
+    let dataset = crate::hub::resolve_dataset(&c.data, opts, reporter)
+        .context("resolving the dataset of [data]")?;
+    let tokenizer = loaded.tokenizer.with_context(|| {
+        format!(
+            "{}: no tokenizer found (tokenizer.json next to the weights)",
+            resolved.path.display()
+        )
+    })?;
+    let spec = spec_from_pipeline(pipeline, revision_of(&resolved)?, &dataset.files, false);
+    Ok(
+        count_units(loaded.model.as_ref(), Arc::new(tokenizer), &spec)
+            .context("counting the capture shards")?,
+    )
+}
+
+/// The capture stage restricted to `select` (issue 15: `--shard I..J`, `--finalize`).
+pub fn run_select(
+    pipeline: &Pipeline,
+    opts: &HubOptions,
+    force: bool,
+    select: &Select,
+    reporter: &dyn Reporter,
+) -> Result<Vec<SetSummary>> {
     let c = &pipeline.config;
     if c.synthetic.is_some() {
         reporter.message("capture: [synthetic] pipeline, nothing to capture");
@@ -168,22 +214,38 @@ pub fn run_stage(
     let revision = revision_of(&resolved)?;
     let spec = spec_from_pipeline(pipeline, revision, &dataset.files, force);
     let hps: Vec<String> = spec.hookpoints.iter().map(|h| h.to_string()).collect();
-    let sums = capture(loaded.model.as_ref(), Arc::new(tokenizer), &spec, reporter).with_context(
-        || {
-            format!(
-                "capturing {} from {}@{}",
-                hps.join(", "),
-                c.model.source,
-                spec.model_revision
-            )
-        },
-    )?;
+    // One task per shard range: hold each shard's lock (waiting for a duplicate).
+    let mut _locks = Vec::new();
+    if let Select::Units(r) = select {
+        for i in r.clone() {
+            _locks.push(crate::util::lock::UnitLock::acquire(&unit_lock_path(
+                pipeline, i,
+            ))?);
+        }
+    }
+    let sums = capture_select(
+        loaded.model.as_ref(),
+        Arc::new(tokenizer),
+        &spec,
+        select,
+        reporter,
+    )
+    .with_context(|| {
+        format!(
+            "capturing {} from {}@{}",
+            hps.join(", "),
+            c.model.source,
+            spec.model_revision
+        )
+    })?;
     write_resolved(pipeline, &pipeline.run_dir())?;
     Ok(sums)
 }
 
 fn write_resolved(pipeline: &Pipeline, run_dir: &Path) -> Result<()> {
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    // Shard tasks finish at the same time: one `*.tmp` writer at a time.
+    let _lock = crate::util::lock::UnitLock::acquire(&run_dir.join(".locks").join("config.lock"))?;
     pipeline.write_resolved(run_dir)?;
     Ok(())
 }

@@ -25,6 +25,10 @@
 //! Decision: the CE sequences are the first `eval.ce_sequences` windows of the held-out
 //! split, so clean, zero-ablated and spliced CE are measured on the same tokens.
 //! A unit's `metrics.json` is its completion marker; it records the point hash.
+//! Decision (issue 15): evaluate unit `i` is train unit `i` (the JSAE pairs evaluate as
+//! part of their train unit); [`evaluate_one`] writes only that unit's `metrics.json`, and
+//! [`results_stage`] (`saepipe results`) merges every unit's record into the tables and
+//! the plot, exactly as the whole stage does at its end.
 
 use std::path::Path;
 
@@ -109,13 +113,6 @@ pub fn evaluate_stage(
         .iter()
         .filter(|u| read_done(&u.dir).is_some_and(|d| d.point_hash == u.point.hash))
         .collect();
-    let pending: Vec<&Unit> = trained
-        .iter()
-        .copied()
-        .filter(|u| {
-            force || read_metrics(&u.dir).is_none_or(|m| !m.is_of(u, read_done(&u.dir).as_ref()))
-        })
-        .collect();
     if trained.is_empty() && crate::pipeline::jsae::metric_rows(pipeline).is_empty() {
         anyhow::bail!(
             "nothing to evaluate: none of the {} SAEs of {} is trained in {}; run `saepipe train {}` (or `saepipe run`) first. The results in {} are left as they are",
@@ -132,6 +129,66 @@ pub fn evaluate_stage(
             all.len() - trained.len(),
             all.len()
         ));
+    }
+    evaluate_list(pipeline, opts, &trained, force, reporter)?;
+    results_stage(pipeline)
+}
+
+/// Evaluate unit `index` (= train unit `index`) alone, holding its unit lock, and write
+/// its `metrics.json`; an evaluated unit is skipped. The tables are left to
+/// [`results_stage`].
+pub fn evaluate_one(
+    pipeline: &Pipeline,
+    opts: &HubOptions,
+    index: usize,
+    force: bool,
+    reporter: &dyn Reporter,
+) -> Result<()> {
+    let all = units(pipeline, None)?;
+    let Some(u) = all.get(index) else {
+        anyhow::bail!(
+            "evaluate unit {index} does not exist: {} has {} SAE units (see `saepipe units`)",
+            pipeline.path.display(),
+            all.len()
+        );
+    };
+    let _lock = crate::util::lock::UnitLock::acquire(&u.dir.join(super::train::UNIT_LOCK))?;
+    if let Some(m) = super::unit_check::check_unit_folder(u)? {
+        anyhow::bail!(
+            "{} does not hold the SAE of unit {index}: {m}. Nothing was evaluated; run `saepipe train {} --unit {index}` to train it again: train replaces a folder that does not match its unit",
+            u.dir.display(),
+            pipeline.path.display()
+        );
+    }
+    if !read_done(&u.dir).is_some_and(|d| d.point_hash == u.point.hash) {
+        anyhow::bail!(
+            "unit {index} ({} at {}) is not trained in {}; run `saepipe train {} --unit {index}` first",
+            u.point.id,
+            u.hookpoint,
+            u.dir.display(),
+            pipeline.path.display()
+        );
+    }
+    evaluate_list(pipeline, opts, &[u], force, reporter)
+}
+
+/// Evaluate those of the `trained` units that have no up-to-date `metrics.json`.
+fn evaluate_list(
+    pipeline: &Pipeline,
+    opts: &HubOptions,
+    trained: &[&Unit],
+    force: bool,
+    reporter: &dyn Reporter,
+) -> Result<()> {
+    let pending: Vec<&Unit> = trained
+        .iter()
+        .copied()
+        .filter(|u| {
+            force || read_metrics(&u.dir).is_none_or(|m| !m.is_of(u, read_done(&u.dir).as_ref()))
+        })
+        .collect();
+    if pending.is_empty() && trained.len() == 1 {
+        reporter.message("evaluate: this unit is already evaluated");
     }
     if !pending.is_empty()
         && pipeline.config.synthetic.is_none()
@@ -212,6 +269,29 @@ pub fn evaluate_stage(
             }
         }
         prog.finish();
+    }
+    Ok(())
+}
+
+/// Merge the `metrics.json` of every trained unit (and the JSAE records) into
+/// `results/metrics.parquet`, `results/pareto.parquet` and `results/pareto.svg`; returns
+/// the summary table. `saepipe results`, and the end of the evaluate stage.
+pub fn results_stage(pipeline: &Pipeline) -> Result<String> {
+    let all = units(pipeline, None)?;
+    let trained: Vec<&Unit> = all
+        .iter()
+        .filter(|u| read_done(&u.dir).is_some_and(|d| d.point_hash == u.point.hash))
+        .collect();
+    let missing = trained
+        .iter()
+        .filter(|u| read_metrics(&u.dir).is_none_or(|m| !m.is_of(u, read_done(&u.dir).as_ref())))
+        .count();
+    if missing > 0 || trained.len() < all.len() {
+        tracing::warn!(
+            "results: {} of {} SAE units have no up-to-date metrics yet (train / evaluate them, e.g. `saepipe evaluate --unit I`); the tables hold the rest",
+            all.len() - trained.len() + missing,
+            all.len()
+        );
     }
     let mut rows: Vec<MetricsRow> = trained
         .iter()

@@ -6,6 +6,8 @@
 //! 3. [`train`]: every SAE unit (grid point × hookpoint), resumable inside a unit;
 //! 4. [`jsae`]: Jacobian SAE pairs, when the pipeline has a `[jsae]` section;
 //! 5. [`evaluate`]: metrics per unit, then [`results`] (Parquet tables) and [`plot`].
+//!
+//! [`units`] addresses one unit of a stage by index, for cluster array tasks.
 
 pub mod capture;
 pub mod ce;
@@ -16,3 +18,4 @@ pub mod plot;
 pub mod results;
 pub mod train;
 pub mod unit_check;
+pub mod units;

@@ -26,6 +26,13 @@
 //! an SAE's wall time while it shares the cores with the rest of its group.
 //! Decision: groups are capped by memory (weights, gradients and both Adam moments of
 //! every SAE in the group: 16 bytes per parameter) at [`GROUP_BYTES`].
+//! Decision (issue 15): a *train unit* of an array task is one (grid point × hookpoint),
+//! index `i` of [`units`] (points in sweep order, hookpoints in pipeline order), not a
+//! lockstep group: groups depend on what is still pending and on the memory cap, a unit
+//! does not, and every unit is independent. A unit trained alone reads the same shuffled
+//! stream (seeded by the base `run.seed`, keyed by its batch size) as in a group, so it
+//! ends with the same weights; only the read is no longer shared. When the pipeline has
+//! `[jsae]`, one more train unit (index = number of SAE units) trains every JSAE pair.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -48,6 +55,9 @@ use crate::util::progress::Reporter;
 
 /// The completion marker of a trained unit.
 pub const TRAIN_DONE: &str = "train_done.json";
+
+/// A unit's lock file inside its folder (train and evaluate of one unit take it).
+pub const UNIT_LOCK: &str = ".unit.lock";
 
 /// Memory cap of one lockstep group (weights, grads, Adam moments), bytes.
 pub const GROUP_BYTES: u64 = 6 << 30;
@@ -196,8 +206,42 @@ pub fn train_stage(
     reporter: &dyn Reporter,
 ) -> Result<usize> {
     let all = units(pipeline, only)?;
+    train_list(pipeline, &all, None, force, reporter)
+}
+
+/// Train unit `index` of [`units`] alone (an array task), holding its [`UNIT_LOCK`]; a
+/// trained unit is skipped. Returns the number trained (0 or 1).
+pub fn train_unit(
+    pipeline: &Pipeline,
+    index: usize,
+    force: bool,
+    reporter: &dyn Reporter,
+) -> Result<usize> {
+    let all = units(pipeline, None)?;
+    let Some(u) = all.get(index) else {
+        bail!(
+            "train unit {index} does not exist: {} has {} SAE units (see `saepipe units`)",
+            pipeline.path.display(),
+            all.len()
+        );
+    };
+    let _lock = crate::util::lock::UnitLock::acquire(&u.dir.join(UNIT_LOCK))?;
+    train_list(pipeline, &all, Some(index), force, reporter)
+}
+
+/// Train the units of `all` that are pending (all with `force`), only `pick` when given.
+fn train_list(
+    pipeline: &Pipeline,
+    all: &[Unit],
+    pick: Option<usize>,
+    force: bool,
+    reporter: &dyn Reporter,
+) -> Result<usize> {
     let mut pending: Vec<&Unit> = Vec::new();
-    for u in &all {
+    for (i, u) in all.iter().enumerate() {
+        if pick.is_some_and(|p| p != i) {
+            continue;
+        }
         // A folder holding another unit's SAE is trained again (and replaced), never kept.
         let foreign = super::unit_check::check_unit_folder(u)?;
         if let Some(m) = &foreign {
@@ -210,6 +254,10 @@ pub fn train_stage(
         if force || foreign.is_some() || !done {
             pending.push(u);
         }
+    }
+    if pending.is_empty() && pick.is_some() {
+        reporter.message("train: this unit is already trained");
+        return Ok(0);
     }
     if pending.is_empty() {
         reporter.message(&format!("train: all {} SAEs already trained", all.len()));
@@ -259,7 +307,7 @@ pub fn train_stage(
         )
         .with_context(|| {
             format!(
-                "opening the {hp} activations in {}; run `saepipe capture` first",
+                "opening the {hp} activations in {}; run `saepipe capture` first (after shard tasks: `saepipe capture --finalize`)",
                 dir.display()
             )
         })?;

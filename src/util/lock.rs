@@ -6,6 +6,13 @@
 //! second process refuses at once with a message naming the holder (pid, command, start
 //! time, written into the file). The kernel drops the lock when its process dies, SIGKILL
 //! included, so a crash never leaves a stale lock behind.
+//!
+//! Decision (issue 15, array tasks): a command that runs one unit (`capture --shard`,
+//! `train --unit`, `evaluate --unit`, `results`) holds the run lock *shared* instead, plus
+//! an exclusive [`UnitLock`] on that unit alone. So array tasks of different units work on
+//! one folder in parallel, a whole-stage command still refuses while any of them runs (and
+//! they refuse while it runs), and a duplicated task of the same unit waits for the first
+//! to finish, then finds the unit done and skips it: duplicates are harmless.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
@@ -44,6 +51,16 @@ pub struct RunLock {
 impl RunLock {
     /// Lock `dir` (created if needed) for this process, or say who holds it.
     pub fn acquire(dir: &Path) -> Result<Self, LockError> {
+        Self::take(dir, false)
+    }
+
+    /// Share `dir` with other one-unit commands (see the module doc); refused while a
+    /// whole-stage command holds it.
+    pub fn acquire_shared(dir: &Path) -> Result<Self, LockError> {
+        Self::take(dir, true)
+    }
+
+    fn take(dir: &Path, shared: bool) -> Result<Self, LockError> {
         let path = dir.join(LOCK_FILE);
         let io = |source| LockError::Io {
             path: path.clone(),
@@ -57,7 +74,12 @@ impl RunLock {
             .write(true)
             .open(&path)
             .map_err(io)?;
-        match file.try_lock() {
+        let got = if shared {
+            file.try_lock_shared()
+        } else {
+            file.try_lock()
+        };
+        match got {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 let mut holder = String::new();
@@ -80,14 +102,59 @@ impl RunLock {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         let who = format!(
-            "pid {}: {} (since unix time {since})",
+            "pid {}: {} (since unix time {since}{})",
             std::process::id(),
-            args.join(" ")
+            args.join(" "),
+            if shared {
+                "; one of possibly several one-unit tasks"
+            } else {
+                ""
+            }
         );
         file.set_len(0).map_err(io)?;
         file.rewind().map_err(io)?;
         file.write_all(who.as_bytes()).map_err(io)?;
         file.flush().map_err(io)?;
+        Ok(Self { _file: file })
+    }
+}
+
+/// An exclusive lock on one unit of a run (a capture shard, an SAE unit, the results),
+/// held until dropped. Taking it waits for another holder instead of refusing: the second
+/// of two duplicated array tasks then finds the unit done and skips it.
+#[derive(Debug)]
+pub struct UnitLock {
+    _file: File,
+}
+
+impl UnitLock {
+    /// Lock `path` (its folder created if needed), waiting while another process holds it.
+    pub fn acquire(path: &Path) -> Result<Self, LockError> {
+        let io = |source| LockError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                tracing::info!(
+                    "{} is held by another task of the same unit; waiting for it",
+                    path.display()
+                );
+                file.lock().map_err(io)?;
+            }
+            Err(TryLockError::Error(e)) => return Err(io(e)),
+        }
         Ok(Self { _file: file })
     }
 }
@@ -109,5 +176,42 @@ mod tests {
         );
         drop(first);
         RunLock::acquire(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn shared_holders_coexist_and_exclude_a_whole_stage_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = RunLock::acquire_shared(dir.path()).unwrap();
+        let b = RunLock::acquire_shared(dir.path()).unwrap();
+        assert!(matches!(
+            RunLock::acquire(dir.path()),
+            Err(LockError::Busy { .. })
+        ));
+        drop((a, b));
+        let whole = RunLock::acquire(dir.path()).unwrap();
+        assert!(matches!(
+            RunLock::acquire_shared(dir.path()),
+            Err(LockError::Busy { .. })
+        ));
+        drop(whole);
+    }
+
+    #[test]
+    fn a_unit_lock_waits_for_its_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("locks/unit.lock");
+        let first = UnitLock::acquire(&path).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p2 = path.clone();
+        let t = std::thread::spawn(move || {
+            let _second = UnitLock::acquire(&p2).unwrap();
+            tx.send(()).unwrap();
+        });
+        assert!(rx
+            .recv_timeout(std::time::Duration::from_millis(200))
+            .is_err());
+        drop(first);
+        rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        t.join().unwrap();
     }
 }
