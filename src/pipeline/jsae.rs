@@ -45,7 +45,6 @@ use crate::jsae::pair::{JsaePair, PairConfig, PairEval};
 use crate::models::{HookedModel, Hookpoint, Hooks, Site};
 use crate::pipeline::capture::activations_dir;
 use crate::pipeline::results::MetricsRow;
-use crate::sae::export::ExportMeta;
 use crate::store::reader::{ActBatch, ActivationSet, Expect, SeqReader};
 use crate::store::set_dir;
 use crate::train::{TrainConfig, Trainer};
@@ -583,12 +582,7 @@ pub fn jsae_stage(
             } else {
                 (&pair.sae_y, pair.scale_y)
             };
-            let meta = ExportMeta {
-                model_name: c.model.source.clone(),
-                hook_name: hp.to_string(),
-                context_size: c.data.context_len,
-                dataset_path: train_sets[0].manifest.meta.dataset.clone(),
-            };
+            let meta = super::export_meta::from_activations(p, &train_sets[side].manifest.meta)?;
             crate::sae::export::save_saelens(sae, scale, &meta, &sae_dir)
                 .with_context(|| format!("exporting {}", sae_dir.display()))?;
             rows.push(row(
