@@ -367,6 +367,181 @@ lambda = 1.0
     pipeline
 }
 
+/// An exported SAELens folder as plain arrays: `W_enc [d, m]`, `b_enc [m]`, `W_dec [m, d]`,
+/// `b_dec [d]`, `k`, `apply_b_dec_to_input`.
+struct Exported {
+    d: usize,
+    m: usize,
+    k: usize,
+    w_enc: Vec<f64>,
+    b_enc: Vec<f64>,
+    w_dec: Vec<f64>,
+    b_dec: Vec<f64>,
+    sub_b_dec: bool,
+}
+
+fn f32s(st: &safetensors::SafeTensors, name: &str) -> Vec<f64> {
+    let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
+    t.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
+        .collect()
+}
+
+impl Exported {
+    fn load(dir: &std::path::Path) -> Self {
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("cfg.json")).unwrap()).unwrap();
+        assert_eq!(cfg["architecture"], "topk");
+        assert_eq!(cfg["normalize_activations"], "none");
+        let bytes = std::fs::read(dir.join("sae_weights.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        Self {
+            d: cfg["d_in"].as_u64().unwrap() as usize,
+            m: cfg["d_sae"].as_u64().unwrap() as usize,
+            k: cfg["k"].as_u64().unwrap() as usize,
+            w_enc: f32s(&st, "W_enc"),
+            b_enc: f32s(&st, "b_enc"),
+            w_dec: f32s(&st, "W_dec"),
+            b_dec: f32s(&st, "b_dec"),
+            sub_b_dec: cfg["apply_b_dec_to_input"].as_bool().unwrap(),
+        }
+    }
+
+    /// Pre-activations of raw `x` (SAELens: `(x − b_dec) W_enc + b_enc`).
+    fn pre(&self, x: &[f64]) -> Vec<f64> {
+        let m = self.m;
+        let mut out = self.b_enc.clone();
+        for (i, (&xv, &b)) in x.iter().zip(&self.b_dec).enumerate().take(self.d) {
+            let xi = xv - if self.sub_b_dec { b } else { 0.0 };
+            for (o, w) in out.iter_mut().zip(&self.w_enc[i * m..(i + 1) * m]) {
+                *o += xi * w;
+            }
+        }
+        out
+    }
+
+    /// The active latents: the `k` largest pre-activations that are positive.
+    fn active(&self, x: &[f64]) -> Vec<usize> {
+        let pre = self.pre(x);
+        let mut order: Vec<usize> = (0..self.m).collect();
+        order.sort_by(|&a, &b| pre[b].total_cmp(&pre[a]).then(a.cmp(&b)));
+        order.truncate(self.k);
+        order.retain(|&j| pre[j] > 0.0);
+        order
+    }
+}
+
+/// SwiGLU block `layer` of a tiny Llama in f64, read from its safetensors file:
+/// `down(silu(gate x) ⊙ up x)`.
+struct Swiglu {
+    d: usize,
+    h: usize,
+    gate: Vec<f64>,
+    up: Vec<f64>,
+    down: Vec<f64>,
+}
+
+impl Swiglu {
+    fn load(model_dir: &std::path::Path, layer: usize) -> Self {
+        let bytes = std::fs::read(model_dir.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let p = format!("model.layers.{layer}.mlp");
+        let gate = f32s(&st, &format!("{p}.gate_proj.weight"));
+        let down = f32s(&st, &format!("{p}.down_proj.weight"));
+        let d = st.tensor(&format!("{p}.down_proj.weight")).unwrap().shape()[0];
+        Self {
+            d,
+            h: gate.len() / d,
+            gate,
+            up: f32s(&st, &format!("{p}.up_proj.weight")),
+            down,
+        }
+    }
+
+    fn forward(&self, x: &[f64]) -> Vec<f64> {
+        let (d, h) = (self.d, self.h);
+        let row = |w: &[f64], c: usize| -> f64 { (0..d).map(|i| w[c * d + i] * x[i]).sum() };
+        let a: Vec<f64> = (0..h)
+            .map(|c| {
+                let g = row(&self.gate, c);
+                g / (1.0 + (-g).exp()) * row(&self.up, c)
+            })
+            .collect();
+        (0..d)
+            .map(|j| (0..h).map(|c| self.down[j * h + c] * a[c]).sum())
+            .collect()
+    }
+}
+
+/// Rows of an activation set, in capture order, as f64.
+fn rows_of(dir: &std::path::Path) -> Vec<Vec<f64>> {
+    let set = saepipe::store::reader::ActivationSet::open(
+        dir,
+        &saepipe::store::reader::Expect::default(),
+    )
+    .unwrap();
+    let d = set.d_model();
+    let mut out = Vec::new();
+    for b in set.batches(4096) {
+        let b = b.unwrap();
+        out.extend(
+            b.act
+                .chunks(d)
+                .map(|r| r.iter().map(|&v| v as f64).collect::<Vec<_>>()),
+        );
+    }
+    out
+}
+
+/// The Jacobian columns of the `jsae` pair, recomputed from nothing but the two exported
+/// SAELens folders, the held-out activations and the model's MLP weights (issue 17 item
+/// 11): per held-out token, `A_x` / `A_y` = TopK of the exported encoders on the true
+/// `mlp_in` / `mlp_out`, and `J[j, i] = ∂ pre_y_j(f(x + ε W_dec[i])) / ∂ε` by central
+/// differences through an f64 SwiGLU. Returns `(mean |J|, share > 0.01, share > 0.1,
+/// mean‖x‖ / mean‖y‖)` over the `k²` entries per token.
+fn jacobian_from_exports(run: &std::path::Path, model_dir: &std::path::Path) -> [f64; 4] {
+    let sx = Exported::load(&run.join("jsae/jsae/blocks.1.hook_mlp_in"));
+    let sy = Exported::load(&run.join("jsae/jsae/blocks.1.hook_mlp_out"));
+    assert_eq!(sx.k, sy.k);
+    let mlp = Swiglu::load(model_dir, LAYER);
+    let acts = run.join("activations");
+    let xs = rows_of(&acts.join("blocks.1.hook_mlp_in/eval"));
+    let ys = rows_of(&acts.join("blocks.1.hook_mlp_out/eval"));
+    assert_eq!(xs.len(), ys.len());
+    let (d, k) = (sx.d, sx.k);
+    let eps = 1e-3;
+    let (mut sum, mut above_001, mut above_01) = (0.0f64, 0u64, 0u64);
+    let (mut nx, mut ny) = (0.0f64, 0.0f64);
+    for (x, y) in xs.iter().zip(&ys) {
+        nx += x.iter().map(|v| v * v).sum::<f64>().sqrt();
+        ny += y.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let (ax, ay) = (sx.active(x), sy.active(y));
+        for &i in &ax {
+            let dir_i = &sx.w_dec[i * d..(i + 1) * d];
+            let at = |s: f64| -> Vec<f64> {
+                let xp: Vec<f64> = x.iter().zip(dir_i).map(|(a, w)| a + s * w).collect();
+                sy.pre(&mlp.forward(&xp))
+            };
+            let (p, m) = (at(eps), at(-eps));
+            for &j in &ay {
+                let v = ((p[j] - m[j]) / (2.0 * eps)).abs();
+                sum += v;
+                above_001 += u64::from(v > 0.01);
+                above_01 += u64::from(v > 0.1);
+            }
+        }
+    }
+    let denom = (xs.len() * k * k) as f64;
+    [
+        sum / denom,
+        above_001 as f64 / denom,
+        above_01 as f64 / denom,
+        nx / ny,
+    ]
+}
+
 /// `saepipe run` on a small `[jsae]` pipeline (tiny Llama), then its random-init control:
 /// both write JSAE and plain-pair rows with Jacobian columns into metrics.parquet.
 #[test]
@@ -454,8 +629,56 @@ fn jsae_pipeline_end_to_end() {
             ],
             "{name}"
         );
+        if name == "jsae-tiny" {
+            // The reported Jacobian columns are those of the exported folders (the random-init
+            // control's MLP is not the file's, so it is checked on the real model only).
+            let row = (0..b.num_rows())
+                .find(|&i| arch.value(i) == "jsae")
+                .expect("a jsae row");
+            let model_dir = tmp.path().join("model");
+            let [mean_e, f001_e, f01_e, ratio] =
+                jacobian_from_exports(&tmp.path().join("runs").join(name), &model_dir);
+            let f01 = column::<Float64Array>(&b, "jacobian_frac_0_1");
+            eprintln!(
+                "from the exports: mean|J| {mean_e:.5} >0.01 {f001_e:.4} >0.1 {f01_e:.4}; row: {:.5} {:.4} {:.4}; ‖x‖/‖y‖ {ratio:.3}",
+                mean.value(row),
+                jac.value(row),
+                f01.value(row)
+            );
+            // The scale ratio c_y/c_x ≈ ‖x‖/‖y‖ is far from 1 here, so figures in the scaled
+            // units would miss these tolerances by that factor.
+            assert!(
+                (ratio - 1.0).abs() > 0.2,
+                "the fixture no longer tells the units apart (‖x‖/‖y‖ = {ratio})"
+            );
+            assert!(
+                (mean.value(row) - mean_e).abs() < 0.02 * mean_e,
+                "jacobian_mean_abs {} vs {mean_e} recomputed from the exported folders",
+                mean.value(row)
+            );
+            assert!(
+                (jac.value(row) - f001_e).abs() < 0.01,
+                "jacobian_sparsity {} vs {f001_e} from the exports",
+                jac.value(row)
+            );
+            assert!(
+                (f01.value(row) - f01_e).abs() < 0.01,
+                "jacobian_frac_0_1 {} vs {f01_e} from the exports",
+                f01.value(row)
+            );
+        }
         let jdir = tmp.path().join("runs").join(name).join("jsae/jsae");
         assert!(jdir.join("jsae_done.json").is_file());
+        // The exports' metadata is the run's (data.context_len = 32, BOS, special tokens
+        // excluded by default).
+        let meta: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(jdir.join("blocks.1.hook_mlp_out/cfg.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(meta["metadata"]["context_size"], 32);
+        assert_eq!(meta["metadata"]["prepend_bos"], true);
+        assert_eq!(meta["metadata"]["exclude_special_tokens"], true);
+        assert_eq!(meta["metadata"]["hook_name"], "blocks.1.hook_mlp_out");
         assert!(jdir.join("blocks.1.hook_mlp_in/cfg.json").is_file());
         assert!(jdir
             .join("blocks.1.hook_mlp_out/sae_weights.safetensors")

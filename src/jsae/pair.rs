@@ -27,6 +27,12 @@
 //! Decision: the Jacobian is evaluated at the true MLP input by default (`jac_at =
 //! "true_input"`, the authors' training and offline evaluation); `"reconstruction"`
 //! evaluates the MLP gains at `x̂`.
+//! Decision: the evaluation's Jacobian statistics ([`JsaePair::evaluate`], hence the
+//! metrics rows) and the training step's `jac_*` metrics are in the units of the exported
+//! SAELens folders: `J_export = J / r` with `r = c_y/c_x` (the export folds `c` into the
+//! weights, which rescales each SAE's codes by `1/c`), so `J` recomputed from the exported
+//! `W_enc`/`b_enc`/`W_dec`/`b_dec` and the model's MLP is the number we report. The loss
+//! and its gradient stay in the scaled (training) units, which is what λ is tuned for.
 
 use serde::{Deserialize, Serialize};
 
@@ -370,20 +376,23 @@ impl JsaePair {
         }
         let tables = self.tables();
         let gw = self.mlp.n_proj() * self.mlp.h;
+        // r = 1, not c_y/c_x: J / (c_y/c_x) is J in the units of the exported SAEs (module
+        // docs), the units of every reported Jacobian figure.
         jacobian::accumulate_stats(
             &tables,
             &self.ws[0].codes,
             &self.ws[1].codes,
             &self.gains,
             gw,
-            self.ratio(),
+            1.0,
             &mut acc.jac,
         );
         Ok(())
     }
 
     /// The Jacobian blocks of `n` raw rows as computed in training (for tests): per token,
-    /// `(A_x, A_y, J)` with `J[j·|A_x| + i]`.
+    /// `(A_x, A_y, J)` with `J[j·|A_x| + i]`, in the scaled (training) units
+    /// (`J_export = J / (c_y/c_x)`).
     pub fn blocks(
         &mut self,
         x: &[f32],
