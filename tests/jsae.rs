@@ -80,7 +80,7 @@ fn mlp_out_of(model: &dyn HookedModel, ids: &Tensor, x: &[f32]) -> Vec<f32> {
 /// A JSAE pair (λ warms up over the first 5% of `steps`) on the training engine, with its
 /// input scales and `b_dec` from `(x, y)`.
 fn pair_trainer(
-    (k, d_sae, lambda): (usize, usize, f32),
+    (k, d_sae, lambda, jac_at): (usize, usize, f32, JacAt),
     steps: u64,
     batch: usize,
     mlp: saepipe::models::MlpWeights,
@@ -92,7 +92,7 @@ fn pair_trainer(
             k,
             d_sae,
             lambda,
-            jac_at: JacAt::TrueInput,
+            jac_at,
             lr: 2e-3,
             seed: 3,
         },
@@ -122,7 +122,10 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// The k×k block of (input decoder → MLP → output encoder) equals central differences
-/// through the real model's MLP, for GELU (GPT-NeoX) and SwiGLU (Llama) blocks.
+/// through the real model's MLP, for GELU (GPT-NeoX) and SwiGLU (Llama) blocks, at both
+/// points `jac_at` allows. At the reconstruction (the paper's `e_y∘f∘d_x`, issue 17 item
+/// 12) the MLP runs on `x̂` and the output latents are TopK of the output SAE on `f(x̂)`,
+/// not those of the true output (which differ on some token, so the check has teeth).
 #[test]
 fn jacobian_block_matches_finite_differences_through_the_real_mlp() {
     let tmp = tempfile::tempdir().unwrap();
@@ -154,66 +157,110 @@ fn jacobian_block_matches_finite_differences_through_the_real_mlp() {
                 );
             }
         }
-        let mut trainer = pair_trainer((4, 32, 0.5), 10, n, mlp, &x, &y);
-        for _ in 0..3 {
-            trainer.step_on(&[&x, &y], n).unwrap();
-        }
-        let pair = the_pair(&mut trainer);
-        let blocks = pair.blocks(&x, &y, n).unwrap();
-        let (cx, cy) = (pair.scale_x as f64, pair.scale_y as f64);
-        let w_dec = &pair.sae_x.params()[2].data;
-        let (w_enc, b_enc, b_dec) = (
-            &pair.sae_y.params()[0].data,
-            &pair.sae_y.params()[1].data,
-            &pair.sae_y.params()[3].data,
-        );
-        // Output pre-activation of latent j on raw y: W_enc[j]·(c_y y − b_dec) + b_enc[j].
-        let pre = |yr: &[f32], j: usize| -> f64 {
-            let ys: Vec<f32> = yr
-                .iter()
-                .zip(b_dec)
-                .map(|(v, b)| (*v as f64 * cy) as f32 - b)
-                .collect();
-            dot(&w_enc[j * d..(j + 1) * d], &ys) + b_enc[j] as f64
-        };
-        let eps = 1e-2f64;
-        let (mut worst, mut biggest, mut checked) = (0.0f64, 0.0f64, 0);
-        for t in [0usize, 3, 9, 14] {
-            let (ax, ay, jb) = &blocks[t];
-            assert!(
-                !ax.is_empty() && !ay.is_empty(),
-                "{name}: token {t} has no active latents"
+        for jac_at in [JacAt::TrueInput, JacAt::Reconstruction] {
+            let name = format!("{name} {jac_at:?}");
+            let k = 4;
+            let mut trainer = pair_trainer((k, 32, 0.5, jac_at), 10, n, mlp.clone(), &x, &y);
+            for _ in 0..3 {
+                trainer.step_on(&[&x, &y], n).unwrap();
+            }
+            let pair = the_pair(&mut trainer);
+            let blocks = pair.blocks(&x, &y, n).unwrap();
+            // The point the Jacobian is taken at, and the MLP output there.
+            let base = if jac_at == JacAt::TrueInput {
+                x.clone()
+            } else {
+                let mut rx = Vec::new();
+                pair.reconstruct(0, &x, n, &mut rx).unwrap();
+                rx
+            };
+            let y_base = mlp_out_of(model, &ids, &base);
+            let (cx, cy) = (pair.scale_x as f64, pair.scale_y as f64);
+            let m = pair.config().d_sae;
+            let w_dec = &pair.sae_x.params()[2].data;
+            let (w_enc, b_enc, b_dec) = (
+                &pair.sae_y.params()[0].data,
+                &pair.sae_y.params()[1].data,
+                &pair.sae_y.params()[3].data,
             );
-            for (a, &i) in ax.iter().enumerate() {
-                let dir_i = &w_dec[i as usize * d..(i as usize + 1) * d];
-                let shifted = |sign: f64| -> Vec<f32> {
-                    let mut xs = x.clone();
-                    for (v, w) in xs[t * d..(t + 1) * d].iter_mut().zip(dir_i) {
-                        *v += (sign * eps * *w as f64 / cx) as f32;
+            // Output pre-activation of latent j on raw y: W_enc[j]·(c_y y − b_dec) + b_enc[j].
+            let pre = |yr: &[f32], j: usize| -> f64 {
+                let ys: Vec<f32> = yr
+                    .iter()
+                    .zip(b_dec)
+                    .map(|(v, b)| (*v as f64 * cy) as f32 - b)
+                    .collect();
+                dot(&w_enc[j * d..(j + 1) * d], &ys) + b_enc[j] as f64
+            };
+            // TopK (positive part) of the output SAE on raw y.
+            let topk = |yr: &[f32]| -> Vec<u32> {
+                let p: Vec<f64> = (0..m).map(|j| pre(yr, j)).collect();
+                let mut order: Vec<usize> = (0..m).collect();
+                order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+                let mut set: Vec<u32> = order[..k]
+                    .iter()
+                    .filter(|&&j| p[j] > 0.0)
+                    .map(|&j| j as u32)
+                    .collect();
+                set.sort();
+                set
+            };
+            let mut differs = 0;
+            for (t, (_, ay, _)) in blocks.iter().enumerate() {
+                let mut got = ay.clone();
+                got.sort();
+                let want = topk(&y_base[t * d..(t + 1) * d]);
+                assert_eq!(
+                    got, want,
+                    "{name}: token {t}: output latents are not TopK of encode(MLP at the Jacobian's point)"
+                );
+                differs += usize::from(want != topk(&y[t * d..(t + 1) * d]));
+            }
+            if jac_at == JacAt::Reconstruction {
+                assert!(
+                    differs > 0,
+                    "{name}: the latents of f(x̂) equal those of y on every token; the test cannot tell them apart"
+                );
+            }
+            let eps = 1e-2f64;
+            let (mut worst, mut biggest, mut checked) = (0.0f64, 0.0f64, 0);
+            for t in [0usize, 3, 9, 14] {
+                let (ax, ay, jb) = &blocks[t];
+                assert!(
+                    !ax.is_empty() && !ay.is_empty(),
+                    "{name}: token {t} has no active latents"
+                );
+                for (a, &i) in ax.iter().enumerate() {
+                    let dir_i = &w_dec[i as usize * d..(i as usize + 1) * d];
+                    let shifted = |sign: f64| -> Vec<f32> {
+                        let mut xs = base.clone();
+                        for (v, w) in xs[t * d..(t + 1) * d].iter_mut().zip(dir_i) {
+                            *v += (sign * eps * *w as f64 / cx) as f32;
+                        }
+                        mlp_out_of(model, &ids, &xs)
+                    };
+                    let (yp, ym) = (shifted(1.0), shifted(-1.0));
+                    for (b, &j) in ay.iter().enumerate() {
+                        let fd = (pre(&yp[t * d..(t + 1) * d], j as usize)
+                            - pre(&ym[t * d..(t + 1) * d], j as usize))
+                            / (2.0 * eps);
+                        let an = jb[b * ax.len() + a] as f64;
+                        worst = worst.max((fd - an).abs());
+                        biggest = biggest.max(an.abs());
+                        checked += 1;
                     }
-                    mlp_out_of(model, &ids, &xs)
-                };
-                let (yp, ym) = (shifted(1.0), shifted(-1.0));
-                for (b, &j) in ay.iter().enumerate() {
-                    let fd = (pre(&yp[t * d..(t + 1) * d], j as usize)
-                        - pre(&ym[t * d..(t + 1) * d], j as usize))
-                        / (2.0 * eps);
-                    let an = jb[b * ax.len() + a] as f64;
-                    worst = worst.max((fd - an).abs());
-                    biggest = biggest.max(an.abs());
-                    checked += 1;
                 }
             }
+            assert!(checked >= 16, "{name}: only {checked} entries checked");
+            assert!(
+                biggest > 1e-2,
+                "{name}: trivial Jacobian (max |J| {biggest})"
+            );
+            assert!(
+                worst < 1e-2 * (1.0 + biggest),
+                "{name}: max |J − FD| = {worst} (max |J| {biggest})"
+            );
         }
-        assert!(checked >= 16, "{name}: only {checked} entries checked");
-        assert!(
-            biggest > 1e-2,
-            "{name}: trivial Jacobian (max |J| {biggest})"
-        );
-        assert!(
-            worst < 1e-2 * (1.0 + biggest),
-            "{name}: max |J − FD| = {worst} (max |J| {biggest})"
-        );
     }
 }
 
@@ -231,7 +278,14 @@ fn jsae_pair_is_sparser_than_the_plain_pair() {
     let (n, batch, steps) = (x.len() / d, 256, 120u64);
     let mut out = Vec::new();
     for lambda in [0.0f32, 2.0] {
-        let mut trainer = pair_trainer((8, 128, lambda), steps, batch, mlp.clone(), &x, &y);
+        let mut trainer = pair_trainer(
+            (8, 128, lambda, JacAt::TrueInput),
+            steps,
+            batch,
+            mlp.clone(),
+            &x,
+            &y,
+        );
         for s in 0..steps as usize {
             let lo = (s * batch) % (n - batch);
             trainer

@@ -239,7 +239,16 @@ pub fn gains_of(mlp: &MlpWeights, x: &[f32], n: usize, out: &mut Vec<f32>) {
         .for_each_init(Vec::new, |tmp, (g, xr)| mlp.gains(xr, tmp, g));
 }
 
-/// Blocks of all tokens, accumulated into `stats` (evaluation: no gradient).
+/// The MLP outputs `f(x)` of every token of `x: [n, d]` (raw MLP inputs), `[n, d]`.
+pub fn mlp_outputs(mlp: &MlpWeights, x: &[f32], n: usize, out: &mut Vec<f32>) {
+    let d = mlp.d;
+    c::resize(out, n * d);
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each_init(Vec::new, |hid, (y, xr)| mlp.forward_token(xr, hid, y));
+}
+
+/// Blocks of all tokens, `r · (Qᵀ M)`, accumulated into `stats` (evaluation: no gradient).
 pub fn accumulate_stats(
     tables: &JacTables,
     codes_x: &Codes,
