@@ -80,7 +80,7 @@ fn mlp_out_of(model: &dyn HookedModel, ids: &Tensor, x: &[f32]) -> Vec<f32> {
 /// A JSAE pair (λ warms up over the first 5% of `steps`) on the training engine, with its
 /// input scales and `b_dec` from `(x, y)`.
 fn pair_trainer(
-    (k, d_sae, lambda): (usize, usize, f32),
+    (k, d_sae, lambda, jac_at): (usize, usize, f32, JacAt),
     steps: u64,
     batch: usize,
     mlp: saepipe::models::MlpWeights,
@@ -92,7 +92,7 @@ fn pair_trainer(
             k,
             d_sae,
             lambda,
-            jac_at: JacAt::TrueInput,
+            jac_at,
             lr: 2e-3,
             seed: 3,
         },
@@ -122,7 +122,10 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// The k×k block of (input decoder → MLP → output encoder) equals central differences
-/// through the real model's MLP, for GELU (GPT-NeoX) and SwiGLU (Llama) blocks.
+/// through the real model's MLP, for GELU (GPT-NeoX) and SwiGLU (Llama) blocks, at both
+/// points `jac_at` allows. At the reconstruction (the paper's `e_y∘f∘d_x`, issue 17 item
+/// 12) the MLP runs on `x̂` and the output latents are TopK of the output SAE on `f(x̂)`,
+/// not those of the true output (which differ on some token, so the check has teeth).
 #[test]
 fn jacobian_block_matches_finite_differences_through_the_real_mlp() {
     let tmp = tempfile::tempdir().unwrap();
@@ -154,66 +157,110 @@ fn jacobian_block_matches_finite_differences_through_the_real_mlp() {
                 );
             }
         }
-        let mut trainer = pair_trainer((4, 32, 0.5), 10, n, mlp, &x, &y);
-        for _ in 0..3 {
-            trainer.step_on(&[&x, &y], n).unwrap();
-        }
-        let pair = the_pair(&mut trainer);
-        let blocks = pair.blocks(&x, &y, n).unwrap();
-        let (cx, cy) = (pair.scale_x as f64, pair.scale_y as f64);
-        let w_dec = &pair.sae_x.params()[2].data;
-        let (w_enc, b_enc, b_dec) = (
-            &pair.sae_y.params()[0].data,
-            &pair.sae_y.params()[1].data,
-            &pair.sae_y.params()[3].data,
-        );
-        // Output pre-activation of latent j on raw y: W_enc[j]·(c_y y − b_dec) + b_enc[j].
-        let pre = |yr: &[f32], j: usize| -> f64 {
-            let ys: Vec<f32> = yr
-                .iter()
-                .zip(b_dec)
-                .map(|(v, b)| (*v as f64 * cy) as f32 - b)
-                .collect();
-            dot(&w_enc[j * d..(j + 1) * d], &ys) + b_enc[j] as f64
-        };
-        let eps = 1e-2f64;
-        let (mut worst, mut biggest, mut checked) = (0.0f64, 0.0f64, 0);
-        for t in [0usize, 3, 9, 14] {
-            let (ax, ay, jb) = &blocks[t];
-            assert!(
-                !ax.is_empty() && !ay.is_empty(),
-                "{name}: token {t} has no active latents"
+        for jac_at in [JacAt::TrueInput, JacAt::Reconstruction] {
+            let name = format!("{name} {jac_at:?}");
+            let k = 4;
+            let mut trainer = pair_trainer((k, 32, 0.5, jac_at), 10, n, mlp.clone(), &x, &y);
+            for _ in 0..3 {
+                trainer.step_on(&[&x, &y], n).unwrap();
+            }
+            let pair = the_pair(&mut trainer);
+            let blocks = pair.blocks(&x, &y, n).unwrap();
+            // The point the Jacobian is taken at, and the MLP output there.
+            let base = if jac_at == JacAt::TrueInput {
+                x.clone()
+            } else {
+                let mut rx = Vec::new();
+                pair.reconstruct(0, &x, n, &mut rx).unwrap();
+                rx
+            };
+            let y_base = mlp_out_of(model, &ids, &base);
+            let (cx, cy) = (pair.scale_x as f64, pair.scale_y as f64);
+            let m = pair.config().d_sae;
+            let w_dec = &pair.sae_x.params()[2].data;
+            let (w_enc, b_enc, b_dec) = (
+                &pair.sae_y.params()[0].data,
+                &pair.sae_y.params()[1].data,
+                &pair.sae_y.params()[3].data,
             );
-            for (a, &i) in ax.iter().enumerate() {
-                let dir_i = &w_dec[i as usize * d..(i as usize + 1) * d];
-                let shifted = |sign: f64| -> Vec<f32> {
-                    let mut xs = x.clone();
-                    for (v, w) in xs[t * d..(t + 1) * d].iter_mut().zip(dir_i) {
-                        *v += (sign * eps * *w as f64 / cx) as f32;
+            // Output pre-activation of latent j on raw y: W_enc[j]·(c_y y − b_dec) + b_enc[j].
+            let pre = |yr: &[f32], j: usize| -> f64 {
+                let ys: Vec<f32> = yr
+                    .iter()
+                    .zip(b_dec)
+                    .map(|(v, b)| (*v as f64 * cy) as f32 - b)
+                    .collect();
+                dot(&w_enc[j * d..(j + 1) * d], &ys) + b_enc[j] as f64
+            };
+            // TopK (positive part) of the output SAE on raw y.
+            let topk = |yr: &[f32]| -> Vec<u32> {
+                let p: Vec<f64> = (0..m).map(|j| pre(yr, j)).collect();
+                let mut order: Vec<usize> = (0..m).collect();
+                order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
+                let mut set: Vec<u32> = order[..k]
+                    .iter()
+                    .filter(|&&j| p[j] > 0.0)
+                    .map(|&j| j as u32)
+                    .collect();
+                set.sort();
+                set
+            };
+            let mut differs = 0;
+            for (t, (_, ay, _)) in blocks.iter().enumerate() {
+                let mut got = ay.clone();
+                got.sort();
+                let want = topk(&y_base[t * d..(t + 1) * d]);
+                assert_eq!(
+                    got, want,
+                    "{name}: token {t}: output latents are not TopK of encode(MLP at the Jacobian's point)"
+                );
+                differs += usize::from(want != topk(&y[t * d..(t + 1) * d]));
+            }
+            if jac_at == JacAt::Reconstruction {
+                assert!(
+                    differs > 0,
+                    "{name}: the latents of f(x̂) equal those of y on every token; the test cannot tell them apart"
+                );
+            }
+            let eps = 1e-2f64;
+            let (mut worst, mut biggest, mut checked) = (0.0f64, 0.0f64, 0);
+            for t in [0usize, 3, 9, 14] {
+                let (ax, ay, jb) = &blocks[t];
+                assert!(
+                    !ax.is_empty() && !ay.is_empty(),
+                    "{name}: token {t} has no active latents"
+                );
+                for (a, &i) in ax.iter().enumerate() {
+                    let dir_i = &w_dec[i as usize * d..(i as usize + 1) * d];
+                    let shifted = |sign: f64| -> Vec<f32> {
+                        let mut xs = base.clone();
+                        for (v, w) in xs[t * d..(t + 1) * d].iter_mut().zip(dir_i) {
+                            *v += (sign * eps * *w as f64 / cx) as f32;
+                        }
+                        mlp_out_of(model, &ids, &xs)
+                    };
+                    let (yp, ym) = (shifted(1.0), shifted(-1.0));
+                    for (b, &j) in ay.iter().enumerate() {
+                        let fd = (pre(&yp[t * d..(t + 1) * d], j as usize)
+                            - pre(&ym[t * d..(t + 1) * d], j as usize))
+                            / (2.0 * eps);
+                        let an = jb[b * ax.len() + a] as f64;
+                        worst = worst.max((fd - an).abs());
+                        biggest = biggest.max(an.abs());
+                        checked += 1;
                     }
-                    mlp_out_of(model, &ids, &xs)
-                };
-                let (yp, ym) = (shifted(1.0), shifted(-1.0));
-                for (b, &j) in ay.iter().enumerate() {
-                    let fd = (pre(&yp[t * d..(t + 1) * d], j as usize)
-                        - pre(&ym[t * d..(t + 1) * d], j as usize))
-                        / (2.0 * eps);
-                    let an = jb[b * ax.len() + a] as f64;
-                    worst = worst.max((fd - an).abs());
-                    biggest = biggest.max(an.abs());
-                    checked += 1;
                 }
             }
+            assert!(checked >= 16, "{name}: only {checked} entries checked");
+            assert!(
+                biggest > 1e-2,
+                "{name}: trivial Jacobian (max |J| {biggest})"
+            );
+            assert!(
+                worst < 1e-2 * (1.0 + biggest),
+                "{name}: max |J − FD| = {worst} (max |J| {biggest})"
+            );
         }
-        assert!(checked >= 16, "{name}: only {checked} entries checked");
-        assert!(
-            biggest > 1e-2,
-            "{name}: trivial Jacobian (max |J| {biggest})"
-        );
-        assert!(
-            worst < 1e-2 * (1.0 + biggest),
-            "{name}: max |J − FD| = {worst} (max |J| {biggest})"
-        );
     }
 }
 
@@ -231,7 +278,14 @@ fn jsae_pair_is_sparser_than_the_plain_pair() {
     let (n, batch, steps) = (x.len() / d, 256, 120u64);
     let mut out = Vec::new();
     for lambda in [0.0f32, 2.0] {
-        let mut trainer = pair_trainer((8, 128, lambda), steps, batch, mlp.clone(), &x, &y);
+        let mut trainer = pair_trainer(
+            (8, 128, lambda, JacAt::TrueInput),
+            steps,
+            batch,
+            mlp.clone(),
+            &x,
+            &y,
+        );
         for s in 0..steps as usize {
             let lo = (s * batch) % (n - batch);
             trainer
@@ -367,6 +421,181 @@ lambda = 1.0
     pipeline
 }
 
+/// An exported SAELens folder as plain arrays: `W_enc [d, m]`, `b_enc [m]`, `W_dec [m, d]`,
+/// `b_dec [d]`, `k`, `apply_b_dec_to_input`.
+struct Exported {
+    d: usize,
+    m: usize,
+    k: usize,
+    w_enc: Vec<f64>,
+    b_enc: Vec<f64>,
+    w_dec: Vec<f64>,
+    b_dec: Vec<f64>,
+    sub_b_dec: bool,
+}
+
+fn f32s(st: &safetensors::SafeTensors, name: &str) -> Vec<f64> {
+    let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
+    t.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64)
+        .collect()
+}
+
+impl Exported {
+    fn load(dir: &std::path::Path) -> Self {
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("cfg.json")).unwrap()).unwrap();
+        assert_eq!(cfg["architecture"], "topk");
+        assert_eq!(cfg["normalize_activations"], "none");
+        let bytes = std::fs::read(dir.join("sae_weights.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        Self {
+            d: cfg["d_in"].as_u64().unwrap() as usize,
+            m: cfg["d_sae"].as_u64().unwrap() as usize,
+            k: cfg["k"].as_u64().unwrap() as usize,
+            w_enc: f32s(&st, "W_enc"),
+            b_enc: f32s(&st, "b_enc"),
+            w_dec: f32s(&st, "W_dec"),
+            b_dec: f32s(&st, "b_dec"),
+            sub_b_dec: cfg["apply_b_dec_to_input"].as_bool().unwrap(),
+        }
+    }
+
+    /// Pre-activations of raw `x` (SAELens: `(x − b_dec) W_enc + b_enc`).
+    fn pre(&self, x: &[f64]) -> Vec<f64> {
+        let m = self.m;
+        let mut out = self.b_enc.clone();
+        for (i, (&xv, &b)) in x.iter().zip(&self.b_dec).enumerate().take(self.d) {
+            let xi = xv - if self.sub_b_dec { b } else { 0.0 };
+            for (o, w) in out.iter_mut().zip(&self.w_enc[i * m..(i + 1) * m]) {
+                *o += xi * w;
+            }
+        }
+        out
+    }
+
+    /// The active latents: the `k` largest pre-activations that are positive.
+    fn active(&self, x: &[f64]) -> Vec<usize> {
+        let pre = self.pre(x);
+        let mut order: Vec<usize> = (0..self.m).collect();
+        order.sort_by(|&a, &b| pre[b].total_cmp(&pre[a]).then(a.cmp(&b)));
+        order.truncate(self.k);
+        order.retain(|&j| pre[j] > 0.0);
+        order
+    }
+}
+
+/// SwiGLU block `layer` of a tiny Llama in f64, read from its safetensors file:
+/// `down(silu(gate x) ⊙ up x)`.
+struct Swiglu {
+    d: usize,
+    h: usize,
+    gate: Vec<f64>,
+    up: Vec<f64>,
+    down: Vec<f64>,
+}
+
+impl Swiglu {
+    fn load(model_dir: &std::path::Path, layer: usize) -> Self {
+        let bytes = std::fs::read(model_dir.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let p = format!("model.layers.{layer}.mlp");
+        let gate = f32s(&st, &format!("{p}.gate_proj.weight"));
+        let down = f32s(&st, &format!("{p}.down_proj.weight"));
+        let d = st.tensor(&format!("{p}.down_proj.weight")).unwrap().shape()[0];
+        Self {
+            d,
+            h: gate.len() / d,
+            gate,
+            up: f32s(&st, &format!("{p}.up_proj.weight")),
+            down,
+        }
+    }
+
+    fn forward(&self, x: &[f64]) -> Vec<f64> {
+        let (d, h) = (self.d, self.h);
+        let row = |w: &[f64], c: usize| -> f64 { (0..d).map(|i| w[c * d + i] * x[i]).sum() };
+        let a: Vec<f64> = (0..h)
+            .map(|c| {
+                let g = row(&self.gate, c);
+                g / (1.0 + (-g).exp()) * row(&self.up, c)
+            })
+            .collect();
+        (0..d)
+            .map(|j| (0..h).map(|c| self.down[j * h + c] * a[c]).sum())
+            .collect()
+    }
+}
+
+/// Rows of an activation set, in capture order, as f64.
+fn rows_of(dir: &std::path::Path) -> Vec<Vec<f64>> {
+    let set = saepipe::store::reader::ActivationSet::open(
+        dir,
+        &saepipe::store::reader::Expect::default(),
+    )
+    .unwrap();
+    let d = set.d_model();
+    let mut out = Vec::new();
+    for b in set.batches(4096) {
+        let b = b.unwrap();
+        out.extend(
+            b.act
+                .chunks(d)
+                .map(|r| r.iter().map(|&v| v as f64).collect::<Vec<_>>()),
+        );
+    }
+    out
+}
+
+/// The Jacobian columns of the `jsae` pair, recomputed from nothing but the two exported
+/// SAELens folders, the held-out activations and the model's MLP weights (issue 17 item
+/// 11): per held-out token, `A_x` / `A_y` = TopK of the exported encoders on the true
+/// `mlp_in` / `mlp_out`, and `J[j, i] = ∂ pre_y_j(f(x + ε W_dec[i])) / ∂ε` by central
+/// differences through an f64 SwiGLU. Returns `(mean |J|, share > 0.01, share > 0.1,
+/// mean‖x‖ / mean‖y‖)` over the `k²` entries per token.
+fn jacobian_from_exports(run: &std::path::Path, model_dir: &std::path::Path) -> [f64; 4] {
+    let sx = Exported::load(&run.join("jsae/jsae/blocks.1.hook_mlp_in"));
+    let sy = Exported::load(&run.join("jsae/jsae/blocks.1.hook_mlp_out"));
+    assert_eq!(sx.k, sy.k);
+    let mlp = Swiglu::load(model_dir, LAYER);
+    let acts = run.join("activations");
+    let xs = rows_of(&acts.join("blocks.1.hook_mlp_in/eval"));
+    let ys = rows_of(&acts.join("blocks.1.hook_mlp_out/eval"));
+    assert_eq!(xs.len(), ys.len());
+    let (d, k) = (sx.d, sx.k);
+    let eps = 1e-3;
+    let (mut sum, mut above_001, mut above_01) = (0.0f64, 0u64, 0u64);
+    let (mut nx, mut ny) = (0.0f64, 0.0f64);
+    for (x, y) in xs.iter().zip(&ys) {
+        nx += x.iter().map(|v| v * v).sum::<f64>().sqrt();
+        ny += y.iter().map(|v| v * v).sum::<f64>().sqrt();
+        let (ax, ay) = (sx.active(x), sy.active(y));
+        for &i in &ax {
+            let dir_i = &sx.w_dec[i * d..(i + 1) * d];
+            let at = |s: f64| -> Vec<f64> {
+                let xp: Vec<f64> = x.iter().zip(dir_i).map(|(a, w)| a + s * w).collect();
+                sy.pre(&mlp.forward(&xp))
+            };
+            let (p, m) = (at(eps), at(-eps));
+            for &j in &ay {
+                let v = ((p[j] - m[j]) / (2.0 * eps)).abs();
+                sum += v;
+                above_001 += u64::from(v > 0.01);
+                above_01 += u64::from(v > 0.1);
+            }
+        }
+    }
+    let denom = (xs.len() * k * k) as f64;
+    [
+        sum / denom,
+        above_001 as f64 / denom,
+        above_01 as f64 / denom,
+        nx / ny,
+    ]
+}
+
 /// `saepipe run` on a small `[jsae]` pipeline (tiny Llama), then its random-init control:
 /// both write JSAE and plain-pair rows with Jacobian columns into metrics.parquet.
 #[test]
@@ -454,8 +683,56 @@ fn jsae_pipeline_end_to_end() {
             ],
             "{name}"
         );
+        if name == "jsae-tiny" {
+            // The reported Jacobian columns are those of the exported folders (the random-init
+            // control's MLP is not the file's, so it is checked on the real model only).
+            let row = (0..b.num_rows())
+                .find(|&i| arch.value(i) == "jsae")
+                .expect("a jsae row");
+            let model_dir = tmp.path().join("model");
+            let [mean_e, f001_e, f01_e, ratio] =
+                jacobian_from_exports(&tmp.path().join("runs").join(name), &model_dir);
+            let f01 = column::<Float64Array>(&b, "jacobian_frac_0_1");
+            eprintln!(
+                "from the exports: mean|J| {mean_e:.5} >0.01 {f001_e:.4} >0.1 {f01_e:.4}; row: {:.5} {:.4} {:.4}; ‖x‖/‖y‖ {ratio:.3}",
+                mean.value(row),
+                jac.value(row),
+                f01.value(row)
+            );
+            // The scale ratio c_y/c_x ≈ ‖x‖/‖y‖ is far from 1 here, so figures in the scaled
+            // units would miss these tolerances by that factor.
+            assert!(
+                (ratio - 1.0).abs() > 0.2,
+                "the fixture no longer tells the units apart (‖x‖/‖y‖ = {ratio})"
+            );
+            assert!(
+                (mean.value(row) - mean_e).abs() < 0.02 * mean_e,
+                "jacobian_mean_abs {} vs {mean_e} recomputed from the exported folders",
+                mean.value(row)
+            );
+            assert!(
+                (jac.value(row) - f001_e).abs() < 0.01,
+                "jacobian_sparsity {} vs {f001_e} from the exports",
+                jac.value(row)
+            );
+            assert!(
+                (f01.value(row) - f01_e).abs() < 0.01,
+                "jacobian_frac_0_1 {} vs {f01_e} from the exports",
+                f01.value(row)
+            );
+        }
         let jdir = tmp.path().join("runs").join(name).join("jsae/jsae");
         assert!(jdir.join("jsae_done.json").is_file());
+        // The exports' metadata is the run's (data.context_len = 32, BOS, special tokens
+        // excluded by default).
+        let meta: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(jdir.join("blocks.1.hook_mlp_out/cfg.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(meta["metadata"]["context_size"], 32);
+        assert_eq!(meta["metadata"]["prepend_bos"], true);
+        assert_eq!(meta["metadata"]["exclude_special_tokens"], true);
+        assert_eq!(meta["metadata"]["hook_name"], "blocks.1.hook_mlp_out");
         assert!(jdir.join("blocks.1.hook_mlp_in/cfg.json").is_file());
         assert!(jdir
             .join("blocks.1.hook_mlp_out/sae_weights.safetensors")

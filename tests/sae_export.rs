@@ -79,6 +79,7 @@ fn export_reproduces_the_trained_sae_on_raw_activations() {
             hook_name: "blocks.0.hook_resid_post".into(),
             context_size: 128,
             dataset_path: "synthetic".into(),
+            ..ExportMeta::default()
         };
         t.export(&dir, &meta).unwrap();
         let cfg_json: serde_json::Value =

@@ -513,8 +513,9 @@ pub struct JsaeConfig {
     /// Default true.
     #[serde(default = "yes")]
     pub baseline: bool,
-    /// Where the MLP gains of J are evaluated: `"true_input"` (default, the authors' code)
-    /// or `"reconstruction"`.
+    /// Where the MLP gains of J are evaluated: `"true_input"` (default, the authors' code),
+    /// `"reconstruction"` (the paper's e_y∘f∘d_x: at x̂, output latents of f(x̂)) or
+    /// `"reconstruction_true_latents"` (at x̂, output latents of the true y).
     #[serde(default)]
     pub jac_at: crate::jsae::JacAt,
     /// Adam learning rate when `[train].optimizer` sets none. Default 5e-4 (the authors').

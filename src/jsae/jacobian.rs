@@ -15,8 +15,11 @@
 //!
 //! The full `m_y × m_x` Jacobian is exactly zero outside `A_y × A_x` (ReLU∘TopK on both
 //! sides), so the block is exact, not an approximation. `r` folds the fixed input scalings
-//! of the two SAEs (`x' = c_x x`, `y' = c_y y`) into `J`, so `J` is in the units of the SAE
-//! latents. The gains `g` depend only on data (the MLP input), never on SAE parameters.
+//! of the two SAEs (`x' = c_x x`, `y' = c_y y`) into `J`, so `J` is in the units of the
+//! scaled SAE latents the loss is computed on; the exported SAEs' codes are those divided
+//! by `c`, so in their units the block is `J / r` (`r = 1` in [`accumulate_stats`]), which
+//! is what the statistics report. The gains `g` depend only on data (the MLP input), never
+//! on SAE parameters.
 //!
 //! Memory (§1.9): tokens are processed in chunks of [`TOKEN_CHUNK`]; per chunk the per-token
 //! `k×h` buffers are `TOKEN_CHUNK · k · h` floats, and the per-step tables are
@@ -157,10 +160,15 @@ impl JacStats {
     /// (`k_x(t)·k_y(t)`, which is k² for TopK codes); an all-zero block adds no normalised
     /// counts.
     pub fn add_block(&mut self, j: &[f32]) {
+        self.add_block_scaled(j, 1.0);
+    }
+
+    /// [`Self::add_block`] of the block `unit · j` (the units the statistics are kept in).
+    pub fn add_block_scaled(&mut self, j: &[f32], unit: f64) {
         self.tokens += 1;
         let mut sq = 0.0f64;
         for &v in j {
-            let a = v.abs() as f64;
+            let a = v.abs() as f64 * unit;
             self.sum_abs += a;
             sq += a * a;
             for (n, &t) in self.above.iter_mut().zip(&THRESHOLDS) {
@@ -172,7 +180,7 @@ impl JacStats {
         let rms = (sq / j.len().max(1) as f64).sqrt();
         if rms > 0.0 {
             for &v in j {
-                let a = v.abs() as f64 / rms;
+                let a = v.abs() as f64 * unit / rms;
                 for (n, &t) in self.above_rms.iter_mut().zip(&RMS_THRESHOLDS) {
                     if a > t {
                         *n += 1;
@@ -231,7 +239,16 @@ pub fn gains_of(mlp: &MlpWeights, x: &[f32], n: usize, out: &mut Vec<f32>) {
         .for_each_init(Vec::new, |tmp, (g, xr)| mlp.gains(xr, tmp, g));
 }
 
-/// Blocks of all tokens, accumulated into `stats` (evaluation: no gradient).
+/// The MLP outputs `f(x)` of every token of `x: [n, d]` (raw MLP inputs), `[n, d]`.
+pub fn mlp_outputs(mlp: &MlpWeights, x: &[f32], n: usize, out: &mut Vec<f32>) {
+    let d = mlp.d;
+    c::resize(out, n * d);
+    out.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .for_each_init(Vec::new, |hid, (y, xr)| mlp.forward_token(xr, hid, y));
+}
+
+/// Blocks of all tokens, `r · (Qᵀ M)`, accumulated into `stats` (evaluation: no gradient).
 pub fn accumulate_stats(
     tables: &JacTables,
     codes_x: &Codes,
@@ -276,9 +293,10 @@ pub struct JacGrads {
     tmp: Vec<f32>,
 }
 
-/// One training step's Jacobian term: fills `stats`, adds `coef·Σ|J|`'s gradient to
+/// One training step's Jacobian term: adds `coef·Σ|J|`'s gradient to
 /// `grad_w_dec_x: [m_x, d]` and `grad_w_enc_y: [m_y, d]` (when `coef > 0`) and returns
-/// `Σ_t Σ |J_t|`.
+/// `Σ_t Σ |J_t|`, both in the scaled units (`J` with `r`); fills `stats` with `J / r`, the
+/// Jacobian in the units of the exported SAEs (what every reported figure uses).
 #[allow(clippy::too_many_arguments)] // the two SAEs' codes, data, scale and two gradients
 pub fn penalty_step(
     mlp: &MlpWeights,
@@ -298,9 +316,10 @@ pub fn penalty_step(
     let n = codes_x.n();
     if coef == 0.0 {
         let before = stats.sum_abs;
-        accumulate_stats(tables, codes_x, codes_y, gains, gw, r, stats);
-        return stats.sum_abs - before;
+        accumulate_stats(tables, codes_x, codes_y, gains, gw, 1.0, stats);
+        return (stats.sum_abs - before) * r as f64;
     }
+    let unit = 1.0 / r as f64;
     jg.dp.resize_with(tables.p.len(), Vec::new);
     for dp in jg.dp.iter_mut() {
         dp.clear();
@@ -343,7 +362,7 @@ pub fn penalty_step(
                     let (ay, _) = codes_y.row(t);
                     let kx = ax.len();
                     tables.block(ax, ay, &gains[t * gw..(t + 1) * gw], r, &mut m, &mut j);
-                    s.add_block(&j);
+                    s.add_block_scaled(&j, unit);
                     dm.fill(0.0);
                     dq.fill(0.0);
                     for (b, &jy) in ay.iter().enumerate() {
@@ -399,7 +418,7 @@ pub fn penalty_step(
     let out = &mut jg.tmp[..tables.m_y * d];
     c::gemm_xwt(&jg.dqt, tables.m_y, h, &mlp.w_out, d, None, out);
     c::axpy(1.0, out, grad_w_enc_y);
-    stats.sum_abs - before
+    (stats.sum_abs - before) * r as f64
 }
 
 /// Token (absolute index) of each entry of tokens `lo..hi`.
@@ -545,6 +564,14 @@ mod tests {
                 "{kind:?}: step Σ|J| {s} vs stats {s0}"
             );
             assert_eq!(st.tokens, n as u64);
+            // The statistics are of J / r (the exported SAEs' units).
+            let per = (n * k * k) as f64;
+            assert!(
+                (st.mean_abs() - s0 / r as f64 / per).abs() < 1e-3 * st.mean_abs(),
+                "{kind:?}: stats mean {} vs Σ|J|/r/(n k²) {}",
+                st.mean_abs(),
+                s0 / r as f64 / per
+            );
             let eps = 1e-3f32;
             for (which, grad) in [(0, &gd), (1, &ge)] {
                 let mut worst = 0.0f64;

@@ -25,8 +25,18 @@
 //! Decision: `b_dec` starts at the mean of the init sample (the spec's code uses 0);
 //! `b_dec_init = "zeros"` restores that.
 //! Decision: the Jacobian is evaluated at the true MLP input by default (`jac_at =
-//! "true_input"`, the authors' training and offline evaluation); `"reconstruction"`
-//! evaluates the MLP gains at `x̂`.
+//! "true_input"`, the authors' training and offline evaluation: gains at `x`, output
+//! latents `A_y` = TopK of the output SAE on the true `y`); `"reconstruction"` is the
+//! paper's `e_y∘f∘d_x` at the reconstruction: gains at `x̂`, and `A_y` re-selected as TopK
+//! of the output SAE on `f(x̂)`; `"reconstruction_true_latents"` keeps the gains at `x̂` but
+//! `A_y` of the true `y` (a hybrid, kept only to compare with runs made before the
+//! re-selection).
+//! Decision: the evaluation's Jacobian statistics ([`JsaePair::evaluate`], hence the
+//! metrics rows) and the training step's `jac_*` metrics are in the units of the exported
+//! SAELens folders: `J_export = J / r` with `r = c_y/c_x` (the export folds `c` into the
+//! weights, which rescales each SAE's codes by `1/c`), so `J` recomputed from the exported
+//! `W_enc`/`b_enc`/`W_dec`/`b_dec` and the model's MLP is the number we report. The loss
+//! and its gradient stay in the scaled (training) units, which is what λ is tuned for.
 
 use serde::{Deserialize, Serialize};
 
@@ -45,8 +55,19 @@ pub enum JacAt {
     /// At the true MLP input `x` (the authors' training and offline evaluation).
     #[default]
     TrueInput,
-    /// At the input SAE's reconstruction `x̂` (the paper's definition).
+    /// The paper's `e_y∘f∘d_x` at the input SAE's reconstruction `x̂`: MLP gains at `x̂`,
+    /// output latents re-selected as TopK of the output SAE on `f(x̂)`.
     Reconstruction,
+    /// MLP gains at `x̂`, but the output latents chosen on the true MLP output `y` (the
+    /// behaviour of `"reconstruction"` before issue 17; not the paper's definition).
+    ReconstructionTrueLatents,
+}
+
+impl JacAt {
+    /// Whether the MLP gains are taken at the reconstruction `x̂`.
+    pub fn at_reconstruction(self) -> bool {
+        self != JacAt::TrueInput
+    }
 }
 
 /// One token's Jacobian block: input-SAE latents, output-SAE latents, `[k_out, k_in]` values.
@@ -121,6 +142,7 @@ pub struct JsaePair {
     xs: Vec<f32>,
     gains: Vec<f32>,
     raw: Vec<f32>,
+    fy: Vec<f32>,
 }
 
 fn scaled(x: &[f32], s: f32, out: &mut Vec<f32>) {
@@ -152,6 +174,7 @@ impl JsaePair {
             xs: Vec::new(),
             gains: Vec::new(),
             raw: Vec::new(),
+            fy: Vec::new(),
         })
     }
 
@@ -179,6 +202,16 @@ impl JsaePair {
 
     fn k2(&self) -> f64 {
         (self.cfg.k * self.cfg.k) as f64
+    }
+
+    /// The paper's output latents at the reconstruction: encode `f(x̂)` (raw `x̂: [n, d]` in
+    /// `self.raw`) with the output SAE into `self.ws[1]`, whose codes are then TopK of
+    /// `encode(c_y · MLP(x̂))`.
+    fn select_y_at_mlp_of_raw(&mut self, n: usize) -> Result<(), PairError> {
+        jacobian::mlp_outputs(&self.mlp, &self.raw, n, &mut self.fy);
+        scaled(&self.fy, self.scale_y, &mut self.xs);
+        self.sae_y.encode(&self.xs, n, &mut self.ws[1])?;
+        Ok(())
     }
 }
 
@@ -260,13 +293,23 @@ impl Model for JsaePair {
             stats.sum_abs = f64::NAN;
             0.0
         } else {
-            match self.cfg.jac_at {
-                JacAt::TrueInput => jacobian::gains_of(&self.mlp, ctx.raw[0], n, &mut self.gains),
-                JacAt::Reconstruction => {
-                    scaled(&wx[0].recon, 1.0 / self.scale_x, &mut self.raw);
-                    jacobian::gains_of(&self.mlp, &self.raw, n, &mut self.gains);
+            // Gains at x, or at x̂; the output latents of the true y, or (the paper's
+            // reconstruction) re-selected on f(x̂) into self.ws[1].
+            let at = self.cfg.jac_at;
+            if at.at_reconstruction() {
+                scaled(&wx[0].recon, 1.0 / self.scale_x, &mut self.raw);
+                jacobian::gains_of(&self.mlp, &self.raw, n, &mut self.gains);
+                if at == JacAt::Reconstruction {
+                    self.select_y_at_mlp_of_raw(n)?;
                 }
+            } else {
+                jacobian::gains_of(&self.mlp, ctx.raw[0], n, &mut self.gains);
             }
+            let codes_y = if at == JacAt::Reconstruction {
+                &self.ws[1].codes
+            } else {
+                &wy[0].codes
+            };
             let lam = self.cfg.lambda * ctx.sparsity_scale;
             let coef = lam * d as f32 / (n as f64 * self.k2()) as f32;
             let tables = self.tables();
@@ -275,7 +318,7 @@ impl Model for JsaePair {
                 &self.mlp,
                 &tables,
                 &wx[0].codes,
-                &wy[0].codes,
+                codes_y,
                 &self.gains,
                 r,
                 coef,
@@ -364,26 +407,41 @@ impl JsaePair {
         acc.recon_y.update(y, &ry);
         acc.sparsity_x.update(&self.ws[0].codes);
         acc.sparsity_y.update(&self.ws[1].codes);
-        match self.cfg.jac_at {
-            JacAt::TrueInput => jacobian::gains_of(&self.mlp, x, n, &mut self.gains),
-            JacAt::Reconstruction => jacobian::gains_of(&self.mlp, &rx, n, &mut self.gains),
-        }
+        self.jacobian_inputs(x, &rx, n)?;
         let tables = self.tables();
         let gw = self.mlp.n_proj() * self.mlp.h;
+        // r = 1, not c_y/c_x: J / (c_y/c_x) is J in the units of the exported SAEs (module
+        // docs), the units of every reported Jacobian figure.
         jacobian::accumulate_stats(
             &tables,
             &self.ws[0].codes,
             &self.ws[1].codes,
             &self.gains,
             gw,
-            self.ratio(),
+            1.0,
             &mut acc.jac,
         );
         Ok(())
     }
 
+    /// After [`Self::reconstruct`] of both sides on raw `x` (reconstruction `rx`) and `y`:
+    /// the gains where `jac_at` takes them, and, for the paper's reconstruction, the output
+    /// codes in `self.ws[1]` re-selected on `f(x̂)`.
+    fn jacobian_inputs(&mut self, x: &[f32], rx: &[f32], n: usize) -> Result<(), PairError> {
+        let at = self.cfg.jac_at;
+        let gx = if at.at_reconstruction() { rx } else { x };
+        jacobian::gains_of(&self.mlp, gx, n, &mut self.gains);
+        if at == JacAt::Reconstruction {
+            self.raw.clear();
+            self.raw.extend_from_slice(rx);
+            self.select_y_at_mlp_of_raw(n)?;
+        }
+        Ok(())
+    }
+
     /// The Jacobian blocks of `n` raw rows as computed in training (for tests): per token,
-    /// `(A_x, A_y, J)` with `J[j·|A_x| + i]`.
+    /// `(A_x, A_y, J)` with `J[j·|A_x| + i]`, at the point and with the output latents
+    /// `jac_at` says, in the scaled (training) units (`J_export = J / (c_y/c_x)`).
     pub fn blocks(
         &mut self,
         x: &[f32],
@@ -394,7 +452,7 @@ impl JsaePair {
         self.reconstruct(0, x, n, &mut rx)?;
         let mut ry = Vec::new();
         self.reconstruct(1, y, n, &mut ry)?;
-        jacobian::gains_of(&self.mlp, x, n, &mut self.gains);
+        self.jacobian_inputs(x, &rx, n)?;
         let tables = self.tables();
         let gw = self.mlp.n_proj() * self.mlp.h;
         let (mut m, mut j) = (Vec::new(), Vec::new());

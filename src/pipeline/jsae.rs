@@ -13,7 +13,9 @@
 //! ```text
 //! rows per pair: one per SAE (hookpoint mlp_in / mlp_out), each with the pair's
 //!   jacobian_sparsity = share of |J| > 0.01, jacobian_frac_{0_005,0_015,0_02,0_1,1},
-//!   jacobian_mean_abs (over the k² entries per token, J in SAE-latent units),
+//!   jacobian_mean_abs (over the k² entries per token), all with J in the units of the
+//!   exported SAELens folders (J_export = J_scaled · c_x/c_y; recomputable from the
+//!   folders and the model's MLP alone),
 //!   jacobian_rms_frac_{0_1,1} = share with |J_t| / RMS(J_t) above 0.1 / 1,
 //!   ce_spliced = CE with BOTH SAEs spliced in (mlp_in ← x̂, then mlp_out ← ŷ of the MLP
 //!   output of x̂), ce_zero_abl = CE with both sites zeroed.
@@ -45,7 +47,6 @@ use crate::jsae::pair::{JsaePair, PairConfig, PairEval};
 use crate::models::{HookedModel, Hookpoint, Hooks, Site};
 use crate::pipeline::capture::activations_dir;
 use crate::pipeline::results::MetricsRow;
-use crate::sae::export::ExportMeta;
 use crate::store::reader::{ActBatch, ActivationSet, Expect, SeqReader};
 use crate::store::set_dir;
 use crate::train::{TrainConfig, Trainer};
@@ -81,12 +82,17 @@ fn checkpoint_path(p: &Pipeline, variant: &str) -> PathBuf {
 /// A pair being trained: variant, λ, its engine, its training seconds.
 type TrainingPair = (&'static str, f64, Trainer, f64);
 
+/// What the Jacobian columns of a pair's rows mean; part of [`config_hash`], so rows
+/// computed under an older meaning (J in the scaled training units; `jac_at =
+/// "reconstruction"` with the true output's latents) are recomputed, never mixed in.
+const JAC_SEMANTICS: &str = "exported-units.reselected-at-reconstruction";
+
 /// Hash of everything that changes a pair: model, data, capture, train, eval, jsae, seed.
 fn config_hash(p: &Pipeline) -> String {
     let c = &p.config;
     let v = serde_json::json!({
         "model": c.model, "data": c.data, "capture": c.capture, "train": c.train,
-        "eval": c.eval, "jsae": c.jsae, "seed": c.run.seed,
+        "eval": c.eval, "jsae": c.jsae, "seed": c.run.seed, "jac": JAC_SEMANTICS,
     });
     hex::encode(&sha2::Sha256::digest(v.to_string().as_bytes())[..8])
 }
@@ -589,12 +595,7 @@ pub fn jsae_stage(
             } else {
                 (&pair.sae_y, pair.scale_y)
             };
-            let meta = ExportMeta {
-                model_name: c.model.source.clone(),
-                hook_name: hp.to_string(),
-                context_size: c.data.context_len,
-                dataset_path: train_sets[0].manifest.meta.dataset.clone(),
-            };
+            let meta = super::export_meta::from_activations(p, &train_sets[side].manifest.meta)?;
             crate::sae::export::save_saelens(sae, scale, &meta, &sae_dir)
                 .with_context(|| format!("exporting {}", sae_dir.display()))?;
             rows.push(row(

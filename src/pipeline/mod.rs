@@ -13,6 +13,7 @@ pub mod capture;
 pub mod ce;
 pub mod download;
 pub mod evaluate;
+pub mod export_meta;
 pub mod jsae;
 pub mod plot;
 pub mod results;

@@ -173,8 +173,8 @@ struct Data<'s> {
     src: &'s mut dyn ActivationSource,
     /// Rows available.
     rows: u64,
-    /// What `cfg.json` records as the dataset.
-    dataset: String,
+    /// What `cfg.json` records about the data (`hook_name` is set per unit).
+    export: ExportMeta,
 }
 
 /// Fill `buf` with exactly `rows` rows from `src`, starting again at row 0 at the end.
@@ -288,9 +288,9 @@ fn train_list(
                 let data = Data {
                     src: &mut src,
                     rows: n,
-                    dataset: "synthetic".into(),
+                    export: super::export_meta::synthetic(pipeline, &hp.to_string()),
                 };
-                trained += train_group(pipeline, data, &group, force, reporter)
+                trained += train_group(data, &group, force, reporter)
                     .with_context(|| format!("training SAEs on synthetic data ({hp})"))?;
             }
             continue;
@@ -327,9 +327,9 @@ fn train_list(
             let data = Data {
                 src: &mut src,
                 rows: set.n_tokens(),
-                dataset: set.manifest.meta.dataset.clone(),
+                export: super::export_meta::from_activations(pipeline, &set.manifest.meta)?,
             };
-            trained += train_group(pipeline, data, &group, force, reporter)
+            trained += train_group(data, &group, force, reporter)
                 .with_context(|| format!("training SAEs on {hp}"))?;
         }
     }
@@ -367,13 +367,7 @@ struct Running<'u, 'a> {
 }
 
 /// Train one lockstep group; `force` ignores the units' checkpoints (train from step 0).
-fn train_group(
-    pipeline: &Pipeline,
-    data: Data,
-    group: &[&Unit],
-    force: bool,
-    reporter: &dyn Reporter,
-) -> Result<usize> {
+fn train_group(data: Data, group: &[&Unit], force: bool, reporter: &dyn Reporter) -> Result<usize> {
     let src = data.src;
     let d = src.d_in();
     let batch = group[0].point.config.train.batch_tokens;
@@ -486,7 +480,7 @@ fn train_group(
                 );
             }
             if step + 1 == r.steps {
-                finish(pipeline, &data.dataset, r)?;
+                finish(&data.export, r)?;
                 done += 1;
             } else if r.trainer.checkpoint_due() {
                 save_unit_checkpoint(r)?;
@@ -543,14 +537,12 @@ fn resume_unit(u: &Unit, d: usize) -> Result<Option<(Trainer, f64)>> {
 }
 
 /// Export a finished SAE, its log, then the completion marker.
-fn finish(pipeline: &Pipeline, dataset: &str, r: &Running) -> Result<()> {
+fn finish(export: &ExportMeta, r: &Running) -> Result<()> {
     let u = r.unit;
     std::fs::create_dir_all(&u.dir).with_context(|| format!("creating {}", u.dir.display()))?;
     let meta = ExportMeta {
-        model_name: pipeline.config.model.source.clone(),
         hook_name: u.hookpoint.to_string(),
-        context_size: pipeline.config.data.context_len,
-        dataset_path: dataset.to_string(),
+        ..export.clone()
     };
     r.trainer
         .export(&u.dir, &meta)

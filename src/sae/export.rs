@@ -71,7 +71,9 @@ fn fmt_err(path: &Path, msg: impl Into<String>) -> ExportError {
     }
 }
 
-/// Where the SAE came from; goes into `cfg.json` `metadata`.
+/// Where the SAE came from; goes into `cfg.json` `metadata`. Every field is what the run
+/// did (the pipeline fills it from the training activations' own metadata), never a
+/// default: SAELens users re-create the training distribution from it.
 #[derive(Debug, Clone, Default)]
 pub struct ExportMeta {
     /// Model name (e.g. `pythia-1b`).
@@ -82,6 +84,21 @@ pub struct ExportMeta {
     pub context_size: usize,
     /// Dataset the activations came from.
     pub dataset_path: String,
+    /// Whether every window started with BOS (SAELens `prepend_bos`).
+    pub prepend_bos: bool,
+    /// Whether special-token positions were left out of the training activations (SAELens
+    /// `exclude_special_tokens`); the ids are `saepipe_excluded_token_ids`.
+    pub exclude_special_tokens: bool,
+    /// The token ids whose positions were not captured.
+    pub excluded_token_ids: Vec<u32>,
+    /// Token between concatenated documents (SAELens `sequence_separator_token`: `"bos"`,
+    /// `"eos"`, or `None` for none).
+    pub sequence_separator_token: Option<String>,
+    /// One document per window instead of concatenation (SAELens
+    /// `disable_concat_sequences`).
+    pub disable_concat_sequences: bool,
+    /// Extra `saepipe_*` metadata keys (model revision, activation dtype, …), written as given.
+    pub extra: Vec<(String, serde_json::Value)>,
 }
 
 /// Folded export tensors, ready to write.
@@ -288,14 +305,20 @@ pub fn write_folded(fd: &Folded, meta: &ExportMeta, dir: &Path) -> Result<(), Ex
             "hook_name": meta.hook_name,
             "hook_head_index": null,
             "context_size": meta.context_size,
-            "prepend_bos": true,
+            "prepend_bos": meta.prepend_bos,
             "dataset_path": meta.dataset_path,
             "model_from_pretrained_kwargs": {},
-            "exclude_special_tokens": false,
+            "exclude_special_tokens": meta.exclude_special_tokens,
+            "saepipe_excluded_token_ids": meta.excluded_token_ids,
+            "sequence_separator_token": meta.sequence_separator_token,
+            "disable_concat_sequences": meta.disable_concat_sequences,
             "neuronpedia_id": null,
             "saepipe_arch": fd.saepipe_arch,
         }
     });
+    for (k, v) in &meta.extra {
+        cfg["metadata"][k.as_str()] = v.clone();
+    }
     for (k, v) in &fd.extra_cfg {
         cfg[k.as_str()] = v.clone();
     }

@@ -42,10 +42,21 @@ pub enum LockError {
     },
 }
 
+/// Reads of the holder's line, 20 ms apart, before a busy lock is reported without it.
+const HOLDER_WAIT_TRIES: usize = 25;
+
 /// An exclusive lock on a run folder, held until dropped.
 #[derive(Debug)]
 pub struct RunLock {
     _file: File,
+}
+
+impl Drop for RunLock {
+    /// Empty the holder's line before the kernel releases the lock, so that the next
+    /// process refused by a new holder never names this (finished) one.
+    fn drop(&mut self) {
+        let _ = self._file.set_len(0);
+    }
 }
 
 impl RunLock {
@@ -82,8 +93,18 @@ impl RunLock {
         match got {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
+                // The holder writes who it is just after it locks (and empties the file
+                // before it unlocks): give it a moment rather than report "holder unknown".
                 let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
+                for _ in 0..HOLDER_WAIT_TRIES {
+                    holder.clear();
+                    let _ = file.rewind();
+                    let _ = file.read_to_string(&mut holder);
+                    if !holder.trim().is_empty() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
                 let holder = holder.trim();
                 return Err(LockError::Busy {
                     dir: dir.to_path_buf(),

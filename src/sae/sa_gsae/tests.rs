@@ -275,6 +275,7 @@ fn export_matches(cfg: Config, arch_name: &str) {
         hook_name: "blocks.0.hook_resid_post".into(),
         context_size: 8,
         dataset_path: "synthetic".into(),
+        ..ExportMeta::default()
     };
     save_saelens(&s, scale, &meta, dir.path()).unwrap();
     let loaded = LoadedSae::load(dir.path()).unwrap();
