@@ -442,6 +442,18 @@ fn synthetic_cases() -> Vec<Case> {
             ["eval.dead_window_tokens=1"],
             |p| format!("dead_frac {}", evaluated(p)["dead_frac"])
         ),
+        // The power-diagram columns of the TopK row: off with 0 candidates; the affine gap
+        // has no group when every top-1 group is below the minimum.
+        case!(
+            "eval.power_candidates",
+            ["eval.power_candidates=0"],
+            |p| format!("facet {}", evaluated(p)["pd_facet_dist_mean"])
+        ),
+        case!(
+            "eval.power_min_cell_tokens",
+            ["eval.power_min_cell_tokens=100000"],
+            |p| format!("cells {}", evaluated(p)["pd_affine_cells"])
+        ),
     ]
 }
 

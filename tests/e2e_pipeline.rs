@@ -29,6 +29,8 @@ fn run_pipeline(model: &Path, corpus: &Path, data_dir: &Path) -> String {
         .arg(format!("data.files=[\"{}\"]", corpus.display()))
         .arg("--set")
         .arg(format!("run.data_dir={}", data_dir.display()))
+        // small enough that some top-1 groups of the 1024 held-out tokens qualify
+        .args(["--set", "eval.power_min_cell_tokens=32"])
         .output()
         .unwrap();
     assert!(
@@ -142,6 +144,52 @@ fn run_produces_results_and_resumes_only_missing_points() {
     let arch = m.column_by_name("arch").unwrap();
     let arch = arch.as_any().downcast_ref::<StringArray>().unwrap();
     assert!((0..arch.len()).all(|i| arch.value(i) == "topk"));
+    // power-diagram diagnostics (eval/power.rs) on every TopK row
+    let col = |n: &str| f64s(&m, n);
+    let (margin, facet, rel) = (
+        col("pd_margin_mean"),
+        col("pd_facet_dist_mean"),
+        col("pd_facet_dist_rel"),
+    );
+    let (sets, share, eff) = (
+        col("pd_n_active_sets"),
+        col("pd_top_set_share"),
+        col("pd_eff_active_sets"),
+    );
+    let (cells, ratio, sae_mse, pca_mse) = (
+        col("pd_affine_cells"),
+        col("pd_affine_ratio"),
+        col("pd_affine_sae_mse"),
+        col("pd_affine_pca_mse"),
+    );
+    let eval_tokens = 1024.0;
+    for i in 0..m.num_rows() {
+        assert!(margin[i].unwrap() >= 0.0, "margin {:?}", margin[i]);
+        let f = facet[i].unwrap();
+        assert!(
+            f.is_finite() && f > 0.0 && rel[i].unwrap() > 0.0,
+            "facet {f}"
+        );
+        let n = sets[i].unwrap();
+        assert!(n >= 1.0 && n <= eval_tokens, "active sets {n}");
+        assert!(eff[i].unwrap() <= n + 1e-9 && eff[i].unwrap() >= 1.0 - 1e-9);
+        assert!(share[i].unwrap() > 0.0 && share[i].unwrap() <= 1.0);
+        if let Some(c) = cells[i] {
+            assert!(c >= 1.0);
+            let (s, p) = (sae_mse[i].unwrap(), pca_mse[i].unwrap());
+            assert!(s >= 0.0 && p >= 0.0);
+            if let Some(r) = ratio[i] {
+                assert!(
+                    (r - s / p).abs() <= 1e-9 * r.max(1.0),
+                    "ratio {r} vs {s}/{p}"
+                );
+            }
+        }
+    }
+    assert!(
+        cells.iter().any(|c| c.is_some()),
+        "no SAE had a top-1 group of 32 tokens: {cells:?}"
+    );
     let p = read(&results.join("pareto.parquet"));
     assert!(p.num_rows() >= 2 && p.num_rows() <= 8);
     let flags = p.column_by_name("is_pareto").unwrap();

@@ -280,7 +280,10 @@ fn randomise(sae: &mut dyn Sae, rng: &mut Rng) {
 /// adding to it makes the codes sparser: the log-threshold (JumpReLU, SA-GSAE: a larger θ
 /// closes gates on both sides) or the gate / encoder bias (ReLU+L1, Gated).
 fn knob(sae: &dyn Sae, kind: &str) -> Option<(usize, f32)> {
-    if matches!(kind, "topk" | "batchtopk" | "kmeans" | "kmeans_pca") {
+    if matches!(
+        kind,
+        "topk" | "batchtopk" | "abs_topk" | "kmeans" | "kmeans_pca"
+    ) {
         return None; // density set by k, or L0 = 1 (+ rank)
     }
     if let Some(i) = index(sae, "log_threshold") {
@@ -565,19 +568,46 @@ fn check_auxk(c: &mut Case, dens: Density, rows: &mut Vec<Row>) {
     let bd = index(c.sae.as_ref(), "b_dec").unwrap();
     let mut shift = 0.0f32;
     let base_snap = c.snap[be].data.clone();
+    // AbsTopK selects by |π|: a lower b_enc does not push a latent out, a smaller one does,
+    // so its dead latents' W_enc rows and b_enc are shrunk by 0.8^steps instead.
+    let signed = c.kind == "abs_topk";
+    let mut steps = 0;
     let (on, snap) = loop {
         let mut snap = c.snap.clone();
-        for (i, v) in snap[be].data.iter_mut().enumerate() {
-            *v = base_snap[i] - if dead[i] { shift } else { 0.0 };
+        if signed {
+            let s = 0.8f32.powi(steps);
+            for (i, v) in snap[be].data.iter_mut().enumerate() {
+                *v = base_snap[i] * if dead[i] { s } else { 1.0 };
+            }
+            for (i, row) in snap[we].data.chunks_mut(D).enumerate() {
+                if dead[i] {
+                    row.iter_mut().for_each(|v| *v *= s);
+                }
+            }
+            shift = s;
+        } else {
+            for (i, v) in snap[be].data.iter_mut().enumerate() {
+                *v = base_snap[i] - if dead[i] { shift } else { 0.0 };
+            }
         }
         let r = run(c.sae.as_mut(), &snap, &c.x, &dead, None);
         if !r.ws.codes.idx.iter().any(|&i| dead[i as usize]) {
             break (r, snap);
         }
         shift += 0.25;
-        assert!(shift < 20.0, "{}: dead latents stay active", c.label);
+        steps += 1;
+        assert!(
+            shift < 20.0 && steps < 60,
+            "{}: dead latents stay active",
+            c.label
+        );
     };
-    let label = format!("{} AuxK, {} dead, b_enc shift {shift}", c.label, f / 4);
+    let label = format!(
+        "{} AuxK, {} dead, b_enc {} {shift}",
+        c.label,
+        f / 4,
+        if signed { "scale" } else { "shift" }
+    );
     assert_path(&label, &on.ws, f, dens);
     let off_run = run(c.sae.as_mut(), &snap, &c.x, &off, None);
     let aux_active: BTreeSet<u32> = on.ws.aux.idx.iter().copied().collect();
@@ -668,7 +698,7 @@ fn check_all(dens: Density) {
     for arch in ArchConfig::examples() {
         let mut c = setup(&arch, dens);
         check_case(&mut c, dens, &mut rows);
-        if matches!(c.kind, "topk" | "batchtopk") {
+        if matches!(c.kind, "topk" | "batchtopk" | "abs_topk") {
             check_auxk(&mut c, dens, &mut rows);
         }
     }

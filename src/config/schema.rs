@@ -474,6 +474,13 @@ pub struct EvalConfig {
     /// Sequences on which the CE-loss delta (SAE spliced in) is measured. Default 16.
     #[serde(default = "default_ce_sequences")]
     pub ce_sequences: usize,
+    /// Power-diagram diagnostics of TopK / AbsTopK SAEs (`pd_*` columns): R, the candidates
+    /// after the K-th searched for the nearest cell facet. Absent: 16; 0 turns them off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_candidates: Option<usize>,
+    /// Smallest top-1 group of the local-affine gap (`pd_affine_*`). Absent: 2·d_in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub power_min_cell_tokens: Option<u64>,
 }
 
 fn default_ce_sequences() -> usize {

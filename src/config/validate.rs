@@ -210,6 +210,7 @@ pub fn check(mut raw: Table, probs: &mut Problems) -> Option<PipelineConfig> {
     if let Some(e) = &eval {
         positive_opt(probs, "eval.eval_tokens", e.eval_tokens);
         positive_opt(probs, "eval.dead_window_tokens", e.dead_window_tokens);
+        positive_opt(probs, "eval.power_min_cell_tokens", e.power_min_cell_tokens);
     }
     if let Some(s) = &sweep {
         check_sweep(s, probs);

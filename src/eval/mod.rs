@@ -24,6 +24,7 @@
 //! tokens (state `N` with it); the trainer's running dead fraction uses its token counter.
 
 pub mod pareto;
+pub mod power;
 
 use serde::{Deserialize, Serialize};
 

@@ -24,6 +24,10 @@
 //! BOS clean"). Zero ablation replaces all positions with zeros.
 //! Decision: the CE sequences are the first `eval.ce_sequences` windows of the held-out
 //! split, so clean, zero-ablated and spliced CE are measured on the same tokens.
+//! Decision: TopK and AbsTopK files are encoded by [`power::encode`] (the same codes, plus
+//! the K + R best sites per token), which feeds the power-diagram diagnostics
+//! (`pd_*` columns, `crate::eval::power`); their local-affine gap reads the held-out
+//! activations a second time for the per-cell covariances.
 //! A unit's `metrics.json` is its completion marker; it records the point hash.
 //! Decision (issue 15): evaluate unit `i` is train unit `i` (the JSAE pairs evaluate as
 //! part of their train unit); [`evaluate_one`] writes only that unit's `metrics.json`, and
@@ -41,6 +45,7 @@ use super::train::{read_done, units, Unit};
 use crate::config::Pipeline;
 use crate::data::pack::Window;
 use crate::data::Split;
+use crate::eval::power::{self, PowerConfig, PowerSpec, PowerStats};
 use crate::eval::Metrics;
 use crate::hub::HubOptions;
 use crate::models::Hookpoint;
@@ -409,6 +414,15 @@ fn evaluate_unit(
     let cfg = &pipeline.config.eval;
     let limit = cfg.eval_tokens.unwrap_or(u64::MAX).min(data.n_tokens());
     let mut metrics = Metrics::new(d, f);
+    // TopK / AbsTopK files: the same encode, plus the power-diagram candidates (eval/power.rs)
+    let power_spec = PowerSpec::of(&sae.t).filter(|_| cfg.power_candidates != Some(0));
+    let mut pd = power_spec.map(|spec| {
+        let pc = PowerConfig {
+            candidates: cfg.power_candidates.unwrap_or(power::DEFAULT_CANDIDATES),
+            min_cell_tokens: cfg.power_min_cell_tokens,
+        };
+        (spec, PowerStats::new(&sae.t, spec, pc))
+    });
     let mut last_fire = vec![0u64; f];
     let mut ws = Workspace::default();
     let mut recon = Vec::new();
@@ -420,12 +434,18 @@ fn evaluate_unit(
         }
         let x = &act[..n * d];
         crate::util::error::ensure_finite(x, "held-out activations", None)?;
-        sae.encode(x, n, &mut ws);
+        match &pd {
+            Some((spec, p)) => power::encode(&sae.t, *spec, p.candidates(), x, n, &mut ws),
+            None => sae.encode(x, n, &mut ws),
+        }
         let codes = std::mem::take(&mut ws.codes);
         sae.decode(&codes, &mut recon, &mut ws);
         ws.codes = codes;
         crate::util::error::ensure_finite(&recon, "SAE reconstruction", None)?;
         metrics.update(x, &recon, &ws.codes);
+        if let Some((_, p)) = pd.as_mut() {
+            p.update(x, &recon, &ws.aux, &sae.t.w_enc);
+        }
         for b in 0..ws.codes.n() {
             let (ix, vs) = ws.codes.row(b);
             for (&i, &v) in ix.iter().zip(vs) {
@@ -438,6 +458,24 @@ fn evaluate_unit(
         Ok(seen < limit)
     })?;
     anyhow::ensure!(seen > 0, "no held-out tokens to evaluate on");
+    // the local-affine gap: a second pass over the same tokens for the covariances
+    if let Some((_, p)) = pd.as_mut() {
+        if p.begin_affine() {
+            let mut at = 0u64;
+            data.for_each(|act| {
+                let n = (act.len() / d).min((seen - at) as usize);
+                if n == 0 {
+                    return Ok(false);
+                }
+                p.affine_update(&act[..n * d], &sae.t.b_dec);
+                at += n as u64;
+                Ok(at < seen)
+            })?;
+        }
+    }
+    let power_values = pd
+        .map(|(_, p)| p.finish((metrics.recon.sst() / seen as f64).max(0.0).sqrt()))
+        .unwrap_or_default();
     let m = metrics.finish();
     if !m.r2.is_finite() {
         tracing::warn!(
@@ -529,6 +567,7 @@ fn evaluate_unit(
         train_seconds: done.train_seconds,
         train_tokens_per_s: done.train_tokens as f64 / done.train_seconds.max(1e-9),
         sae_path: u.dir.display().to_string(),
+        power: power_values,
     })
 }
 

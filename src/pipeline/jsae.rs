@@ -714,5 +714,6 @@ fn row(p: &Pipeline, r: RowParts) -> MetricsRow {
         train_seconds: r.secs,
         train_tokens_per_s: r.train_tokens as f64 / r.secs.max(1e-9),
         sae_path: r.dir.display().to_string(),
+        power: Default::default(),
     }
 }

@@ -15,6 +15,7 @@ use parquet::file::properties::WriterProperties;
 use serde::{Deserialize, Serialize};
 
 use crate::eval::pareto;
+use crate::eval::power::PowerValues;
 use crate::util::fs as fsutil;
 
 /// One trained SAE evaluated on one evaluation set. Field names are the column names.
@@ -116,6 +117,9 @@ pub struct MetricsRow {
     pub train_tokens_per_s: f64,
     /// Folder of the exported SAE.
     pub sae_path: String,
+    /// Power-diagram diagnostics (`pd_*` columns; TopK and AbsTopK rows, null otherwise).
+    #[serde(flatten, default)]
+    pub power: crate::eval::power::PowerValues,
 }
 
 impl MetricsRow {
@@ -153,7 +157,7 @@ pub enum ResultsError {
 fn schema() -> Schema {
     use DataType::{Boolean, Float64, UInt64, Utf8};
     let f = |n: &str, t: DataType, null: bool| Field::new(n, t, null);
-    Schema::new(vec![
+    let mut fields = vec![
         f("run", Utf8, false),
         f("point_id", Utf8, false),
         f("model", Utf8, false),
@@ -197,7 +201,9 @@ fn schema() -> Schema {
         f("train_tokens_per_s", Float64, false),
         f("sae_path", Utf8, false),
         f("is_pareto", Boolean, false),
-    ])
+    ];
+    fields.extend(PowerValues::NAMES.iter().map(|n| f(n, Float64, true)));
+    Schema::new(fields)
 }
 
 /// Build the Arrow batch for `rows`; `is_pareto[i]` marks frontier membership.
@@ -214,7 +220,7 @@ pub fn to_batch(rows: &[MetricsRow], is_pareto: &[bool]) -> Result<RecordBatch, 
     fn o(rows: &[MetricsRow], f: impl Fn(&MetricsRow) -> Option<f64>) -> ArrayRef {
         Arc::new(rows.iter().map(f).collect::<Float64Array>())
     }
-    let columns: Vec<ArrayRef> = vec![
+    let mut columns: Vec<ArrayRef> = vec![
         s(rows, |r| &r.run),
         s(rows, |r| &r.point_id),
         s(rows, |r| &r.model),
@@ -259,6 +265,9 @@ pub fn to_batch(rows: &[MetricsRow], is_pareto: &[bool]) -> Result<RecordBatch, 
         s(rows, |r| &r.sae_path),
         Arc::new(BooleanArray::from(is_pareto.to_vec())),
     ];
+    for i in 0..PowerValues::NAMES.len() {
+        columns.push(o(rows, |r| r.power.values()[i]));
+    }
     Ok(RecordBatch::try_new(Arc::new(schema()), columns)?)
 }
 
@@ -395,6 +404,7 @@ pub(crate) fn example_row(arch: &str, l0: f64, r2: f64) -> MetricsRow {
         train_seconds: 1.0,
         train_tokens_per_s: 1000.0,
         sae_path: "saes/x".into(),
+        power: PowerValues::default(),
     }
 }
 

@@ -45,6 +45,7 @@ variants! {
     gated => [VARIANT],
     kmeans => [VARIANT, PCA_VARIANT],
     sa_gsae => [VARIANT],
+    abs_topk => [VARIANT],
 }
 
 pub use crate::kernels::{Codes, Workspace};

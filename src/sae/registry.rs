@@ -382,6 +382,6 @@ mod tests {
             archs.len(),
             "a SAELens format registered twice"
         );
-        assert_eq!(ArchConfig::pam_sgd_kinds(), ["topk", "relu_l1"]);
+        assert_eq!(ArchConfig::pam_sgd_kinds(), ["topk", "relu_l1", "abs_topk"]);
     }
 }

@@ -9,7 +9,7 @@ Not part of `make test` (needs the reference venv with sae-lens). Usage:
     /work/.venv-ref/bin/python tests/interop/check_saelens.py /tmp/interop
 
 For every `<dir>/<variant>/` it runs `SAE.load_from_disk` (for our own `bi_jumprelu`
-architecture, the README formula in torch), encodes the stored raw inputs `x`,
+and `abs_topk` architectures, the README formula in torch), encodes the stored raw inputs `x`,
 decodes, and compares with our dense codes `feats` and reconstructions `recon`
 (`io.safetensors`). Exits non-zero on any mismatch.
 """
@@ -39,6 +39,14 @@ def main():
             w = load_file(str(d / "sae_weights.safetensors"))
             m = io["x"] @ w["W_enc"] + w["b_enc"]
             feats = m * ((m > w["threshold_pos"]) | (m < w["threshold_neg"]))
+            recon = feats @ w["W_dec"] + w["b_dec"]
+            sae = None
+        elif cfg["architecture"] == "abs_topk":
+            # Our own architecture (AbsTopK): the README formula, computed independently.
+            w = load_file(str(d / "sae_weights.safetensors"))
+            m = (io["x"] - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+            top = m.abs().topk(cfg["k"], dim=-1).indices
+            feats = torch.zeros_like(m).scatter(-1, top, m.gather(-1, top))
             recon = feats @ w["W_dec"] + w["b_dec"]
             sae = None
         else:

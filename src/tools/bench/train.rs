@@ -5,16 +5,17 @@
 //! Peak RSS is `VmHWM` from `/proc/self/status`, reset before each variant by writing `5` to
 //! `/proc/self/clear_refs` (Linux ≥ 4.0), so each row is that variant's own peak.
 //!
-//! Decision: the variants without a torch reference (BatchTopK, JumpReLU, Gated) are compared
-//! with the torch ReLU+L1 SAE, the cheapest dense-autograd SAE at the same shapes
-//! (TopK-family with TopK, the rest with ReLU+L1).
+//! Decision: the variants without a torch reference (BatchTopK, AbsTopK, JumpReLU, Gated) are
+//! compared with the torch ReLU+L1 SAE, the cheapest dense-autograd SAE at the same shapes
+//! (TopK-family with TopK, the rest with ReLU+L1). AbsTopK (`--variants abs_topk`) is not in
+//! the default list, which stays as it was.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
 
-use crate::sae::{batchtopk, gated, jumprelu, relu_l1, topk, ArchConfig};
+use crate::sae::{abs_topk, batchtopk, gated, jumprelu, relu_l1, topk, ArchConfig};
 use crate::store::InMemorySource;
 use crate::synthetic::{SyntheticConfig, SyntheticData};
 use crate::train::{BDecInit, TrainConfig, TrainError, Trainer};
@@ -110,11 +111,15 @@ fn arch_for(kind: &str, k: usize) -> Result<ArchConfig, BenchError> {
             k,
             ..Default::default()
         }),
+        "abs_topk" => ArchConfig::new(abs_topk::Config {
+            k,
+            ..Default::default()
+        }),
         "jumprelu" => ArchConfig::new(jumprelu::Config::default()),
         "gated" => ArchConfig::new(gated::Config::default()),
         other => {
             return Err(BenchError::Args(format!(
-                "unknown variant `{other}` (relu_l1, topk, batchtopk, jumprelu, gated)"
+                "unknown variant `{other}` (relu_l1, topk, batchtopk, abs_topk, jumprelu, gated)"
             )))
         }
     })
