@@ -280,7 +280,10 @@ fn randomise(sae: &mut dyn Sae, rng: &mut Rng) {
 /// adding to it makes the codes sparser: the log-threshold (JumpReLU, SA-GSAE: a larger θ
 /// closes gates on both sides) or the gate / encoder bias (ReLU+L1, Gated).
 fn knob(sae: &dyn Sae, kind: &str) -> Option<(usize, f32)> {
-    if matches!(kind, "topk" | "batchtopk" | "kmeans" | "kmeans_pca") {
+    if matches!(
+        kind,
+        "topk" | "batchtopk" | "kmeans" | "kmeans_pca" | "local_pca" | "kflats"
+    ) {
         return None; // density set by k, or L0 = 1 (+ rank)
     }
     if let Some(i) = index(sae, "log_threshold") {
@@ -311,7 +314,7 @@ fn setup(arch: &ArchConfig, dens: Density) -> Case {
     let mut sae = arch.build(D, f, 11).unwrap();
     let mut rng = Rng::new(17 + f as u64);
     randomise(sae.as_mut(), &mut rng);
-    let n = if kind.starts_with("kmeans") {
+    let n = if kind.starts_with("kmeans") || matches!(kind, "local_pca" | "kflats") {
         N.max(f)
     } else {
         N
