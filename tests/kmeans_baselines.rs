@@ -199,7 +199,11 @@ fn local_pca_and_kflats_recover_planted_flats_better_than_kmeans() {
     let (kf, kf_export, kf_l0) = fit(kflats(2, 3), 12);
     eprintln!("far centres: kmeans R² {km:.4}; local_pca {lp:.4} (export {lp_export:.4}, L0 {lp_l0}); kflats {kf:.4} (export {kf_export:.4}, L0 {kf_l0})");
     assert!(lp > 0.999 && kf > 0.999, "local_pca {lp}, kflats {kf}");
-    assert!(lp > km + 0.005 && kf > km + 0.005, "kmeans {km}");
+    // k-means at 12 centroids already explains ~99.5%; the flats leave a tenth of its FVU
+    assert!(
+        1.0 - lp < 0.1 * (1.0 - km) && 1.0 - kf < 0.1 * (1.0 - km),
+        "kmeans {km}"
+    );
     assert!((lp - lp_export).abs() < 1e-4 && (kf - kf_export).abs() < 1e-4);
     assert!(lp_l0 > 2.9 && lp_l0 <= 3.0 && kf_l0 > 2.9 && kf_l0 <= 3.0);
     // Centres close together: Voronoi cells cut across the planes, so the one-shot fit

@@ -308,7 +308,9 @@ fn setup(arch: &ArchConfig, dens: Density) -> Case {
     let kind = arch.kind();
     let f = match (kind, dens) {
         (_, Density::Sparse) => 256,
-        ("kmeans", Density::Dense) => 8, // L0 = 1: 1/8 is above the fallback
+        // L0 = 1 (local_pca, kflats: their subspaces are 0 until a PCA pass): 1/8 is above
+        // the fallback
+        ("kmeans" | "local_pca" | "kflats", Density::Dense) => 8,
         (_, Density::Dense) => 32,
     };
     let mut sae = arch.build(D, f, 11).unwrap();
