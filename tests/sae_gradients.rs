@@ -282,7 +282,7 @@ fn randomise(sae: &mut dyn Sae, rng: &mut Rng) {
 fn knob(sae: &dyn Sae, kind: &str) -> Option<(usize, f32)> {
     if matches!(
         kind,
-        "topk" | "batchtopk" | "abs_topk" | "kmeans" | "kmeans_pca"
+        "topk" | "batchtopk" | "abs_topk" | "kmeans" | "kmeans_pca" | "local_pca" | "kflats"
     ) {
         return None; // density set by k, or L0 = 1 (+ rank)
     }
@@ -308,13 +308,15 @@ fn setup(arch: &ArchConfig, dens: Density) -> Case {
     let kind = arch.kind();
     let f = match (kind, dens) {
         (_, Density::Sparse) => 256,
-        ("kmeans", Density::Dense) => 8, // L0 = 1: 1/8 is above the fallback
+        // L0 = 1 (local_pca, kflats: their subspaces are 0 until a PCA pass): 1/8 is above
+        // the fallback
+        ("kmeans" | "local_pca" | "kflats", Density::Dense) => 8,
         (_, Density::Dense) => 32,
     };
     let mut sae = arch.build(D, f, 11).unwrap();
     let mut rng = Rng::new(17 + f as u64);
     randomise(sae.as_mut(), &mut rng);
-    let n = if kind.starts_with("kmeans") {
+    let n = if kind.starts_with("kmeans") || matches!(kind, "local_pca" | "kflats") {
         N.max(f)
     } else {
         N

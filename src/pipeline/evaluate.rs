@@ -564,6 +564,7 @@ fn evaluate_unit(
             EvalData::Synthetic { truth, .. } => Some(mmcs(&truth.dict, &sae.t.w_dec, d)),
             EvalData::Set(_) => None,
         },
+        n_regions: (sae.t.architecture == "kmeans").then(|| sae.t.extra_usize("n_clusters") as u64),
         train_seconds: done.train_seconds,
         train_tokens_per_s: done.train_tokens as f64 / done.train_seconds.max(1e-9),
         sae_path: u.dir.display().to_string(),

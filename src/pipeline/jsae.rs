@@ -711,6 +711,7 @@ fn row(p: &Pipeline, r: RowParts) -> MetricsRow {
         jacobian_rms_frac_1: Some(r.acc.jac.frac_above_rms(1.0)),
         jsae_lambda: Some(r.lambda),
         feature_recovery: None,
+        n_regions: None,
         train_seconds: r.secs,
         train_tokens_per_s: r.train_tokens as f64 / r.secs.max(1e-9),
         sae_path: r.dir.display().to_string(),

@@ -111,6 +111,10 @@ pub struct MetricsRow {
     pub jsae_lambda: Option<f64>,
     /// Synthetic sources: mean max cosine similarity to the true dictionary.
     pub feature_recovery: Option<f64>,
+    /// Regions (clusters) of a piecewise-constant / piecewise-affine baseline (`kmeans`,
+    /// `kmeans_pca`, `local_pca`, `kflats`: the `n_clusters` of its export); null for SAEs.
+    #[serde(default)]
+    pub n_regions: Option<u64>,
     /// Wall seconds spent training.
     pub train_seconds: f64,
     /// Training throughput (tokens/s).
@@ -197,6 +201,7 @@ fn schema() -> Schema {
         f("jacobian_rms_frac_1", Float64, true),
         f("jsae_lambda", Float64, true),
         f("feature_recovery", Float64, true),
+        f("n_regions", UInt64, true),
         f("train_seconds", Float64, false),
         f("train_tokens_per_s", Float64, false),
         f("sae_path", Utf8, false),
@@ -260,6 +265,7 @@ pub fn to_batch(rows: &[MetricsRow], is_pareto: &[bool]) -> Result<RecordBatch, 
         o(rows, |r| r.jacobian_rms_frac_1),
         o(rows, |r| r.jsae_lambda),
         o(rows, |r| r.feature_recovery),
+        Arc::new(rows.iter().map(|r| r.n_regions).collect::<UInt64Array>()),
         x(rows, |r| r.train_seconds),
         x(rows, |r| r.train_tokens_per_s),
         s(rows, |r| &r.sae_path),
@@ -401,6 +407,7 @@ pub(crate) fn example_row(arch: &str, l0: f64, r2: f64) -> MetricsRow {
         jacobian_rms_frac_1: None,
         jsae_lambda: None,
         feature_recovery: None,
+        n_regions: None,
         train_seconds: 1.0,
         train_tokens_per_s: 1000.0,
         sae_path: "saes/x".into(),

@@ -39,7 +39,9 @@
 //! centroid latents of `W_enc x̃ + b_enc` is still the nearest centroid: row `μ_i/‖μ_i‖`,
 //! bias `−½‖μ_i‖` become `μ_i` and `−½‖μ_i‖²/c`, i.e. `(⟨μ_i, x̃_s⟩ − ½‖μ_i‖²)/c`.
 //! `code_value` (1 before folding) becomes `‖μ_i‖/c` with a unit decoder row. Subspace
-//! latents are linear (`b_enc = −⟨e_j, μ_c⟩`) and fold like any linear code.
+//! latents are linear (`b_enc = −⟨e_j, μ_c⟩`) and fold like any linear code. The optional
+//! key `assignment = "residual"` (written by `kflats`, `local_pca.rs`) makes the loader assign
+//! by residual to each cluster's flat instead of by nearest centroid ([`encode_loaded`]).
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -168,15 +170,27 @@ impl ArchSpec for PcaConfig {
     }
 }
 
-/// `cfg.json` of the `kmeans` format: cluster c owns latents c(1+rank) .. c(1+rank)+rank.
+/// `cfg.json` of the `kmeans` format: cluster c owns latents c(1+rank) .. c(1+rank)+rank;
+/// `assignment` (optional) is `"nearest_centroid"` (the default, `kmeans`, `kmeans_pca`,
+/// `local_pca`) or `"residual"` (`kflats`).
 fn read_cfg(
     cfg: &serde_json::Value,
     f: usize,
 ) -> Result<Vec<(String, serde_json::Value)>, String> {
+    let assignment = match &cfg["assignment"] {
+        serde_json::Value::Null => "nearest_centroid",
+        serde_json::Value::String(a) if a == "nearest_centroid" || a == "residual" => a.as_str(),
+        other => {
+            return Err(format!(
+                "kmeans `assignment` must be \"nearest_centroid\" or \"residual\", not {other}"
+            ))
+        }
+    };
     match (cfg["rank"].as_u64(), cfg["n_clusters"].as_u64()) {
         (Some(r), Some(kc)) if kc >= 1 && kc * (1 + r) <= f as u64 => Ok(vec![
             ("rank".to_string(), serde_json::json!(r)),
             ("n_clusters".to_string(), serde_json::json!(kc)),
+            ("assignment".to_string(), serde_json::json!(assignment)),
         ]),
         _ => Err(
             "kmeans needs integers `rank` and `n_clusters` with n_clusters·(1+rank) <= d_sae"
@@ -185,11 +199,32 @@ fn read_cfg(
     }
 }
 
-/// `kmeans` encode: the nearest centroid is the argmax over the centroid latents of
-/// `x W_enc + b_enc`; it gets its `code_value`, its subspace latents their linear codes.
+/// `kmeans` encode: the cluster is the argmax over the centroid latents of
+/// `x W_enc + b_enc` (nearest centroid), or with `assignment = "residual"` (k-flats) the
+/// argmax of `p_c / s_c + ½ Σ_j p_{c,j}²`: the smallest residual `‖(x̃ − μ_c)(I − U_cᵀU_c)‖²`
+/// in raw units, where `p_c = s_c·(⟨μ_c, x̃⟩ − ½‖μ_c‖²)` is the folded centroid
+/// pre-activation (`s_c` = the training input scale, recovered as `‖W_enc row‖ /
+/// code_value` since the folded row is `s_c μ_c` and `code_value = ‖μ_c‖`) and `p_{c,j}` the
+/// subspace coordinates. The cluster's centroid latent gets its `code_value`, its subspace
+/// latents their linear codes.
 fn encode_loaded(t: &Folded, n: usize, ws: &mut Workspace) {
     let (s, kc) = (1 + t.extra_usize("rank"), t.extra_usize("n_clusters"));
     let cv = t.per("code_value");
+    let residual = t
+        .extra_cfg
+        .iter()
+        .any(|(k, v)| k == "assignment" && v == "residual");
+    let inv_scale: Vec<f32> = (0..kc)
+        .map(|cl| {
+            let row = &t.w_enc[cl * s * t.d_in..(cl * s + 1) * t.d_in];
+            let nw = c::dot(row, row).sqrt();
+            if nw > 0.0 {
+                cv[cl * s] / nw
+            } else {
+                0.0
+            }
+        })
+        .collect();
     c::encode_collect(
         ws,
         n,
@@ -198,10 +233,20 @@ fn encode_loaded(t: &Folded, n: usize, ws: &mut Workspace) {
         t.d_sae,
         Some(t.per("b_enc")),
         |_, row, buf| {
-            let mut best = 0;
+            let score = |cl: usize| {
+                let base = cl * s;
+                if residual {
+                    row[base] * inv_scale[cl]
+                        + 0.5 * row[base + 1..base + s].iter().map(|a| a * a).sum::<f32>()
+                } else {
+                    row[base]
+                }
+            };
+            let (mut best, mut bs) = (0, score(0));
             for cl in 1..kc {
-                if row[cl * s] > row[best * s] {
-                    best = cl;
+                let v = score(cl);
+                if v > bs {
+                    (best, bs) = (cl, v);
                 }
             }
             let base = best * s;

@@ -46,6 +46,8 @@ variants! {
     kmeans => [VARIANT, PCA_VARIANT],
     sa_gsae => [VARIANT],
     abs_topk => [VARIANT],
+    local_pca => [VARIANT],
+    kflats => [VARIANT],
 }
 
 pub use crate::kernels::{Codes, Workspace};
@@ -197,6 +199,13 @@ pub trait Sae: Send + Sync {
     }
     /// Export tensors before folding.
     fn export_parts(&self) -> ExportParts;
+
+    /// Told by the trainer, before step 0 and on resume, how many steps the run has:
+    /// variants fitted in passes over the stream (`local_pca`, `kflats`) schedule by it.
+    /// Default: nothing.
+    fn set_total_steps(&mut self, total_steps: u64) {
+        let _ = total_steps;
+    }
 
     /// Data-dependent initialisation, called once by the trainer before step 0 with the
     /// scaled init sample `x: [n, d_in]`, after `b_dec` is set. Default: nothing.

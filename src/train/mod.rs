@@ -282,7 +282,9 @@ impl Trainer {
         }
         model.set_scales(&scales);
         let opt = build_optimizer(&cfg, &*model)?;
-        Ok(Self::assemble(cfg, model, opt, scales))
+        let mut t = Self::assemble(cfg, model, opt, scales);
+        t.announce_total_steps();
+        Ok(t)
     }
 
     /// The state every constructor shares: zero counters and buffers.
@@ -432,7 +434,15 @@ impl Trainer {
         t.tokens = ck.get("tokens")?;
         t.total_steps = ck.get("total_steps")?;
         t.log = ck.log()?;
+        t.announce_total_steps();
         Ok(t)
+    }
+
+    /// Tell every SAE the run's length ([`Sae::set_total_steps`]).
+    fn announce_total_steps(&mut self) {
+        for s in 0..self.model.n_saes() {
+            self.model.sae_mut(s).set_total_steps(self.total_steps);
+        }
     }
 
     /// The model being trained.
