@@ -335,6 +335,39 @@ mod tests {
         arch: ArchConfig,
     }
 
+    /// What the pipeline file's load check refuses, building refuses too, and every
+    /// example passes both: the load-time check says no more and no less than the build.
+    #[test]
+    fn load_time_problems_agree_with_build() {
+        let bad = [
+            r#"{ kind = "topk", k = 0 }"#,
+            r#"{ kind = "topk", k = 17 }"#,
+            r#"{ kind = "topk", k = 4, aux_coefficient = -1.0 }"#,
+            r#"{ kind = "batchtopk", k = 0 }"#,
+            r#"{ kind = "batchtopk", k = 4, candidates_per_token = 2 }"#,
+            r#"{ kind = "gated", l1_coefficient = -1.0 }"#,
+            r#"{ kind = "jumprelu", l0_coefficient = -1.0 }"#,
+            r#"{ kind = "jumprelu", bandwidth = 0.0 }"#,
+            r#"{ kind = "relu_l1", l1_coefficient = -1.0 }"#,
+            r#"{ kind = "sa_gsae", l1_coefficient = -1.0 }"#,
+            r#"{ kind = "sa_gsae", init_threshold_quantile = 1.5 }"#,
+            r#"{ kind = "kmeans_pca", rank = 0 }"#,
+            r#"{ kind = "kmeans_pca", rank = 20 }"#,
+        ];
+        for b in bad {
+            let t: T = toml::from_str(&format!("arch = {b}")).unwrap();
+            assert!(
+                !t.arch.problems(Some(16)).is_empty(),
+                "{b}: no problem at load"
+            );
+            assert!(t.arch.build(8, 16, 0).is_err(), "{b}: builds");
+        }
+        for ex in ArchConfig::examples() {
+            assert_eq!(ex.problems(Some(16)), vec![], "{ex:?}");
+            assert!(ex.build(8, 16, 0).is_ok(), "{ex:?}");
+        }
+    }
+
     #[test]
     fn arch_config_parses_from_toml_and_rejects_unknown_fields() {
         let t: T = toml::from_str("arch = { kind = \"topk\", k = 32 }").unwrap();
