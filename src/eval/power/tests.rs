@@ -4,6 +4,9 @@ use super::*;
 use crate::sae::export::LoadedSae;
 use crate::util::rng::Rng;
 
+/// A site: `(latent, sign, p, c)`, value `⟨p, x⟩ + c`.
+type Site = (u32, f64, Vec<f64>, f64);
+
 fn randn(rng: &mut Rng, n: usize, s: f32) -> Vec<f32> {
     (0..n).map(|_| s * rng.normal() as f32).collect()
 }
@@ -28,7 +31,7 @@ fn folded(arch: &str, d: usize, f: usize, k: usize, seed: u64) -> Folded {
 
 /// The sites of the power diagram in input space: `(latent, sign, p, c)` with site value
 /// `⟨p, x⟩ + c` (= σ·a_latent(x)); m of them, or 2m for AbsTopK.
-fn sites(t: &Folded, signed: bool) -> Vec<(u32, f64, Vec<f64>, f64)> {
+fn sites(t: &Folded, signed: bool) -> Vec<Site> {
     let d = t.d_in;
     let mut out = Vec::new();
     for i in 0..t.d_sae {
@@ -46,12 +49,12 @@ fn sites(t: &Folded, signed: bool) -> Vec<(u32, f64, Vec<f64>, f64)> {
     out
 }
 
-fn value_at(site: &(u32, f64, Vec<f64>, f64), x: &[f64]) -> f64 {
+fn value_at(site: &Site, x: &[f64]) -> f64 {
     site.2.iter().zip(x).map(|(a, b)| a * b).sum::<f64>() + site.3
 }
 
 /// Power distance `‖x − p‖² − (‖p‖² + 2c)` (= ‖x‖² − 2·value).
-fn power_distance(site: &(u32, f64, Vec<f64>, f64), x: &[f64]) -> f64 {
+fn power_distance(site: &Site, x: &[f64]) -> f64 {
     let d2: f64 = site.2.iter().zip(x).map(|(p, v)| (v - p) * (v - p)).sum();
     let r2: f64 = site.2.iter().map(|p| p * p).sum::<f64>() + 2.0 * site.3;
     d2 - r2
@@ -162,12 +165,12 @@ fn the_selection_is_the_k_power_nearest_sites() {
 
 /// Brute-force facet distance over the given competitor sites.
 fn brute_facet(
-    all: &[(u32, f64, Vec<f64>, f64)],
+    all: &[Site],
     sel: &[(u32, i8)],
-    competitor: &dyn Fn(&(u32, f64, Vec<f64>, f64)) -> bool,
+    competitor: &dyn Fn(&Site) -> bool,
     x: &[f64],
 ) -> (f64, usize, usize) {
-    let inside = |s: &(u32, f64, Vec<f64>, f64)| sel.contains(&(s.0, s.1 as i8));
+    let inside = |s: &Site| sel.contains(&(s.0, s.1 as i8));
     let mut best = (f64::INFINITY, 0, 0);
     for (a, sa) in all.iter().enumerate().filter(|(_, s)| inside(s)) {
         for (b, sb) in all
@@ -260,7 +263,7 @@ fn margin_and_facet_distance_match_brute_force_and_the_set_flips_at_the_facet() 
             let next = ix1[k];
             let near =
                 facet_distance((&ix1, &vs1), k, signed, &t.w_enc, d, &norms, max_norm).unwrap();
-            let in_sel = |s: &(u32, f64, Vec<f64>, f64)| sel.iter().any(|&(i, _)| i == s.0);
+            let in_sel = |s: &Site| sel.iter().any(|&(i, _)| i == s.0);
             let (want1, _, _) = brute_facet(&all, &sel, &|s| s.0 == next || in_sel(s), &xd);
             assert!(
                 near >= want - 1e-6,
