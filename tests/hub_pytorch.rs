@@ -296,7 +296,10 @@ fn serve(
         return missing(&mut stream, "EntryNotFound");
     };
     let mut headers = vec![
-        ("ETag", format!("\"{}\"", hex::encode(sha2::Sha256::digest(data)))),
+        (
+            "ETag",
+            format!("\"{}\"", hex::encode(sha2::Sha256::digest(data))),
+        ),
         ("X-Repo-Commit", COMMIT.to_string()),
     ];
     let len = data.len();
@@ -394,7 +397,10 @@ fn pytorch_only_revisions_download_and_load_like_safetensors_and_code_is_refused
     let model = common::tiny_gpt_neox(&tmp.join("st"), 11);
     let mut repos = BTreeMap::new();
     repos.insert("org/pt".to_string(), torch_repo(&model, tmp, "single"));
-    repos.insert("org/pt-sharded".to_string(), torch_repo(&model, tmp, "sharded"));
+    repos.insert(
+        "org/pt-sharded".to_string(),
+        torch_repo(&model, tmp, "sharded"),
+    );
     repos.insert("org/evil".to_string(), torch_repo(&model, tmp, "evil"));
     let hub = FakeHub::start(repos);
 

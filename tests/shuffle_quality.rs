@@ -99,7 +99,9 @@ fn write_set(dir: &Path) -> ActivationSet {
 /// Exact E[distinct windows] of `b` rows drawn without replacement from `n` rows spread
 /// evenly over windows of `t` rows: Σ_w 1 − C(n−t, b)/C(n, b).
 fn perfect_expectation(n: u64, t: u64, b: u64) -> f64 {
-    let miss: f64 = (0..t).map(|i| (n - b - i) as f64 / (n - i) as f64).product();
+    let miss: f64 = (0..t)
+        .map(|i| (n - b - i) as f64 / (n - i) as f64)
+        .product();
     (n / t) as f64 * (1.0 - miss)
 }
 

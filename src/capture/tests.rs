@@ -362,8 +362,8 @@ fn bf16_capture_reads_back_as_the_rounded_f32_capture() {
     capture(&model, toy_tokenizer(), &s, &Silent).unwrap();
     let hp = Hookpoint::new(1, Site::MlpOut);
     let read = |root: &Path| {
-        let set = ActivationSet::open(&set_dir(root, hp, Split::Train), &Expect::default())
-            .unwrap();
+        let set =
+            ActivationSet::open(&set_dir(root, hp, Split::Train), &Expect::default()).unwrap();
         (
             set.manifest.meta.dtype,
             set.batches(64)

@@ -149,9 +149,12 @@ impl PthStore {
             .zip
             .lock()
             .map_err(|_| bad(&f.path, "reader poisoned by an earlier panic"))?;
-        let mut entry = zip
-            .by_name(&info.path)
-            .map_err(|e| bad(&f.path, format!("tensor '{name}': entry {}: {e}", info.path)))?;
+        let mut entry = zip.by_name(&info.path).map_err(|e| {
+            bad(
+                &f.path,
+                format!("tensor '{name}': entry {}: {e}", info.path),
+            )
+        })?;
         let start = layout.start_offset() as u64;
         if start > 0 {
             std::io::copy(&mut entry.by_ref().take(start), &mut std::io::sink())
@@ -168,7 +171,10 @@ impl PthStore {
         entry.read_exact(&mut bytes).map_err(|e| {
             bad(
                 &f.path,
-                format!("tensor '{name}': entry {} is shorter than its {n} bytes ({e})", info.path),
+                format!(
+                    "tensor '{name}': entry {} is shorter than its {n} bytes ({e})",
+                    info.path
+                ),
             )
         })?;
         let t = Tensor::from_raw_buffer(&bytes, info.dtype, &shape, &Device::Cpu)
@@ -180,13 +186,17 @@ impl PthStore {
         } else {
             t
         };
-        t.to_device(device).map(Some).map_err(ModelError::candle(&f.path))
+        t.to_device(device)
+            .map(Some)
+            .map_err(ModelError::candle(&f.path))
     }
 }
 
 /// Open `path`'s zip, parse its `data.pkl` with candle's reader, refuse forbidden globals
 /// and collect the tensor descriptions.
-fn read_infos(path: &Path) -> Result<(zip::ZipArchive<BufReader<File>>, Vec<TensorInfo>), ModelError> {
+fn read_infos(
+    path: &Path,
+) -> Result<(zip::ZipArchive<BufReader<File>>, Vec<TensorInfo>), ModelError> {
     let file = File::open(path).map_err(ModelError::io(path))?;
     let mut zip = zip::ZipArchive::new(BufReader::new(file)).map_err(|e| {
         bad(

@@ -258,6 +258,9 @@ mod tests {
         }
         let mut m = meta();
         m.dtype = ActDtype::Bf16;
-        assert_eq!(ActMeta::from_map(&m.to_map()).unwrap().dtype, ActDtype::Bf16);
+        assert_eq!(
+            ActMeta::from_map(&m.to_map()).unwrap().dtype,
+            ActDtype::Bf16
+        );
     }
 }

@@ -129,7 +129,8 @@ impl ChunkIndex {
                 msg: e.to_string(),
             };
             let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
-            let opts = ArrowReaderOptions::new().with_offset_index_policy(PageIndexPolicy::Optional);
+            let opts =
+                ArrowReaderOptions::new().with_offset_index_policy(PageIndexPolicy::Optional);
             let meta = ArrowReaderMetadata::load(&file, opts).map_err(corrupt)?;
             if chunk_rows > 0 {
                 for (g, rg) in meta.metadata().row_groups().iter().enumerate() {
@@ -202,10 +203,12 @@ impl ChunkIndex {
                 msg: e.to_string(),
             })?;
             let col = b.column(0);
-            let list = col.as_fixed_size_list_opt().ok_or_else(|| StoreError::Corrupt {
-                path: path.clone(),
-                msg: "act is not a FixedSizeList".into(),
-            })?;
+            let list = col
+                .as_fixed_size_list_opt()
+                .ok_or_else(|| StoreError::Corrupt {
+                    path: path.clone(),
+                    msg: "act is not a FixedSizeList".into(),
+                })?;
             got += list.len();
             decode_act(path, list, d, out)?;
         }
@@ -520,8 +523,8 @@ impl crate::store::ActivationSource for ParquetSource {
         let err = |e: StoreError| crate::store::DataError::Read(e.to_string());
         // Free the old buffer before the new one fills.
         let index = self.reader.index();
-        self.reader = ShuffleReader::with_index(self.set.clone(), index.clone(), self.cfg)
-            .map_err(err)?;
+        self.reader =
+            ShuffleReader::with_index(self.set.clone(), index.clone(), self.cfg).map_err(err)?;
         self.reader.skip_rows(pos).map_err(err)?;
         Ok(())
     }

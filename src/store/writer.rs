@@ -16,8 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, FixedSizeListArray, Float16Array, Float32Array, UInt16Array, UInt32Array,
-    UInt64Array,
+    ArrayRef, FixedSizeListArray, Float16Array, Float32Array, UInt16Array, UInt32Array, UInt64Array,
 };
 use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
