@@ -308,7 +308,9 @@ impl ShuffleReader {
 
     fn feed(set: &ActivationSet, index: &ChunkIndex, cfg: &ShuffleConfig, epoch: u64) -> Feed {
         if cfg.chunk_rows == 0 {
-            Feed::Sequential(set.batches(4096))
+            // Reads no more than the buffer holds (a 4096-row read into a smaller buffer
+            // would mix more than `capacity` rows).
+            Feed::Sequential(set.batches(cfg.capacity.clamp(1, 4096)))
         } else {
             Feed::Chunks {
                 order: chunk_order(index.len(), cfg.seed, epoch),
