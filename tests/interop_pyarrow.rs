@@ -38,7 +38,7 @@ fn rows(n: usize) -> Rows {
 }
 
 const SCRIPT: &str = r#"
-import json, sys
+import json, struct, sys
 try:
     import pyarrow.parquet as pq
 except ImportError:
@@ -54,6 +54,10 @@ out = {
     "pos": t.column("pos").to_pylist(),
     "token_id": t.column("token_id").to_pylist(),
     "act": [[float(x) for x in r] for r in t.column("act").to_pylist()],
+    "item_meta": {k.decode(): v.decode() for k, v in (t.schema.field("act").type.value_field.metadata or {}).items()},
+    # bfloat16 bits (UInt16 items) -> f32, the documented decoding.
+    "act_bf16": [[struct.unpack("<f", struct.pack("<I", int(x) << 16))[0] for x in r]
+                 for r in t.column("act").to_pylist()] if str(t.schema.field("act").type.value_type) == "uint16" else None,
     "row_groups": pq.ParquetFile(sys.argv[1]).num_row_groups,
 }
 print(json.dumps(out))
@@ -120,13 +124,22 @@ fn check(dtype: ActDtype, type_name: &str) {
     assert_eq!(v["seq"], serde_json::json!(r.seq));
     assert_eq!(v["pos"], serde_json::json!(r.pos));
     assert_eq!(v["token_id"], serde_json::json!(r.token_id));
-    let acts: Vec<Vec<f64>> = serde_json::from_value(v["act"].clone()).unwrap();
+    let column = match dtype {
+        ActDtype::Bf16 => {
+            assert_eq!(v["item_meta"]["saepipe.dtype"], "bfloat16");
+            "act_bf16"
+        }
+        _ => "act",
+    };
+    let acts: Vec<Vec<f64>> = serde_json::from_value(v[column].clone()).unwrap();
+    assert_eq!(acts.len(), 10);
     for (i, row) in acts.iter().enumerate() {
         for (j, &x) in row.iter().enumerate() {
             let want = r.act[i * 5 + j];
             let want = match dtype {
                 ActDtype::F32 => want,
                 ActDtype::F16 => half::f16::from_f32(want).to_f32(),
+                ActDtype::Bf16 => half::bf16::from_f32(want).to_f32(),
             };
             assert_eq!(x as f32, want, "row {i} dim {j}");
         }
@@ -141,4 +154,9 @@ fn pyarrow_reads_f32_shards_bit_exact() {
 #[test]
 fn pyarrow_reads_f16_shards_bit_exact() {
     check(ActDtype::F16, "halffloat");
+}
+
+#[test]
+fn pyarrow_reads_bf16_shards_as_uint16_bits() {
+    check(ActDtype::Bf16, "uint16");
 }

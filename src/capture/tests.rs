@@ -283,6 +283,7 @@ fn shuffle_serves_every_row_once_seeded_and_resumable() {
     let cfg = ShuffleConfig {
         batch_size: 32,
         capacity: 64,
+        chunk_rows: 5,
         seed: 5,
         repeat: false,
     };
@@ -327,6 +328,7 @@ fn parquet_source_feeds_the_trainer_and_seeks_exactly() {
     let cfg = ShuffleConfig {
         batch_size: 1,
         capacity: 50,
+        chunk_rows: 3,
         seed: 9,
         repeat: false,
     };
@@ -346,4 +348,35 @@ fn parquet_source_feeds_the_trainer_and_seeks_exactly() {
     again.next_batch(1000, &mut rest).unwrap();
     assert_eq!(rest, all[123 * 6..]);
     assert!(again.seek(301).is_err());
+}
+
+#[test]
+fn bf16_capture_reads_back_as_the_rounded_f32_capture() {
+    let (d, c) = setup();
+    let model = Toy::new(104, 6, 3);
+    let full = spec(d.path(), &c);
+    capture(&model, toy_tokenizer(), &full, &Silent).unwrap();
+    let mut s = spec(d.path(), &c);
+    s.out_dir = d.path().join("bf16");
+    s.dtype = ActDtype::Bf16;
+    capture(&model, toy_tokenizer(), &s, &Silent).unwrap();
+    let hp = Hookpoint::new(1, Site::MlpOut);
+    let read = |root: &Path| {
+        let set =
+            ActivationSet::open(&set_dir(root, hp, Split::Train), &Expect::default()).unwrap();
+        (
+            set.manifest.meta.dtype,
+            set.batches(64)
+                .flat_map(|b| b.unwrap().act)
+                .collect::<Vec<f32>>(),
+        )
+    };
+    let (dt32, want) = read(&full.out_dir);
+    let (dt, got) = read(&s.out_dir);
+    assert_eq!((dt32, dt), (ActDtype::F32, ActDtype::Bf16));
+    assert_eq!(got.len(), want.len());
+    assert!(want.iter().any(|v| half::bf16::from_f32(*v).to_f32() != *v));
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g.to_bits(), half::bf16::from_f32(*w).to_f32().to_bits());
+    }
 }

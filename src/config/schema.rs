@@ -177,7 +177,8 @@ pub struct CaptureConfig {
     /// Sequences per forward pass. Default 8.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
-    /// Stored activation dtype. Default `"f32"`.
+    /// Stored activation dtype: `"f32"` (default), `"f16"` or `"bf16"` (stored as its bits
+    /// in `UInt16` items; see README, Activations).
     #[serde(default)]
     pub dtype: ActDtype,
     /// Drop positions holding BOS/EOS/pad tokens (their norms are extreme). Default true.
@@ -407,6 +408,25 @@ pub struct TrainSection {
     /// Write a training-log row every this many steps (and at the last). Default 10.
     #[serde(default = "default_log_every")]
     pub log_every: u64,
+    /// Bytes of the mixing buffer that shuffles the captured rows for training (f32 rows:
+    /// it holds `shuffle_buffer_bytes / (4·d_model)` tokens, at least two batches), one
+    /// per lockstep group. Read from the base file, like the data order's `run.seed`.
+    /// Default 2147483648 (2 GiB).
+    #[serde(default = "default_shuffle_buffer_bytes")]
+    pub shuffle_buffer_bytes: u64,
+    /// Consecutive tokens per randomly placed chunk: the buffer is filled with chunks of
+    /// this many rows drawn in a seeded random order from all shards, so it holds
+    /// fragments of many windows; smaller mixes better and reads more randomly. 0 reads
+    /// the shards in order. Default 16.
+    #[serde(default = "default_shuffle_chunk_tokens")]
+    pub shuffle_chunk_tokens: usize,
+}
+
+fn default_shuffle_buffer_bytes() -> u64 {
+    crate::store::shuffle::DEFAULT_BUFFER_BYTES
+}
+fn default_shuffle_chunk_tokens() -> usize {
+    crate::store::shuffle::DEFAULT_CHUNK_ROWS
 }
 
 fn default_lr_warmup_steps() -> u64 {

@@ -8,6 +8,7 @@ use super::{
     WEIGHTS_FILE, WEIGHTS_INDEX_FILE,
 };
 use crate::data::DataConfig;
+use crate::models::pickle::{PT_WEIGHTS_FILE, PT_WEIGHTS_INDEX_FILE};
 
 pub(super) fn resolve_local_dir(dir: &Path) -> Result<ResolvedModel, HubError> {
     let err = |message: String| HubError::LocalModel {
@@ -43,9 +44,23 @@ pub(super) fn resolve_local_dir(dir: &Path) -> Result<ResolvedModel, HubError> {
         files.insert(2, index);
     } else if dir.join(WEIGHTS_FILE).is_file() {
         files.push(dir.join(WEIGHTS_FILE));
+    } else if dir.join(PT_WEIGHTS_FILE).is_file() {
+        files.push(dir.join(PT_WEIGHTS_FILE));
+    } else if dir.join(PT_WEIGHTS_INDEX_FILE).is_file() {
+        let index = dir.join(PT_WEIGHTS_INDEX_FILE);
+        for s in shard_names(&index)? {
+            let p = dir.join(&s);
+            if !p.is_file() {
+                return Err(err(format!(
+                    "shard {s} listed in {PT_WEIGHTS_INDEX_FILE} is missing"
+                )));
+            }
+            files.push(p);
+        }
+        files.insert(2, index);
     } else {
         return Err(err(format!(
-            "neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE} is there"
+            "none of {WEIGHTS_FILE}, {WEIGHTS_INDEX_FILE}, {PT_WEIGHTS_FILE}, {PT_WEIGHTS_INDEX_FILE} is there"
         )));
     }
     Ok(ResolvedModel {

@@ -14,8 +14,11 @@
 //! Decision: a file already in the cache for the pinned revision is used without any
 //! request, so a second `download` makes no network traffic at all.
 //! Decision: the weights are `model.safetensors.index.json` plus every shard it lists
-//! when the repo has an index, else `model.safetensors`; `.bin`-only repos are refused
-//! (we load safetensors only). `tokenizer_config.json` is fetched when the repo has it.
+//! when the repo has an index, else `model.safetensors`; a revision with neither (Pythia's
+//! `stepN` branches) gets `pytorch_model.bin.index.json` and its shards, else
+//! `pytorch_model.bin`, chosen from the hub's file list of the revision, and loaded by
+//! `models::pickle` (tensors only, no pickled code is run). `tokenizer_config.json` is
+//! fetched when the repo has it.
 //! Decision: hub errors are told apart by the hub's `X-Error-Code` header
 //! (`RevisionNotFound`, `EntryNotFound`, `RepoNotFound`, `GatedRepo`).
 
@@ -94,8 +97,8 @@ pub enum HubError {
         revision: String,
         file: String,
     },
-    /// The repo has no safetensors weights.
-    #[error("model repo {repo} at revision {revision} has neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE}; saepipe loads safetensors weights only")]
+    /// The repo has neither safetensors nor PyTorch weights.
+    #[error("model repo {repo} at revision {revision} has none of {WEIGHTS_FILE}, {WEIGHTS_INDEX_FILE}, pytorch_model.bin, pytorch_model.bin.index.json; saepipe loads safetensors or PyTorch zip checkpoints")]
     NoWeights { repo: String, revision: String },
     /// Any other download failure (network, HTTP status, bad headers).
     #[error("downloading {file} from {kind} repo {repo} at revision {revision} (endpoint {endpoint}): {message}")]
@@ -266,13 +269,7 @@ pub fn resolve_model(
                 }
                 None => match f.get_optional(WEIGHTS_FILE)? {
                     Some(p) => files.push(p),
-                    None if opts.offline => return Err(f.not_cached(WEIGHTS_FILE)),
-                    None => {
-                        return Err(HubError::NoWeights {
-                            repo: repo.clone(),
-                            revision: revision.clone(),
-                        })
-                    }
+                    None => files.extend(pytorch_weights(&f, opts, repo, revision)?),
                 },
             }
             // All files must sit in one snapshot folder so that the loader sees one model.
@@ -295,6 +292,49 @@ pub fn resolve_model(
                 files,
             })
         }
+    }
+}
+
+/// The PyTorch weights of a repo without safetensors (Pythia's `stepN` branches): what the
+/// hub's file list for the revision (the cached snapshot when offline) has, the index and
+/// its shards first, else `pytorch_model.bin`. They are loaded by `models::pickle`, which
+/// never runs pickled code.
+fn pytorch_weights(
+    f: &Fetcher,
+    opts: &HubOptions,
+    repo: &str,
+    revision: &str,
+) -> Result<Vec<PathBuf>, HubError> {
+    use crate::models::pickle::{PT_WEIGHTS_FILE, PT_WEIGHTS_INDEX_FILE};
+    // The cache answers without a request when an earlier download fetched them.
+    let cached = [PT_WEIGHTS_INDEX_FILE, PT_WEIGHTS_FILE]
+        .into_iter()
+        .find(|n| f.cached.file(revision, n).is_some());
+    let pick = match cached {
+        Some(n) => Some(n),
+        None if opts.offline => return Err(f.not_cached(WEIGHTS_FILE)),
+        None => {
+            let listing = f.list()?;
+            [PT_WEIGHTS_INDEX_FILE, PT_WEIGHTS_FILE]
+                .into_iter()
+                .find(|n| listing.iter().any(|l| l == n))
+        }
+    };
+    match pick {
+        Some(PT_WEIGHTS_INDEX_FILE) => {
+            let index = f.get(PT_WEIGHTS_INDEX_FILE)?;
+            let mut files = Vec::new();
+            for s in shard_names(&index)? {
+                files.push(f.get(&s)?);
+            }
+            files.insert(0, index);
+            Ok(files)
+        }
+        Some(n) => Ok(vec![f.get(n)?]),
+        None => Err(HubError::NoWeights {
+            repo: repo.to_string(),
+            revision: revision.to_string(),
+        }),
     }
 }
 

@@ -56,9 +56,9 @@ pub enum ModelError {
 
     /// The directory has no safetensors weights.
     #[error(
-        "{}: no model.safetensors or model.safetensors.index.json; saepipe reads safetensors \
-         only — convert a .bin checkpoint with transformers' \
-         save_pretrained(dir, safe_serialization=True)",
+        "{}: no model.safetensors, model.safetensors.index.json, pytorch_model.bin or \
+         pytorch_model.bin.index.json; a local:<dir> model needs one of them (safetensors \
+         preferred: transformers' save_pretrained(dir, safe_serialization=True))",
         dir.display()
     )]
     WeightsMissing { dir: PathBuf },
@@ -193,6 +193,25 @@ pub enum ModelError {
         #[source]
         source: candle_core::Error,
     },
+
+    /// A PyTorch checkpoint (`pytorch_model.bin`) that cannot be read.
+    #[error(
+        "{}: not a readable PyTorch checkpoint: {detail}; download it again, or use a \
+         revision with model.safetensors",
+        path.display()
+    )]
+    Pickle { path: PathBuf, detail: String },
+
+    /// A PyTorch checkpoint whose pickle names a function that is not a tensor constructor.
+    #[error(
+        "{}: refusing to load this PyTorch checkpoint: its pickle calls {global}, which is \
+         not a tensor constructor (a state dict saved by torch.save only names \
+         torch._utils._rebuild_tensor_v2, torch storages and collections.OrderedDict); \
+         saepipe never runs pickled code — get the weights as safetensors from a source you \
+         trust",
+        path.display()
+    )]
+    UnsafePickle { path: PathBuf, global: String },
 }
 
 /// A `model.safetensors.index.json` that cannot be used: unreadable, not the

@@ -14,6 +14,7 @@ pub mod llama;
 pub mod load;
 pub mod mlp;
 pub(crate) mod nn;
+pub mod pickle;
 pub mod weights;
 
 use candle_core::{Device, Tensor};

@@ -1,4 +1,6 @@
-//! Named weight tensors for the model constructors, from safetensors or a GGUF.
+//! Named weight tensors for the model constructors, from safetensors, a GGUF or PyTorch
+//! `pytorch_model.bin` checkpoints (`pickle.rs`; used only when a folder has no
+//! safetensors).
 //!
 //! Implements the loading half of `../shared/specs/pipeline.md` §5. Model files ask for
 //! tensors by their Hugging Face names and expected shapes; this module answers with an
@@ -26,6 +28,8 @@ enum Store {
     },
     /// Tensors already in memory (dequantised GGUF), all from `origin`.
     Memory(HashMap<String, Tensor>),
+    /// PyTorch zip checkpoints, read tensor by tensor without running pickled code.
+    Pickle(super::pickle::PthStore),
 }
 
 /// A checkpoint's tensors, looked up by Hugging Face name.
@@ -49,6 +53,14 @@ impl Weights {
             vec![single]
         } else if index_path.is_file() {
             shard_paths(&index_path)?
+        } else if let Some(paths) = pytorch_paths(dir)? {
+            return Ok(Self {
+                origin: dir.to_path_buf(),
+                model_type: model_type.to_string(),
+                device: device.clone(),
+                store: Store::Pickle(super::pickle::PthStore::open(&paths)?),
+                random: None,
+            });
         } else {
             return Err(ModelError::WeightsMissing {
                 dir: dir.to_path_buf(),
@@ -149,6 +161,7 @@ impl Weights {
         match &self.store {
             Store::Safetensors { index, .. } => index.contains_key(name),
             Store::Memory(m) => m.contains_key(name),
+            Store::Pickle(p) => p.contains(name),
         }
     }
 
@@ -190,6 +203,16 @@ impl Weights {
                     .to_device(&self.device)
                     .map_err(ModelError::candle(&self.origin))?;
                 (self.origin.as_path(), t)
+            }
+            Store::Pickle(p) => {
+                let Some((path, found)) = p.shape(name) else {
+                    return Err(self.missing(name, None));
+                };
+                self.check_shape(path, name, shape, found)?;
+                let t = p
+                    .load(name, &self.device)?
+                    .ok_or_else(|| self.missing(name, Some(path)))?;
+                (path, t)
             }
         };
         match tensor.dtype() {
@@ -233,6 +256,29 @@ impl Weights {
                 found: found.to_vec(),
             })
         }
+    }
+}
+
+/// `pytorch_model.bin`, or the shards of `pytorch_model.bin.index.json`, in `dir`.
+fn pytorch_paths(dir: &Path) -> Result<Option<Vec<PathBuf>>, ModelError> {
+    let single = dir.join(super::pickle::PT_WEIGHTS_FILE);
+    let index = dir.join(super::pickle::PT_WEIGHTS_INDEX_FILE);
+    if single.is_file() {
+        Ok(Some(vec![single]))
+    } else if index.is_file() {
+        let paths = shard_paths(&index)?;
+        if let Some(p) = paths.iter().find(|p| !p.is_file()) {
+            return Err(ModelError::Io {
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "shard listed in pytorch_model.bin.index.json is missing",
+                ),
+                path: p.clone(),
+            });
+        }
+        Ok(Some(paths))
+    } else {
+        Ok(None)
     }
 }
 

@@ -24,6 +24,9 @@
 //! stream of its dictionary, in order) instead of captured activations.
 //! Decision: the SAEs of a group take each step in parallel (rayon), so `train_seconds` is
 //! an SAE's wall time while it shares the cores with the rest of its group.
+//! Decision: the shared reader shuffles through `train.shuffle_buffer_bytes` of memory
+//! filled with `train.shuffle_chunk_tokens`-row chunks from all shards (store/shuffle.rs),
+//! both read from the base file like `run.seed`.
 //! Decision: groups are capped by memory (weights, gradients and both Adam moments of
 //! every SAE in the group: 16 bytes per parameter) at [`GROUP_BYTES`].
 //! Decision (issue 15): a *train unit* of an array task is one (grid point × hookpoint),
@@ -61,9 +64,6 @@ pub const UNIT_LOCK: &str = ".unit.lock";
 
 /// Memory cap of one lockstep group (weights, grads, Adam moments), bytes.
 pub const GROUP_BYTES: u64 = 6 << 30;
-
-/// Rows the shuffle buffer of the shared reader holds (at most this many floats / d).
-const SHUFFLE_FLOATS: usize = 1 << 25;
 
 /// One SAE to train: a grid point at one hookpoint.
 #[derive(Debug, Clone)]
@@ -314,15 +314,16 @@ fn train_list(
         let d = set.d_model();
         for group in groups(&mine, d) {
             let batch = group[0].point.config.train.batch_tokens;
-            let capacity = (SHUFFLE_FLOATS / d).max(batch * 2);
+            let t = &pipeline.config.train;
             let mut src = ParquetSource::new(
                 set.clone(),
-                ShuffleConfig {
-                    batch_size: batch,
-                    capacity,
-                    seed: pipeline.config.run.seed,
-                    repeat: false,
-                },
+                ShuffleConfig::for_training(
+                    batch,
+                    t.shuffle_buffer_bytes,
+                    t.shuffle_chunk_tokens,
+                    d,
+                    pipeline.config.run.seed,
+                ),
             )?;
             let data = Data {
                 src: &mut src,

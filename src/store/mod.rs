@@ -8,6 +8,7 @@
 pub mod manifest;
 pub mod reader;
 pub mod schema;
+pub mod shuffle;
 pub mod source;
 pub mod verify;
 pub mod writer;

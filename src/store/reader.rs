@@ -1,30 +1,21 @@
-//! Reading activation sets: metadata checks, sequential batches, and the seeded
-//! shuffle ("mixing") buffer that feeds training.
+//! Reading activation sets: metadata checks and sequential batches. The seeded shuffle
+//! that feeds training is in `shuffle.rs` (re-exported here).
 //!
 //! Implements `../shared/specs/pipeline.md` §4 ("the reader checks them and names the
-//! mismatch"; "peak memory of capture and training must not grow with the token budget")
-//! and the SAELens mixing buffer of `ecosystem.md` §1.3: fill a buffer of `capacity` rows,
-//! shuffle it, serve the first half, refill, repeat.
+//! mismatch"; "peak memory of capture and training must not grow with the token budget").
 //!
 //! Decision: a set is only readable once its `manifest.json` exists (the completion
 //! marker); every shard's footer metadata is checked against the manifest and the caller's
 //! [`Expect`] before the first row is served.
-//! Decision: exact resume replays the stream: [`ShuffleReader::state`] records how many
-//! batches were served and [`ShuffleReader::resume`] re-reads and discards that many. The
-//! data read is the same, the RNG draws are the same, so batch n+1 is identical; the cost
-//! is I/O only, and memory stays bounded by the buffer.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use arrow::array::{Array, AsArray, FixedSizeListArray};
-use arrow::datatypes::{DataType, Float16Type, Float32Type, UInt32Type, UInt64Type};
+use arrow::datatypes::{DataType, Float16Type, Float32Type, UInt16Type, UInt32Type, UInt64Type};
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use parquet::file::reader::{FileReader, SerializedFileReader};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
-use serde::{Deserialize, Serialize};
 
 use super::manifest::{Manifest, MANIFEST};
 use super::schema::ActMeta;
@@ -247,30 +238,61 @@ pub fn decode_batch(
             act.value_length()
         )));
     }
-    let values = act.values();
-    if values.len() != act.len() * d {
-        return Err(bad("act values have the wrong length"));
-    }
-    let act: Vec<f32> = match values.data_type() {
-        DataType::Float32 => values.as_primitive::<Float32Type>().values().to_vec(),
-        DataType::Float16 => values
-            .as_primitive::<Float16Type>()
-            .values()
-            .iter()
-            .map(|v| v.to_f32())
-            .collect(),
-        other => {
-            return Err(bad(&format!(
-                "act values are {other}, expected Float32 or Float16"
-            )))
-        }
-    };
+    let mut values = Vec::with_capacity(act.len() * d);
+    decode_act(path, act, d, &mut values)?;
     Ok(ActBatch {
         seq: seq.values().to_vec(),
         pos: pos.values().to_vec(),
         token_id: tok.values().to_vec(),
-        act,
+        act: values,
     })
+}
+
+/// Append the values of `act` (width `d`) to `out` as f32.
+pub fn decode_act(
+    path: &Path,
+    act: &FixedSizeListArray,
+    d: usize,
+    out: &mut Vec<f32>,
+) -> Result<(), StoreError> {
+    let bad = |msg: String| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        msg,
+    };
+    if act.value_length() as usize != d {
+        return Err(bad(format!(
+            "act has width {}, expected {d}",
+            act.value_length()
+        )));
+    }
+    // A sliced list (row selection) starts at `offset` rows into its values.
+    let values = act.values();
+    let (lo, hi) = (act.offset() * d, (act.offset() + act.len()) * d);
+    if values.len() < hi {
+        return Err(bad("act values have the wrong length".into()));
+    }
+    match values.data_type() {
+        DataType::Float32 => {
+            out.extend_from_slice(&values.as_primitive::<Float32Type>().values()[lo..hi])
+        }
+        DataType::Float16 => out.extend(
+            values.as_primitive::<Float16Type>().values()[lo..hi]
+                .iter()
+                .map(|v| v.to_f32()),
+        ),
+        // bfloat16 bits (schema.rs): the upper half of an f32.
+        DataType::UInt16 => out.extend(
+            values.as_primitive::<UInt16Type>().values()[lo..hi]
+                .iter()
+                .map(|&b| half::bf16::from_bits(b).to_f32()),
+        ),
+        other => {
+            return Err(bad(format!(
+                "act values are {other}, expected Float32, Float16 or UInt16 (bfloat16 bits)"
+            )))
+        }
+    }
+    Ok(())
 }
 
 /// Sequential reader over shards.
@@ -373,246 +395,4 @@ impl Iterator for SeqReader {
     }
 }
 
-/// Settings of the shuffle buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShuffleConfig {
-    /// Rows per served batch.
-    pub batch_size: usize,
-    /// Rows the mixing buffer holds (memory: `capacity × d_model × 4` bytes, plus half).
-    pub capacity: usize,
-    /// RNG seed.
-    pub seed: u64,
-    /// Start again from the first shard (a new shuffle) when the set is exhausted.
-    pub repeat: bool,
-}
-
-/// Where a [`ShuffleReader`] stands, for exact checkpoint resume.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ReaderState {
-    /// Batches served so far.
-    pub batches: u64,
-    /// Rows served so far.
-    pub rows: u64,
-    /// Completed passes over the set (with `repeat`).
-    pub epoch: u64,
-}
-
-/// Shuffled f32 batches `[batch_size, d_model]` from an activation set, seeded,
-/// memory bounded by the buffer capacity.
-pub struct ShuffleReader {
-    set: ActivationSet,
-    cfg: ShuffleConfig,
-    source: SeqReader,
-    source_done: bool,
-    rng: rand::rngs::StdRng,
-    d: usize,
-    /// Rows waiting to be shuffled (row-major).
-    buffer: Vec<f32>,
-    /// Shuffled rows ready to serve, served from the front.
-    ready: Vec<f32>,
-    ready_at: usize,
-    batches: u64,
-    rows: u64,
-    epoch: u64,
-}
-
-impl ShuffleReader {
-    /// A reader over `set`.
-    pub fn new(set: ActivationSet, cfg: ShuffleConfig) -> Result<Self, StoreError> {
-        if cfg.batch_size == 0 || cfg.capacity < 2 {
-            return Err(StoreError::BadSpec(
-                "shuffle batch_size must be ≥ 1 and capacity ≥ 2".into(),
-            ));
-        }
-        let d = set.d_model();
-        let source = set.batches(4096);
-        Ok(Self {
-            rng: rand::rngs::StdRng::seed_from_u64(cfg.seed),
-            set,
-            cfg,
-            source,
-            source_done: false,
-            d,
-            buffer: Vec::new(),
-            ready: Vec::new(),
-            ready_at: 0,
-            batches: 0,
-            rows: 0,
-            epoch: 0,
-        })
-    }
-
-    /// Activation width.
-    pub fn d_model(&self) -> usize {
-        self.d
-    }
-
-    /// Where the reader stands.
-    pub fn state(&self) -> ReaderState {
-        ReaderState {
-            batches: self.batches,
-            rows: self.rows,
-            epoch: self.epoch,
-        }
-    }
-
-    /// A reader over `set` positioned exactly where `state` was taken (same config).
-    pub fn resume(
-        set: ActivationSet,
-        cfg: ShuffleConfig,
-        state: ReaderState,
-    ) -> Result<Self, StoreError> {
-        let mut r = Self::new(set, cfg)?;
-        if r.skip_rows(state.rows)? < state.rows {
-            return Err(StoreError::BadSpec(format!(
-                "cannot resume at row {}: the set ends after {} rows",
-                state.rows, r.rows
-            )));
-        }
-        r.batches = state.batches;
-        Ok(r)
-    }
-
-    fn shuffle_rows(&mut self, rows: &mut [f32]) {
-        let d = self.d;
-        let n = rows.len() / d;
-        let mut perm: Vec<usize> = (0..n).collect();
-        perm.shuffle(&mut self.rng);
-        let src = rows.to_vec();
-        for (dst, &s) in perm.iter().enumerate() {
-            rows[dst * d..(dst + 1) * d].copy_from_slice(&src[s * d..(s + 1) * d]);
-        }
-    }
-
-    /// Fill the buffer to capacity (or until the set ends).
-    fn fill(&mut self) -> Result<(), StoreError> {
-        let want = self.cfg.capacity * self.d;
-        while self.buffer.len() < want && !self.source_done {
-            match self.source.next() {
-                Some(b) => self.buffer.extend_from_slice(&b?.act),
-                None if self.cfg.repeat && self.set.n_tokens() > 0 => {
-                    self.epoch += 1;
-                    self.source = self.set.batches(4096);
-                }
-                None => self.source_done = true,
-            }
-        }
-        Ok(())
-    }
-
-    /// Append up to `n` shuffled rows (row-major) to `out`; returns how many, 0 only when
-    /// the set is exhausted (never with `repeat`). The sequence of rows does not depend on
-    /// how it is cut into calls.
-    pub fn take_rows(&mut self, n: usize, out: &mut Vec<f32>) -> Result<usize, StoreError> {
-        let d = self.d;
-        let want = n * d;
-        let start = out.len();
-        while out.len() - start < want {
-            if self.ready_at < self.ready.len() {
-                let take = (want - (out.len() - start)).min(self.ready.len() - self.ready_at);
-                out.extend_from_slice(&self.ready[self.ready_at..self.ready_at + take]);
-                self.ready_at += take;
-                continue;
-            }
-            // Refill and shuffle; serve the first half, keep the second for mixing
-            // (everything once the source is done).
-            self.fill()?;
-            if self.buffer.is_empty() {
-                break;
-            }
-            let mut buf = std::mem::take(&mut self.buffer);
-            self.shuffle_rows(&mut buf);
-            let rows = buf.len() / d;
-            let serve = if self.source_done {
-                rows
-            } else {
-                rows.div_ceil(2)
-            };
-            self.buffer = buf.split_off(serve * d);
-            self.ready = buf;
-            self.ready_at = 0;
-        }
-        let got = (out.len() - start) / d;
-        self.rows += got as u64;
-        Ok(got)
-    }
-
-    /// The next batch `[batch_size × d_model]` row-major, `None` when the set is exhausted
-    /// (never with `repeat`). The last batch of a finite set may be shorter.
-    pub fn next_batch(&mut self) -> Result<Option<Vec<f32>>, StoreError> {
-        let mut out = Vec::with_capacity(self.cfg.batch_size * self.d);
-        if self.take_rows(self.cfg.batch_size, &mut out)? == 0 {
-            return Ok(None);
-        }
-        self.batches += 1;
-        Ok(Some(out))
-    }
-
-    /// Skip `n` rows (replaying the shuffle, in bounded chunks).
-    pub fn skip_rows(&mut self, mut n: u64) -> Result<u64, StoreError> {
-        let mut scratch = Vec::new();
-        let mut skipped = 0;
-        while n > 0 {
-            scratch.clear();
-            let got = self.take_rows(n.min(4096) as usize, &mut scratch)? as u64;
-            if got == 0 {
-                break;
-            }
-            n -= got;
-            skipped += got;
-        }
-        Ok(skipped)
-    }
-}
-
-/// The capture stage's Parquet reader as the trainer's [`crate::store::ActivationSource`]:
-/// shuffled rows, position = rows served, `seek` replays the same shuffle.
-pub struct ParquetSource {
-    set: ActivationSet,
-    cfg: ShuffleConfig,
-    reader: ShuffleReader,
-}
-
-impl ParquetSource {
-    /// A source over `set`, shuffled with `capacity` and `seed` (`batch_size`/`repeat` of
-    /// `cfg` are ignored: the trainer asks for its own row counts and wraps by `seek(0)`).
-    pub fn new(set: ActivationSet, cfg: ShuffleConfig) -> Result<Self, StoreError> {
-        let cfg = ShuffleConfig {
-            repeat: false,
-            ..cfg
-        };
-        let reader = ShuffleReader::new(set.clone(), cfg)?;
-        Ok(Self { set, cfg, reader })
-    }
-}
-
-impl crate::store::ActivationSource for ParquetSource {
-    fn d_in(&self) -> usize {
-        self.set.d_model()
-    }
-    fn len_rows(&self) -> Option<u64> {
-        Some(self.set.n_tokens())
-    }
-    fn next_batch(
-        &mut self,
-        rows: usize,
-        out: &mut Vec<f32>,
-    ) -> Result<usize, crate::store::DataError> {
-        self.reader
-            .take_rows(rows, out)
-            .map_err(|e| crate::store::DataError::Read(e.to_string()))
-    }
-    fn position(&self) -> u64 {
-        self.reader.rows
-    }
-    fn seek(&mut self, pos: u64) -> Result<(), crate::store::DataError> {
-        let len = self.set.n_tokens();
-        if pos > len {
-            return Err(crate::store::DataError::Seek { pos, len });
-        }
-        let err = |e: StoreError| crate::store::DataError::Read(e.to_string());
-        self.reader = ShuffleReader::new(self.set.clone(), self.cfg).map_err(err)?;
-        self.reader.skip_rows(pos).map_err(err)?;
-        Ok(())
-    }
-}
+pub use super::shuffle::{ParquetSource, ReaderState, ShuffleConfig, ShuffleReader};

@@ -2,7 +2,16 @@
 //!
 //! Implements `../shared/specs/pipeline.md` §4 ("Activations") and STYLE.md §2.7: one row
 //! per captured token, `seq: UInt64, pos: UInt32, token_id: UInt32,
-//! act: FixedSizeList<Float32 | Float16, d_model>`, with the metadata a reader checks.
+//! act: FixedSizeList<Float32 | Float16 | UInt16 (bfloat16 bits), d_model>`, with the
+//! metadata a reader checks.
+//!
+//! Decision: Arrow and Parquet have no bfloat16 type, so bf16 activations are stored as
+//! their raw bit patterns in `UInt16` items (`FixedSizeList<UInt16, d_model>`), marked by
+//! the file metadata `dtype = "bfloat16"` and by the item field's own metadata
+//! `saepipe.dtype = "bfloat16"`. pyarrow and DuckDB read that as-is (an integer list);
+//! `(bits as u32) << 16` reinterpreted as f32 is the value. A fixed-size binary column
+//! would have hidden the row structure from both; an extension type would need a
+//! registration that neither reader does by default.
 //!
 //! Decision: metadata keys are flat strings (`hookpoint`, `d_model`, …) so that pyarrow's
 //! `schema.metadata` and DuckDB's `parquet_kv_metadata()` show them directly; everything
@@ -21,9 +30,15 @@ pub enum ActDtype {
     /// IEEE f32, bit-exact copy of the forward pass.
     #[default]
     F32,
-    /// IEEE f16 (round to nearest even); half the disk. Arrow has no bf16.
+    /// IEEE f16 (round to nearest even); half the disk.
     F16,
+    /// bfloat16 (round to nearest even), stored as its bits in `UInt16` items since Arrow
+    /// has no bf16; half the disk, f32's range.
+    Bf16,
 }
+
+/// Field metadata key that marks the `UInt16` items of a bf16 `act` column.
+pub const DTYPE_FIELD_KEY: &str = "saepipe.dtype";
 
 impl ActDtype {
     /// `float32` / `float16`, as stored in metadata.
@@ -31,26 +46,40 @@ impl ActDtype {
         match self {
             ActDtype::F32 => "float32",
             ActDtype::F16 => "float16",
+            ActDtype::Bf16 => "bfloat16",
         }
     }
     /// Bytes per value.
     pub fn size(self) -> usize {
         match self {
             ActDtype::F32 => 4,
-            ActDtype::F16 => 2,
+            ActDtype::F16 | ActDtype::Bf16 => 2,
         }
     }
-    /// The Arrow type of one value.
+    /// The Arrow type of one value (bf16: its bits as `UInt16`).
     pub fn arrow(self) -> DataType {
         match self {
             ActDtype::F32 => DataType::Float32,
             ActDtype::F16 => DataType::Float16,
+            ActDtype::Bf16 => DataType::UInt16,
+        }
+    }
+    /// The item field of the `act` list (bf16 items carry [`DTYPE_FIELD_KEY`]).
+    pub fn item_field(self) -> Field {
+        let f = Field::new(ITEM, self.arrow(), false);
+        match self {
+            ActDtype::Bf16 => f.with_metadata(HashMap::from([(
+                DTYPE_FIELD_KEY.to_string(),
+                self.name().to_string(),
+            )])),
+            _ => f,
         }
     }
     fn parse(s: &str) -> Option<Self> {
         match s {
             "float32" => Some(ActDtype::F32),
             "float16" => Some(ActDtype::F16),
+            "bfloat16" => Some(ActDtype::Bf16),
             _ => None,
         }
     }
@@ -167,10 +196,7 @@ pub fn act_schema(d_model: usize, dtype: ActDtype, meta: Option<&ActMeta>) -> Sc
         Field::new("token_id", DataType::UInt32, false),
         Field::new(
             "act",
-            DataType::FixedSizeList(
-                Arc::new(Field::new(ITEM, dtype.arrow(), false)),
-                d_model as i32,
-            ),
+            DataType::FixedSizeList(Arc::new(dtype.item_field()), d_model as i32),
             false,
         ),
     ];
@@ -222,5 +248,19 @@ mod tests {
             DataType::FixedSizeList(f, 8) => assert_eq!(f.data_type(), &DataType::Float32),
             other => panic!("{other}"),
         }
+        let s = act_schema(8, ActDtype::Bf16, None);
+        match s.field(3).data_type() {
+            DataType::FixedSizeList(f, 8) => {
+                assert_eq!(f.data_type(), &DataType::UInt16);
+                assert_eq!(f.metadata()[DTYPE_FIELD_KEY], "bfloat16");
+            }
+            other => panic!("{other}"),
+        }
+        let mut m = meta();
+        m.dtype = ActDtype::Bf16;
+        assert_eq!(
+            ActMeta::from_map(&m.to_map()).unwrap().dtype,
+            ActDtype::Bf16
+        );
     }
 }

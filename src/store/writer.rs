@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow::array::{
-    ArrayRef, FixedSizeListArray, Float16Array, Float32Array, UInt32Array, UInt64Array,
+    ArrayRef, FixedSizeListArray, Float16Array, Float32Array, UInt16Array, UInt32Array, UInt64Array,
 };
-use arrow::datatypes::{Field, SchemaRef};
+use arrow::datatypes::SchemaRef;
 use arrow::record_batch::RecordBatch;
 use half::f16;
 use parquet::arrow::ArrowWriter;
@@ -130,8 +130,14 @@ pub fn rows_to_batch(
                 .map(|&v| f16::from_f32(v))
                 .collect::<Vec<_>>(),
         )),
+        ActDtype::Bf16 => Arc::new(UInt16Array::from(
+            rows.act
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_bits())
+                .collect::<Vec<_>>(),
+        )),
     };
-    let item = Arc::new(Field::new(ITEM, dtype.arrow(), false));
+    let item = Arc::new(dtype.item_field());
     let act = FixedSizeListArray::try_new(item, d_model as i32, values, None)?;
     RecordBatch::try_new(
         schema.clone(),

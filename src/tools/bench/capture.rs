@@ -36,7 +36,7 @@ pub struct BenchCaptureArgs {
     /// Token budgets, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "2000,20000")]
     pub tokens: Vec<u64>,
-    /// Stored dtypes, comma-separated (f32, f16).
+    /// Stored dtypes, comma-separated (f32, f16, bf16).
     #[arg(long, value_delimiter = ',', default_value = "f32,f16")]
     pub dtype: Vec<String>,
     /// Context length.
@@ -72,7 +72,8 @@ fn parse_dtype(s: &str) -> anyhow::Result<ActDtype> {
     match s {
         "f32" | "float32" => Ok(ActDtype::F32),
         "f16" | "float16" => Ok(ActDtype::F16),
-        other => anyhow::bail!("unknown dtype '{other}'; use f32 or f16"),
+        "bf16" | "bfloat16" => Ok(ActDtype::Bf16),
+        other => anyhow::bail!("unknown dtype '{other}'; use f32, f16 or bf16"),
     }
 }
 
