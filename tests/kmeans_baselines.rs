@@ -14,12 +14,8 @@ use saepipe::util::rng::Rng;
 
 const D: usize = 8;
 
-/// 4 clusters, each a random 2-d plane through a far-apart centre, plus small noise.
-fn planes(n: usize, seed: u64) -> Vec<f32> {
-    planes_at(n, seed, 6.0)
-}
-
-/// [`planes`] with centres `spread` apart (in units of the planes' own spread).
+/// 4 clusters, each a random 2-d plane through a centre, centres `spread` apart (in units
+/// of the planes' own spread; 6 = far apart), plus small noise.
 fn planes_at(n: usize, seed: u64, spread: f32) -> Vec<f32> {
     let mut g = Rng::new(7);
     let centres: Vec<Vec<f32>> = (0..4)
