@@ -68,7 +68,11 @@ pub fn job(stage: &Stage, inv: &Invocation, opts: &K8sOptions, run_name: &str) -
     if opts.gpus > 0 && stage.name != "results" && stage.name != "finalize" {
         resources = json!({ "limits": { "nvidia.com/gpu": opts.gpus } });
     }
-    let mut env = vec![json!({ "name": "HF_HUB_OFFLINE", "value": "1" })];
+    // The hub cache lives on the claim too, filled before the Jobs run.
+    let mut env = vec![
+        json!({ "name": "HF_HUB_OFFLINE", "value": "1" }),
+        json!({ "name": "HF_HOME", "value": format!("{}/huggingface", opts.mount.trim_end_matches('/')) }),
+    ];
     if stage.index_flag.is_some() {
         env.push(json!({
             "name": "SAEPIPE_UNIT",
