@@ -425,7 +425,8 @@ pub fn capture_select(
                 spec.out_dir.display()
             ));
         }
-        if todo > 0 || units_mode {
+        // Shard tasks and --finalize always stream the split: they need its shard count.
+        if todo > 0 || *select != Select::All {
             count = run_split(
                 model, &tokenizer, spec, split, budget, &excluded, special, &mut sets, &pick,
                 reporter,

@@ -183,10 +183,8 @@ pub fn unit_counts(
         )
     })?;
     let spec = spec_from_pipeline(pipeline, revision_of(&resolved)?, &dataset.files, false);
-    Ok(
-        count_units(loaded.model.as_ref(), Arc::new(tokenizer), &spec)
-            .context("counting the capture shards")?,
-    )
+    count_units(loaded.model.as_ref(), Arc::new(tokenizer), &spec)
+        .context("counting the capture shards")
 }
 
 /// The capture stage restricted to `select` (issue 15: `--shard I..J`, `--finalize`).

@@ -165,7 +165,7 @@ pub fn evaluate_one(
             pipeline.path.display()
         );
     }
-    if !read_done(&u.dir).is_some_and(|d| d.point_hash == u.point.hash) {
+    if read_done(&u.dir).is_none_or(|d| d.point_hash != u.point.hash) {
         anyhow::bail!(
             "unit {index} ({} at {}) is not trained in {}; run `saepipe train {} --unit {index}` first",
             u.point.id,
