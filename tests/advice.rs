@@ -159,9 +159,19 @@ fn a_shard_damaged_inside_is_named_and_capture_force_recaptures_it() {
     ok(&env.run("capture", &[], &[]), "capture");
     let p1 = env.train_set().join("part-00001.parquet");
     let good = std::fs::read(&p1).unwrap();
-    // Same size, same footer: the first page header is zeroed.
+    // Same size, same footer: the header of the first page of the `act` column (the
+    // column training reads) is zeroed.
+    let act_page = {
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+        let r = SerializedFileReader::new(std::fs::File::open(&p1).unwrap()).unwrap();
+        let rg = r.metadata().row_group(0);
+        let act = (0..rg.num_columns())
+            .find(|&i| rg.column(i).column_path().parts()[0] == "act")
+            .expect("an act column");
+        rg.column(act).data_page_offset() as usize
+    };
     let mut bad = good.clone();
-    bad[4..68].iter_mut().for_each(|b| *b = 0);
+    bad[act_page..act_page + 64].iter_mut().for_each(|b| *b = 0);
     std::fs::write(&p1, &bad).unwrap();
     let o = env.run("train", &[], &[]);
     fails(

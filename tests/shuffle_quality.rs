@@ -11,7 +11,8 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use saepipe::store::manifest::FORMAT;
-use saepipe::store::reader::{ActivationSet, Expect, ParquetSource, ShuffleConfig};
+use saepipe::store::reader::{ActivationSet, Expect};
+use saepipe::store::shuffle::{ParquetSource, ShuffleConfig};
 use saepipe::store::{
     shard_name, ActDtype, ActMeta, ActivationSource, Manifest, Rows, ShardInfo, ShardWriter,
     WriterSettings,

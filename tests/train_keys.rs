@@ -129,6 +129,15 @@ const CHANGES: &[(&str, &str)] = &[
     ("sae.arch", "{ kind = \"relu_l1\", l1_coefficient = 2.0 }"),
 ];
 
+/// Keys of the training *reader*, not of the engine: they change which captured rows make
+/// up each batch, which an in-memory source cannot show. Their effect is measured on real
+/// Parquet shards by `tests/shuffle_quality.rs` (buffer size and chunk interleaving each
+/// change the batches' window mix, and the test fails if either is ignored).
+const READER_KEYS: &[(&str, &str)] = &[
+    ("train.shuffle_buffer_bytes", "tests/shuffle_quality.rs"),
+    ("train.shuffle_chunk_tokens", "tests/shuffle_quality.rs"),
+];
+
 #[test]
 fn every_train_and_sae_key_changes_training() {
     let base = train(&load(&[]));
@@ -177,7 +186,11 @@ fn every_train_and_sae_key_is_covered() {
     all.extend(keys(v["sae"].as_table().unwrap(), "sae"));
     // `d_sae` is exclusive with `expansion_factor`, so it is never serialised beside it.
     all.insert("sae.d_sae".into());
-    let covered: BTreeSet<String> = CHANGES.iter().map(|c| c.0.to_string()).collect();
+    let covered: BTreeSet<String> = CHANGES
+        .iter()
+        .chain(READER_KEYS)
+        .map(|c| c.0.to_string())
+        .collect();
     assert_eq!(
         all, covered,
         "a [train]/[sae] key without an effect test (or a test for a removed key)"

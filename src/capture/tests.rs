@@ -6,7 +6,8 @@ use super::toy::{toy_corpus, toy_tokenizer, Toy};
 use super::*;
 use crate::data::{DocSplit, PackSpec, TextSource};
 use crate::models::{Recorder, Site};
-use crate::store::reader::{ActivationSet, Expect, ShuffleConfig, ShuffleReader};
+use crate::store::reader::{ActivationSet, Expect};
+use crate::store::shuffle::{ShuffleConfig, ShuffleReader};
 use crate::util::progress::Silent;
 
 fn spec(dir: &Path, corpus: &Path) -> CaptureSpec {
@@ -332,7 +333,7 @@ fn parquet_source_feeds_the_trainer_and_seeks_exactly() {
         seed: 9,
         repeat: false,
     };
-    let mut src = super::reader::ParquetSource::new(set.clone(), cfg).unwrap();
+    let mut src = crate::store::shuffle::ParquetSource::new(set.clone(), cfg).unwrap();
     assert_eq!((src.d_in(), src.len_rows()), (6, Some(300)));
     let mut all = Vec::new();
     // Uneven request sizes: the row sequence must not depend on them.
@@ -341,7 +342,7 @@ fn parquet_source_feeds_the_trainer_and_seeks_exactly() {
     }
     assert_eq!(all.len(), 300 * 6);
     assert_eq!(src.next_batch(10, &mut all).unwrap(), 0);
-    let mut again = super::reader::ParquetSource::new(set, cfg).unwrap();
+    let mut again = crate::store::shuffle::ParquetSource::new(set, cfg).unwrap();
     again.seek(123).unwrap();
     assert_eq!(again.position(), 123);
     let mut rest = Vec::new();

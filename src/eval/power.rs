@@ -45,7 +45,7 @@
 //! held-out activations, for the largest groups that fit in [`COV_BUDGET_BYTES`];
 //! eigenvalues by `nalgebra` (`SymmetricEigen`).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -346,7 +346,7 @@ pub struct PowerStats {
     margin_n: u64,
     facet_sum: f64,
     facet_n: u64,
-    sets: HashMap<u64, u64>,
+    sets: BTreeMap<u64, u64>,
     top1: Vec<u64>,
     top1_sse: Vec<f64>,
     token_top1: Vec<u32>,
@@ -388,7 +388,7 @@ impl PowerStats {
             margin_n: 0,
             facet_sum: 0.0,
             facet_n: 0,
-            sets: HashMap::new(),
+            sets: BTreeMap::new(),
             top1: vec![0; t.d_sae],
             top1_sse: vec![0.0; t.d_sae],
             token_top1: Vec::new(),

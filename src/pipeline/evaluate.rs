@@ -58,7 +58,7 @@ use crate::synthetic::{mmcs, SyntheticData};
 use crate::util::progress::Reporter;
 
 /// A unit's evaluation record and completion marker.
-pub const METRICS_FILE: &str = "metrics.json";
+pub use super::train::METRICS_FILE;
 
 /// Rows per evaluation batch.
 const EVAL_BATCH: usize = 4096;

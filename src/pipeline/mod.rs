@@ -18,5 +18,6 @@ pub mod jsae;
 pub mod plot;
 pub mod results;
 pub mod train;
+pub mod unit;
 pub mod unit_check;
 pub mod units;

@@ -37,95 +37,28 @@
 //! ends with the same weights; only the read is no longer shared. When the pipeline has
 //! `[jsae]`, one more train unit (index = number of SAE units) trains every JSAE pair.
 
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 
-use crate::config::{Pipeline, Point};
+use crate::config::Pipeline;
 use crate::data::Split;
 use crate::models::Hookpoint;
 use crate::pipeline::capture::activations_dir;
 use crate::sae::export::ExportMeta;
-use crate::store::reader::{ActivationSet, Expect, ParquetSource, ShuffleConfig};
+use crate::store::reader::{ActivationSet, Expect};
 use crate::store::set_dir;
+use crate::store::shuffle::{ParquetSource, ShuffleConfig};
 use crate::store::{ActivationSource, DataError};
 use crate::synthetic::SyntheticSource;
 use crate::train::{SingleSae, StepRecord, Trainer, CHECKPOINT_FILE, LOG_FILE};
 use crate::util::progress::Reporter;
 
-/// The completion marker of a trained unit.
-pub const TRAIN_DONE: &str = "train_done.json";
-
-/// A unit's lock file inside its folder (train and evaluate of one unit take it).
-pub const UNIT_LOCK: &str = ".unit.lock";
-
 /// Memory cap of one lockstep group (weights, grads, Adam moments), bytes.
 pub const GROUP_BYTES: u64 = 6 << 30;
 
-/// One SAE to train: a grid point at one hookpoint.
-#[derive(Debug, Clone)]
-pub struct Unit<'a> {
-    /// The grid point.
-    pub point: &'a Point,
-    /// The hookpoint.
-    pub hookpoint: Hookpoint,
-    /// Its output folder.
-    pub dir: PathBuf,
-}
-
-/// What `train_done.json` records.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainDone {
-    /// Grid point id.
-    pub point_id: String,
-    /// Hookpoint name.
-    pub hookpoint: String,
-    /// Hash of the point's resolved config.
-    pub point_hash: String,
-    /// Activation width.
-    pub d_in: usize,
-    /// Latents.
-    pub d_sae: usize,
-    /// Tokens trained on.
-    pub train_tokens: u64,
-    /// Seconds spent in this SAE's training steps plus its share of data reading.
-    pub train_seconds: f64,
-    /// sha256 of the `cfg.json` training wrote (absent in markers of older versions).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cfg_sha256: Option<String>,
-    /// sha256 of the `sae_weights.safetensors` training wrote (absent in older markers).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub weights_sha256: Option<String>,
-}
-
-/// The units of `pipeline`, all or the one grid point `only`.
-pub fn units<'a>(pipeline: &'a Pipeline, only: Option<&str>) -> Result<Vec<Unit<'a>>> {
-    let points: Vec<&Point> = match only {
-        Some(id) => vec![pipeline.point(id)?],
-        None => pipeline.points().iter().collect(),
-    };
-    let saes = pipeline.run_dir().join("saes");
-    let mut out = Vec::new();
-    for p in points {
-        for &hp in &p.config.capture.hookpoints {
-            out.push(Unit {
-                point: p,
-                hookpoint: hp,
-                dir: saes.join(&p.id).join(hp.to_string()),
-            });
-        }
-    }
-    Ok(out)
-}
-
-/// Read `dir/train_done.json` if it is there and parses.
-pub fn read_done(dir: &Path) -> Option<TrainDone> {
-    let text = std::fs::read_to_string(dir.join(TRAIN_DONE)).ok()?;
-    serde_json::from_str(&text).ok()
-}
+pub use super::unit::{read_done, units, TrainDone, Unit, METRICS_FILE, TRAIN_DONE, UNIT_LOCK};
 
 /// Whether the unit is trained with its current config: its marker records this unit and
 /// its point hash, and the folder's files are the ones training wrote for it
@@ -554,7 +487,7 @@ fn finish(export: &ExportMeta, r: &Running) -> Result<()> {
         .with_context(|| format!("writing {}", u.dir.join(LOG_FILE).display()))?;
     let (d_in, d_sae) = r.trainer.sae().dims();
     // The evaluation of whatever the folder held before is not one of these weights.
-    let old_metrics = u.dir.join(super::evaluate::METRICS_FILE);
+    let old_metrics = u.dir.join(METRICS_FILE);
     match std::fs::remove_file(&old_metrics) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             return Err(e).with_context(|| format!("removing {}", old_metrics.display()))

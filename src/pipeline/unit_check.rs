@@ -23,7 +23,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 
-use super::train::{read_done, TrainDone, Unit};
+use super::unit::{read_done, TrainDone, Unit};
 use crate::sae::export::{CFG_FILE, WEIGHTS_FILE};
 
 /// The sha256 (hex) of a file's bytes, read in blocks.

@@ -1,5 +1,5 @@
 //! Reading activation sets: metadata checks and sequential batches. The seeded shuffle
-//! that feeds training is in `shuffle.rs` (re-exported here).
+//! that feeds training is in `shuffle.rs` (it reads shards through this file).
 //!
 //! Implements `../shared/specs/pipeline.md` §4 ("the reader checks them and names the
 //! mismatch"; "peak memory of capture and training must not grow with the token budget").
@@ -394,5 +394,3 @@ impl Iterator for SeqReader {
         }
     }
 }
-
-pub use super::shuffle::{ParquetSource, ReaderState, ShuffleConfig, ShuffleReader};

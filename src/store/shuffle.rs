@@ -197,6 +197,7 @@ impl ChunkIndex {
             .build()
             .map_err(corrupt)?;
         let mut got = 0;
+        let start = out.len();
         for b in reader {
             let b = b.map_err(|e| StoreError::Corrupt {
                 path: path.clone(),
@@ -212,6 +213,26 @@ impl ChunkIndex {
             got += list.len();
             decode_act(path, list, d, out)?;
         }
+        // Capture never writes a NaN or infinity: one here is damage or foreign data, named
+        // with its shard and row (as the sequential reader does), not left to surface in
+        // training as a NaN loss with learning-rate advice.
+        if let Some(i) = out[start..].iter().position(|v| !v.is_finite()) {
+            let r = (i / d.max(1)) as u64;
+            let first_row: u64 = meta.metadata().row_groups()[..c.row_group as usize]
+                .iter()
+                .map(|g| g.num_rows() as u64)
+                .sum();
+            let row = first_row + c.offset as u64 + r;
+            let (seq, pos) = self.seq_pos(c.shard as usize, row).unwrap_or_default();
+            return Err(StoreError::NonFiniteData {
+                path: path.clone(),
+                row,
+                seq,
+                pos,
+                dim: i % d.max(1),
+                value: out[start + i],
+            });
+        }
         if got != c.rows as usize {
             return Err(StoreError::Corrupt {
                 path: path.clone(),
@@ -222,6 +243,35 @@ impl ChunkIndex {
             });
         }
         Ok(())
+    }
+}
+
+impl ChunkIndex {
+    /// The `seq` and `pos` columns of row `row` of shard `shard` (for error messages).
+    fn seq_pos(&self, shard: usize, row: u64) -> Option<(u64, u32)> {
+        let meta = &self.metas[shard];
+        let file = File::open(&self.paths[shard]).ok()?;
+        let schema = meta.schema();
+        let cols = [schema.index_of("seq").ok()?, schema.index_of("pos").ok()?];
+        let mask = ProjectionMask::roots(meta.parquet_schema(), cols);
+        let mut reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, meta.clone())
+            .with_projection(mask)
+            .with_row_selection(RowSelection::from(vec![
+                RowSelector::skip(row as usize),
+                RowSelector::select(1),
+            ]))
+            .build()
+            .ok()?;
+        let b = reader.next()?.ok()?;
+        let seq = b
+            .column_by_name("seq")?
+            .as_primitive_opt::<arrow::datatypes::UInt64Type>()?
+            .value(0);
+        let pos = b
+            .column_by_name("pos")?
+            .as_primitive_opt::<arrow::datatypes::UInt32Type>()?
+            .value(0);
+        Some((seq, pos))
     }
 }
 
