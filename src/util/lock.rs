@@ -49,13 +49,19 @@ const HOLDER_WAIT_TRIES: usize = 25;
 #[derive(Debug)]
 pub struct RunLock {
     _file: File,
+    /// Held shared (a one-unit task) rather than exclusively.
+    shared: bool,
 }
 
 impl Drop for RunLock {
     /// Empty the holder's line before the kernel releases the lock, so that the next
     /// process refused by a new holder never names this (finished) one.
     fn drop(&mut self) {
-        let _ = self._file.set_len(0);
+        // A shared holder leaves the file to the others still holding it; the next
+        // exclusive holder rewrites it.
+        if !self.shared {
+            let _ = self._file.set_len(0);
+        }
     }
 }
 
@@ -132,11 +138,20 @@ impl RunLock {
                 ""
             }
         );
-        file.set_len(0).map_err(io)?;
-        file.rewind().map_err(io)?;
-        file.write_all(who.as_bytes()).map_err(io)?;
+        if shared {
+            // Several one-unit tasks share the lock: each adds its line, none erases another's.
+            file.seek(std::io::SeekFrom::End(0)).map_err(io)?;
+            file.write_all(format!("{who}\n").as_bytes()).map_err(io)?;
+        } else {
+            file.set_len(0).map_err(io)?;
+            file.rewind().map_err(io)?;
+            file.write_all(who.as_bytes()).map_err(io)?;
+        }
         file.flush().map_err(io)?;
-        Ok(Self { _file: file })
+        Ok(Self {
+            _file: file,
+            shared,
+        })
     }
 }
 
