@@ -420,37 +420,12 @@ impl KMeans {
 
     /// k-means++ seeding from the rows of `xt` (`n` tokens).
     fn seed_centroids(&mut self, xt: &[f32], n: usize) {
-        let (d, s, k) = (self.d, self.stride(), self.k);
-        let mut rng = Rng::new(self.seed);
-        let mut dist = vec![f32::INFINITY; n];
-        let mut pick = rng.below(n as u64) as usize;
-        for cl in 0..k {
-            let mu = xt[pick * d..(pick + 1) * d].to_vec();
+        let (d, s) = (self.d, self.stride());
+        for (cl, pick) in kmeans_pp(xt, n, d, self.k, self.seed).into_iter().enumerate() {
+            let mu = &xt[pick * d..(pick + 1) * d];
             let lat = cl * s;
-            self.params[W_DEC].data[lat * d..(lat + 1) * d].copy_from_slice(&mu);
-            self.params[W_ENC].data[lat * d..(lat + 1) * d].copy_from_slice(&mu);
-            dist.par_iter_mut()
-                .zip(xt.par_chunks(d))
-                .for_each(|(dd, x)| {
-                    let e: f32 = x.iter().zip(&mu).map(|(a, b)| (a - b) * (a - b)).sum();
-                    *dd = dd.min(e);
-                });
-            let total: f64 = dist.iter().map(|&v| v as f64).sum();
-            pick = if total > 0.0 {
-                let target = rng.uniform() * total;
-                let mut acc = 0.0f64;
-                let mut p = n - 1;
-                for (i, &v) in dist.iter().enumerate() {
-                    acc += v as f64;
-                    if acc > target {
-                        p = i;
-                        break;
-                    }
-                }
-                p
-            } else {
-                rng.below(n as u64) as usize
-            };
+            self.params[W_DEC].data[lat * d..(lat + 1) * d].copy_from_slice(mu);
+            self.params[W_ENC].data[lat * d..(lat + 1) * d].copy_from_slice(mu);
         }
     }
 
@@ -670,6 +645,45 @@ impl Sae for KMeans {
             ],
         }
     }
+}
+
+
+/// k-means++ seeding (Arthur & Vassilvitskii 2007): the row indices of `k` centroids drawn
+/// from the `n` rows of `xt` (width `d`), each with probability proportional to its squared
+/// distance from the nearest centroid drawn so far; seeded by `seed`. Shared by the
+/// k-means baselines (`kmeans`, `kmeans_pca`, `local_pca`, `kflats`).
+pub(crate) fn kmeans_pp(xt: &[f32], n: usize, d: usize, k: usize, seed: u64) -> Vec<usize> {
+    let mut rng = Rng::new(seed);
+    let mut dist = vec![f32::INFINITY; n];
+    let mut pick = rng.below(n as u64) as usize;
+    let mut picks = Vec::with_capacity(k);
+    for _ in 0..k {
+        picks.push(pick);
+        let mu = &xt[pick * d..(pick + 1) * d];
+        dist.par_iter_mut()
+            .zip(xt.par_chunks(d))
+            .for_each(|(dd, x)| {
+                let e: f32 = x.iter().zip(mu).map(|(a, b)| (a - b) * (a - b)).sum();
+                *dd = dd.min(e);
+            });
+        let total: f64 = dist.iter().map(|&v| v as f64).sum();
+        pick = if total > 0.0 {
+            let target = rng.uniform() * total;
+            let mut acc = 0.0f64;
+            let mut p = n - 1;
+            for (i, &v) in dist.iter().enumerate() {
+                acc += v as f64;
+                if acc > target {
+                    p = i;
+                    break;
+                }
+            }
+            p
+        } else {
+            rng.below(n as u64) as usize
+        };
+    }
+    picks
 }
 
 #[cfg(test)]

@@ -317,36 +317,14 @@ impl Flats {
                 ),
             });
         }
-        let mut rng = Rng::new(self.seed);
-        let mut dist = vec![f32::INFINITY; n];
-        let mut pick = rng.below(n as u64) as usize;
-        for cl in 0..k {
-            let mu = xt[pick * d..(pick + 1) * d].to_vec();
+        for (cl, pick) in super::kmeans::kmeans_pp(xt, n, d, k, self.seed)
+            .into_iter()
+            .enumerate()
+        {
+            let mu = &xt[pick * d..(pick + 1) * d];
             let lat = cl * s;
-            self.params[W_DEC].data[lat * d..(lat + 1) * d].copy_from_slice(&mu);
-            self.params[W_ENC].data[lat * d..(lat + 1) * d].copy_from_slice(&mu);
-            dist.par_iter_mut()
-                .zip(xt.par_chunks(d))
-                .for_each(|(dd, x)| {
-                    let e: f32 = x.iter().zip(&mu).map(|(a, b)| (a - b) * (a - b)).sum();
-                    *dd = dd.min(e);
-                });
-            let total: f64 = dist.iter().map(|&v| v as f64).sum();
-            pick = if total > 0.0 {
-                let target = rng.uniform() * total;
-                let mut acc = 0.0f64;
-                let mut p = n - 1;
-                for (i, &v) in dist.iter().enumerate() {
-                    acc += v as f64;
-                    if acc > target {
-                        p = i;
-                        break;
-                    }
-                }
-                p
-            } else {
-                rng.below(n as u64) as usize
-            };
+            self.params[W_DEC].data[lat * d..(lat + 1) * d].copy_from_slice(mu);
+            self.params[W_ENC].data[lat * d..(lat + 1) * d].copy_from_slice(mu);
         }
         self.params[SEEDED].data[0] = 1.0;
         Ok(())
