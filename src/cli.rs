@@ -100,7 +100,12 @@ impl PipelineArgs {
         if self.offline {
             sets.push("run.offline=true".to_string());
         }
-        Ok(saepipe::config::load(&self.pipeline, &sets)?)
+        let pipeline = saepipe::config::load(&self.pipeline, &sets)?;
+        // `run.data_dir = "s3://…"`: fill the local staging folder before any stage runs.
+        pipeline
+            .attach_remote(saepipe::util::progress::reporter(progress_mode()).as_ref())
+            .with_context(|| format!("{}: connecting run.data_dir", self.pipeline.display()))?;
+        Ok(pipeline)
     }
 
     /// Hub options from the environment, the pipeline and the flags.
@@ -160,10 +165,32 @@ pub struct TraceArgs {
     pub cache_dir: Option<PathBuf>,
 }
 
-/// Parse the command line, set up logging and run the command.
+static PROGRESS: std::sync::OnceLock<ProgressMode> = std::sync::OnceLock::new();
+
+/// The `--progress` of this command.
+fn progress_mode() -> ProgressMode {
+    PROGRESS.get().copied().unwrap_or_default()
+}
+
+/// Upload what the last stage wrote when `run.data_dir` is object storage (a no-op else).
+fn push_remote() -> Result<()> {
+    let reporter = saepipe::util::progress::reporter(progress_mode());
+    saepipe::store::remote::push_attached(reporter.as_ref())
+        .context("uploading the run folder to run.data_dir")
+}
+
+/// Parse the command line, set up logging and run the command; with an `s3://`
+/// `run.data_dir`, upload the run folder's new files afterwards.
 pub fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     init_logging(&cli.global);
+    let _ = PROGRESS.set(cli.global.progress);
+    let code = dispatch(cli)?;
+    push_remote()?;
+    Ok(code)
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Run(args) => {
             let pipeline = args.load()?;
@@ -173,8 +200,10 @@ pub fn run() -> Result<ExitCode> {
             let name = args.pipeline.display();
             saepipe::pipeline::capture::run_stage(&pipeline, &opts, args.force, reporter.as_ref())
                 .with_context(|| format!("saepipe run {name}: capture"))?;
+            push_remote()?;
             saepipe::pipeline::train::train_stage(&pipeline, None, args.force, reporter.as_ref())
                 .with_context(|| format!("saepipe run {name}: train"))?;
+            push_remote()?;
             saepipe::pipeline::jsae::jsae_stage(&pipeline, &opts, args.force, reporter.as_ref())
                 .with_context(|| format!("saepipe run {name}: jsae"))?;
             let table = saepipe::pipeline::evaluate::evaluate_stage(

@@ -174,9 +174,36 @@ impl Pipeline {
         &self.hash[..8]
     }
 
-    /// The run's output folder: `<run.data_dir>/<run.name>`.
+    /// The run's output folder: `<run.data_dir>/<run.name>`; when `run.data_dir` is an
+    /// `s3://bucket/prefix` URL, the run's local staging folder
+    /// ([`crate::store::remote::staging_dir`]), which [`Pipeline::attach_remote`] keeps in
+    /// step with the bucket.
     pub fn run_dir(&self) -> PathBuf {
-        self.config.run.data_dir.join(&self.config.run.name)
+        let run = &self.config.run;
+        match self.remote_url() {
+            Some((bucket, prefix)) => {
+                crate::store::remote::staging_dir(&bucket, &prefix, &run.name)
+            }
+            None => run.data_dir.join(&run.name),
+        }
+    }
+
+    /// `Some((bucket, prefix))` when `run.data_dir` is an `s3://` URL (validated at load).
+    pub fn remote_url(&self) -> Option<(String, String)> {
+        let d = self.config.run.data_dir.to_string_lossy();
+        crate::store::remote::parse_url(&d).ok().flatten()
+    }
+
+    /// Connect the run folder to its object store when `run.data_dir` is `s3://…`
+    /// (downloads the small files the staging folder lacks; see `store::remote`); a no-op
+    /// for a local `run.data_dir`.
+    pub fn attach_remote(
+        &self,
+        reporter: &dyn crate::util::progress::Reporter,
+    ) -> Result<(), crate::store::remote::RemoteError> {
+        let d = self.config.run.data_dir.to_string_lossy();
+        crate::store::remote::attach(&d, &self.config.run.name, &self.run_dir(), reporter)?;
+        Ok(())
     }
 
     /// The parsed model source.

@@ -64,8 +64,10 @@ pub struct RunConfig {
     /// Default 0.
     #[serde(default)]
     pub seed: u64,
-    /// Folder that holds every run's outputs, relative to the working directory.
-    /// Default `"data"`.
+    /// Folder that holds every run's outputs, relative to the working directory, or
+    /// `"s3://bucket/prefix"` for S3-compatible object storage (credentials and endpoint
+    /// from the AWS environment variables; the run is staged in a local folder, see README
+    /// "Running on a cluster"). Default `"data"`.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
     /// Resolve hub files from the local hub cache only, never the network (same as

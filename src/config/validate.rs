@@ -401,6 +401,9 @@ fn check_model_compute(m: &ModelConfig, probs: &mut Problems) {
 }
 
 fn check_run(r: &RunConfig, probs: &mut Problems) {
+    if let Err(msg) = crate::store::remote::parse_url(&r.data_dir.to_string_lossy()) {
+        probs.add("run.data_dir", msg);
+    }
     let ok = !r.name.is_empty()
         && r.name
             .chars()

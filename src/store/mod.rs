@@ -7,6 +7,7 @@
 
 pub mod manifest;
 pub mod reader;
+pub mod remote;
 pub mod schema;
 pub mod shuffle;
 pub mod source;

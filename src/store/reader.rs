@@ -9,7 +9,6 @@
 //! [`Expect`] before the first row is served.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use arrow::array::{Array, AsArray, FixedSizeListArray};
@@ -27,7 +26,7 @@ pub fn read_shard_meta(path: &Path) -> Result<(ActMeta, u64), StoreError> {
         path: path.to_path_buf(),
         msg,
     };
-    let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+    let file = super::remote::open_shard(path).map_err(|e| StoreError::io(path, e))?;
     let reader = SerializedFileReader::new(file).map_err(|e| corrupt(e.to_string()))?;
     let fmd = reader.metadata().file_metadata();
     let kv: HashMap<String, String> = fmd
@@ -371,7 +370,7 @@ impl Iterator for SeqReader {
                 }
             }
             let path = self.paths.next()?;
-            let opened = File::open(&path)
+            let opened = super::remote::open_shard(&path)
                 .map_err(|e| StoreError::io(&path, e))
                 .and_then(|f| {
                     ParquetRecordBatchReaderBuilder::try_new(f)

@@ -28,7 +28,6 @@
 //! chunk order and the row shuffle are pure functions of the seed (and the pass), so the
 //! replay reaches the same state; the cost is I/O only.
 
-use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -128,7 +127,7 @@ impl ChunkIndex {
                 path: path.clone(),
                 msg: e.to_string(),
             };
-            let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+            let file = super::remote::open_shard(path).map_err(|e| StoreError::io(path, e))?;
             let opts =
                 ArrowReaderOptions::new().with_offset_index_policy(PageIndexPolicy::Optional);
             let meta = ArrowReaderMetadata::load(&file, opts).map_err(corrupt)?;
@@ -184,7 +183,7 @@ impl ChunkIndex {
                 path: path.clone(),
                 msg: "no column 'act'".into(),
             })?;
-        let file = File::open(path).map_err(|e| StoreError::io(path, e))?;
+        let file = super::remote::open_shard(path).map_err(|e| StoreError::io(path, e))?;
         let mask = ProjectionMask::roots(meta.parquet_schema(), [act]);
         let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, meta.clone())
             .with_row_groups(vec![c.row_group as usize])
@@ -250,7 +249,7 @@ impl ChunkIndex {
     /// The `seq` and `pos` columns of row `row` of shard `shard` (for error messages).
     fn seq_pos(&self, shard: usize, row: u64) -> Option<(u64, u32)> {
         let meta = &self.metas[shard];
-        let file = File::open(&self.paths[shard]).ok()?;
+        let file = super::remote::open_shard(&self.paths[shard]).ok()?;
         let schema = meta.schema();
         let cols = [schema.index_of("seq").ok()?, schema.index_of("pos").ok()?];
         let mask = ProjectionMask::roots(meta.parquet_schema(), cols);

@@ -6,7 +6,6 @@
 //! the manifest and reads its footer (row count, config hash); the deep check (`--force`)
 //! also decodes every data page, which finds damage that keeps the size and the footer.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -18,8 +17,8 @@ use super::reader::read_shard_meta;
 /// says; `None` when it is (as far as the check goes).
 pub fn shard_problem(dir: &Path, info: &ShardInfo, hash: &str, deep: bool) -> Option<String> {
     let path = dir.join(&info.file);
-    let len = match std::fs::metadata(&path) {
-        Ok(m) => m.len(),
+    let len = match super::remote::shard_len(&path) {
+        Ok(n) => n,
         Err(e) => return Some(format!("cannot be read ({e})")),
     };
     if len != info.bytes {
@@ -39,11 +38,13 @@ pub fn shard_problem(dir: &Path, info: &ShardInfo, hash: &str, deep: bool) -> Op
         Ok(_) => {}
     }
     if deep {
-        let reader = File::open(&path).map_err(|e| e.to_string()).and_then(|f| {
-            ParquetRecordBatchReaderBuilder::try_new(f)
-                .and_then(|b| b.build())
-                .map_err(|e| e.to_string())
-        });
+        let reader = super::remote::open_shard(&path)
+            .map_err(|e| e.to_string())
+            .and_then(|f| {
+                ParquetRecordBatchReaderBuilder::try_new(f)
+                    .and_then(|b| b.build())
+                    .map_err(|e| e.to_string())
+            });
         let mut rows = 0u64;
         match reader {
             Err(e) => return Some(format!("cannot be decoded ({e})")),
