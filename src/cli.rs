@@ -185,9 +185,19 @@ pub fn run() -> Result<ExitCode> {
     let cli = Cli::parse();
     init_logging(&cli.global);
     let _ = PROGRESS.set(cli.global.progress);
-    let code = dispatch(cli)?;
-    push_remote()?;
-    Ok(code)
+    match dispatch(cli) {
+        Ok(code) => {
+            push_remote()?;
+            Ok(code)
+        }
+        Err(e) => {
+            // What finished before the failure (units, shards) is kept for the re-run.
+            if let Err(p) = push_remote() {
+                tracing::warn!("{p:#}");
+            }
+            Err(e)
+        }
+    }
 }
 
 fn dispatch(cli: Cli) -> Result<ExitCode> {

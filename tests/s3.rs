@@ -477,3 +477,63 @@ fn bad_credentials_and_a_missing_bucket_name_the_bucket_and_the_fix() {
         assert!(err.contains(want), "missing {want:?} in: {err}");
     }
 }
+
+#[test]
+fn array_tasks_on_separate_machines_share_the_run_through_the_bucket() {
+    let Some(moto) = moto("s3 array tasks") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let remote = sets(tmp.path(), &format!("s3://{BUCKET}/array"));
+    let stage = |n: &str| tmp.path().join(format!("stage-{n}"));
+    let listing: serde_json::Value = serde_json::from_str(&ok(
+        moto.saepipe(&["units", "--json"], &remote, &stage("units")),
+        "units",
+    ))
+    .unwrap();
+    let n = (listing["capture_train"].as_u64().unwrap() + listing["capture_eval"].as_u64().unwrap())
+        as usize;
+    assert!(n >= 4, "{listing}");
+    // Two shard tasks on two machines, then finalize on a third: it sees the shards of
+    // both on the bucket only.
+    let half = n / 2;
+    for (m, range) in [("a", format!("0..{half}")), ("b", format!("{half}..{n}"))] {
+        ok(
+            moto.saepipe(&["capture", "--shard", &range], &remote, &stage(m)),
+            "capture --shard",
+        );
+    }
+    let (objects, _) = moto.list();
+    assert!(!objects.keys().any(|k| k.ends_with("manifest.json")));
+    ok(
+        moto.saepipe(&["capture", "--finalize"], &remote, &stage("finalize")),
+        "capture --finalize",
+    );
+    assert!(files(&stage("finalize"), &is_shard).is_empty());
+    // One train unit and its evaluation, each on a machine of its own.
+    ok(
+        moto.saepipe(&["train", "--unit", "3"], &remote, &stage("train")),
+        "train --unit 3",
+    );
+    ok(
+        moto.saepipe(&["evaluate", "--unit", "3"], &remote, &stage("evaluate")),
+        "evaluate --unit 3",
+    );
+    let (objects, _) = moto.list();
+    let manifests = objects
+        .keys()
+        .filter(|k| k.ends_with("manifest.json"))
+        .count();
+    assert_eq!(manifests, 4, "{objects:?}");
+    let metrics: Vec<&String> = objects
+        .keys()
+        .filter(|k| k.ends_with("/metrics.json"))
+        .collect();
+    assert_eq!(metrics.len(), 1, "{objects:?}");
+    let unit = listing["train"][3]["dir"].as_str().unwrap();
+    let unit_rel = unit.rsplit_once("/saes/").unwrap().1;
+    assert!(
+        metrics[0].ends_with(&format!("saes/{unit_rel}/metrics.json")),
+        "{metrics:?} vs {unit}"
+    );
+}

@@ -570,9 +570,8 @@ fn prepare_set(
     for (i, path) in list_parts_with(&dir, clean)? {
         match reader::read_shard_meta(&path) {
             Ok((meta, rows)) if meta.config_hash == state.meta.config_hash => {
-                let bytes = std::fs::metadata(&path)
-                    .map_err(|e| CaptureError::io(&path, e))?
-                    .len();
+                let bytes = crate::store::remote::shard_len(&path)
+                    .map_err(|e| CaptureError::io(&path, e))?;
                 state.existing.insert(i, (rows, bytes));
             }
             Ok((meta, _)) if !force => {
@@ -590,7 +589,7 @@ fn prepare_set(
             }
             Err(e) => {
                 tracing::warn!("{e}; it will be captured again");
-                std::fs::remove_file(&path).map_err(|e| CaptureError::io(&path, e))?;
+                remove_part(&path)?;
             }
         }
     }
@@ -627,14 +626,36 @@ fn list_parts_with(dir: &Path, clean: bool) -> Result<Vec<(usize, PathBuf)>, Cap
             }
         }
     }
+    // With `run.data_dir = "s3://…"`, shards other machines captured are on the object
+    // store only; the readers stream them (store::remote).
+    for (name, _) in crate::store::remote::remote_files(dir) {
+        if let Some(i) = name
+            .strip_prefix("part-")
+            .and_then(|s| s.strip_suffix(".parquet"))
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            if !parts.iter().any(|(j, _)| *j == i) {
+                parts.push((i, dir.join(&name)));
+            }
+        }
+    }
     parts.sort();
     Ok(parts)
+}
+
+/// Delete a shard; one that is only on the object store (see [`list_parts`]) is left to
+/// be overwritten by its recapture.
+fn remove_part(p: &Path) -> Result<(), CaptureError> {
+    match std::fs::remove_file(p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(CaptureError::io(p, e)),
+        _ => Ok(()),
+    }
 }
 
 /// Delete a set's shards and manifest (not its sub-folders).
 fn clear_set(dir: &Path) -> Result<(), CaptureError> {
     for (_, p) in list_parts(dir)? {
-        std::fs::remove_file(&p).map_err(|e| CaptureError::io(&p, e))?;
+        remove_part(&p)?;
     }
     let m = dir.join(MANIFEST);
     if m.exists() {
@@ -802,7 +823,7 @@ fn run_split(
         // Shards beyond the last one (a longer earlier run cannot share our hash, but be safe).
         for (i, p) in list_parts_with(&s.dir, pick.compute.is_none())? {
             if i >= shard {
-                std::fs::remove_file(&p).map_err(|e| CaptureError::io(&p, e))?;
+                remove_part(&p)?;
             }
         }
         let m = Manifest {

@@ -159,7 +159,8 @@ pub struct Remote {
     rt: tokio::runtime::Runtime,
     /// Relative path → the local file as it was when it matched its object.
     synced: Mutex<BTreeMap<String, Synced>>,
-    /// Sizes of the shards read remotely (immutable once a manifest lists them).
+    /// Sizes of the run's objects: as listed at [`attach`], plus those looked up since
+    /// (shards are immutable once a manifest lists them).
     sizes: Mutex<BTreeMap<String, u64>>,
 }
 
@@ -451,6 +452,9 @@ impl Remote {
     /// Download what the staging folder lacks, except activation shards.
     fn pull(&self, reporter: &dyn Reporter) -> Result<(), RemoteError> {
         let objects = self.list()?;
+        if let Ok(mut sizes) = self.sizes.lock() {
+            sizes.extend(objects.iter().map(|(rel, m)| (rel.clone(), m.size)));
+        }
         let want: Vec<(&String, &ObjectMeta)> =
             objects.iter().filter(|(rel, _)| !is_private(rel)).collect();
         let missing: Vec<(&String, &ObjectMeta)> = want
@@ -701,6 +705,30 @@ pub fn shard_len(path: &Path) -> io::Result<u64> {
         },
         Err(e) => Err(e),
     }
+}
+
+/// The objects directly in folder `dir` of the run folder that were on the object store
+/// when it was attached, as (file name, size); empty without a remote. Capture reads it
+/// to find the shards other machines' tasks captured (`--shard I` tasks, then
+/// `--finalize` elsewhere).
+pub fn remote_files(dir: &Path) -> Vec<(String, u64)> {
+    let Some(r) = ATTACHED.get() else {
+        return Vec::new();
+    };
+    let Some(rel) = r.rel_of(dir) else {
+        return Vec::new();
+    };
+    let head = format!("{rel}/");
+    let Ok(sizes) = r.sizes.lock() else {
+        return Vec::new();
+    };
+    sizes
+        .iter()
+        .filter_map(|(k, n)| {
+            let name = k.strip_prefix(&head)?;
+            (!name.contains('/')).then(|| (name.to_string(), *n))
+        })
+        .collect()
 }
 
 fn remote_of(path: &Path) -> Option<(&'static Remote, String)> {
