@@ -712,9 +712,13 @@ pub fn shard_len(path: &Path) -> io::Result<u64> {
 /// to find the shards other machines' tasks captured (`--shard I` tasks, then
 /// `--finalize` elsewhere).
 pub fn remote_files(dir: &Path) -> Vec<(String, u64)> {
-    let Some(r) = ATTACHED.get() else {
-        return Vec::new();
-    };
+    match ATTACHED.get() {
+        Some(r) => remote_files_of(r, dir),
+        None => Vec::new(),
+    }
+}
+
+fn remote_files_of(r: &Remote, dir: &Path) -> Vec<(String, u64)> {
     let Some(rel) = r.rel_of(dir) else {
         return Vec::new();
     };
@@ -855,6 +859,115 @@ mod tests {
         assert!(!is_private("saes/p/h/cfg.json"));
         assert!(is_streamed("activations/h/eval/part-00001.parquet"));
         assert!(!is_streamed("saes/p/h/train_log.parquet"));
+    }
+
+    fn memory_remote(local: &Path) -> Remote {
+        Remote {
+            bucket: "b".into(),
+            prefix: "p/run".into(),
+            endpoint: "memory".into(),
+            local: local.to_path_buf(),
+            store: Arc::new(object_store::memory::InMemory::new()),
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+            synced: Mutex::new(BTreeMap::new()),
+            sizes: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn objects(r: &Remote) -> BTreeMap<String, Vec<u8>> {
+        r.list()
+            .unwrap()
+            .into_iter()
+            .map(|(rel, m)| {
+                let b =
+                    r.rt.block_on(async { r.store.get(&m.location).await?.bytes().await })
+                        .unwrap();
+                (rel, b.to_vec())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn push_uploads_changes_mirrors_deletions_and_keeps_streamed_shards() {
+        let dir = tempfile::tempdir().unwrap();
+        let local = dir.path();
+        let write =
+            |rel: &str, b: &[u8]| crate::util::fs::atomic_write(&local.join(rel), b).unwrap();
+        write("activations/h/part-00000.parquet", b"shard");
+        write("activations/h/manifest.json", b"m1");
+        write("saes/u/h/metrics.json", b"x");
+        write(".saepipe.lock", b"");
+        write("saes/u/h/cfg.json.tmp", b"half");
+        let r = memory_remote(local);
+        let quiet = crate::util::progress::reporter(crate::util::progress::ProgressMode::Off);
+        r.push(quiet.as_ref()).unwrap();
+        let got = objects(&r);
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            [
+                "activations/h/manifest.json",
+                "activations/h/part-00000.parquet",
+                "saes/u/h/metrics.json"
+            ]
+        );
+        // A removed marker is removed remotely, a changed one replaced; a shard that is
+        // only not on local disk (streamed) stays.
+        std::fs::remove_file(local.join("saes/u/h/metrics.json")).unwrap();
+        std::fs::remove_file(local.join("activations/h/part-00000.parquet")).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        write("activations/h/manifest.json", b"m2");
+        r.push(quiet.as_ref()).unwrap();
+        let got = objects(&r);
+        assert_eq!(got.len(), 2, "{:?}", got.keys());
+        assert_eq!(got["activations/h/manifest.json"], b"m2");
+        assert_eq!(got["activations/h/part-00000.parquet"], b"shard");
+        // Nothing changed: nothing to do (the next push returns without a request).
+        r.push(quiet.as_ref()).unwrap();
+        // A fresh staging folder pulls the small files, not the shard.
+        let dir2 = tempfile::tempdir().unwrap();
+        let r2 = Remote {
+            store: r.store.clone(),
+            ..memory_remote(dir2.path())
+        };
+        r2.pull(quiet.as_ref()).unwrap();
+        assert_eq!(
+            std::fs::read(dir2.path().join("activations/h/manifest.json")).unwrap(),
+            b"m2"
+        );
+        assert!(!dir2
+            .path()
+            .join("activations/h/part-00000.parquet")
+            .exists());
+        assert_eq!(
+            remote_files_of(&r2, &dir2.path().join("activations/h")),
+            [
+                ("manifest.json".to_string(), 2),
+                ("part-00000.parquet".to_string(), 5)
+            ]
+        );
+    }
+
+    #[test]
+    fn multipart_uploads_reassemble_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big");
+        let data: Vec<u8> = (0..(PART_BYTES * 2 + 123))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        std::fs::write(&path, &data).unwrap();
+        let r = memory_remote(dir.path());
+        let key = r.key("big");
+        r.rt.block_on(upload(r.store.as_ref(), &key, &path, data.len() as u64, 1))
+            .map_err(|_| "upload failed")
+            .unwrap();
+        let got =
+            r.rt.block_on(async { r.store.get(&key).await?.bytes().await })
+                .unwrap();
+        assert_eq!(got.len(), data.len());
+        assert!(got == data);
     }
 
     #[test]
