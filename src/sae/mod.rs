@@ -24,6 +24,7 @@
 
 pub mod export;
 pub mod registry;
+pub mod tensor;
 pub mod topk_family;
 
 /// Declares each variant module and lists the [`Variant`]s it registers in [`VARIANTS`].
@@ -74,6 +75,21 @@ pub enum SaeError {
         /// Width found.
         found: usize,
     },
+    /// A candle operation of the tensor implementation failed.
+    #[error("{arch} SAE, tensor step: {source}")]
+    Tensor {
+        /// Variant name.
+        arch: &'static str,
+        /// The candle error.
+        source: candle_core::Error,
+    },
+}
+
+impl SaeError {
+    /// Wrap a candle error of variant `arch`'s tensor implementation.
+    pub fn tensor(arch: &'static str, source: candle_core::Error) -> Self {
+        Self::Tensor { arch, source }
+    }
 }
 
 /// One named parameter (or non-trainable state) of an SAE.
@@ -199,6 +215,27 @@ pub trait Sae: Send + Sync {
     }
     /// Export tensors before folding.
     fn export_parts(&self) -> ExportParts;
+
+    /// The training forward pass on candle tensors (the trainer's tensor backend,
+    /// [`tensor`]): `params` are this SAE's parameters in [`Sae::params`] order, on the
+    /// input's device (trainable ones are autograd variables). Returns the loss parts whose
+    /// sum the backend differentiates and the dense codes; must agree with
+    /// [`Sae::forward_backward`] (`tests/tensor_oracle.rs`). Variants without one keep this
+    /// default, which refuses, and leave [`ArchSpec::supports_tensor`] false.
+    fn tensor_forward(
+        &self,
+        params: &[candle_core::Tensor],
+        input: &tensor::TensorInput,
+    ) -> Result<tensor::TensorForward, SaeError> {
+        let _ = (params, input);
+        Err(SaeError::Config {
+            arch: self.arch(),
+            msg: format!(
+                "no tensor implementation (train.backend = \"tensor\", or train.device = \"cuda\"); the tensor backend trains sae.arch kinds {}",
+                ArchConfig::tensor_kinds().join(", ")
+            ),
+        })
+    }
 
     /// Told by the trainer, before step 0 and on resume, how many steps the run has:
     /// variants fitted in passes over the stream (`local_pca`, `kflats`) schedule by it.
