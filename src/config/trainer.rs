@@ -165,4 +165,42 @@ mod tests {
         .to_string();
         assert!(e.contains("train.optimizer.stats_decay"), "{e}");
     }
+
+    #[test]
+    fn train_device_and_backend_map_onto_the_trainer_and_refuse_what_cannot_run() {
+        use crate::train::{Backend, TrainDevice};
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/smoke.toml");
+        let load = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            config::load(&path, &sets)
+        };
+        // default: the model's device (cpu) and the kernels there
+        let t = load(&[]).unwrap().config.trainer_config();
+        assert_eq!((t.device, t.backend), (TrainDevice::Cpu, Backend::Kernels));
+        let t = load(&["train.backend=\"tensor\"", "sae.arch={ kind = \"topk\", k = 8 }"])
+            .unwrap()
+            .config
+            .trainer_config();
+        assert_eq!((t.device, t.backend), (TrainDevice::Cpu, Backend::Tensor));
+        // a variant without a tensor implementation: named, with the key
+        let untensored = crate::sae::ArchConfig::examples()
+            .into_iter()
+            .find(|a| !a.supports_tensor());
+        if let Some(a) = untensored {
+            let arch = format!("sae.arch={{ kind = \"{}\" }}", a.kind());
+            let e = load(&["train.backend=\"tensor\"", &arch])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("train.backend") && e.contains(a.kind()), "{e}");
+        }
+        // kernels on cuda, and cuda in a build without it
+        let e = load(&["train.device=\"cuda\"", "train.backend=\"kernels\""])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("train.backend"), "{e}");
+        if !cfg!(feature = "cuda") {
+            let e = load(&["train.device=\"cuda\""]).unwrap_err().to_string();
+            assert!(e.contains("train.device") && e.contains("--features cuda"), "{e}");
+        }
+    }
 }

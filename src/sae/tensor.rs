@@ -146,10 +146,13 @@ pub fn topk_mask(pre: &Tensor, k: usize) -> Result<Tensor> {
 
 /// The AuxK term of the TopK family (sae_variants.md §3.3, OpenAI's form as in
 /// `topk_family.rs`): `α ‖e − ê‖² / ‖e − ē‖²` with `e = sg(x − x̂)` and `ê` the decode
-/// without bias of the positive top-`k_aux` pre-activations among the dead latents.
-/// `None` when nothing is selected (the kernels then report no AuxK term either).
+/// without bias of `π` on the top-`k_aux` `scores` among the dead latents where `keep`
+/// (TopK: `scores = π`, `keep = π > 0`; AbsTopK: `|π|` and `π ≠ 0`). `None` when nothing
+/// is selected (the kernels then report no AuxK term either).
+#[allow(clippy::too_many_arguments)]
 pub fn auxk(
     pre: &Tensor,
+    (scores, keep): (&Tensor, &Tensor),
     x: &Tensor,
     recon: &Tensor,
     w_dec: &Tensor,
@@ -163,13 +166,14 @@ pub fn auxk(
     let (n, f) = pre.dims2()?;
     let dead_m = bool_mask(dead, pre)?;
     // alive latents below every dead one, so that the top-k_aux are dead ones
-    let m = pre.detach().min_all()?.to_scalar::<f32>()?;
+    let scores = scores.detach();
+    let m = scores.min_all()?.to_scalar::<f32>()?;
     let fill = Tensor::full(m - m.abs().max(1.0), (n, f), pre.device())?;
     let dead_b = dead_m.broadcast_as((n, f))?.ne(0f32)?;
-    let masked = dead_b.where_cond(&pre.detach(), &fill)?;
+    let masked = dead_b.where_cond(&scores, &fill)?;
     let sel = topk_mask(&masked, k_aux)?
         .broadcast_mul(&dead_m)?
-        .mul(&positive(pre)?)?;
+        .mul(keep)?;
     if sel.sum_all()?.to_scalar::<f32>()? == 0.0 {
         return Ok(None);
     }
@@ -182,6 +186,12 @@ pub fn auxk(
     let var = (var as f64).max(1e-12);
     let ehat = z_aux.matmul(w_dec)?;
     Ok(Some((sse(&e, &ehat)? * (alpha as f64 / var))?))
+}
+
+/// A tensor whose value is exactly 0 and whose gradient with respect to `t` is 1: the
+/// straight-through pieces are `c ⊙ zero_with_grad(θ)` with a detached `c` (JumpReLU).
+pub fn zero_with_grad(t: &Tensor) -> Result<Tensor> {
+    t - t.detach()
 }
 
 #[cfg(test)]

@@ -277,8 +277,8 @@ impl Sae for TopK {
             params,
             input,
             |pre| tensor::topk_mask(pre, k),
-            self.cfg.aux_k,
-            self.cfg.aux_coefficient,
+            false,
+            (self.cfg.aux_k, self.cfg.aux_coefficient),
         )
         .map_err(|e| SaeError::tensor(ARCH, e))
     }

@@ -263,14 +263,16 @@ impl TopKParams {
 
 /// The tensor forward of the TopK family (`super::tensor`), the same steps as
 /// [`TopKParams::backward`] after the kernels' encode: `params` in [`TopKParams`] order,
-/// `select(π)` the variant's detached 0/1 selection mask, AuxK over `input.dead` with
-/// `k_aux = min(aux_k or d_in/2, #dead)` and coefficient `alpha` (0 = off).
+/// `select(scores)` the variant's detached 0/1 selection mask, AuxK over `input.dead` with
+/// `k_aux = min(aux_k or d_in/2, #dead)` and coefficient `alpha` (0 = off). `signed`:
+/// scores are `|π|` and every nonzero selected `π` is kept (AbsTopK); else scores are `π`
+/// and only positive ones are kept (`ReLU` after the selection).
 pub(crate) fn tensor_forward(
     params: &[Tensor],
     input: &TensorInput,
     select: impl Fn(&Tensor) -> CResult<Tensor>,
-    aux_k: Option<usize>,
-    alpha: f32,
+    signed: bool,
+    (aux_k, alpha): (Option<usize>, f32),
 ) -> CResult<TensorForward> {
     let (w_enc, b_enc, w_dec, b_dec) = (
         &params[W_ENC],
@@ -285,7 +287,13 @@ pub(crate) fn tensor_forward(
         .broadcast_sub(b_dec)?
         .matmul(&w_enc.t()?)?
         .broadcast_add(b_enc)?;
-    let mask = (select(&pre)? * t::positive(&pre)?)?;
+    let (scores, keep) = if signed {
+        let p = pre.detach();
+        (p.abs()?, p.ne(0f32)?.to_dtype(candle_core::DType::F32)?)
+    } else {
+        (pre.detach(), t::positive(&pre)?)
+    };
+    let mask = (select(&scores)? * &keep)?;
     let z = (&pre * &mask)?;
     // 2. x̂ = z W_dec + b_dec: [n, d]; SumD-MeanB
     let recon = z.matmul(w_dec)?.broadcast_add(b_dec)?;
@@ -298,7 +306,16 @@ pub(crate) fn tensor_forward(
     } else {
         aux_k.unwrap_or(d / 2).max(1).min(n_dead)
     };
-    let auxk = t::auxk(&pre, x, &recon, w_dec, input.dead, k_aux, alpha)?;
+    let auxk = t::auxk(
+        &pre,
+        (&scores, &keep),
+        x,
+        &recon,
+        w_dec,
+        input.dead,
+        k_aux,
+        alpha,
+    )?;
     losses.push(("auxk", match auxk {
         Some(a) => a,
         None => Tensor::zeros((), candle_core::DType::F32, x.device())?,
