@@ -13,7 +13,8 @@ use saepipe::sae::{ArchConfig, Sae, StepInput};
 use saepipe::store::InMemorySource;
 use saepipe::synthetic::{SyntheticConfig, SyntheticData};
 use saepipe::train::tensor::TensorBackend;
-use saepipe::train::{Backend, TrainConfig, TrainDevice, TrainError, Trainer};
+use saepipe::train::pam::PamConfig;
+use saepipe::train::{Backend, Optimizer, TrainConfig, TrainDevice, TrainError, Trainer};
 use saepipe::util::progress::Silent;
 
 const D: usize = 16;
@@ -139,10 +140,12 @@ fn tensor_and_kernels_agree_on_loss_codes_and_gradients() {
         .into_iter()
         .filter(|a| a.supports_tensor())
         .collect();
-    assert!(
-        archs.iter().any(|a| a.kind() == "topk") && archs.iter().any(|a| a.kind() == "relu_l1"),
-        "the tensor backend covers at least topk and relu_l1"
-    );
+    for kind in ["relu_l1", "topk", "batchtopk", "jumprelu", "gated", "abs_topk"] {
+        assert!(
+            archs.iter().any(|a| a.kind() == kind),
+            "the tensor backend covers {kind}"
+        );
+    }
     let raw = data(6 * N, 11);
     let some_dead: Vec<bool> = (0..F).map(|i| i % 3 == 1).collect();
     let none_dead = vec![false; F];
@@ -172,18 +175,31 @@ fn tensor_and_kernels_agree_on_loss_codes_and_gradients() {
 }
 
 /// The engine picks the backend from the config, and both backends train the same run to
-/// the same place (up to f32 rounding amplified by Adam).
+/// the same place (up to f32 rounding amplified by Adam), with Adam and, where the variant
+/// supports it, PAM-SGD (whose decoder solve reads the codes the tensor step returns).
 #[test]
 fn the_tensor_backend_runs_the_engine_loop() {
     let raw = data(6 * N, 12);
-    for arch in ArchConfig::examples()
+    let pam = Optimizer::PamSgd(PamConfig {
+        solve_every: 2,
+        ..PamConfig::default()
+    });
+    let runs = ArchConfig::examples()
         .into_iter()
         .filter(|a| a.supports_tensor())
-    {
+        .flat_map(|a| {
+            let p = a.supports_pam_sgd().then(|| (a.clone(), pam.clone()));
+            [(a, Optimizer::Adam)].into_iter().chain(p)
+        });
+    for (arch, optimizer) in runs {
         let mut losses = Vec::new();
         for backend in [Backend::Kernels, Backend::Tensor] {
             let mut src = InMemorySource::new(raw.clone(), D);
-            let mut tr = Trainer::new(cfg(backend), &arch, F, &mut src).unwrap();
+            let c = TrainConfig {
+                optimizer: optimizer.clone(),
+                ..cfg(backend)
+            };
+            let mut tr = Trainer::new(c, &arch, F, &mut src).unwrap();
             tr.run(&mut src, None, &Silent, None).unwrap();
             tr.sae().check_invariants().unwrap();
             losses.push(tr.log().column("loss").unwrap_or_default().to_vec());
@@ -192,8 +208,9 @@ fn the_tensor_backend_runs_the_engine_loop() {
         for (s, (t, k)) in losses[1].iter().zip(&losses[0]).enumerate() {
             assert!(
                 (t - k).abs() <= 1e-2 * k.abs(),
-                "{} step {s}: tensor backend loss {t} vs kernels {k}",
-                arch.kind()
+                "{} ({}) step {s}: tensor backend loss {t} vs kernels {k}",
+                arch.kind(),
+                optimizer.name()
             );
         }
     }

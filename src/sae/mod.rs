@@ -18,6 +18,10 @@
 //! Decision: plain `f32` buffers and hand-written backward passes instead of candle
 //! autograd (sae_variants.md §8 "Autograd"): generic autograd would materialise dense
 //! `B × d_sae` gradients, and the sparse kernels in [`crate::kernels`] are what makes CPU training fast.
+//! Decision: each variant also has (or may have) a second implementation on candle tensors,
+//! [`Sae::tensor_forward`], differentiated by candle autograd: on a GPU a dense `B × d_sae`
+//! gradient is what every peer does, and on the CPU device it is the kernels' oracle
+//! (`tests/tensor_oracle.rs`). Shared tensor pieces are in [`tensor`].
 //! Decision: the trait is written so that a signed, gated variant (SA-GSAE, §6) fits: codes
 //! carry signed values (`≠ 0` means active), parameters are a named list with per-latent
 //! vectors, and [`ExportParts`] lists per-latent tensors with how they fold.

@@ -6,7 +6,10 @@
 //! Per step ([`Trainer::step_on`]):
 //! 1. scale each input by its SAE's `c`; NaN guard on the batch;
 //! 2. zero gradients; `dead[i] = tokens_since_fired[i] > dead_after_tokens` per SAE;
-//! 3. [`Model::forward_backward`] (λ multiplied by the sparsity warmup);
+//! 3. [`Model::forward_backward`] (λ multiplied by the sparsity warmup), or on the tensor
+//!    backend (`train.backend = "tensor"`, the default for `train.device = "cuda"`)
+//!    [`Model::forward_backward_tensor`]: the variants' candle-tensor forward and autograd
+//!    ([`tensor`]); everything else below is the same loop for both;
 //! 4. [`optim::Optimizer::prepare`] (PAM-SGD: frozen decoder, proximal pull), NaN guard on
 //!    the loss terms (the error names the step and the model);
 //! 5. project unit-norm decoder gradients (§1.3 A), clip the global norm over every SAE,
