@@ -12,8 +12,8 @@ use saepipe::kernels::Workspace;
 use saepipe::sae::{ArchConfig, Sae, StepInput};
 use saepipe::store::InMemorySource;
 use saepipe::synthetic::{SyntheticConfig, SyntheticData};
-use saepipe::train::tensor::TensorBackend;
 use saepipe::train::pam::PamConfig;
+use saepipe::train::tensor::TensorBackend;
 use saepipe::train::{Backend, Optimizer, TrainConfig, TrainDevice, TrainError, Trainer};
 use saepipe::util::progress::Silent;
 
@@ -91,7 +91,9 @@ fn compare(
     let (mut wk, mut wt) = (Workspace::default(), Workspace::default());
     let ok = sae.forward_backward(&input, &mut gk, &mut wk).unwrap();
     let backend = TensorBackend::new(TrainDevice::Cpu).unwrap();
-    let ot = backend.forward_backward(sae, &input, &mut gt, &mut wt).unwrap();
+    let ot = backend
+        .forward_backward(sae, &input, &mut gt, &mut wt)
+        .unwrap();
     // loss parts: same names, same values
     let names = |o: &saepipe::sae::StepOutput| o.losses.iter().map(|l| l.0).collect::<Vec<_>>();
     assert_eq!(names(&ot), names(&ok), "{what}: loss parts");
@@ -117,14 +119,21 @@ fn compare(
     }
     let e = rel(&ct, &ck);
     assert!(e <= TOL, "{what}: codes differ (rel {e:.2e})");
-    assert!(wk.codes.nnz() > 0, "{what}: no active latent, nothing tested");
+    assert!(
+        wk.codes.nnz() > 0,
+        "{what}: no active latent, nothing tested"
+    );
     // every gradient
     for (p, (a, b)) in sae.params().iter().zip(gt.iter().zip(&gk)) {
         if !p.trainable {
             continue;
         }
         let e = rel(a, b);
-        assert!(e <= TOL, "{what}: gradient of {} differs (rel {e:.2e})", p.name);
+        assert!(
+            e <= TOL,
+            "{what}: gradient of {} differs (rel {e:.2e})",
+            p.name
+        );
         assert!(
             b.iter().any(|&v| v != 0.0),
             "{what}: gradient of {} is zero, nothing tested",
@@ -134,13 +143,58 @@ fn compare(
     ok.losses
 }
 
+/// SA-GSAE's options beyond the example: each changes the loss or its gradients.
+fn sa_gsae_options() -> Vec<ArchConfig> {
+    use saepipe::sae::sa_gsae::{Config, DecoderNorm, OutputSign, SparsityPenalty};
+    let base = Config::default();
+    [
+        Config {
+            threshold_ste: true,
+            ..base.clone()
+        },
+        Config {
+            sparsity: SparsityPenalty::L0,
+            ..base.clone()
+        },
+        Config {
+            decoder_norm: DecoderNorm::Penalty,
+            threshold_ste: true,
+            ..base.clone()
+        },
+        Config {
+            output: OutputSign::Raw,
+            tied_thresholds: false,
+            tied_magnitudes: false,
+            ..base.clone()
+        },
+        Config {
+            negative_side: false,
+            pre_encoder_bias: false,
+            sparsity: SparsityPenalty::L0,
+            ..base
+        },
+    ]
+    .into_iter()
+    .map(ArchConfig::new)
+    .collect()
+}
+
 #[test]
 fn tensor_and_kernels_agree_on_loss_codes_and_gradients() {
     let archs: Vec<ArchConfig> = ArchConfig::examples()
         .into_iter()
         .filter(|a| a.supports_tensor())
+        .chain(sa_gsae_options())
         .collect();
-    for kind in ["relu_l1", "topk", "batchtopk", "jumprelu", "gated", "abs_topk"] {
+    for kind in [
+        "relu_l1",
+        "topk",
+        "batchtopk",
+        "jumprelu",
+        "gated",
+        "abs_topk",
+        "sa_gsae",
+    ] {
         assert!(
             archs.iter().any(|a| a.kind() == kind),
             "the tensor backend covers {kind}"
@@ -158,7 +212,7 @@ fn tensor_and_kernels_agree_on_loss_codes_and_gradients() {
             let batch = &raw[step as usize * N * D..(step as usize + 1) * N * D];
             let x: Vec<f32> = batch.iter().map(|v| v * scale).collect();
             for (dead, tag) in [(&some_dead, "dead"), (&none_dead, "alive")] {
-                let what = format!("{} step {step} ({tag})", arch.kind());
+                let what = format!("{} step {step} ({tag}): {arch:?}", arch.kind());
                 let parts = compare(tr.sae_mut(), &x, step, dead, &what);
                 let aux = parts.iter().find(|p| p.0 == "auxk").map(|p| p.1);
                 assert!(

@@ -349,7 +349,7 @@ pub enum LrDecay {
 }
 
 /// How the decoder bias is initialised: the training engine's own type.
-pub use crate::train::{Backend as TrainBackend, BDecInit};
+pub use crate::train::{BDecInit, Backend as TrainBackend};
 
 /// `[train]`, as the file says it (steps and tokens, optional keys). It is not a copy of
 /// the engine's [`crate::train::TrainConfig`] but its source: [`PipelineConfig::trainer_config`]

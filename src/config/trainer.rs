@@ -177,10 +177,13 @@ mod tests {
         // default: the model's device (cpu) and the kernels there
         let t = load(&[]).unwrap().config.trainer_config();
         assert_eq!((t.device, t.backend), (TrainDevice::Cpu, Backend::Kernels));
-        let t = load(&["train.backend=\"tensor\"", "sae.arch={ kind = \"topk\", k = 8 }"])
-            .unwrap()
-            .config
-            .trainer_config();
+        let t = load(&[
+            "train.backend=\"tensor\"",
+            "sae.arch={ kind = \"topk\", k = 8 }",
+        ])
+        .unwrap()
+        .config
+        .trainer_config();
         assert_eq!((t.device, t.backend), (TrainDevice::Cpu, Backend::Tensor));
         // a variant without a tensor implementation: named, with the key
         let untensored = crate::sae::ArchConfig::examples()
@@ -200,7 +203,10 @@ mod tests {
         assert!(e.contains("train.backend"), "{e}");
         if !cfg!(feature = "cuda") {
             let e = load(&["train.device=\"cuda\""]).unwrap_err().to_string();
-            assert!(e.contains("train.device") && e.contains("--features cuda"), "{e}");
+            assert!(
+                e.contains("train.device") && e.contains("--features cuda"),
+                "{e}"
+            );
         }
     }
 }

@@ -316,10 +316,13 @@ pub(crate) fn tensor_forward(
         k_aux,
         alpha,
     )?;
-    losses.push(("auxk", match auxk {
-        Some(a) => a,
-        None => Tensor::zeros((), candle_core::DType::F32, x.device())?,
-    }));
+    losses.push((
+        "auxk",
+        match auxk {
+            Some(a) => a,
+            None => Tensor::zeros((), candle_core::DType::F32, x.device())?,
+        },
+    ));
     Ok(TensorForward {
         losses,
         metrics: vec![],

@@ -616,9 +616,10 @@ impl Trainer {
             None => self
                 .model
                 .forward_backward(&ctx, &mut self.grads, &mut self.ws)?,
-            Some(b) => self
-                .model
-                .forward_backward_tensor(&ctx, &mut self.grads, &mut self.ws, b)?,
+            Some(b) => {
+                self.model
+                    .forward_backward_tensor(&ctx, &mut self.grads, &mut self.ws, b)?
+            }
         };
         // 4. the optimiser's own terms (PAM-SGD), NaN guard
         for (k, v) in self.opt.prepare(&*self.model, &mut self.grads) {
