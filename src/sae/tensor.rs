@@ -10,18 +10,19 @@
 //!
 //! Decision: top-k without a sort (candle has no top-k and its CUDA argsort fails on rows of
 //! 16k–65k latents, STYLE.md §2.11): per row, bisect a threshold `t` on counts
-//! (`#{π ≥ lo} ≥ k > #{π > hi}`, at most [`MAX_BISECT`] halvings of the row's range), then
-//! break ties by index with a second bisection on the index (lower index wins, as in
-//! [`crate::kernels::topk_select`]). The selection is exact once the bisection reaches
-//! adjacent floats, which 64 halvings do unless the k-th value is within `range·2⁻⁶⁴` of a
-//! different value; then the lower index wins among those too.
+//! (`#{π ≥ lo} ≥ k > #{π > hi}`) until every row has exactly `k` entries `≥ lo` or has
+//! reached adjacent floats, then break the remaining (exact) ties by index with a second
+//! bisection on the index (lower index wins, as in [`crate::kernels::topk_select`]). The
+//! selection equals the kernels' for every finite row: [`MAX_BISECT`] halvings take any
+//! f32 range down to adjacent floats, and rows of ordinary activations stop after 30–40.
 //! Decision: activations are `π ⊙ mask` with a detached 0/1 mask (not `relu`), because candle's
 //! `relu` passes gradient at exactly 0 while the kernels treat `π = 0` as inactive.
 
 use candle_core::{DType, Result, Tensor};
 
-/// Bisection steps of the value threshold, at most.
-pub const MAX_BISECT: usize = 64;
+/// Bisection steps of the value threshold, at most: enough to go from the widest f32 range
+/// (`±3.4e38`) to adjacent subnormals (`2²⁷⁹` → 1).
+pub const MAX_BISECT: usize = 288;
 
 /// What the trainer's tensor backend hands to [`super::Sae::tensor_forward`].
 #[derive(Debug, Clone, Copy)]
@@ -97,7 +98,9 @@ pub fn topk_mask(pre: &Tensor, k: usize) -> Result<Tensor> {
     let mut lo = pre.min_keepdim(1)?;
     let mut hi = pre.max_keepdim(1)?;
     for it in 0..MAX_BISECT {
-        let mid = (&lo + ((&hi - &lo)? * 0.5)?)?;
+        // no overflow at the extremes; a midpoint that rounds outside [lo, hi] keeps both
+        // invariants (it only moves lo down or hi up)
+        let mid = ((&lo * 0.5)? + (&hi * 0.5)?)?;
         let ok = count_ge(&pre, &mid)?.ge(kf)?;
         let (new_lo, new_hi) = (ok.where_cond(&mid, &lo)?, ok.where_cond(&hi, &mid)?);
         if it % 8 == 7 {
@@ -230,6 +233,7 @@ mod tests {
             vec![0.0; 8],
             vec![5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 4.0],
             vec![1e30, -1e30, 1e-30, -1e-30, 0.0, 2e-30, 1e30, 7.0],
+            vec![3e38, -3e38, 1e-44, 3e-45, 0.0, -1e-44, 3e38, 1e-44],
         ];
         for k in 1..8 {
             check(&ties, k);
