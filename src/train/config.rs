@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::pam;
+pub use super::tensor::TrainDevice;
 use super::TrainError;
 
 /// How `b_dec` is initialised (`train.b_dec_init`: `"geometric_median"`, `"mean"`, `"zeros"`).
@@ -18,27 +19,6 @@ pub enum BDecInit {
     Mean,
     /// Zeros.
     Zeros,
-}
-
-/// Where the training step runs (`train.device`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum TrainDevice {
-    /// The CPU.
-    #[default]
-    Cpu,
-    /// The first CUDA GPU (a build with `--features cuda`).
-    Cuda,
-}
-
-impl TrainDevice {
-    /// As in the pipeline file.
-    pub fn name(self) -> &'static str {
-        match self {
-            TrainDevice::Cpu => "cpu",
-            TrainDevice::Cuda => "cuda",
-        }
-    }
 }
 
 /// Which implementation computes each step's loss and gradients (`train.backend`).

@@ -19,12 +19,33 @@
 //! backward), which is what dominates a step.
 
 use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
 
-use super::config::TrainDevice;
 use super::TrainError;
 use crate::kernels::Workspace;
 use crate::sae::tensor::TensorInput;
 use crate::sae::{ArchConfig, Sae, SaeError, StepInput, StepOutput};
+
+/// Where the training step runs (`train.device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainDevice {
+    /// The CPU.
+    #[default]
+    Cpu,
+    /// The first CUDA GPU (a build with `--features cuda`).
+    Cuda,
+}
+
+impl TrainDevice {
+    /// As in the pipeline file.
+    pub fn name(self) -> &'static str {
+        match self {
+            TrainDevice::Cpu => "cpu",
+            TrainDevice::Cuda => "cuda",
+        }
+    }
+}
 
 /// The device a tensor step runs on.
 #[derive(Debug, Clone)]
