@@ -182,7 +182,8 @@ pub fn auxk(
     }
     let z_aux = (pre * &sel)?;
     let e = (x - recon)?.detach();
-    let var = (&e.broadcast_sub(&e.mean_keepdim(0)?)?)
+    let var = e
+        .broadcast_sub(&e.mean_keepdim(0)?)?
         .sqr()?
         .sum_all()?
         .to_scalar::<f32>()?;
