@@ -127,6 +127,8 @@ const CHANGES: &[(&str, &str)] = &[
     ("sae.expansion_factor", "3"),
     ("sae.d_sae", "24"),
     ("sae.arch", "{ kind = \"relu_l1\", l1_coefficient = 2.0 }"),
+    // the tensor backend: the same training up to f32 rounding, so other bits
+    ("train.backend", "\"tensor\""),
 ];
 
 /// Keys of the training *reader*, not of the engine: they change which captured rows make
@@ -137,6 +139,11 @@ const READER_KEYS: &[(&str, &str)] = &[
     ("train.shuffle_buffer_bytes", "tests/shuffle_quality.rs"),
     ("train.shuffle_chunk_tokens", "tests/shuffle_quality.rs"),
 ];
+
+/// Keys whose other values cannot run here: `train.device = "cuda"` needs a CUDA build and a
+/// GPU; its mapping and refusals are tested in `config::trainer`, the backend it selects in
+/// `tests/tensor_oracle.rs`.
+const DEVICE_KEYS: &[(&str, &str)] = &[("train.device", "src/config/trainer.rs")];
 
 #[test]
 fn every_train_and_sae_key_changes_training() {
@@ -180,6 +187,8 @@ fn every_train_and_sae_key_is_covered() {
         "train.train_tokens=512",
         "train.l1_warmup_steps=6",
         "train.checkpoint_every=64",
+        "train.device=\"cpu\"",
+        "train.backend=\"kernels\"",
     ]);
     let v = toml::Table::try_from(&p.config).unwrap();
     let mut all = keys(v["train"].as_table().unwrap(), "train");
@@ -189,6 +198,7 @@ fn every_train_and_sae_key_is_covered() {
     let covered: BTreeSet<String> = CHANGES
         .iter()
         .chain(READER_KEYS)
+        .chain(DEVICE_KEYS)
         .map(|c| c.0.to_string())
         .collect();
     assert_eq!(

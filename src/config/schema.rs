@@ -351,7 +351,7 @@ pub enum LrDecay {
 }
 
 /// How the decoder bias is initialised: the training engine's own type.
-pub use crate::train::BDecInit;
+pub use crate::train::{BDecInit, Backend as TrainBackend};
 
 /// `[train]`, as the file says it (steps and tokens, optional keys). It is not a copy of
 /// the engine's [`crate::train::TrainConfig`] but its source: [`PipelineConfig::trainer_config`]
@@ -422,6 +422,29 @@ pub struct TrainSection {
     /// the shards in order. Default 16.
     #[serde(default = "default_shuffle_chunk_tokens")]
     pub shuffle_chunk_tokens: usize,
+    /// Device of the SAE training step: `"cpu"` or `"cuda"` (a build with `--features
+    /// cuda`). Absent: `model.device`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<DeviceKind>,
+    /// Implementation of the training step: `"kernels"` (the sparse CPU kernels) or
+    /// `"tensor"` (candle tensors and autograd on `train.device`; the variants of
+    /// `ArchConfig::tensor_kinds`). Absent: kernels on the CPU, tensor on cuda.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<TrainBackend>,
+}
+
+impl TrainSection {
+    /// `train.device`, or `model.device` when absent.
+    pub fn device(&self, model: &ModelConfig) -> DeviceKind {
+        self.device.unwrap_or(model.device)
+    }
+    /// `train.backend`, or its default for the device.
+    pub fn backend(&self, model: &ModelConfig) -> TrainBackend {
+        self.backend.unwrap_or(match self.device(model) {
+            DeviceKind::Cpu => TrainBackend::Kernels,
+            DeviceKind::Cuda => TrainBackend::Tensor,
+        })
+    }
 }
 
 fn default_shuffle_buffer_bytes() -> u64 {

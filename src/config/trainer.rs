@@ -5,7 +5,7 @@
 //! `checkpoint_every` in tokens becomes steps (rounded down, at least 1); absent keys
 //! keep the trainer's defaults (5% warmup, 20% decay, every 1000 steps).
 
-use super::schema::{LrDecay, OptimizerConfig, PipelineConfig};
+use super::schema::{DeviceKind, LrDecay, OptimizerConfig, PipelineConfig};
 use crate::train;
 
 impl PipelineConfig {
@@ -75,6 +75,11 @@ impl PipelineConfig {
                 .checkpoint_every
                 .map_or(defaults.checkpoint_every, |tok| (tok / batch).max(1)),
             optimizer,
+            device: match t.device(&self.model) {
+                DeviceKind::Cpu => train::TrainDevice::Cpu,
+                DeviceKind::Cuda => train::TrainDevice::Cuda,
+            },
+            backend: t.backend(&self.model),
         }
     }
 }
@@ -159,5 +164,49 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("train.optimizer.stats_decay"), "{e}");
+    }
+
+    #[test]
+    fn train_device_and_backend_map_onto_the_trainer_and_refuse_what_cannot_run() {
+        use crate::train::{Backend, TrainDevice};
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/smoke.toml");
+        let load = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            config::load(&path, &sets)
+        };
+        // default: the model's device (cpu) and the kernels there
+        let t = load(&[]).unwrap().config.trainer_config();
+        assert_eq!((t.device, t.backend), (TrainDevice::Cpu, Backend::Kernels));
+        let t = load(&[
+            "train.backend=\"tensor\"",
+            "sae.arch={ kind = \"topk\", k = 8 }",
+        ])
+        .unwrap()
+        .config
+        .trainer_config();
+        assert_eq!((t.device, t.backend), (TrainDevice::Cpu, Backend::Tensor));
+        // a variant without a tensor implementation: named, with the key
+        let untensored = crate::sae::ArchConfig::examples()
+            .into_iter()
+            .find(|a| !a.supports_tensor());
+        if let Some(a) = untensored {
+            let arch = format!("sae.arch={{ kind = \"{}\" }}", a.kind());
+            let e = load(&["train.backend=\"tensor\"", &arch])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("train.backend") && e.contains(a.kind()), "{e}");
+        }
+        // kernels on cuda, and cuda in a build without it
+        let e = load(&["train.device=\"cuda\"", "train.backend=\"kernels\""])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("train.backend"), "{e}");
+        if !cfg!(feature = "cuda") {
+            let e = load(&["train.device=\"cuda\""]).unwrap_err().to_string();
+            assert!(
+                e.contains("train.device") && e.contains("--features cuda"),
+                "{e}"
+            );
+        }
     }
 }

@@ -293,6 +293,7 @@ pub fn check(mut raw: Table, probs: &mut Problems) -> Option<PipelineConfig> {
             ),
         );
     }
+    check_train_backend(&config, probs);
     let train_tokens = config.train.train_tokens.unwrap_or(config.data.n_tokens);
     if train_tokens < config.train.batch_tokens as u64 {
         probs.add(
@@ -548,6 +549,50 @@ fn check_train(t: &TrainSection, probs: &mut Problems) {
             format!(
                 "{} must be a finite number >= 0 (0 = no clipping)",
                 t.grad_clip
+            ),
+        );
+    }
+}
+
+/// `train.device` and `train.backend` against each other, the build and the variant.
+fn check_train_backend(config: &PipelineConfig, probs: &mut Problems) {
+    let t = &config.train;
+    let device = t.device(&config.model);
+    let backend = t.backend(&config.model);
+    if device == DeviceKind::Cuda && !cfg!(feature = "cuda") {
+        probs.add(
+            "train.device",
+            "\"cuda\": this saepipe was built without CUDA; rebuild with `cargo build --release --features cuda`, or set train.device = \"cpu\"",
+        );
+    }
+    if device == DeviceKind::Cuda && backend == TrainBackend::Kernels {
+        probs.add(
+            "train.backend",
+            "\"kernels\" runs on the CPU only; use backend = \"tensor\" (the default on cuda) or train.device = \"cpu\"",
+        );
+    }
+    if backend == TrainBackend::Tensor && !config.sae.arch.supports_tensor() {
+        let key = if t.backend.is_some() {
+            "train.backend"
+        } else {
+            "train.device"
+        };
+        probs.add(
+            key,
+            format!(
+                "train.device = \"{}\" trains on the tensor backend, which implements sae.arch kinds {}, not `{}`; use train.device = \"cpu\" (the CPU kernels) for this SAE",
+                device.name(),
+                crate::sae::ArchConfig::tensor_kinds().join(", "),
+                config.sae.arch.kind()
+            ),
+        );
+    }
+    if backend == TrainBackend::Tensor && config.jsae.is_some() {
+        probs.add(
+            "train.backend",
+            format!(
+                "the JSAE pair ([jsae]) has no tensor implementation; train it with train.device = \"cpu\" and train.backend = \"kernels\" (now device \"{}\", backend \"tensor\")",
+                device.name()
             ),
         );
     }

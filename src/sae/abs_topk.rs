@@ -29,12 +29,14 @@ use serde::{Deserialize, Serialize};
 
 use super::export::{Folded, Format};
 use super::registry::divide_k;
-use super::topk_family::{dead_list, TopKParams};
+use super::tensor::{self, TensorForward, TensorInput};
+use super::topk_family::{self, dead_list, TopKParams};
 use super::{
     check_width, ArchConfig, ArchSpec, ExportParts, Param, Sae, SaeError, StepInput, StepOutput,
     Variant,
 };
 use crate::kernels::{self as c, TaskBuf, Workspace};
+use candle_core::Tensor;
 use crate::util::rng::Rng;
 
 /// Variant name (also the exported `architecture`).
@@ -102,6 +104,9 @@ impl ArchSpec for Config {
         super::topk::recommended_adam(d_sae)
     }
     fn supports_pam_sgd(&self) -> bool {
+        true
+    }
+    fn supports_tensor(&self) -> bool {
         true
     }
 }
@@ -275,6 +280,23 @@ impl Sae for AbsTopK {
             losses: vec![("mse", mse), ("auxk", auxk)],
             metrics: vec![],
         })
+    }
+
+    /// Top-k of `|π|` per row by bisection, signed values kept, then the family's steps.
+    fn tensor_forward(
+        &self,
+        params: &[Tensor],
+        input: &TensorInput,
+    ) -> Result<TensorForward, SaeError> {
+        let k = self.cfg.k;
+        topk_family::tensor_forward(
+            params,
+            input,
+            |scores| tensor::topk_mask(scores, k),
+            true,
+            (self.cfg.aux_k, self.cfg.aux_coefficient),
+        )
+        .map_err(|e| SaeError::tensor(ARCH, e))
     }
 
     /// PAM-SGD: see [`TopKParams::install_decoder`].

@@ -18,12 +18,14 @@
 use serde::{Deserialize, Serialize};
 
 use super::registry::divide_k;
-use super::topk_family::{dead_list, push_aux, TopKParams};
+use super::topk_family::{self, dead_list, push_aux, TopKParams};
 use super::{
     check_width, ArchConfig, ArchSpec, ExportParts, Fold, Param, Sae, SaeError, StepInput,
     StepOutput, Variant,
 };
+use super::tensor::{self, TensorForward, TensorInput};
 use crate::kernels::{self as c, Workspace};
+use candle_core::{DType, Tensor};
 use crate::util::rng::Rng;
 
 /// Variant name.
@@ -88,6 +90,9 @@ impl ArchSpec for Config {
     }
     fn recommended_adam(&self, d_sae: usize) -> (f32, f32, f32) {
         super::topk::recommended_adam(d_sae)
+    }
+    fn supports_tensor(&self) -> bool {
+        true
     }
     fn problems(&self, d_sae: Option<usize>) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
@@ -282,6 +287,48 @@ impl Sae for BatchTopK {
                 (0.99 * *th as f64 + 0.01 * min_kept as f64) as f32
             };
         }
+    }
+
+    /// Per-token candidates (top `candidates_per_token` positive π, by bisection), then the
+    /// `B·k` largest candidates of the batch (bisection over the flattened batch; ties to
+    /// the earlier token, then the lower latent, where the kernels' order within a token is
+    /// their selection order), then the family's steps.
+    fn tensor_forward(
+        &self,
+        params: &[Tensor],
+        input: &TensorInput,
+    ) -> Result<TensorForward, SaeError> {
+        let f = self.f;
+        let (k, n) = (self.cfg.k, input.n);
+        let cap = self.cfg.candidates_per_token.unwrap_or(4 * k).min(f);
+        let select = |pre: &Tensor| -> candle_core::Result<Tensor> {
+            let cand = (tensor::topk_mask(pre, cap)? * tensor::positive(pre)?)?;
+            let keep = n * k;
+            if cand.sum_all()?.to_scalar::<f32>()? <= keep as f32 {
+                return Ok(cand);
+            }
+            // non-candidates below every candidate
+            let m = pre.min_all()?.to_scalar::<f32>()?;
+            let fill = Tensor::full(m - m.abs().max(1.0), pre.shape(), pre.device())?;
+            let scores = cand.ne(0f32)?.where_cond(pre, &fill)?.reshape((1, n * f))?;
+            tensor::topk_mask(&scores, keep)?.reshape((n, f))? * cand
+        };
+        let run = || -> candle_core::Result<TensorForward> {
+            let mut out = topk_family::tensor_forward(
+                params,
+                input,
+                select,
+                false,
+                (self.cfg.aux_k, self.cfg.aux_coefficient),
+            )?;
+            // a token that kept all its candidates (and could have kept more)
+            let kept = out.codes.ne(0f32)?.to_dtype(DType::F32)?.sum_keepdim(1)?;
+            let full = kept.eq(cap as f32)?.to_dtype(DType::F32)?.max_all()?;
+            let capped = if cap < f { full.to_scalar::<f32>()? as f64 } else { 0.0 };
+            out.metrics.push(("batchtopk_capped", capped));
+            Ok(out)
+        };
+        run().map_err(|e| SaeError::tensor(ARCH, e))
     }
 
     fn export_parts(&self) -> ExportParts {

@@ -36,7 +36,9 @@ use super::{
     check_width, ArchConfig, ArchSpec, ExportParts, Fold, Param, Sae, SaeError, StepInput,
     StepOutput, Variant,
 };
+use super::tensor::{self, TensorForward, TensorInput};
 use crate::kernels::{self as c, Workspace};
+use candle_core::Tensor;
 use crate::util::rng::Rng;
 use rayon::prelude::*;
 
@@ -112,6 +114,9 @@ impl ArchSpec for Config {
     }
     fn recommended_adam(&self, _d_sae: usize) -> (f32, f32, f32) {
         (3e-4, 0.0, 0.999)
+    }
+    fn supports_tensor(&self) -> bool {
+        true
     }
     fn problems(&self, _d_sae: Option<usize>) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
@@ -413,6 +418,48 @@ impl Sae for Gated {
             self.params[R_MAG].data.fill(ln_c);
         }
         Ok(())
+    }
+
+    /// The same loss on tensors: the gate `H(π_gate)` and `1[π_mag > 0]` as detached masks,
+    /// the aux reconstruction through detached `W_dec`, `b_dec`.
+    fn tensor_forward(
+        &self,
+        params: &[Tensor],
+        input: &TensorInput,
+    ) -> Result<TensorForward, SaeError> {
+        let lambda = (self.cfg.l1_coefficient * input.sparsity_scale) as f64;
+        let run = || -> candle_core::Result<TensorForward> {
+            let (w_gate, b_gate, b_mag, r_mag, w_dec, b_dec) = (
+                &params[W_GATE],
+                &params[B_GATE],
+                &params[B_MAG],
+                &params[R_MAG],
+                &params[W_DEC],
+                &params[B_DEC],
+            );
+            let (x, n) = (input.x, input.n as f64);
+            // 1. u = (x − b_dec) W_gateᵀ: [n, d_sae]; both paths
+            let u = x.broadcast_sub(b_dec)?.matmul(&w_gate.t()?)?;
+            let pg = u.broadcast_add(b_gate)?;
+            let pm = u.broadcast_mul(&r_mag.exp()?)?.broadcast_add(b_mag)?;
+            let gate = tensor::positive(&pg)?;
+            let on = (&gate * tensor::positive(&pm)?)?;
+            // 2. f = H(π_gate) ReLU(π_mag); main reconstruction
+            let feat = (&pm * &on)?;
+            let recon = feat.matmul(w_dec)?.broadcast_add(b_dec)?;
+            let mse = (tensor::sse(&recon, x)? / n)?;
+            // 3. λ ‖ReLU(π_gate)‖₁ / B and the aux reconstruction with a frozen decoder
+            let rg = (&pg * &gate)?;
+            let l1 = (rg.sum_all()? * (lambda / n))?;
+            let aux_recon = rg.matmul(&w_dec.detach())?.broadcast_add(&b_dec.detach())?;
+            let aux = (tensor::sse(&aux_recon, x)? / n)?;
+            Ok(TensorForward {
+                losses: vec![("mse", mse), ("l1", l1), ("aux", aux)],
+                metrics: vec![],
+                codes: feat.detach(),
+            })
+        };
+        run().map_err(|e| SaeError::tensor(ARCH, e))
     }
 
     fn export_parts(&self) -> ExportParts {

@@ -24,7 +24,9 @@ use super::{
     check_width, ArchConfig, ArchSpec, ExportParts, Fold, Param, Sae, SaeError, StepInput,
     StepOutput, Variant,
 };
+use super::tensor::{self, TensorForward, TensorInput};
 use crate::kernels::{self as c, Workspace};
+use candle_core::{DType, Tensor};
 use crate::util::rng::Rng;
 
 /// Variant name.
@@ -90,6 +92,9 @@ impl ArchSpec for Config {
     }
     fn recommended_adam(&self, _d_sae: usize) -> (f32, f32, f32) {
         (7e-5, 0.0, 0.999)
+    }
+    fn supports_tensor(&self) -> bool {
+        true
     }
     fn problems(&self, _d_sae: Option<usize>) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
@@ -311,6 +316,52 @@ impl Sae for JumpRelu {
             losses: vec![("mse", mse), ("l0_penalty", l0)],
             metrics: vec![],
         })
+    }
+
+    /// The same loss on tensors, with the rectangle-kernel STE composed from detached
+    /// masks: `f = π ⊙ H + (−θ K/ε) ⊙ zero_with_grad(θ)` and
+    /// `L0 = Σ H + (−K/ε) ⊙ zero_with_grad(θ)` (values unchanged, `∂/∂θ` as in the header),
+    /// `H = 1[π > θ]`, `K = 1[|π − θ| < ε/2]`, `θ = exp(t)` so autograd gives `∂L/∂t = θ ∂L/∂θ`.
+    fn tensor_forward(
+        &self,
+        params: &[Tensor],
+        input: &TensorInput,
+    ) -> Result<TensorForward, SaeError> {
+        let lambda = (self.cfg.l0_coefficient * input.sparsity_scale) as f64;
+        let eps = self.cfg.bandwidth;
+        let run = || -> candle_core::Result<TensorForward> {
+            let (w_enc, b_enc, w_dec, b_dec, log_th) = (
+                &params[W_ENC],
+                &params[B_ENC],
+                &params[W_DEC],
+                &params[B_DEC],
+                &params[LOG_TH],
+            );
+            let (x, n) = (input.x, input.n as f64);
+            let f = w_enc.dim(0)?;
+            // 1. π = x W_encᵀ + b_enc: [n, d_sae]; θ: [1, d_sae]
+            let pre = x.matmul(&w_enc.t()?)?.broadcast_add(b_enc)?;
+            let theta = log_th.exp()?.reshape((1, f))?;
+            let diff = pre.detach().broadcast_sub(&theta.detach())?;
+            let active = diff.gt(0f32)?.to_dtype(DType::F32)?;
+            let band = diff.abs()?.lt(0.5 * eps)?.to_dtype(DType::F32)?;
+            let st = tensor::zero_with_grad(&theta)?; // value 0, ∂/∂θ = 1
+            // 2. f with the STE on θ; x̂ = f W_dec + b_dec
+            let coef = band.broadcast_mul(&(theta.detach() * (-1.0 / eps as f64))?)?;
+            let codes = (&pre * &active)?;
+            let feat = (&codes + coef.broadcast_mul(&st)?)?;
+            let recon = feat.matmul(w_dec)?.broadcast_add(b_dec)?;
+            let mse = (tensor::sse(&recon, x)? / n)?;
+            // 3. λ L0 / B with the STE
+            let l0 = (active.sum_all()? + (band * (-1.0 / eps as f64))?.broadcast_mul(&st)?.sum_all()?)?;
+            let l0 = (l0 * (lambda / n))?;
+            Ok(TensorForward {
+                losses: vec![("mse", mse), ("l0_penalty", l0)],
+                metrics: vec![],
+                codes: codes.detach(),
+            })
+        };
+        run().map_err(|e| SaeError::tensor(ARCH, e))
     }
 
     fn export_parts(&self) -> ExportParts {

@@ -18,12 +18,17 @@
 //! Decision: plain `f32` buffers and hand-written backward passes instead of candle
 //! autograd (sae_variants.md §8 "Autograd"): generic autograd would materialise dense
 //! `B × d_sae` gradients, and the sparse kernels in [`crate::kernels`] are what makes CPU training fast.
+//! Decision: each variant also has (or may have) a second implementation on candle tensors,
+//! [`Sae::tensor_forward`], differentiated by candle autograd: on a GPU a dense `B × d_sae`
+//! gradient is what every peer does, and on the CPU device it is the kernels' oracle
+//! (`tests/tensor_oracle.rs`). Shared tensor pieces are in [`tensor`].
 //! Decision: the trait is written so that a signed, gated variant (SA-GSAE, §6) fits: codes
 //! carry signed values (`≠ 0` means active), parameters are a named list with per-latent
 //! vectors, and [`ExportParts`] lists per-latent tensors with how they fold.
 
 pub mod export;
 pub mod registry;
+pub mod tensor;
 pub mod topk_family;
 
 /// Declares each variant module and lists the [`Variant`]s it registers in [`VARIANTS`].
@@ -74,6 +79,21 @@ pub enum SaeError {
         /// Width found.
         found: usize,
     },
+    /// A candle operation of the tensor implementation failed.
+    #[error("{arch} SAE, tensor step: {source}")]
+    Tensor {
+        /// Variant name.
+        arch: &'static str,
+        /// The candle error.
+        source: candle_core::Error,
+    },
+}
+
+impl SaeError {
+    /// Wrap a candle error of variant `arch`'s tensor implementation.
+    pub fn tensor(arch: &'static str, source: candle_core::Error) -> Self {
+        Self::Tensor { arch, source }
+    }
 }
 
 /// One named parameter (or non-trainable state) of an SAE.
@@ -199,6 +219,27 @@ pub trait Sae: Send + Sync {
     }
     /// Export tensors before folding.
     fn export_parts(&self) -> ExportParts;
+
+    /// The training forward pass on candle tensors (the trainer's tensor backend,
+    /// [`tensor`]): `params` are this SAE's parameters in [`Sae::params`] order, on the
+    /// input's device (trainable ones are autograd variables). Returns the loss parts whose
+    /// sum the backend differentiates and the dense codes; must agree with
+    /// [`Sae::forward_backward`] (`tests/tensor_oracle.rs`). Variants without one keep this
+    /// default, which refuses, and leave [`ArchSpec::supports_tensor`] false.
+    fn tensor_forward(
+        &self,
+        params: &[candle_core::Tensor],
+        input: &tensor::TensorInput,
+    ) -> Result<tensor::TensorForward, SaeError> {
+        let _ = (params, input);
+        Err(SaeError::Config {
+            arch: self.arch(),
+            msg: format!(
+                "no tensor implementation (train.backend = \"tensor\", or train.device = \"cuda\"); the tensor backend trains sae.arch kinds {}",
+                ArchConfig::tensor_kinds().join(", ")
+            ),
+        })
+    }
 
     /// Told by the trainer, before step 0 and on resume, how many steps the run has:
     /// variants fitted in passes over the stream (`local_pca`, `kflats`) schedule by it.

@@ -117,6 +117,11 @@ pub trait ArchSpec: SpecBase {
     fn supports_pam_sgd(&self) -> bool {
         false
     }
+    /// Whether the trainer's tensor backend can train it (its SAE implements
+    /// [`Sae::tensor_forward`]).
+    fn supports_tensor(&self) -> bool {
+        false
+    }
     /// Every problem of the hyperparameters on their own, and against `d_sae` when the
     /// pipeline sets it explicitly, as `(field, message)`: checked when the pipeline file is
     /// loaded, before any stage runs (what [`ArchSpec::build`] would refuse after capture).
@@ -196,6 +201,20 @@ impl ArchConfig {
             .collect();
         k.sort_unstable_by(|a, b| b.cmp(a));
         k
+    }
+
+    /// The variants the tensor backend can train, in registry order.
+    pub fn tensor_kinds() -> Vec<&'static str> {
+        VARIANTS
+            .iter()
+            .filter(|v| (v.example)().supports_tensor())
+            .map(|v| v.kind)
+            .collect()
+    }
+
+    /// Whether the trainer's tensor backend can train this variant.
+    pub fn supports_tensor(&self) -> bool {
+        self.0.supports_tensor()
     }
 
     /// Whether `train.optimizer.kind = "pam_sgd"` can train this variant.

@@ -19,7 +19,9 @@ use super::{
     check_width, ArchConfig, ArchSpec, ExportParts, Fold, Param, Sae, SaeError, StepInput,
     StepOutput, Variant,
 };
+use super::tensor::{self, TensorForward, TensorInput};
 use crate::kernels::{self as c, Workspace};
+use candle_core::Tensor;
 use crate::util::rng::Rng;
 
 /// Variant name.
@@ -97,6 +99,9 @@ impl ArchSpec for Config {
         out
     }
     fn supports_pam_sgd(&self) -> bool {
+        true
+    }
+    fn supports_tensor(&self) -> bool {
         true
     }
 }
@@ -289,6 +294,40 @@ impl Sae for ReluL1 {
             losses: vec![("mse", mse), ("l1", l1)],
             metrics: vec![],
         })
+    }
+
+    /// The same loss on tensors: `π = x W_encᵀ + b_enc`, `f = π ⊙ 1[π > 0]`,
+    /// `x̂ = f W_dec + b_dec`, `L = ‖x − x̂‖²/B + λ_t Σ f ‖d‖ / B`.
+    fn tensor_forward(
+        &self,
+        params: &[Tensor],
+        input: &TensorInput,
+    ) -> Result<TensorForward, SaeError> {
+        let lambda = (self.cfg.l1_coefficient * input.sparsity_scale) as f64;
+        let run = || -> candle_core::Result<TensorForward> {
+            let (w_enc, b_enc, w_dec, b_dec) = (
+                &params[W_ENC],
+                &params[B_ENC],
+                &params[W_DEC],
+                &params[B_DEC],
+            );
+            let (x, n) = (input.x, input.n as f64);
+            // 1. f = ReLU(π): [n, d_sae]
+            let pre = x.matmul(&w_enc.t()?)?.broadcast_add(b_enc)?;
+            let f = (&pre * tensor::positive(&pre)?)?;
+            // 2. x̂ = f W_dec + b_dec: [n, d]
+            let recon = f.matmul(w_dec)?.broadcast_add(b_dec)?;
+            let mse = (tensor::sse(&recon, x)? / n)?;
+            // 3. λ Σ_b Σ_i f_{b,i} ‖d_i‖ / B
+            let norms = w_dec.sqr()?.sum_keepdim(1)?.sqrt()?; // [d_sae, 1]
+            let l1 = (f.matmul(&norms)?.sum_all()? * (lambda / n))?;
+            Ok(TensorForward {
+                losses: vec![("mse", mse), ("l1", l1)],
+                metrics: vec![],
+                codes: f.detach(),
+            })
+        };
+        run().map_err(|e| SaeError::tensor(ARCH, e))
     }
 
     /// PAM-SGD: unit rows with the norms moved into the encoder, an exact symmetry of the

@@ -18,12 +18,14 @@ use serde::{Deserialize, Serialize};
 
 use super::export::{Folded, Format};
 use super::registry::divide_k;
-use super::topk_family::{dead_list, push_aux, TopKParams};
+use super::tensor::{self, TensorForward, TensorInput};
+use super::topk_family::{self, dead_list, push_aux, TopKParams};
 use super::{
     check_width, ArchConfig, ArchSpec, ExportParts, Param, Sae, SaeError, StepInput, StepOutput,
     Variant,
 };
 use crate::kernels::{self as c, Workspace};
+use candle_core::Tensor;
 use crate::util::rng::Rng;
 
 /// Variant name.
@@ -97,6 +99,9 @@ impl ArchSpec for Config {
         out
     }
     fn supports_pam_sgd(&self) -> bool {
+        true
+    }
+    fn supports_tensor(&self) -> bool {
         true
     }
 }
@@ -259,6 +264,23 @@ impl Sae for TopK {
             losses: vec![("mse", mse), ("auxk", auxk)],
             metrics: vec![],
         })
+    }
+
+    /// Top-k per row by bisection ([`tensor::topk_mask`]), then the family's steps.
+    fn tensor_forward(
+        &self,
+        params: &[Tensor],
+        input: &TensorInput,
+    ) -> Result<TensorForward, SaeError> {
+        let k = self.cfg.k;
+        topk_family::tensor_forward(
+            params,
+            input,
+            |pre| tensor::topk_mask(pre, k),
+            false,
+            (self.cfg.aux_k, self.cfg.aux_coefficient),
+        )
+        .map_err(|e| SaeError::tensor(ARCH, e))
     }
 
     /// PAM-SGD: see [`TopKParams::install_decoder`].

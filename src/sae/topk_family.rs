@@ -6,6 +6,9 @@
 //! BatchTopK's `threshold`) is private to this file; other files use the accessors, and
 //! gradients (same order as the parameters) through [`TopKParams::grad_w_enc`] and friends.
 
+use candle_core::{Result as CResult, Tensor};
+
+use super::tensor::{self as t, TensorForward, TensorInput};
 use super::{ExportParts, Fold, Param};
 use crate::kernels::{self as c, Workspace};
 use crate::util::rng::Rng;
@@ -256,6 +259,75 @@ impl TopKParams {
         );
         (sse / n as f64, auxk)
     }
+}
+
+/// The tensor forward of the TopK family (`super::tensor`), the same steps as
+/// [`TopKParams::backward`] after the kernels' encode: `params` in [`TopKParams`] order,
+/// `select(scores)` the variant's detached 0/1 selection mask, AuxK over `input.dead` with
+/// `k_aux = min(aux_k or d_in/2, #dead)` and coefficient `alpha` (0 = off). `signed`:
+/// scores are `|π|` and every nonzero selected `π` is kept (AbsTopK); else scores are `π`
+/// and only positive ones are kept (`ReLU` after the selection).
+pub(crate) fn tensor_forward(
+    params: &[Tensor],
+    input: &TensorInput,
+    select: impl Fn(&Tensor) -> CResult<Tensor>,
+    signed: bool,
+    (aux_k, alpha): (Option<usize>, f32),
+) -> CResult<TensorForward> {
+    let (w_enc, b_enc, w_dec, b_dec) = (
+        &params[W_ENC],
+        &params[B_ENC],
+        &params[W_DEC],
+        &params[B_DEC],
+    );
+    let x = input.x;
+    let (_, d) = x.dims2()?;
+    // 1. π = (x − b_dec) W_encᵀ + b_enc: [n, d_sae]; z = π on the selected positive entries
+    let pre = x
+        .broadcast_sub(b_dec)?
+        .matmul(&w_enc.t()?)?
+        .broadcast_add(b_enc)?;
+    let (scores, keep) = if signed {
+        let p = pre.detach();
+        (p.abs()?, p.ne(0f32)?.to_dtype(candle_core::DType::F32)?)
+    } else {
+        (pre.detach(), t::positive(&pre)?)
+    };
+    let mask = (select(&scores)? * &keep)?;
+    let z = (&pre * &mask)?;
+    // 2. x̂ = z W_dec + b_dec: [n, d]; SumD-MeanB
+    let recon = z.matmul(w_dec)?.broadcast_add(b_dec)?;
+    let mse = (t::sse(&recon, x)? / input.n as f64)?;
+    let mut losses = vec![("mse", mse)];
+    // 3. AuxK over the dead latents
+    let n_dead = input.dead.iter().filter(|&&b| b).count();
+    let k_aux = if aux_k == Some(0) || input.dead.len() != mask.dim(1)? {
+        0
+    } else {
+        aux_k.unwrap_or(d / 2).max(1).min(n_dead)
+    };
+    let auxk = t::auxk(
+        &pre,
+        (&scores, &keep),
+        x,
+        &recon,
+        w_dec,
+        input.dead,
+        k_aux,
+        alpha,
+    )?;
+    losses.push((
+        "auxk",
+        match auxk {
+            Some(a) => a,
+            None => Tensor::zeros((), candle_core::DType::F32, x.device())?,
+        },
+    ));
+    Ok(TensorForward {
+        losses,
+        metrics: vec![],
+        codes: z.detach(),
+    })
 }
 
 /// Push the AuxK selection of one token: top-`k_aux` of `π` over `dead`, positive values only.

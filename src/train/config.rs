@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::pam;
+pub use super::tensor::TrainDevice;
 use super::TrainError;
 
 /// How `b_dec` is initialised (`train.b_dec_init`: `"geometric_median"`, `"mean"`, `"zeros"`).
@@ -18,6 +19,28 @@ pub enum BDecInit {
     Mean,
     /// Zeros.
     Zeros,
+}
+
+/// Which implementation computes each step's loss and gradients (`train.backend`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// The hand-written sparse CPU kernels ([`crate::sae::Sae::forward_backward`]).
+    #[default]
+    Kernels,
+    /// Candle tensors and autograd on [`TrainConfig::device`]
+    /// ([`crate::sae::Sae::tensor_forward`], [`super::tensor`]).
+    Tensor,
+}
+
+impl Backend {
+    /// As in the pipeline file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Kernels => "kernels",
+            Backend::Tensor => "tensor",
+        }
+    }
 }
 
 /// The optimiser of a run.
@@ -82,6 +105,11 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Optimiser: Adam (default) or PAM-SGD (whose encoder step uses the Adam settings above).
     pub optimizer: Optimizer,
+    /// Device of the training step. Default cpu.
+    pub device: TrainDevice,
+    /// Implementation of the training step: the CPU kernels (default) or candle tensors on
+    /// `device` (the only one for cuda).
+    pub backend: Backend,
 }
 
 impl Default for TrainConfig {
@@ -105,6 +133,8 @@ impl Default for TrainConfig {
             log_every: 10,
             checkpoint_every: 1000,
             optimizer: Optimizer::Adam,
+            device: TrainDevice::Cpu,
+            backend: Backend::Kernels,
         }
     }
 }
@@ -141,6 +171,12 @@ pub(crate) fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
     }
     if cfg.init_tokens == 0 {
         bad.push("init_tokens must be > 0".into());
+    }
+    if cfg.device != TrainDevice::Cpu && cfg.backend == Backend::Kernels {
+        bad.push(format!(
+            "train.backend = \"kernels\" runs on the CPU only, not train.device = \"{}\"; use train.backend = \"tensor\" (the default there)",
+            cfg.device.name()
+        ));
     }
     if let Optimizer::PamSgd(p) = &cfg.optimizer {
         bad.extend(p.problems());

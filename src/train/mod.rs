@@ -6,7 +6,10 @@
 //! Per step ([`Trainer::step_on`]):
 //! 1. scale each input by its SAE's `c`; NaN guard on the batch;
 //! 2. zero gradients; `dead[i] = tokens_since_fired[i] > dead_after_tokens` per SAE;
-//! 3. [`Model::forward_backward`] (λ multiplied by the sparsity warmup);
+//! 3. [`Model::forward_backward`] (λ multiplied by the sparsity warmup), or on the tensor
+//!    backend (`train.backend = "tensor"`, the default for `train.device = "cuda"`)
+//!    [`Model::forward_backward_tensor`]: the variants' candle-tensor forward and autograd
+//!    ([`tensor`]); everything else below is the same loop for both;
 //! 4. [`optim::Optimizer::prepare`] (PAM-SGD: frozen decoder, proximal pull), NaN guard on
 //!    the loss terms (the error names the step and the model);
 //! 5. project unit-norm decoder gradients (§1.3 A), clip the global norm over every SAE,
@@ -29,6 +32,7 @@ mod init;
 pub mod model;
 pub mod optim;
 pub mod pam;
+pub mod tensor;
 
 use std::path::{Path, PathBuf};
 
@@ -45,11 +49,12 @@ use crate::util::rng::Rng;
 pub use checkpoint::TrainLog;
 use checkpoint::{Checkpoint, TensorRef};
 use config::validate;
-pub use config::{BDecInit, Optimizer, TrainConfig};
+pub use config::{BDecInit, Backend, Optimizer, TrainConfig, TrainDevice};
 pub use init::geometric_median;
 use init::{mean_rows, read_init};
 pub use model::{Model, ModelOutput, SingleSae, StepCtx};
 use optim::{Adam, AdamOptimizer};
+use tensor::TensorBackend;
 
 /// Checkpoint file name inside the output directory.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
@@ -176,6 +181,8 @@ pub struct Trainer {
     inputs: Vec<Vec<f32>>,
     log: TrainLog,
     batch: Vec<f32>,
+    /// `Some` on the tensor backend (`train.backend = "tensor"`).
+    tensor: Option<TensorBackend>,
 }
 
 /// The optimiser a config asks for, over `model`.
@@ -282,21 +289,29 @@ impl Trainer {
         }
         model.set_scales(&scales);
         let opt = build_optimizer(&cfg, &*model)?;
-        let mut t = Self::assemble(cfg, model, opt, scales);
+        let mut t = Self::assemble(cfg, model, opt, scales)?;
         t.announce_total_steps();
         Ok(t)
     }
 
-    /// The state every constructor shares: zero counters and buffers.
+    /// The state every constructor shares: zero counters and buffers, and the backend
+    /// (a model the tensor backend cannot train is refused here, before any step).
     fn assemble(
         cfg: TrainConfig,
         model: Box<dyn Model>,
         opt: Box<dyn optim::Optimizer>,
         scales: Vec<f32>,
-    ) -> Self {
+    ) -> Result<Self, TrainError> {
+        let tensor = match cfg.backend {
+            Backend::Kernels => None,
+            Backend::Tensor if !model.supports_tensor() => {
+                return Err(TensorBackend::unsupported(model.name(), cfg.device))
+            }
+            Backend::Tensor => Some(TensorBackend::new(cfg.device)?),
+        };
         let n = model.n_saes();
         let widths: Vec<usize> = (0..n).map(|s| model.sae(s).dims().1).collect();
-        Self {
+        Ok(Self {
             step: 0,
             tokens: 0,
             total_steps: cfg.total_steps(),
@@ -317,11 +332,12 @@ impl Trainer {
             inputs: vec![Vec::new(); n],
             log: TrainLog::default(),
             batch: Vec::new(),
+            tensor,
             scales,
             opt,
             model,
             cfg,
-        }
+        })
     }
 
     /// Continue a single SAE from a checkpoint written by [`Trainer::save_checkpoint`].
@@ -418,7 +434,7 @@ impl Trainer {
         model.set_scales(&scales);
         let mut opt = build_optimizer(&cfg, &*model)?;
         opt.restore(&*model, ck)?;
-        let mut t = Self::assemble(cfg, model, opt, scales);
+        let mut t = Self::assemble(cfg, model, opt, scales)?;
         for (s, f) in t.firing.iter_mut().enumerate() {
             let n = f.tsf.len();
             f.tsf
@@ -596,9 +612,15 @@ impl Trainer {
             sparsity_scale: optim::sparsity_factor(t, sw),
             dead: &self.dead,
         };
-        let mut out = self
-            .model
-            .forward_backward(&ctx, &mut self.grads, &mut self.ws)?;
+        let mut out = match &self.tensor {
+            None => self
+                .model
+                .forward_backward(&ctx, &mut self.grads, &mut self.ws)?,
+            Some(b) => {
+                self.model
+                    .forward_backward_tensor(&ctx, &mut self.grads, &mut self.ws, b)?
+            }
+        };
         // 4. the optimiser's own terms (PAM-SGD), NaN guard
         for (k, v) in self.opt.prepare(&*self.model, &mut self.grads) {
             out.loss += v;

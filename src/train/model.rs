@@ -7,6 +7,7 @@
 //! decoder constraints, gradient clipping, the LR schedule, firing counters and the dead
 //! mask, checkpoints and the log. A model only computes its loss and gradients.
 
+use super::tensor::TensorBackend;
 use super::TrainError;
 use crate::kernels::Workspace;
 use crate::sae::{ArchConfig, Sae, StepInput};
@@ -60,6 +61,26 @@ pub trait Model: Send + std::any::Any {
     fn supports_pam_sgd(&self) -> bool {
         false
     }
+    /// Whether the tensor backend can train it ([`Model::forward_backward_tensor`]).
+    fn supports_tensor(&self) -> bool {
+        false
+    }
+    /// [`Model::forward_backward`] on the tensor backend: the same outputs, from the
+    /// variants' [`Sae::tensor_forward`] and candle autograd. The engine only calls it when
+    /// [`Model::supports_tensor`]; the default refuses.
+    fn forward_backward_tensor(
+        &mut self,
+        ctx: &StepCtx,
+        grads: &mut [Vec<Vec<f32>>],
+        ws: &mut [Workspace],
+        backend: &TensorBackend,
+    ) -> Result<ModelOutput, TrainError> {
+        let _ = (ctx, grads, ws, backend);
+        Err(TrainError::Config(format!(
+            "the tensor backend cannot train {}",
+            self.name()
+        )))
+    }
     /// The model as [`std::any::Any`], so that a stage can reach its own type back
     /// through [`super::Trainer::model_as`].
     fn as_any(&self) -> &dyn std::any::Any;
@@ -96,6 +117,17 @@ impl SingleSae {
     pub fn arch(&self) -> &ArchConfig {
         &self.arch
     }
+
+    /// The SAE's step input from the engine's context.
+    fn input<'a>(&self, ctx: &StepCtx<'a>) -> StepInput<'a> {
+        StepInput {
+            x: &ctx.inputs[0],
+            n: ctx.n,
+            step: ctx.step,
+            sparsity_scale: ctx.sparsity_scale,
+            dead: &ctx.dead[0],
+        }
+    }
 }
 
 impl Model for SingleSae {
@@ -120,6 +152,25 @@ impl Model for SingleSae {
     fn supports_pam_sgd(&self) -> bool {
         self.arch.supports_pam_sgd()
     }
+    fn supports_tensor(&self) -> bool {
+        self.arch.supports_tensor()
+    }
+    fn forward_backward_tensor(
+        &mut self,
+        ctx: &StepCtx,
+        grads: &mut [Vec<Vec<f32>>],
+        ws: &mut [Workspace],
+        backend: &TensorBackend,
+    ) -> Result<ModelOutput, TrainError> {
+        let input = self.input(ctx);
+        let out = backend.forward_backward(&*self.sae, &input, &mut grads[0], &mut ws[0])?;
+        self.sae.update_state(&input, &ws[0]);
+        Ok(ModelOutput {
+            loss: out.loss,
+            losses: out.losses,
+            metrics: out.metrics,
+        })
+    }
     fn as_any(&self) -> &dyn std::any::Any {
         self
     }
@@ -132,13 +183,7 @@ impl Model for SingleSae {
         grads: &mut [Vec<Vec<f32>>],
         ws: &mut [Workspace],
     ) -> Result<ModelOutput, TrainError> {
-        let input = StepInput {
-            x: &ctx.inputs[0],
-            n: ctx.n,
-            step: ctx.step,
-            sparsity_scale: ctx.sparsity_scale,
-            dead: &ctx.dead[0],
-        };
+        let input = self.input(ctx);
         let out = self
             .sae
             .forward_backward(&input, &mut grads[0], &mut ws[0])?;

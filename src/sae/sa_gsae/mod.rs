@@ -74,6 +74,7 @@ use serde::{Deserialize, Serialize};
 
 mod export;
 mod gate;
+mod tensor_step;
 mod train;
 
 use gate::aux_side;
@@ -221,6 +222,11 @@ impl ArchSpec for Config {
             out.push(("init_threshold_quantile", format!("{q} must be in (0, 1)")));
         }
         out
+    }
+    /// Not with `init_threshold_quantile`, whose step-0 calibration changes the parameters
+    /// inside the kernels' step.
+    fn supports_tensor(&self) -> bool {
+        self.init_threshold_quantile.is_none()
     }
 }
 
@@ -411,6 +417,21 @@ impl Sae for SaGsae {
         ws: &mut Workspace,
     ) -> Result<StepOutput, SaeError> {
         self.train_step(input, grads, ws)
+    }
+
+    fn tensor_forward(
+        &self,
+        params: &[candle_core::Tensor],
+        input: &crate::sae::tensor::TensorInput,
+    ) -> Result<crate::sae::tensor::TensorForward, SaeError> {
+        if self.cfg.init_threshold_quantile.is_some() {
+            return Err(SaeError::Config {
+                arch: ARCH,
+                msg: "init_threshold_quantile is not implemented on the tensor backend (train.device = \"cuda\" or train.backend = \"tensor\"); leave it unset or use the CPU kernels".into(),
+            });
+        }
+        self.tensor_step(params, input)
+            .map_err(|e| SaeError::tensor(ARCH, e))
     }
 
     fn revive_dead(&mut self, steps_done: u64, dead: &[bool]) -> Vec<(usize, usize)> {

@@ -1,0 +1,171 @@
+//! The tensor backend of the training engine (issue #13 item 2; `train.backend = "tensor"`,
+//! the default for `train.device = "cuda"`): one step's loss and gradients from a variant's
+//! [`Sae::tensor_forward`] and candle autograd, on a CPU or CUDA [`Device`].
+//!
+//! Per step ([`TensorBackend::forward_backward`]):
+//! 1. upload every parameter (trainable ones as [`Var`]s) and the scaled batch;
+//! 2. the variant's tensor forward; the loss is the sum of its parts;
+//! 3. `backward()`; copy each trainable parameter's gradient into the engine's buffer;
+//! 4. the dense codes come back as CSR into `ws.codes`, for the engine's firing counters,
+//!    L0, BatchTopK's threshold and PAM-SGD's statistics.
+//!
+//! Everything else of the step (input scaling, `b_dec` init, schedules, unit-norm
+//! projection and renormalisation, clipping, Adam or PAM-SGD, dead counters, revival,
+//! checkpoints) is the engine's one loop in `train/mod.rs`, shared with the kernels.
+//!
+//! Decision: parameters live on the host and travel to the device every step (and the
+//! gradients and dense codes back) so that the engine, its checkpoints and its optimisers
+//! stay one code path; the device does the `B × d_sae` work (encoder GEMM, selection, dense
+//! backward), which is what dominates a step.
+
+use candle_core::{DType, Device, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use super::TrainError;
+use crate::kernels::Workspace;
+use crate::sae::tensor::TensorInput;
+use crate::sae::{ArchConfig, Sae, SaeError, StepInput, StepOutput};
+
+/// Where the training step runs (`train.device`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainDevice {
+    /// The CPU.
+    #[default]
+    Cpu,
+    /// The first CUDA GPU (a build with `--features cuda`).
+    Cuda,
+}
+
+impl TrainDevice {
+    /// As in the pipeline file.
+    pub fn name(self) -> &'static str {
+        match self {
+            TrainDevice::Cpu => "cpu",
+            TrainDevice::Cuda => "cuda",
+        }
+    }
+}
+
+/// The device a tensor step runs on.
+#[derive(Debug, Clone)]
+pub struct TensorBackend {
+    device: Device,
+}
+
+impl TensorBackend {
+    /// Open `device` (`cuda` needs a build with `--features cuda` and a visible GPU).
+    pub fn new(device: TrainDevice) -> Result<Self, TrainError> {
+        let device = match device {
+            TrainDevice::Cpu => Device::Cpu,
+            TrainDevice::Cuda => Device::new_cuda(0).map_err(|e| {
+                TrainError::Config(format!(
+                    "train.device = \"cuda\": {e}; build saepipe with `--features cuda` on a machine with an NVIDIA GPU, or set train.device = \"cpu\""
+                ))
+            })?,
+        };
+        Ok(Self { device })
+    }
+
+    /// The candle device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The refusal for a model the tensor backend cannot train.
+    pub fn unsupported(name: &str, device: TrainDevice) -> TrainError {
+        TrainError::Config(format!(
+            "train.device = \"{}\" with train.backend = \"tensor\" cannot train {name}: the tensor backend implements sae.arch kinds {} (single SAEs); use train.device = \"cpu\" with train.backend = \"kernels\"",
+            device.name(),
+            ArchConfig::tensor_kinds().join(", ")
+        ))
+    }
+
+    /// One forward/backward pass of `sae` on tensors: gradients into `grads` (laid out like
+    /// [`Sae::params`]; entries of non-trainable parameters are left alone), codes into
+    /// `ws.codes`.
+    pub fn forward_backward(
+        &self,
+        sae: &dyn Sae,
+        input: &StepInput,
+        grads: &mut [Vec<f32>],
+        ws: &mut Workspace,
+    ) -> Result<StepOutput, TrainError> {
+        let arch = sae.arch();
+        let terr = |e| TrainError::Sae(SaeError::tensor(arch, e));
+        let (d, _) = sae.dims();
+        let n = input.n;
+        if input.x.len() != n * d {
+            return Err(TrainError::Width {
+                expected: d,
+                found: input.x.len().checked_div(n).unwrap_or(0),
+            });
+        }
+        // 1. upload
+        let mut vars: Vec<Option<Var>> = Vec::with_capacity(sae.params().len());
+        let mut ts: Vec<Tensor> = Vec::with_capacity(sae.params().len());
+        for p in sae.params() {
+            let t = Tensor::from_slice(&p.data, p.shape.as_slice(), &self.device).map_err(terr)?;
+            if p.trainable {
+                let v = Var::from_tensor(&t).map_err(terr)?;
+                ts.push(v.as_tensor().clone());
+                vars.push(Some(v));
+            } else {
+                ts.push(t);
+                vars.push(None);
+            }
+        }
+        let x = Tensor::from_slice(input.x, (n, d), &self.device).map_err(terr)?;
+        // 2. forward
+        let out = sae.tensor_forward(
+            &ts,
+            &TensorInput {
+                x: &x,
+                n,
+                step: input.step,
+                sparsity_scale: input.sparsity_scale,
+                dead: input.dead,
+            },
+        )?;
+        let mut total = Tensor::zeros((), DType::F32, &self.device).map_err(terr)?;
+        let mut losses = Vec::with_capacity(out.losses.len());
+        for (name, l) in &out.losses {
+            total = (&total + l).map_err(terr)?;
+            let v = l.to_dtype(DType::F64).and_then(|l| l.to_scalar::<f64>());
+            losses.push((*name, v.map_err(terr)?));
+        }
+        // 3. backward
+        let store = total.backward().map_err(terr)?;
+        for ((v, g), p) in vars.iter().zip(grads.iter_mut()).zip(sae.params()) {
+            let Some(v) = v else { continue };
+            match store.get(v.as_tensor()) {
+                Some(gt) => {
+                    let gv = gt
+                        .flatten_all()
+                        .and_then(|t| t.to_vec1::<f32>())
+                        .map_err(terr)?;
+                    g.copy_from_slice(&gv);
+                }
+                None => g.iter_mut().for_each(|x| *x = 0.0),
+            }
+            debug_assert_eq!(g.len(), p.data.len());
+        }
+        // 4. codes as CSR
+        let codes = out.codes.to_vec2::<f32>().map_err(terr)?;
+        ws.codes.clear();
+        for row in &codes {
+            for (i, &v) in row.iter().enumerate() {
+                if v != 0.0 {
+                    ws.codes.idx.push(i as u32);
+                    ws.codes.val.push(v);
+                }
+            }
+            ws.codes.indptr.push(ws.codes.idx.len());
+        }
+        Ok(StepOutput {
+            loss: losses.iter().map(|l| l.1).sum(),
+            losses,
+            metrics: out.metrics,
+        })
+    }
+}
