@@ -6,6 +6,7 @@
 //! [`HookedModel::forward_hooked`], can replace any of them, and stops after the deepest
 //! block a caller needs.
 
+pub mod device;
 pub mod error;
 pub mod gguf;
 pub mod gpt_neox;
@@ -17,8 +18,9 @@ pub(crate) mod nn;
 pub mod pickle;
 pub mod weights;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
+pub use device::{parse_model_dtype, DeviceError, DeviceSpec};
 pub use error::{IndexError, ModelError, SUPPORTED_MODEL_TYPES};
 pub use hooks::{Hookpoint, HookpointError, Hooks, NoHooks, Recorder, Replace, Site};
 pub use load::{
@@ -76,6 +78,13 @@ pub trait HookedModel: Send + Sync {
 
     /// The device the weights live on.
     fn device(&self) -> &Device;
+
+    /// The dtype of the weights and of the activations the hooks see (f32, bf16 or f16).
+    /// Norms and attention softmax are computed in f32 whatever this is, as transformers
+    /// does; logits are returned in f32.
+    fn dtype(&self) -> DType {
+        DType::F32
+    }
 
     /// The context length the model was trained for (`max_position_embeddings`), when
     /// known; longer inputs still run but are out of distribution.
