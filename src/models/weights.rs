@@ -214,6 +214,8 @@ impl Weights {
                         path: path.clone(),
                         detail: format!("tensor '{name}': {e}"),
                     })?;
+                // The bytes now live in the tensor: let the mapped file pages go.
+                release_mapped(view.data());
                 (path.as_path(), t)
             }
             Store::Memory(m) => {
@@ -280,6 +282,37 @@ impl Weights {
         }
     }
 }
+
+/// Drop the pages under `data`, a slice of a read-only file mapping whose bytes were just
+/// copied into a tensor, from this process's resident set.
+///
+/// Decision: without this every mapped page of the checkpoint stays resident (and counted
+/// in RSS) until the model is built, so a bf16 load of an f16 file peaked at file + model
+/// instead of model. The pages stay in the page cache; a later read of them faults the same
+/// bytes back in.
+#[cfg(target_os = "linux")]
+fn release_mapped(data: &[u8]) {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if page <= 0 || data.is_empty() {
+        return;
+    }
+    let page = page as usize;
+    let start = data.as_ptr() as usize;
+    let aligned = start & !(page - 1);
+    let len = start + data.len() - aligned;
+    // SAFETY: [aligned, aligned + len) lies inside the mapping that holds `data` (mappings
+    // start on a page boundary, so rounding down stays inside it). The mapping is read-only
+    // and never written, so MADV_DONTNEED only unmaps its pages from the page tables; every
+    // byte reads the same afterwards. The return value is ignored: failing to release is
+    // harmless.
+    unsafe {
+        libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_DONTNEED);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn release_mapped(_data: &[u8]) {}
 
 /// `pytorch_model.bin`, or the shards of `pytorch_model.bin.index.json`, in `dir`.
 fn pytorch_paths(dir: &Path) -> Result<Option<Vec<PathBuf>>, ModelError> {
