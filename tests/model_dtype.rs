@@ -95,7 +95,10 @@ fn bf16_model_capture_runs_end_to_end_and_stays_close_to_f32() {
     );
     // A bf16 model computes other activations: its shards are not taken for the f32 ones.
     let o = capture(&src, &corpus, &f32_dir, &["model.dtype=bf16"]);
-    assert!(!o.status.success(), "an f32 set was reused for a bf16 model");
+    assert!(
+        !o.status.success(),
+        "an f32 set was reused for a bf16 model"
+    );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--force"), "{err}");
 }
@@ -160,7 +163,9 @@ fn unusable_cuda_device_is_refused_before_any_download() {
         assert!(!err.contains("127.0.0.1"), "{cmd} reached the hub: {err}");
         assert_eq!(files_under(&cache), Vec::<PathBuf>::new(), "{cmd}");
         assert!(
-            files_under(&data).iter().all(|p| !p.to_string_lossy().contains("activations")),
+            files_under(&data)
+                .iter()
+                .all(|p| !p.to_string_lossy().contains("activations")),
             "{cmd} captured: {:?}",
             files_under(&data)
         );

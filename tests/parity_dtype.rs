@@ -39,7 +39,12 @@ fn load_acts(dir: &Path) -> HashMap<String, Tensor> {
 }
 
 fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 /// Relative error of every hookpoint (forward order) and the logits of the `dtype` forward
@@ -62,7 +67,11 @@ fn rel_errors(name: &str, dtype: DType) -> Vec<(String, f32)> {
         .forward_hooked(&ids, &mut rec, None)
         .unwrap()
         .expect("logits");
-    assert_eq!(logits.dtype(), DType::F32, "{name}: logits come back in f32");
+    assert_eq!(
+        logits.dtype(),
+        DType::F32,
+        "{name}: logits come back in f32"
+    );
     let mut out = Vec::new();
     for hp in &hps {
         let ours = &rec.acts[hp];
@@ -146,7 +155,9 @@ fn an_f32_replacement_is_spliced_into_a_bf16_model_in_its_dtype() {
     let acts = load_acts(&dir);
     let ids = acts["input_ids"].to_dtype(DType::U32).unwrap();
     for dtype in [DType::BF16, DType::F16] {
-        let m = load_dir_with(&dir, &Device::Cpu, dtype, None).unwrap().model;
+        let m = load_dir_with(&dir, &Device::Cpu, dtype, None)
+            .unwrap()
+            .model;
         let clean = m
             .forward_hooked(&ids, &mut saepipe::models::NoHooks, None)
             .unwrap()

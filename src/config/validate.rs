@@ -708,6 +708,7 @@ arch = { kind = "topk", k = 4 }
         let sets = [
             r#"model.device="cpu""#.to_string(),
             "data.context_len=8".to_string(),
+            "data.n_tokens=10000".to_string(),
         ];
         let p = super::super::from_str(text, std::path::Path::new("p.toml"), &sets).unwrap();
         assert_eq!(p.config.model.device, DeviceKind::Cpu);

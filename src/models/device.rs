@@ -161,7 +161,9 @@ mod tests {
         assert_eq!("cpu".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cpu);
         assert_eq!("cuda".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(0));
         assert_eq!("cuda:3".parse::<DeviceSpec>().unwrap(), DeviceSpec::Cuda(3));
-        for bad in ["gpu", "cuda:", "cuda:-1", "cuda:x", "CUDA", "cuda:1:2", " cpu"] {
+        for bad in [
+            "gpu", "cuda:", "cuda:-1", "cuda:x", "CUDA", "cuda:1:2", " cpu",
+        ] {
             let e = DeviceSpec::parse_for("model.device", bad).unwrap_err();
             assert!(e.to_string().starts_with("model.device = "), "{e}");
             assert!(e.to_string().contains("\"cuda:N\""), "{e}");

@@ -104,7 +104,8 @@ pub trait HookedModel: Send + Sync {
     ) -> candle_core::Result<Option<Tensor>>;
 
     /// Block `layer`'s MLP as plain f32 matrices (`mlp_in` → `mlp_out`), for the Jacobian
-    /// SAEs of `crate::jsae`.
+    /// SAEs of `crate::jsae`: host copies of the weights, widened from the model dtype (a
+    /// bf16 model's rounded values), whatever the device.
     fn mlp_weights(&self, layer: usize) -> Result<MlpWeights, MlpError> {
         let _ = layer;
         Err(MlpError::Unsupported {

@@ -137,16 +137,20 @@ pub fn load_pipeline_model(
             dir: resolved.path.clone(),
         }
     };
-    let loaded =
-        crate::models::load_source_with(&src, &device, c.model.dtype.candle(), c.model.random_init())
-            .with_context(|| {
-                format!(
-                    "loading model {} ({} on {})",
-                    c.model.source,
-                    c.model.dtype.name(),
-                    c.model.device
-                )
-            })?;
+    let loaded = crate::models::load_source_with(
+        &src,
+        &device,
+        c.model.dtype.candle(),
+        c.model.random_init(),
+    )
+    .with_context(|| {
+        format!(
+            "loading model {} ({} on {})",
+            c.model.source,
+            c.model.dtype.name(),
+            c.model.device
+        )
+    })?;
     Ok((resolved, loaded))
 }
 
