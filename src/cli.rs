@@ -156,6 +156,13 @@ pub struct TraceArgs {
     /// Output safetensors file.
     #[arg(long)]
     pub out: PathBuf,
+    /// Where the model runs: cpu, cuda or cuda:N (default: the first GPU when built with
+    /// `--features cuda` and one is present, else the CPU).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// The model dtype: f32, bf16 or f16 (the written tensors are f32 whatever it is).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
     /// Use the hub cache only (also `HF_HUB_OFFLINE=1`).
     #[arg(long)]
     pub offline: bool,
@@ -350,6 +357,13 @@ fn trace(a: TraceArgs, progress: ProgressMode) -> Result<ExitCode> {
     use saepipe::models::ModelSource;
     use saepipe::tools::trace::{TraceInput, TraceRequest};
     let source: ModelSource = a.model.parse()?;
+    let dtype = saepipe::models::parse_model_dtype(&a.dtype)
+        .with_context(|| format!("--dtype {}: use f32, bf16 or f16", a.dtype))?;
+    // The device before the hub: a missing GPU is reported before any download.
+    let device = match &a.device {
+        Some(d) => saepipe::models::DeviceSpec::parse_for("--device", d)?.open("--device")?,
+        None => saepipe::models::default_device(),
+    };
     // A hub source comes from the hub cache, or is downloaded into it, as in capture.
     let mut opts = saepipe::hub::HubOptions::from_env();
     opts.offline |= a.offline;
@@ -368,14 +382,10 @@ fn trace(a: TraceArgs, progress: ProgressMode) -> Result<ExitCode> {
         hookpoints: a.hookpoints,
         logits: a.logits,
         out: a.out,
+        dtype,
     };
-    let summary = saepipe::tools::trace::trace_source(
-        &req,
-        &opts,
-        reporter.as_ref(),
-        &saepipe::models::default_device(),
-    )
-    .with_context(|| format!("tracing {}", a.model))?;
+    let summary = saepipe::tools::trace::trace_source(&req, &opts, reporter.as_ref(), &device)
+        .with_context(|| format!("tracing {}", a.model))?;
     eprintln!(
         "wrote {} ({} tokens: {})",
         summary.out.display(),

@@ -9,7 +9,7 @@ mod common;
 use std::process::Command;
 
 use arrow::array::{Array, Float64Array, StringArray};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use rand::{Rng as _, SeedableRng};
 use saepipe::jsae::{JacAt, JsaePair, PairConfig};
@@ -327,9 +327,9 @@ fn random_init_replaces_the_weights() {
     let dir = common::tiny_llama(tmp.path(), 4, false);
     let ids = ids(1, 8, 5);
     let a = load_dir(&dir, &Device::Cpu).unwrap();
-    let r1 = load_dir_with(&dir, &Device::Cpu, Some(1)).unwrap();
-    let r1b = load_dir_with(&dir, &Device::Cpu, Some(1)).unwrap();
-    let r2 = load_dir_with(&dir, &Device::Cpu, Some(2)).unwrap();
+    let r1 = load_dir_with(&dir, &Device::Cpu, DType::F32, Some(1)).unwrap();
+    let r1b = load_dir_with(&dir, &Device::Cpu, DType::F32, Some(1)).unwrap();
+    let r2 = load_dir_with(&dir, &Device::Cpu, DType::F32, Some(2)).unwrap();
     let (xa, _) = record(a.model.as_ref(), &ids);
     let (x1, _) = record(r1.model.as_ref(), &ids);
     let (x1b, _) = record(r1b.model.as_ref(), &ids);

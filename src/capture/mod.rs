@@ -191,6 +191,10 @@ struct HashInput<'a> {
     dtype: ActDtype,
     writer: &'a WriterSettings,
     excluded_token_ids: &'a [u32],
+    /// The model's compute dtype when it is not f32 (a bf16 model computes other
+    /// activations); absent for f32 so the hashes of f32 captures are unchanged.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    model_dtype: Option<String>,
 }
 
 /// The result of one activation set.
@@ -326,6 +330,10 @@ pub fn capture_select(
     let mut n_units = 0usize;
     let tok_sha = tokenizer_sha256(&tokenizer);
     let packing = serde_json::to_string(&spec.pack).unwrap_or_default();
+    let model_dtype = match model.dtype() {
+        DType::F32 => None,
+        other => Some(other.as_str().to_string()),
+    };
 
     let mut hookpoints = spec.hookpoints.clone();
     hookpoints.sort();
@@ -385,6 +393,7 @@ pub fn capture_select(
                 dtype: spec.dtype,
                 writer: &spec.writer,
                 excluded_token_ids: &excluded,
+                model_dtype: model_dtype.clone(),
             };
             let json = serde_json::to_vec(&hash_input).unwrap_or_default();
             let config_hash = hex::encode(&Sha256::digest(&json)[..8]);

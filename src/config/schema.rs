@@ -102,28 +102,20 @@ impl Dtype {
             Dtype::Bf16 => "bf16",
         }
     }
-}
 
-/// Where the model runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceKind {
-    /// The CPU.
-    #[default]
-    Cpu,
-    /// The first CUDA GPU (needs the `cuda` feature).
-    Cuda,
-}
-
-impl DeviceKind {
-    /// The value as written in a pipeline file.
-    pub fn name(self) -> &'static str {
+    /// The candle dtype the model is loaded in.
+    pub fn candle(self) -> candle_core::DType {
         match self {
-            DeviceKind::Cpu => "cpu",
-            DeviceKind::Cuda => "cuda",
+            Dtype::F32 => candle_core::DType::F32,
+            Dtype::F16 => candle_core::DType::F16,
+            Dtype::Bf16 => candle_core::DType::BF16,
         }
     }
 }
+
+/// Where the model runs: `"cpu"`, `"cuda"` (GPU 0) or `"cuda:N"`
+/// ([`crate::models::DeviceSpec`]).
+pub type DeviceKind = crate::models::DeviceSpec;
 
 /// `[model]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,12 +129,16 @@ pub struct ModelConfig {
     /// sources; moving branches (`main`, `master`) are refused. Ignored for local/gguf.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
-    /// Weight and compute dtype. Default `"f32"`, the only value implemented in this
-    /// version: any other is a validation error until GPU support lands.
+    /// Weight and compute dtype: `"f32"` (default), `"bf16"` or `"f16"`. Weights are loaded
+    /// straight into it (half the memory of f32 for bf16/f16); matmuls run in it, norms and
+    /// the attention softmax in f32 as transformers does; captured activations are stored
+    /// as `capture.dtype` says. Used by capture, CE splicing and the JSAE stage (whose
+    /// Jacobian reads f32 copies of the MLP weights).
     #[serde(default)]
     pub dtype: Dtype,
-    /// Device. Default `"cpu"`, the only value implemented in this version: `"cuda"` is a
-    /// validation error until GPU support lands.
+    /// Device: `"cpu"` (default), `"cuda"` (GPU 0) or `"cuda:N"`. CUDA needs a binary built
+    /// with `--features cuda` (checked at load) and a GPU (checked before the model is
+    /// resolved or downloaded).
     #[serde(default)]
     pub device: DeviceKind,
     /// Replace every trained weight by a random one (the JSAE paper's randomised-LLM

@@ -378,26 +378,19 @@ fn positive_opt(probs: &mut Problems, key: &str, v: Option<u64>) {
     }
 }
 
-/// `model.dtype` and `model.device` name what the model should run in, but the forward
-/// pass is f32 on the CPU only: any other value is refused rather than silently ignored.
+/// `model.device`: a CUDA device in a binary built without the `cuda` feature is refused
+/// here, with the fix, before anything is downloaded. Whether the GPU is present is
+/// checked when the pipeline opens the device (`crate::models::DeviceSpec::open`), so a
+/// login node without a GPU can still validate and submit. Every `model.dtype` value is
+/// implemented.
 fn check_model_compute(m: &ModelConfig, probs: &mut Problems) {
-    if m.dtype != Dtype::F32 {
-        probs.add(
-            "model.dtype",
-            format!(
-                "\"{}\": only \"f32\" is implemented in this version; bf16/f16 and CUDA come with GPU support",
-                m.dtype.name()
-            ),
-        );
-    }
-    if m.device != DeviceKind::Cpu {
-        probs.add(
-            "model.device",
-            format!(
-                "\"{}\": only \"cpu\" is implemented in this version; bf16/f16 and CUDA come with GPU support",
-                m.device.name()
-            ),
-        );
+    if let Err(e) = m.device.check_build("model.device") {
+        let msg = e.to_string();
+        let msg = msg
+            .strip_prefix(&format!("model.device = \"{}\": ", m.device))
+            .map(|rest| format!("\"{}\": {rest}", m.device))
+            .unwrap_or(msg);
+        probs.add("model.device", msg);
     }
 }
 
@@ -721,14 +714,14 @@ mod tests {
     }
 
     #[test]
-    fn unimplemented_dtype_and_device_are_refused_with_the_other_problems() {
+    fn cuda_in_a_cpu_build_is_refused_with_the_other_problems() {
         let text = r#"
 [run]
 name = "x"
 [model]
 source = "local:models/tiny"
 dtype = "bf16"
-device = "cuda"
+device = "cuda:1"
 [data]
 files = ["corpus.txt"]
 context_len = 0
@@ -748,20 +741,31 @@ arch = { kind = "topk", k = 4 }
                 .iter()
                 .find(|p| p.key == key)
                 .map(|p| p.message.clone())
-                .unwrap_or_else(|| panic!("no problem for {key}: {problems:?}"))
         };
-        assert!(msg("model.dtype").contains(r#""bf16": only "f32" is implemented"#));
-        assert!(msg("model.device").contains(r#""cuda": only "cpu" is implemented"#));
-        assert!(msg("model.device").contains("GPU support"));
+        assert_eq!(msg("model.dtype"), None, "bf16 is implemented");
+        if cfg!(feature = "cuda") {
+            assert_eq!(msg("model.device"), None);
+        } else {
+            let m = msg("model.device").expect("model.device is reported");
+            assert!(m.contains(r#""cuda:1""#), "{m}");
+            assert!(m.contains("--features cuda"), "{m}");
+            assert!(m.contains(r#"model.device = "cpu""#), "{m}");
+        }
         // reported together with the file's other problems
-        msg("data.context_len");
+        assert!(msg("data.context_len").is_some());
         let sets = [
-            r#"model.dtype="f32""#.to_string(),
             r#"model.device="cpu""#.to_string(),
+            "data.context_len=8".to_string(),
+            "data.n_tokens=10000".to_string(),
         ];
-        let err = super::super::from_str(text, std::path::Path::new("p.toml"), &sets)
+        let p = super::super::from_str(text, std::path::Path::new("p.toml"), &sets).unwrap();
+        assert_eq!(p.config.model.device, DeviceKind::Cpu);
+        assert_eq!(p.config.model.dtype, Dtype::Bf16);
+        let bad = [r#"model.device="gpu""#.to_string()];
+        let err = super::super::from_str(text, std::path::Path::new("p.toml"), &bad)
             .unwrap_err()
             .to_string();
-        assert!(!err.contains("model.d"), "{err}");
+        assert!(err.contains("model.device"), "{err}");
+        assert!(err.contains("cuda:N"), "{err}");
     }
 }

@@ -1,4 +1,5 @@
-//! Llama-family GGUF files: weights dequantised to f32 under Hugging Face names, the
+//! Llama-family GGUF files: weights dequantised (to f32, then the model dtype, one tensor
+//! at a time, so a bf16 model never holds an f32 copy) under Hugging Face names, the
 //! config read from GGUF metadata, and the tokenizer rebuilt from GGUF metadata.
 //!
 //! Implements `../shared/specs/pipeline.md` §5 (`gguf:<file>`). References: llama.cpp's
@@ -23,7 +24,7 @@ use std::io::BufReader;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
@@ -369,14 +370,17 @@ fn unpermute(t: &Tensor, n_head: usize) -> candle_core::Result<Tensor> {
 /// (q/k un-permuted), the model built by [`Llama::new`], the tokenizer rebuilt from the
 /// metadata.
 pub fn load_llama(path: &Path, device: &Device) -> Result<(Llama, Tokenizer), ModelError> {
-    load_llama_with(path, device, None)
+    load_llama_with(path, device, DType::F32, None)
 }
 
-/// [`load_llama`], with every weight randomly re-initialised (σ = 0.02) when `random_init`
-/// is `Some(seed)`.
+/// [`load_llama`] with the weights dequantised into `dtype` (each tensor goes through f32,
+/// as transformers dequantises, then is rounded to `dtype` and moved to `device` before the
+/// next is read), and every weight randomly re-initialised (σ = 0.02) when `random_init` is
+/// `Some(seed)`.
 pub fn load_llama_with(
     path: &Path,
     device: &Device,
+    dtype: DType,
     random_init: Option<u64>,
 ) -> Result<(Llama, Tokenizer), ModelError> {
     let content = read_content(path)?;
@@ -407,9 +411,14 @@ pub fn load_llama_with(
         } else {
             t
         };
+        let t = t
+            .to_dtype(dtype)
+            .and_then(|t| t.to_device(device))
+            .map_err(read_err)?;
         tensors.insert(hf, t);
     }
-    let mut weights = Weights::from_tensors(path, "llama (GGUF)", tensors, device);
+    let mut weights =
+        Weights::from_tensors(path, "llama (GGUF)", tensors, device).with_dtype(dtype);
     if let Some(seed) = random_init {
         weights.randomize(seed, 0.02);
     }

@@ -25,7 +25,7 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{Linear, Module};
 
 use super::error::ModelError;
@@ -171,7 +171,8 @@ impl GptNeoXConfig {
     }
 }
 
-/// LayerNorm weights and epsilon.
+/// LayerNorm weights and epsilon. The weights are kept in f32 (the model dtype's values,
+/// widened), since the norm itself runs in f32 ([`nn::layer_norm`]).
 #[derive(Debug, Clone)]
 struct LayerNorm {
     weight: Tensor,
@@ -181,14 +182,19 @@ struct LayerNorm {
 
 impl LayerNorm {
     fn load(w: &Weights, prefix: &str, d: usize, eps: f64) -> Result<Self, ModelError> {
+        let f32_of = |name: String| -> Result<Tensor, ModelError> {
+            w.get(&name, &[d])?
+                .to_dtype(DType::F32)
+                .map_err(ModelError::candle(w.origin()))
+        };
         Ok(Self {
-            weight: w.get(&format!("{prefix}.weight"), &[d])?,
-            bias: w.get(&format!("{prefix}.bias"), &[d])?,
+            weight: f32_of(format!("{prefix}.weight"))?,
+            bias: f32_of(format!("{prefix}.bias"))?,
             eps: eps as f32,
         })
     }
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+        nn::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -207,6 +213,7 @@ struct Block {
 pub struct GptNeoX {
     info: ModelInfo,
     device: Device,
+    dtype: DType,
     embed_in: Tensor,
     layers: Vec<Block>,
     final_layer_norm: LayerNorm,
@@ -268,6 +275,7 @@ impl GptNeoX {
                 pad_token_id: cfg.pad_token_id,
             },
             device: w.device().clone(),
+            dtype: w.dtype(),
             embed_in,
             layers,
             final_layer_norm,
@@ -347,6 +355,10 @@ impl HookedModel for GptNeoX {
         &self.device
     }
 
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     fn max_positions(&self) -> Option<usize> {
         self.max_positions
     }
@@ -366,7 +378,8 @@ impl HookedModel for GptNeoX {
     }
 
     /// # Shapes
-    /// `ids: (b, l)` u32 -> logits `(b, l, vocab)` f32 (or `None` when stopped early).
+    /// `ids: (b, l)` u32 -> logits `(b, l, vocab)` f32 (or `None` when stopped early);
+    /// the hooks see `(b, l, d)` activations in the model dtype.
     fn forward_hooked(
         &self,
         ids: &Tensor,
@@ -377,7 +390,7 @@ impl HookedModel for GptNeoX {
         // 1. Embeddings: (b, l, d).
         let mut x = nn::embed(&self.embed_in, ids)?;
         // 2. Position tables and causal mask, shared by all blocks.
-        let rope = self.rope.tables(l, &self.device)?;
+        let rope = self.rope.tables(l, &self.device, self.dtype)?;
         let mask = nn::causal_mask(l, &self.device)?;
         // 3. Blocks 0..=last.
         for (i, blk) in self.layers.iter().enumerate().take(last + 1) {
@@ -409,6 +422,6 @@ impl HookedModel for GptNeoX {
         }
         // 4. Final norm and unembedding: (b, l, vocab).
         let x = self.final_layer_norm.forward(&x)?;
-        Ok(Some(self.embed_out.forward(&x)?))
+        Ok(Some(self.embed_out.forward(&x)?.to_dtype(DType::F32)?))
     }
 }

@@ -19,7 +19,7 @@
 
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::{Linear, Module};
 
 use super::error::ModelError;
@@ -229,6 +229,7 @@ struct Block {
 pub struct Llama {
     info: ModelInfo,
     device: Device,
+    dtype: DType,
     embed_tokens: Tensor,
     layers: Vec<Block>,
     norm: Tensor,
@@ -285,6 +286,7 @@ impl Llama {
                 pad_token_id: cfg.pad_token_id,
             },
             device: w.device().clone(),
+            dtype: w.dtype(),
             embed_tokens,
             layers,
             norm,
@@ -356,6 +358,10 @@ impl HookedModel for Llama {
         &self.device
     }
 
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     fn max_positions(&self) -> Option<usize> {
         self.max_positions
     }
@@ -375,7 +381,8 @@ impl HookedModel for Llama {
     }
 
     /// # Shapes
-    /// `ids: (b, l)` u32 -> logits `(b, l, vocab)` f32 (or `None` when stopped early).
+    /// `ids: (b, l)` u32 -> logits `(b, l, vocab)` f32 (or `None` when stopped early);
+    /// the hooks see `(b, l, d)` activations in the model dtype.
     fn forward_hooked(
         &self,
         ids: &Tensor,
@@ -386,13 +393,13 @@ impl HookedModel for Llama {
         // 1. Embeddings: (b, l, d).
         let mut x = nn::embed(&self.embed_tokens, ids)?;
         // 2. Position tables and causal mask, shared by all blocks.
-        let rope = self.rope.tables(l, &self.device)?;
+        let rope = self.rope.tables(l, &self.device, self.dtype)?;
         let mask = nn::causal_mask(l, &self.device)?;
         // 3. Blocks 0..=last.
         for (i, blk) in self.layers.iter().enumerate().take(last + 1) {
             let hp = |site| Hookpoint::new(i, site);
             let resid_pre = nn::visit(hooks, hp(Site::ResidPre), x)?;
-            let h = candle_nn::ops::rms_norm(&resid_pre, &blk.input_layernorm, self.eps)?;
+            let h = nn::rms_norm(&resid_pre, &blk.input_layernorm, self.eps)?;
             let attn_out = nn::visit(
                 hooks,
                 hp(Site::AttnOut),
@@ -402,7 +409,7 @@ impl HookedModel for Llama {
             let mlp_in = nn::visit(
                 hooks,
                 hp(Site::MlpIn),
-                candle_nn::ops::rms_norm(&resid_mid, &blk.post_attention_layernorm, self.eps)?,
+                nn::rms_norm(&resid_mid, &blk.post_attention_layernorm, self.eps)?,
             )?;
             let mlp_out = nn::visit(hooks, hp(Site::MlpOut), self.mlp(blk, &mlp_in)?)?;
             x = nn::visit(hooks, hp(Site::ResidPost), (&resid_mid + &mlp_out)?)?;
@@ -411,7 +418,7 @@ impl HookedModel for Llama {
             return Ok(None);
         }
         // 4. Final norm and unembedding: (b, l, vocab).
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, self.eps)?;
-        Ok(Some(self.lm_head.forward(&x)?))
+        let x = nn::rms_norm(&x, &self.norm, self.eps)?;
+        Ok(Some(self.lm_head.forward(&x)?.to_dtype(DType::F32)?))
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! Implements `../shared/specs/pipeline.md` §5. `config.json`'s `model_type` picks the model
 //! file ([`super::gpt_neox`] or [`super::llama`]); the weights come through
-//! [`super::weights::Weights`], converted to f32 at load.
+//! [`super::weights::Weights`], converted to the model dtype (f32 unless a `_with` loader is
+//! given bf16/f16) tensor by tensor as they are loaded onto the device.
 //!
 //! Decision: hub sources (`org/name[@rev]`) are not opened here; the download stage resolves
 //! them to a snapshot directory, which is then opened with [`load_dir`]. [`load_source`]
@@ -11,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use candle_core::Device;
+use candle_core::{DType, Device};
 use tokenizers::Tokenizer;
 
 use super::error::ModelError;
@@ -140,21 +141,36 @@ impl LoadedModel {
 /// Open any local source; hub sources are answered with [`ModelError::HubSource`] (they
 /// must be resolved to a snapshot directory by the download stage first).
 pub fn load_source(source: &ModelSource, device: &Device) -> Result<LoadedModel, ModelError> {
-    load_source_with(source, device, None)
+    load_source_with(source, device, DType::F32, None)
 }
 
-/// [`load_source`], with every weight randomly re-initialised when `random_init` is
+/// [`load_source`] in `dtype` (f32, bf16 or f16: weights and activations; see
+/// [`HookedModel::dtype`]), with every weight randomly re-initialised when `random_init` is
 /// `Some(seed)` (see [`super::weights::Weights::randomize`]; σ = `initializer_range`).
 pub fn load_source_with(
     source: &ModelSource,
     device: &Device,
+    dtype: DType,
     random_init: Option<u64>,
 ) -> Result<LoadedModel, ModelError> {
     match source {
-        ModelSource::Local { dir } => load_dir_with(dir, device, random_init),
-        ModelSource::Gguf { file } => load_gguf_with(file, device, random_init),
+        ModelSource::Local { dir } => load_dir_with(dir, device, dtype, random_init),
+        ModelSource::Gguf { file } => load_gguf_with(file, device, dtype, random_init),
         ModelSource::Hub { .. } => Err(ModelError::HubSource {
             repo: source.to_string(),
+        }),
+    }
+}
+
+/// The model dtypes the forwards implement: f32, bf16 and f16.
+fn check_model_dtype(path: &Path, dtype: DType) -> Result<(), ModelError> {
+    match dtype {
+        DType::F32 | DType::BF16 | DType::F16 => Ok(()),
+        other => Err(ModelError::UnsupportedConfig {
+            path: path.to_path_buf(),
+            key: "dtype".into(),
+            value: format!("{other:?}"),
+            fix: "the model dtype must be f32, bf16 or f16".into(),
         }),
     }
 }
@@ -179,7 +195,7 @@ pub fn read_config(dir: &Path) -> Result<(PathBuf, String, String), ModelError> 
 /// Open a Hugging Face layout directory: `config.json`, `model.safetensors` (or a sharded
 /// index) in f32/f16/bf16, and `tokenizer.json` when present.
 pub fn load_dir(dir: &Path, device: &Device) -> Result<LoadedModel, ModelError> {
-    load_dir_with(dir, device, None)
+    load_dir_with(dir, device, DType::F32, None)
 }
 
 /// `initializer_range` of a config.json text (0.02, the Hugging Face default, when absent).
@@ -190,15 +206,17 @@ fn initializer_range(text: &str) -> f32 {
         .unwrap_or(0.02) as f32
 }
 
-/// [`load_dir`], optionally randomly re-initialised (see [`load_source_with`]).
+/// [`load_dir`] in `dtype`, optionally randomly re-initialised (see [`load_source_with`]).
 pub fn load_dir_with(
     dir: &Path,
     device: &Device,
+    dtype: DType,
     random_init: Option<u64>,
 ) -> Result<LoadedModel, ModelError> {
+    check_model_dtype(dir, dtype)?;
     let (config_path, text, model_type) = read_config(dir)?;
     let weights = |dir: &Path, model_type: &str| -> Result<super::weights::Weights, ModelError> {
-        let mut w = super::weights::Weights::from_dir(dir, model_type, device)?;
+        let mut w = super::weights::Weights::from_dir(dir, model_type, device)?.with_dtype(dtype);
         if let Some(seed) = random_init {
             w.randomize(seed, initializer_range(&text));
         }
@@ -247,22 +265,25 @@ pub fn load_dir_with(
 /// Open a llama-family GGUF: weights dequantised to f32, q/k un-permuted, tokenizer
 /// rebuilt from the metadata.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<LoadedModel, ModelError> {
-    load_gguf_with(path, device, None)
+    load_gguf_with(path, device, DType::F32, None)
 }
 
-/// [`load_gguf`], optionally randomly re-initialised (σ = 0.02; see [`load_source_with`]).
+/// [`load_gguf`] with the weights dequantised into `dtype`, optionally randomly
+/// re-initialised (σ = 0.02; see [`load_source_with`]).
 pub fn load_gguf_with(
     path: &Path,
     device: &Device,
+    dtype: DType,
     random_init: Option<u64>,
 ) -> Result<LoadedModel, ModelError> {
+    check_model_dtype(path, dtype)?;
     if !path.is_file() {
         return Err(ModelError::Io {
             path: path.to_path_buf(),
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "GGUF file not found"),
         });
     }
-    let (model, tokenizer) = super::gguf::load_llama_with(path, device, random_init)?;
+    let (model, tokenizer) = super::gguf::load_llama_with(path, device, dtype, random_init)?;
     Ok(LoadedModel {
         model: Box::new(model),
         tokenizer: Some(tokenizer),

@@ -6,6 +6,7 @@
 //! [`HookedModel::forward_hooked`], can replace any of them, and stops after the deepest
 //! block a caller needs.
 
+pub mod device;
 pub mod error;
 pub mod gguf;
 pub mod gpt_neox;
@@ -17,8 +18,9 @@ pub(crate) mod nn;
 pub mod pickle;
 pub mod weights;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
+pub use device::{parse_model_dtype, DeviceError, DeviceSpec};
 pub use error::{IndexError, ModelError, SUPPORTED_MODEL_TYPES};
 pub use hooks::{Hookpoint, HookpointError, Hooks, NoHooks, Recorder, Replace, Site};
 pub use load::{
@@ -77,6 +79,13 @@ pub trait HookedModel: Send + Sync {
     /// The device the weights live on.
     fn device(&self) -> &Device;
 
+    /// The dtype of the weights and of the activations the hooks see (f32, bf16 or f16).
+    /// Norms and attention softmax are computed in f32 whatever this is, as transformers
+    /// does; logits are returned in f32.
+    fn dtype(&self) -> DType {
+        DType::F32
+    }
+
     /// The context length the model was trained for (`max_position_embeddings`), when
     /// known; longer inputs still run but are out of distribution.
     fn max_positions(&self) -> Option<usize> {
@@ -95,7 +104,8 @@ pub trait HookedModel: Send + Sync {
     ) -> candle_core::Result<Option<Tensor>>;
 
     /// Block `layer`'s MLP as plain f32 matrices (`mlp_in` → `mlp_out`), for the Jacobian
-    /// SAEs of `crate::jsae`.
+    /// SAEs of `crate::jsae`: host copies of the weights, widened from the model dtype (a
+    /// bf16 model's rounded values), whatever the device.
     fn mlp_weights(&self, layer: usize) -> Result<MlpWeights, MlpError> {
         let _ = layer;
         Err(MlpError::Unsupported {

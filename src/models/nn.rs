@@ -1,7 +1,14 @@
 //! Building blocks shared by the model files: linear layers, rotary tables, the causal
 //! attention core, activations, HF config helpers and the hook-visit helper.
 //!
-//! Implements the numerics of `../shared/specs/pipeline.md` §3: everything runs in f32.
+//! Implements the numerics of `../shared/specs/pipeline.md` §3. An f32 model runs in f32
+//! throughout. A bf16/f16 model follows transformers' numerics for that dtype: matmuls,
+//! residual adds, activations and RoPE run in the model dtype (RoPE tables computed in f32
+//! and rounded, as `LlamaRotaryEmbedding` / `GPTNeoXRotaryEmbedding` do); RMSNorm
+//! normalises in f32 and multiplies by the gain in the model dtype (`LlamaRMSNorm`);
+//! LayerNorm runs in f32 with one rounding of its output (torch's CPU/GPU kernels
+//! accumulate in f32); attention scores are scaled, masked and soft-maxed in f32
+//! (`softmax(..., dtype=torch.float32)` of the eager path) and rounded before `· V`.
 //!
 //! Decision: attention handles grouped-query attention without `repeat_kv` copies: the
 //! query heads that share a key/value head are folded into the row dimension of one
@@ -53,8 +60,14 @@ impl Rope {
         Self { inv_freq, rot_dim }
     }
 
-    /// `(cos, sin)`, each `(seq, rot_dim / 2)`, for positions `0..seq`.
-    pub fn tables(&self, seq: usize, device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+    /// `(cos, sin)`, each `(seq, rot_dim / 2)` in `dtype` (computed in f32, then rounded),
+    /// for positions `0..seq`.
+    pub fn tables(
+        &self,
+        seq: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(seq * half);
         let mut sin = Vec::with_capacity(seq * half);
@@ -67,8 +80,8 @@ impl Rope {
             }
         }
         Ok((
-            Tensor::from_vec(cos, (seq, half), device)?,
-            Tensor::from_vec(sin, (seq, half), device)?,
+            Tensor::from_vec(cos, (seq, half), device)?.to_dtype(dtype)?,
+            Tensor::from_vec(sin, (seq, half), device)?.to_dtype(dtype)?,
         ))
     }
 }
@@ -84,8 +97,10 @@ pub(crate) fn causal_mask(seq: usize, device: &Device) -> candle_core::Result<Te
 /// Causal softmax attention.
 ///
 /// `q`: `(b, h, l, d)`, `k`, `v`: `(b, kv, l, d)` with `h` a multiple of `kv` (query head
-/// `i` reads key/value head `i / (h / kv)`, as transformers' `repeat_kv`); all contiguous.
-/// Returns `(b, l, h·d)`, heads concatenated as the output projection expects.
+/// `i` reads key/value head `i / (h / kv)`, as transformers' `repeat_kv`); all contiguous,
+/// all of one dtype; `mask` f32. Returns `(b, l, h·d)` in that dtype, heads concatenated as
+/// the output projection expects. Below f32 the scores are scaled, masked and soft-maxed in
+/// f32 (module docs).
 pub(crate) fn attention(
     q: &Tensor,
     k: &Tensor,
@@ -96,12 +111,18 @@ pub(crate) fn attention(
     let (b, h, l, d) = q.dims4()?;
     let kv = k.dim(1)?;
     let g = h / kv;
+    let dtype = q.dtype();
     // 1. Scores per key/value group: (b, kv, g·l, d) × (b, kv, d, l) -> (b, kv, g·l, l).
-    let q = (q * scale)?.reshape((b, kv, g * l, d))?;
-    let scores = q.matmul(&k.t()?)?;
-    // 2. Causal mask and softmax over keys: (b, h, l, l).
+    let scores = if dtype == DType::F32 {
+        (q * scale)?.reshape((b, kv, g * l, d))?.matmul(&k.t()?)?
+    } else {
+        let s = q.reshape((b, kv, g * l, d))?.matmul(&k.t()?)?;
+        (s.to_dtype(DType::F32)? * scale)?
+    };
+    // 2. Causal mask and softmax over keys, in f32: (b, h, l, l).
     let probs =
-        candle_nn::ops::softmax_last_dim(&scores.reshape((b, h, l, l))?.broadcast_add(mask)?)?;
+        candle_nn::ops::softmax_last_dim(&scores.reshape((b, h, l, l))?.broadcast_add(mask)?)?
+            .to_dtype(dtype)?;
     // 3. Weighted values: (b, kv, g·l, l) × (b, kv, l, d) -> (b, h, l, d).
     let out = probs.reshape((b, kv, g * l, l))?.matmul(v)?;
     // 4. Heads back next to each other: (b, l, h·d).
@@ -167,9 +188,40 @@ pub(crate) fn visit(
                     x.dims()
                 )
             }
-            r.to_dtype(DType::F32)?.contiguous()
+            // Back in the model's dtype (an SAE reconstruction comes in f32).
+            r.to_dtype(x.dtype())?.contiguous()
         }
     }
+}
+
+/// RMSNorm `x / sqrt(mean(x²) + eps) · w` over the last dim. f32 input: candle's fused
+/// kernel. Below f32, `LlamaRMSNorm`: normalised in f32, rounded to the input dtype, then
+/// multiplied by `w` (in that dtype).
+pub(crate) fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    if dtype == DType::F32 {
+        return candle_nn::ops::rms_norm(x, w, eps);
+    }
+    let xf = x.to_dtype(DType::F32)?;
+    let var = xf.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+    let normed = xf.broadcast_div(&(var + eps as f64)?.sqrt()?)?;
+    normed.to_dtype(dtype)?.broadcast_mul(&w.to_dtype(dtype)?)
+}
+
+/// LayerNorm with f32 `weight` and `bias` (the model dtype's values, widened): f32 input
+/// runs as is; below f32 the input is widened, normed in f32 and rounded once, as torch's
+/// `layer_norm` kernels accumulate in f32.
+pub(crate) fn layer_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f32,
+) -> candle_core::Result<Tensor> {
+    let dtype = x.dtype();
+    if dtype == DType::F32 {
+        return candle_nn::ops::layer_norm(x, weight, bias, eps);
+    }
+    candle_nn::ops::layer_norm(&x.to_dtype(DType::F32)?, weight, bias, eps)?.to_dtype(dtype)
 }
 
 /// Check the `(batch, seq)` token ids and the `stop_after` layer before a forward pass.
@@ -306,7 +358,7 @@ mod tests {
     #[test]
     fn rope_tables_rotate_by_position() -> candle_core::Result<()> {
         let r = Rope::new(4, 10000.0);
-        let (cos, sin) = r.tables(3, &Device::Cpu)?;
+        let (cos, sin) = r.tables(3, &Device::Cpu, DType::F32)?;
         assert_eq!(cos.dims(), &[3, 2]);
         let c = cos.to_vec2::<f32>()?;
         let s = sin.to_vec2::<f32>()?;

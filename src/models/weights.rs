@@ -3,12 +3,15 @@
 //! safetensors).
 //!
 //! Implements the loading half of `../shared/specs/pipeline.md` §5. Model files ask for
-//! tensors by their Hugging Face names and expected shapes; this module answers with an
-//! f32 tensor on the target device or a [`ModelError`] that names the file, the tensor
-//! and the fix. It plays the part of candle's `VarBuilder`, with better error messages.
+//! tensors by their Hugging Face names and expected shapes; this module answers with a
+//! tensor in the target dtype on the target device or a [`ModelError`] that names the file,
+//! the tensor and the fix. It plays the part of candle's `VarBuilder`, with better error
+//! messages.
 //!
-//! Decision: every tensor is converted to f32 at load (pipeline.md §3 computes in f32);
-//! f16/bf16 checkpoints therefore take twice their file size in memory.
+//! Decision: every tensor is converted to the model dtype ([`Weights::with_dtype`], f32 by
+//! default) one tensor at a time as it is loaded, on the target device, so no f32 copy of
+//! a bf16/f16 model is ever held; an f32 model of an f16/bf16 checkpoint takes twice its
+//! file size in memory, a bf16 one the file size.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -37,6 +40,8 @@ pub struct Weights {
     origin: PathBuf,
     model_type: String,
     device: Device,
+    /// The dtype every tensor is converted to (f32, bf16 or f16).
+    dtype: DType,
     store: Store,
     /// `(seed, σ)`: answer every request with a seeded random tensor instead (the
     /// randomised-LLM control); shapes are still checked against the checkpoint.
@@ -58,6 +63,7 @@ impl Weights {
                 origin: dir.to_path_buf(),
                 model_type: model_type.to_string(),
                 device: device.clone(),
+                dtype: DType::F32,
                 store: Store::Pickle(super::pickle::PthStore::open(&paths)?),
                 random: None,
             });
@@ -94,13 +100,14 @@ impl Weights {
             origin: dir.to_path_buf(),
             model_type: model_type.to_string(),
             device: device.clone(),
+            dtype: DType::F32,
             store: Store::Safetensors { files, index },
             random: None,
         })
     }
 
     /// Tensors already in memory (e.g. dequantised from the GGUF at `origin`), moved to
-    /// `device` and converted to f32 when asked for.
+    /// `device` and converted to [`Weights::dtype`] when asked for.
     pub fn from_tensors(
         origin: &Path,
         model_type: &str,
@@ -111,9 +118,21 @@ impl Weights {
             origin: origin.to_path_buf(),
             model_type: model_type.to_string(),
             device: device.clone(),
+            dtype: DType::F32,
             store: Store::Memory(tensors),
             random: None,
         }
+    }
+
+    /// Convert every tensor to `dtype` (f32, bf16 or f16) as it is loaded.
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// The dtype tensors are converted to.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// Answer every later [`Weights::get`] with a random re-initialisation seeded by `seed`
@@ -143,7 +162,9 @@ impl Weights {
             let mut rng = crate::util::rng::Rng::new(seed ^ h);
             (0..n).map(|_| rng.normal() as f32 * std).collect()
         };
-        Tensor::from_vec(data, shape, &self.device).map_err(ModelError::candle(&self.origin))
+        Tensor::from_vec(data, shape, &self.device)
+            .and_then(|t| t.to_dtype(self.dtype))
+            .map_err(ModelError::candle(&self.origin))
     }
 
     /// The directory or file the weights come from.
@@ -165,7 +186,8 @@ impl Weights {
         }
     }
 
-    /// The tensor `name` as contiguous f32 on the target device, checked to have `shape`.
+    /// The tensor `name` as contiguous [`Weights::dtype`] on the target device, checked to
+    /// have `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
         let loaded = self.get_stored(name, shape)?;
         match self.random {
@@ -192,6 +214,8 @@ impl Weights {
                         path: path.clone(),
                         detail: format!("tensor '{name}': {e}"),
                     })?;
+                // The bytes now live in the tensor: let the mapped file pages go.
+                release_mapped(view.data());
                 (path.as_path(), t)
             }
             Store::Memory(m) => {
@@ -226,7 +250,7 @@ impl Weights {
             }
         }
         tensor
-            .to_dtype(DType::F32)
+            .to_dtype(self.dtype)
             .and_then(|t| t.contiguous())
             .map_err(ModelError::candle(path))
     }
@@ -258,6 +282,37 @@ impl Weights {
         }
     }
 }
+
+/// Drop the pages under `data`, a slice of a read-only file mapping whose bytes were just
+/// copied into a tensor, from this process's resident set.
+///
+/// Decision: without this every mapped page of the checkpoint stays resident (and counted
+/// in RSS) until the model is built, so a bf16 load of an f16 file peaked at file + model
+/// instead of model. The pages stay in the page cache; a later read of them faults the same
+/// bytes back in.
+#[cfg(target_os = "linux")]
+fn release_mapped(data: &[u8]) {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if page <= 0 || data.is_empty() {
+        return;
+    }
+    let page = page as usize;
+    let start = data.as_ptr() as usize;
+    let aligned = start & !(page - 1);
+    let len = start + data.len() - aligned;
+    // SAFETY: [aligned, aligned + len) lies inside the mapping that holds `data` (mappings
+    // start on a page boundary, so rounding down stays inside it). The mapping is read-only
+    // and never written, so MADV_DONTNEED only unmaps its pages from the page tables; every
+    // byte reads the same afterwards. The return value is ignored: failing to release is
+    // harmless.
+    unsafe {
+        libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_DONTNEED);
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn release_mapped(_data: &[u8]) {}
 
 /// `pytorch_model.bin`, or the shards of `pytorch_model.bin.index.json`, in `dir`.
 fn pytorch_paths(dir: &Path) -> Result<Option<Vec<PathBuf>>, ModelError> {

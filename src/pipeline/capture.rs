@@ -115,15 +115,17 @@ pub fn spec_from_pipeline(
     }
 }
 
-/// Resolve the pipeline's `[model]` (hub cache, `local:` or `gguf:`) and load it on the
-/// default device, random-initialised when `model.random_init`. Shared by capture, the
-/// CE evaluation and the JSAE stage.
+/// Resolve the pipeline's `[model]` (hub cache, `local:` or `gguf:`) and load it on
+/// `model.device` in `model.dtype`, random-initialised when `model.random_init`. Shared by
+/// capture, the CE evaluation and the JSAE stage. The device is opened first, so a missing
+/// GPU is reported before anything is downloaded.
 pub fn load_pipeline_model(
     pipeline: &Pipeline,
     opts: &HubOptions,
     reporter: &dyn Reporter,
 ) -> Result<(ResolvedModel, crate::models::LoadedModel)> {
     let c = &pipeline.config;
+    let device = c.model.device.open("model.device")?;
     let resolved = crate::hub::resolve_model(&pipeline.model_source(), opts, reporter)
         .with_context(|| format!("resolving model {}", c.model.source))?;
     let src = if resolved.kind == "gguf" {
@@ -137,10 +139,18 @@ pub fn load_pipeline_model(
     };
     let loaded = crate::models::load_source_with(
         &src,
-        &crate::models::default_device(),
+        &device,
+        c.model.dtype.candle(),
         c.model.random_init(),
     )
-    .with_context(|| format!("loading model {}", c.model.source))?;
+    .with_context(|| {
+        format!(
+            "loading model {} ({} on {})",
+            c.model.source,
+            c.model.dtype.name(),
+            c.model.device
+        )
+    })?;
     Ok((resolved, loaded))
 }
 

@@ -426,6 +426,8 @@ pub fn jsae_stage(
         (None, Some(m)) => m.as_ref(),
         (None, None) => unreachable!("one of the two is loaded above"),
     };
+    // f32 host copies of the MLP weights in the model's dtype and device (`model.dtype`
+    // rounds them; the Jacobian kernels run in f32 on the CPU).
     let mlp = model
         .mlp_weights(layer)
         .with_context(|| format!("extracting the MLP of block {layer}"))?;

@@ -3,7 +3,8 @@
 //!
 //! Implements the `trace` command of `../shared/specs/pipeline.md` §1 with the hookpoint
 //! names of §3. Output tensors:
-//! - `blocks.{L}.hook_{site}`: F32 `[n_tokens, d_model]`, one per requested hookpoint;
+//! - `blocks.{L}.hook_{site}`: F32 `[n_tokens, d_model]`, one per requested hookpoint
+//!   (widened from the model dtype with `--dtype bf16|f16`);
 //! - `logits`: F32 `[n_tokens, vocab]` with `--logits`;
 //! - `token_ids`: U32 `[n_tokens]`.
 //!
@@ -48,6 +49,8 @@ pub struct TraceRequest {
     pub logits: bool,
     /// Output safetensors file.
     pub out: PathBuf,
+    /// The model dtype (f32, bf16 or f16); the written tensors are f32 whatever it is.
+    pub dtype: DType,
 }
 
 /// What a trace wrote.
@@ -136,17 +139,17 @@ pub fn trace_source(
         return Err(TraceError::NothingRequested);
     }
     let resolved = crate::hub::resolve_model(&req.source, opts, reporter)?;
-    let model = crate::models::load_dir(&resolved.path, device)?;
+    let model = crate::models::load_dir_with(&resolved.path, device, req.dtype, None)?;
     trace_loaded(&model, &req.source.to_string(), req, &hps)
 }
 
-/// Load the model of `req.source` on `device` and trace it.
+/// Load the model of `req.source` on `device` in `req.dtype` and trace it.
 pub fn trace(req: &TraceRequest, device: &Device) -> Result<TraceSummary, TraceError> {
     let hps = parse_hookpoints(&req.hookpoints)?;
     if hps.is_empty() && !req.logits {
         return Err(TraceError::NothingRequested);
     }
-    let model = crate::models::load_source(&req.source, device)?;
+    let model = crate::models::load_source_with(&req.source, device, req.dtype, None)?;
     trace_loaded(&model, &req.source.to_string(), req, &hps)
 }
 
