@@ -399,7 +399,7 @@ mod tests {
         let rows = [100, 100, 100, 100, 40];
         let c = plan_chunks(&rows, &|r| r, 250);
         let shards: Vec<_> = c.iter().map(|c| c.shards.clone()).collect();
-        assert_eq!(shards, vec![0..2, 2..4, 4..5]);
+        assert_eq!(shards, vec![0..2, 2..5]);
         assert_eq!(c[1].rows_before, 200);
         assert!(c.iter().all(|c| c.est_bytes <= 250));
     }
