@@ -215,11 +215,31 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let opts = args.hub_options(&pipeline);
             let reporter = saepipe::util::progress::reporter(cli.global.progress);
             let name = args.pipeline.display();
-            saepipe::pipeline::capture::run_stage(&pipeline, &opts, args.force, reporter.as_ref())
+            if pipeline.config.capture.keep {
+                saepipe::pipeline::capture::run_stage(
+                    &pipeline,
+                    &opts,
+                    args.force,
+                    reporter.as_ref(),
+                )
                 .with_context(|| format!("saepipe run {name}: capture"))?;
-            push_remote()?;
-            saepipe::pipeline::train::train_stage(&pipeline, None, args.force, reporter.as_ref())
+                push_remote()?;
+                saepipe::pipeline::train::train_stage(
+                    &pipeline,
+                    None,
+                    args.force,
+                    reporter.as_ref(),
+                )
                 .with_context(|| format!("saepipe run {name}: train"))?;
+            } else {
+                saepipe::pipeline::stream::run_streamed(
+                    &pipeline,
+                    &opts,
+                    args.force,
+                    reporter.as_ref(),
+                )
+                .with_context(|| format!("saepipe run {name}: streamed capture and train"))?;
+            }
             push_remote()?;
             saepipe::pipeline::jsae::jsae_stage(&pipeline, &opts, args.force, reporter.as_ref())
                 .with_context(|| format!("saepipe run {name}: jsae"))?;

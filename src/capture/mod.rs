@@ -120,6 +120,15 @@ pub enum Select {
     /// Compute nothing; write the manifests when every shard is there, else name the
     /// missing units.
     Finalize,
+    /// Only the split-local shards `shards` of `split` (the other split is not touched),
+    /// then a manifest per hookpoint listing only them: an ordinary activation set of
+    /// part of the split (the streamed run's chunks, and its held-out split).
+    Chunk {
+        /// The split.
+        split: Split,
+        /// Split-local shard indices.
+        shards: Range<usize>,
+    },
 }
 
 /// How many capture units each split has.
@@ -263,8 +272,22 @@ pub fn count_units(
     tokenizer: Arc<Tokenizer>,
     spec: &CaptureSpec,
 ) -> Result<UnitCounts, CaptureError> {
+    let [train, eval] = shard_rows(model, tokenizer, spec)?;
+    Ok(UnitCounts {
+        train: train.len(),
+        eval: eval.len(),
+    })
+}
+
+/// The rows (kept tokens) of every shard of the training and held-out splits, by packing
+/// the windows (tokenising only; no forward pass).
+pub fn shard_rows(
+    model: &dyn HookedModel,
+    tokenizer: Arc<Tokenizer>,
+    spec: &CaptureSpec,
+) -> Result<[Vec<u64>; 2], CaptureError> {
     let (excluded, special) = exclusions(model, &tokenizer, spec);
-    let mut n = [0usize; 2];
+    let mut n: [Vec<u64>; 2] = [Vec::new(), Vec::new()];
     for (i, (split, budget)) in [
         (Split::Train, spec.n_tokens),
         (Split::Eval, spec.n_eval_tokens),
@@ -285,14 +308,11 @@ pub fn count_units(
         )?;
         let mut remaining = budget;
         while remaining > 0 {
-            plan_shard(&mut stream, spec, split, budget, &excluded, &mut remaining)?;
-            n[i] += 1;
+            let plan = plan_shard(&mut stream, spec, split, budget, &excluded, &mut remaining)?;
+            n[i].push(plan.iter().map(|(_, k)| k.len() as u64).sum());
         }
     }
-    Ok(UnitCounts {
-        train: n[0],
-        eval: n[1],
-    })
+    Ok(n)
 }
 
 /// Like [`capture`], computing only the shards `select` names (module doc).
@@ -347,17 +367,22 @@ pub fn capture_select(
         if budget == 0 {
             continue;
         }
+        if matches!(select, Select::Chunk { split: s, .. } if *s != split) {
+            continue;
+        }
         // The split-local shards to compute, and whether to stream the whole split.
         let pick = match select {
             Select::All => Pick {
                 compute: None,
                 manifest: true,
                 offset: offset.unwrap_or(0),
+                partial: false,
             },
             Select::Finalize => Pick {
                 compute: Some(0..0),
                 manifest: true,
                 offset: offset.unwrap_or(0),
+                partial: false,
             },
             Select::Units(r) => {
                 let Some(off) = offset else { break };
@@ -365,8 +390,15 @@ pub fn capture_select(
                     compute: Some(r.start.saturating_sub(off)..r.end.saturating_sub(off)),
                     manifest: false,
                     offset: off,
+                    partial: false,
                 }
             }
+            Select::Chunk { shards, .. } => Pick {
+                compute: Some(shards.clone()),
+                manifest: true,
+                offset: 0,
+                partial: true,
+            },
         };
         if let (Select::Units(r), Some(c)) = (select, &pick.compute) {
             if c.is_empty() && r.end <= pick.offset {
@@ -419,12 +451,12 @@ pub fn capture_select(
                 dir,
                 meta,
                 spec.force,
-                *select == Select::All,
+                matches!(select, Select::All | Select::Chunk { .. }),
             )?);
         }
         let todo = sets.iter().filter(|s| !s.done).count() as u64;
         let mut count = None;
-        if todo > 0 && !matches!(select, Select::Finalize) {
+        if todo > 0 && *select == Select::All {
             let bytes = budget * bytes_per_token(d_model, spec.dtype) * todo;
             reporter.message(&format!(
                 "capture {}: {budget} tokens × {todo} hookpoint(s) of d_model {d_model} ({}) → about {} on disk under {}",
@@ -478,6 +510,9 @@ struct Pick {
     manifest: bool,
     /// Capture units before this split (for messages).
     offset: usize,
+    /// Stop after the last shard of `compute` and write manifests listing only its shards
+    /// ([`Select::Chunk`]).
+    partial: bool,
 }
 
 /// The windows of the next shard of a split and the positions each keeps (budget exact).
@@ -717,6 +752,9 @@ fn run_split(
                 progress.finish();
                 return Ok(None);
             }
+            if pick.partial && shard >= c.end {
+                break;
+            }
         }
         // 1. The shard's windows and the positions each keeps (budget exact).
         let plan = plan_shard(&mut stream, spec, split, budget, excluded, &mut remaining)?;
@@ -748,7 +786,9 @@ fn run_split(
         let wanted_here = pick.compute.as_ref().is_none_or(|c| c.contains(&shard));
         if !wanted_here && !todo.is_empty() {
             // Another task's shard: leave it (and note it for --finalize).
-            missing.push(pick.offset + shard);
+            if !pick.partial {
+                missing.push(pick.offset + shard);
+            }
             todo.clear();
         }
         if todo.is_empty() {
@@ -830,15 +870,20 @@ fn run_split(
     // 4. Manifests last: the only completion marker.
     for s in sets.iter_mut().filter(|s| !s.done) {
         // Shards beyond the last one (a longer earlier run cannot share our hash, but be safe).
-        for (i, p) in list_parts_with(&s.dir, pick.compute.is_none())? {
+        for (i, p) in list_parts_with(&s.dir, pick.compute.is_none() || pick.partial)? {
             if i >= shard {
                 remove_part(&p)?;
             }
         }
+        let n_tokens = if pick.partial {
+            s.shards.iter().map(|sh| sh.rows).sum()
+        } else {
+            budget
+        };
         let m = Manifest {
             format: manifest::FORMAT.to_string(),
             meta: s.meta.clone(),
-            n_tokens: budget,
+            n_tokens,
             n_windows,
             shard_windows: spec.shard_windows as u64,
             seed: spec.split.seed,

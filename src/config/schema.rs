@@ -193,6 +193,21 @@ pub struct CaptureConfig {
     /// `"snappy"` or `"zstd"`.
     #[serde(default)]
     pub compression: ActCompression,
+    /// Keep every captured shard (default true). `false` streams: `saepipe run` captures
+    /// a chunk of shards, trains every SAE on it, deletes it and captures the next, so the
+    /// activations folder stays within `disk_budget_bytes` (README, Streaming with bounded
+    /// disk). Left out of the resolved file when true.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub keep: bool,
+    /// With `keep = false`: bytes the activations folder may hold (the held-out split,
+    /// kept, plus one chunk of training shards). Required then; at least the held-out
+    /// split plus two shards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_budget_bytes: Option<u64>,
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 fn default_shard_tokens() -> u64 {

@@ -295,6 +295,7 @@ pub fn check(mut raw: Table, probs: &mut Problems) -> Option<PipelineConfig> {
     }
     check_train_backend(&config, probs);
     let train_tokens = config.train.train_tokens.unwrap_or(config.data.n_tokens);
+    check_streaming(&config, train_tokens, probs);
     if train_tokens < config.train.batch_tokens as u64 {
         probs.add(
             "train.batch_tokens",
@@ -305,6 +306,64 @@ pub fn check(mut raw: Table, probs: &mut Problems) -> Option<PipelineConfig> {
         );
     }
     Some(config)
+}
+
+/// `capture.keep = false` (streaming with bounded disk): a budget, one pass over the
+/// data, no stage that reads the whole training split. The budget's exact minimum needs
+/// d_model and is checked once the model is loaded (pipeline::stream); this bound holds at
+/// any d_model.
+fn check_streaming(config: &PipelineConfig, train_tokens: u64, probs: &mut Problems) {
+    let c = &config.capture;
+    if c.keep {
+        if c.disk_budget_bytes.is_some() {
+            probs.add(
+                "capture.disk_budget_bytes",
+                "applies only to a streamed run; set capture.keep = false too, or remove it",
+            );
+        }
+        return;
+    }
+    if config.synthetic.is_some() {
+        probs.add(
+            "capture.keep",
+            "= false streams captured activations; a [synthetic] pipeline captures nothing, remove the key",
+        );
+        return;
+    }
+    if config.jsae.is_some() {
+        probs.add(
+            "capture.keep",
+            "= false cannot be used with [jsae]: the JSAE stage reads the whole training split; set capture.keep = true or remove [jsae]",
+        );
+    }
+    let d = &config.data;
+    if train_tokens > d.n_tokens {
+        probs.add(
+            "train.train_tokens",
+            format!(
+                "{train_tokens} is more than data.n_tokens = {}: a streamed run (capture.keep = false) passes over the captured tokens once; lower train.train_tokens or raise data.n_tokens",
+                d.n_tokens
+            ),
+        );
+    }
+    let shard_rows = (c.shard_tokens / d.context_len.max(1) as u64).max(1) * d.context_len as u64;
+    let rows = d.eval_tokens + 2 * shard_rows.min(d.n_tokens);
+    let floor = rows * (16 + c.dtype.size() as u64) * c.hookpoints.len().max(1) as u64;
+    match c.disk_budget_bytes {
+        None => probs.add(
+            "capture.disk_budget_bytes",
+            "is required when capture.keep = false: the bytes the activations folder may hold (held-out split + one chunk of shards), e.g. 10737418240 for 10 GiB",
+        ),
+        Some(b) if b < floor => probs.add(
+            "capture.disk_budget_bytes",
+            format!(
+                "{b} bytes cannot hold the held-out split ({} tokens) plus two shards of {shard_rows} tokens of {} hookpoint(s): that needs more than {floor} bytes even at d_model 1; raise it (or lower data.eval_tokens / capture.shard_tokens)",
+                d.eval_tokens,
+                c.hookpoints.len()
+            ),
+        ),
+        Some(_) => {}
+    }
 }
 
 /// A `[synthetic]` pipeline needs no model, text or hookpoints: fill in what the other

@@ -197,6 +197,41 @@ pub fn unit_counts(
         .context("counting the capture shards")
 }
 
+/// What a capture needs, loaded once: the model, its tokenizer and the capture spec.
+pub struct Prepared {
+    /// The loaded model.
+    pub loaded: crate::models::LoadedModel,
+    /// Its tokenizer.
+    pub tokenizer: Arc<tokenizers::Tokenizer>,
+    /// The capture spec, dataset files resolved.
+    pub spec: CaptureSpec,
+}
+
+/// Resolve and load the model and dataset of `pipeline` and build its capture spec.
+pub fn prepare(
+    pipeline: &Pipeline,
+    opts: &HubOptions,
+    force: bool,
+    reporter: &dyn Reporter,
+) -> Result<Prepared> {
+    let c = &pipeline.config;
+    let (resolved, mut loaded) = load_pipeline_model(pipeline, opts, reporter)?;
+    let dataset = crate::hub::resolve_dataset(&c.data, opts, reporter)
+        .context("resolving the dataset of [data]")?;
+    let tokenizer = loaded.tokenizer.take().with_context(|| {
+        format!(
+            "{}: no tokenizer found (tokenizer.json next to the weights)",
+            resolved.path.display()
+        )
+    })?;
+    let spec = spec_from_pipeline(pipeline, revision_of(&resolved)?, &dataset.files, force);
+    Ok(Prepared {
+        loaded,
+        tokenizer: Arc::new(tokenizer),
+        spec,
+    })
+}
+
 /// The capture stage restricted to `select` (issue 15: `--shard I..J`, `--finalize`).
 pub fn run_select(
     pipeline: &Pipeline,
@@ -210,6 +245,7 @@ pub fn run_select(
         reporter.message("capture: [synthetic] pipeline, nothing to capture");
         return Ok(Vec::new());
     }
+    refuse_streamed(pipeline, "capture")?;
     let (resolved, loaded) = load_pipeline_model(pipeline, opts, reporter)?;
     let dataset = crate::hub::resolve_dataset(&c.data, opts, reporter)
         .context("resolving the dataset of [data]")?;
@@ -250,7 +286,21 @@ pub fn run_select(
     Ok(sums)
 }
 
-fn write_resolved(pipeline: &Pipeline, run_dir: &Path) -> Result<()> {
+/// A streamed pipeline (`capture.keep = false`) interleaves capture and training inside
+/// `saepipe run`; the stages alone would capture everything or find nothing to train on.
+pub fn refuse_streamed(pipeline: &Pipeline, stage: &str) -> Result<()> {
+    if !pipeline.config.capture.keep {
+        anyhow::bail!(
+            "{}: capture.keep = false streams capture and training chunk by chunk inside `saepipe run`; run `saepipe run {}` (or set capture.keep = true to use `saepipe {stage}`)",
+            pipeline.path.display(),
+            pipeline.path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Write the resolved config into the run folder (one writer at a time).
+pub(crate) fn write_resolved(pipeline: &Pipeline, run_dir: &Path) -> Result<()> {
     std::fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     // Shard tasks finish at the same time: one `*.tmp` writer at a time.
     let _lock = crate::util::lock::UnitLock::acquire(&run_dir.join(".locks").join("config.lock"))?;

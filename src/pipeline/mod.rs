@@ -7,6 +7,9 @@
 //! 4. [`jsae`]: Jacobian SAE pairs, when the pipeline has a `[jsae]` section;
 //! 5. [`evaluate`]: metrics per unit, then [`results`] (Parquet tables) and [`plot`].
 //!
+//! With `capture.keep = false`, [`stream`] replaces stages 2 and 3: capture a chunk,
+//! train on it, delete it, within a disk budget.
+//!
 //! [`units`] addresses one unit of a stage by index, for cluster array tasks.
 
 pub mod capture;
@@ -17,6 +20,7 @@ pub mod export_meta;
 pub mod jsae;
 pub mod plot;
 pub mod results;
+pub mod stream;
 pub mod train;
 pub mod unit;
 pub mod unit_check;

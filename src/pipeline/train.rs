@@ -37,6 +37,7 @@
 //! ends with the same weights; only the read is no longer shared. When the pipeline has
 //! `[jsae]`, one more train unit (index = number of SAE units) trains every JSAE pair.
 
+use std::ops::Range;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -138,6 +139,7 @@ pub fn train_stage(
     force: bool,
     reporter: &dyn Reporter,
 ) -> Result<usize> {
+    super::capture::refuse_streamed(pipeline, "train")?;
     let all = units(pipeline, only)?;
     train_list(pipeline, &all, None, force, reporter)
 }
@@ -150,6 +152,7 @@ pub fn train_unit(
     force: bool,
     reporter: &dyn Reporter,
 ) -> Result<usize> {
+    super::capture::refuse_streamed(pipeline, "train")?;
     let all = units(pipeline, None)?;
     let Some(u) = all.get(index) else {
         bail!(
@@ -223,7 +226,7 @@ fn train_list(
                     rows: n,
                     export: super::export_meta::synthetic(pipeline, &hp.to_string()),
                 };
-                trained += train_group(data, &group, force, reporter)
+                trained += train_group(data, &group, &whole, force, reporter)
                     .with_context(|| format!("training SAEs on synthetic data ({hp})"))?;
             }
             continue;
@@ -263,9 +266,54 @@ fn train_list(
                 rows: set.n_tokens(),
                 export: super::export_meta::from_activations(pipeline, &set.manifest.meta)?,
             };
-            trained += train_group(data, &group, force, reporter)
+            trained += train_group(data, &group, &whole, force, reporter)
                 .with_context(|| format!("training SAEs on {hp}"))?;
         }
+    }
+    Ok(trained)
+}
+
+/// The steps a unit takes in one group: all of them, `[0, total)` (keep-everything mode).
+fn whole(_: &Unit, total: u64) -> Range<u64> {
+    0..total
+}
+
+/// Train `units` (pending units of `set`'s hookpoint) on one chunk of a streamed run
+/// (pipeline::stream): unit `u` takes steps `span(u, total_steps)`, the chunk's shuffled
+/// stream (seeded by `seed`) starting at the first of them; a unit that does not end
+/// there is checkpointed at the chunk boundary. Returns the number of units finished.
+pub(crate) fn train_chunk(
+    pipeline: &Pipeline,
+    set: &ActivationSet,
+    units: &[&Unit],
+    span: &dyn Fn(&Unit, u64) -> Range<u64>,
+    seed: u64,
+    reporter: &dyn Reporter,
+) -> Result<usize> {
+    let mut mine = units.to_vec();
+    mine.sort_by_key(|u| u.point.config.train.batch_tokens);
+    let d = set.d_model();
+    let t = &pipeline.config.train;
+    let mut trained = 0;
+    for group in groups(&mine, d) {
+        let batch = group[0].point.config.train.batch_tokens;
+        let mut src = ParquetSource::new(
+            set.clone(),
+            ShuffleConfig::for_training(
+                batch,
+                t.shuffle_buffer_bytes,
+                t.shuffle_chunk_tokens,
+                d,
+                seed,
+            ),
+        )?;
+        let data = Data {
+            src: &mut src,
+            rows: set.n_tokens(),
+            export: super::export_meta::from_activations(pipeline, &set.manifest.meta)?,
+        };
+        trained += train_group(data, &group, span, false, reporter)
+            .with_context(|| format!("training SAEs on {}", set.dir.display()))?;
     }
     Ok(trained)
 }
@@ -297,11 +345,25 @@ struct Running<'u, 'a> {
     unit: &'u Unit<'a>,
     trainer: Trainer,
     seconds: f64,
+    /// The unit's total steps.
     steps: u64,
+    /// The step that row 0 of the group's stream feeds.
+    first: u64,
+    /// One past the last step this group takes (`steps`, or a chunk boundary).
+    end: u64,
 }
 
 /// Train one lockstep group; `force` ignores the units' checkpoints (train from step 0).
-fn train_group(data: Data, group: &[&Unit], force: bool, reporter: &dyn Reporter) -> Result<usize> {
+/// Unit `u` takes steps `span(u, total_steps)` of the stream (the whole run: `[0, total)`,
+/// or one chunk of a streamed run), and is checkpointed at the span's end when it does not
+/// finish there.
+fn train_group(
+    data: Data,
+    group: &[&Unit],
+    span: &dyn Fn(&Unit, u64) -> Range<u64>,
+    force: bool,
+    reporter: &dyn Reporter,
+) -> Result<usize> {
     let src = data.src;
     let d = src.d_in();
     let batch = group[0].point.config.train.batch_tokens;
@@ -344,18 +406,30 @@ fn train_group(data: Data, group: &[&Unit], force: bool, reporter: &dyn Reporter
                 (trainer, 0.0)
             }
         };
+        let steps = trainer.total_steps();
+        let Range { start: first, end } = span(u, steps);
+        let at = trainer.step_count();
+        if at < first || at > end {
+            bail!(
+                "{} at {} is at step {at}, but this data feeds steps {first}..{end}; the data of its other steps is gone (a streamed run deletes its chunks): train it again with --force",
+                u.point.id,
+                u.hookpoint
+            );
+        }
         running.push(Running {
             unit: u,
-            steps: trainer.total_steps(),
+            steps,
+            first,
+            end,
             trainer,
             seconds: seconds + t0.elapsed().as_secs_f64(),
         });
     }
-    let total: u64 = running.iter().map(|r| r.steps).sum();
-    let max_steps = running.iter().map(|r| r.steps).max().unwrap_or(0);
+    let total: u64 = running.iter().map(|r| r.end - r.first).sum();
+    let max_steps = running.iter().map(|r| r.end - r.first).max().unwrap_or(0);
     let start = running
         .iter()
-        .map(|r| r.trainer.step_count())
+        .map(|r| r.trainer.step_count() - r.first)
         .min()
         .unwrap_or(0);
     let prog = reporter.start(
@@ -365,7 +439,7 @@ fn train_group(data: Data, group: &[&Unit], force: bool, reporter: &dyn Reporter
     prog.advance(
         running
             .iter()
-            .map(|r| r.trainer.step_count() * batch as u64)
+            .map(|r| (r.trainer.step_count() - r.first) * batch as u64)
             .sum(),
     );
     // 2. Replay the stream (reading only) up to the earliest resumed step.
@@ -377,7 +451,8 @@ fn train_group(data: Data, group: &[&Unit], force: bool, reporter: &dyn Reporter
     for step in start..max_steps {
         let t0 = Instant::now();
         read_rows(src, batch, &mut buf)?;
-        let due = |r: &Running| r.steps > step && r.trainer.step_count() == step;
+        // `step` counts the stream's batches; unit `r` takes it as its step `first + step`.
+        let due = |r: &Running| r.first + step < r.end && r.trainer.step_count() == r.first + step;
         let active = running.iter().filter(|r| due(r)).count().max(1);
         let read_share = t0.elapsed().as_secs_f64() / active as f64;
         // The SAEs of the group step in parallel (each also parallel inside, through rayon's
@@ -413,10 +488,11 @@ fn train_group(data: Data, group: &[&Unit], force: bool, reporter: &dyn Reporter
                     r.unit.point.id, rec.loss, rec.l0, rec.dead_frac
                 );
             }
-            if step + 1 == r.steps {
+            let at = r.trainer.step_count();
+            if at == r.steps {
                 finish(&data.export, r)?;
                 done += 1;
-            } else if r.trainer.checkpoint_due() {
+            } else if at == r.end || r.trainer.checkpoint_due() {
                 save_unit_checkpoint(r)?;
             }
         }
