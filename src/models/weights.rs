@@ -12,20 +12,26 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use super::error::{IndexError, ModelError};
 
 /// Where the tensors come from.
 enum Store {
-    /// Memory-mapped safetensors files (one, or the shards of an index) and, per tensor
-    /// name, the file that holds it.
+    /// Safetensors files (one, or the shards of an index), read tensor by tensor with
+    /// positioned reads ([`super::st_file`]: no memory map, no second copy), and, per
+    /// tensor name, the file that holds it.
     Safetensors {
-        files: Vec<(PathBuf, MmapedSafetensors)>,
+        files: Vec<(PathBuf, super::st_file::StFile)>,
         index: HashMap<String, usize>,
     },
+    /// No checkpoint: every tensor asked for has the shape asked for (`saepipe plan`'s
+    /// shape count and calibration model). `materialise = false` answers with a
+    /// zero-stride broadcast of one zero (no memory), else with [`Weights::randomize`]'s
+    /// values.
+    Synthetic { materialise: bool },
     /// Tensors already in memory (dequantised GGUF), all from `origin`.
     Memory(HashMap<String, Tensor>),
     /// PyTorch zip checkpoints, read tensor by tensor without running pickled code.
@@ -41,6 +47,8 @@ pub struct Weights {
     /// `(seed, σ)`: answer every request with a seeded random tensor instead (the
     /// randomised-LLM control); shapes are still checked against the checkpoint.
     random: Option<(u64, f32)>,
+    /// Values of every tensor asked for so far (a tied embedding counts once).
+    requested: AtomicU64,
 }
 
 impl Weights {
@@ -60,6 +68,7 @@ impl Weights {
                 device: device.clone(),
                 store: Store::Pickle(super::pickle::PthStore::open(&paths)?),
                 random: None,
+                requested: AtomicU64::new(0),
             });
         } else {
             return Err(ModelError::WeightsMissing {
@@ -78,15 +87,9 @@ impl Weights {
                     path,
                 });
             }
-            // SAFETY: the file is mapped read-only; like every safetensors reader we rely on
-            // nobody truncating the file while the model is loaded.
-            let st =
-                unsafe { MmapedSafetensors::new(&path) }.map_err(|e| ModelError::Safetensors {
-                    path: path.clone(),
-                    detail: e.to_string(),
-                })?;
-            for (name, _) in st.tensors() {
-                index.insert(name, i);
+            let st = super::st_file::StFile::open(&path)?;
+            for name in st.names() {
+                index.insert(name.clone(), i);
             }
             files.push((path, st));
         }
@@ -96,7 +99,35 @@ impl Weights {
             device: device.clone(),
             store: Store::Safetensors { files, index },
             random: None,
+            requested: AtomicU64::new(0),
         })
+    }
+
+    /// Weights without a checkpoint, for building a model of a config's shape
+    /// (`Store::Synthetic`): `random = Some((seed, σ))` gives every tensor
+    /// [`Weights::randomize`]'s values, `None` a zero-stride broadcast that costs no memory
+    /// (enough to build the model and count its parameters, not to run it).
+    pub fn synthetic(
+        origin: &Path,
+        model_type: &str,
+        device: &Device,
+        random: Option<(u64, f32)>,
+    ) -> Self {
+        Self {
+            origin: origin.to_path_buf(),
+            model_type: model_type.to_string(),
+            device: device.clone(),
+            store: Store::Synthetic {
+                materialise: random.is_some(),
+            },
+            random,
+            requested: AtomicU64::new(0),
+        }
+    }
+
+    /// Values (parameters) of every tensor asked for through [`Weights::get`] so far.
+    pub fn requested_values(&self) -> u64 {
+        self.requested.load(Ordering::Relaxed)
     }
 
     /// Tensors already in memory (e.g. dequantised from the GGUF at `origin`), moved to
@@ -113,6 +144,7 @@ impl Weights {
             device: device.clone(),
             store: Store::Memory(tensors),
             random: None,
+            requested: AtomicU64::new(0),
         }
     }
 
@@ -162,11 +194,22 @@ impl Weights {
             Store::Safetensors { index, .. } => index.contains_key(name),
             Store::Memory(m) => m.contains_key(name),
             Store::Pickle(p) => p.contains(name),
+            Store::Synthetic { .. } => false,
         }
     }
 
     /// The tensor `name` as contiguous f32 on the target device, checked to have `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        self.requested
+            .fetch_add(shape.iter().product::<usize>() as u64, Ordering::Relaxed);
+        if let Store::Synthetic { materialise } = self.store {
+            return match (materialise, self.random) {
+                (true, Some((seed, std))) => self.random_tensor(name, shape, seed, std),
+                _ => Tensor::zeros((), DType::F32, &self.device)
+                    .and_then(|z| z.broadcast_as(shape))
+                    .map_err(ModelError::candle(&self.origin)),
+            };
+        }
         let loaded = self.get_stored(name, shape)?;
         match self.random {
             Some((seed, std)) => self.random_tensor(name, loaded.dims(), seed, std),
@@ -181,17 +224,13 @@ impl Weights {
                     return Err(self.missing(name, files.first().map(|f| f.0.as_path())));
                 };
                 let (path, st) = &files[i];
-                let view = st.get(name).map_err(|e| ModelError::Safetensors {
-                    path: path.clone(),
-                    detail: e.to_string(),
-                })?;
-                self.check_shape(path, name, shape, view.shape())?;
+                let found = st
+                    .shape(name)
+                    .ok_or_else(|| self.missing(name, Some(path)))?;
+                self.check_shape(path, name, shape, found)?;
                 let t = st
-                    .load(name, &self.device)
-                    .map_err(|e| ModelError::Safetensors {
-                        path: path.clone(),
-                        detail: format!("tensor '{name}': {e}"),
-                    })?;
+                    .load(name, &self.device)?
+                    .ok_or_else(|| self.missing(name, Some(path)))?;
                 (path.as_path(), t)
             }
             Store::Memory(m) => {
@@ -213,6 +252,9 @@ impl Weights {
                     .load(name, &self.device)?
                     .ok_or_else(|| self.missing(name, Some(path)))?;
                 (path, t)
+            }
+            Store::Synthetic { .. } => {
+                return Err(self.missing(name, None));
             }
         };
         match tensor.dtype() {
