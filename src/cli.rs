@@ -55,6 +55,9 @@ pub enum Command {
     Slurm(cluster::SlurmArgs),
     /// Write Kubernetes Indexed Jobs for a pipeline.
     K8s(cluster::K8sArgs),
+    /// Print what a pipeline costs before anything runs: tokens, windows, disk per stage
+    /// (keep-everything and streamed), peak memory of capture and of each training group.
+    Plan(PipelineArgs),
     /// Show schema, metadata and a summary of any file saepipe writes.
     Inspect {
         /// A Parquet activation set, an SAE folder or a metrics file.
@@ -359,6 +362,14 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Results(args) => cluster::results(args),
         Command::Slurm(args) => cluster::slurm(args, cli.global.progress),
         Command::K8s(args) => cluster::k8s(args, cli.global.progress),
+        Command::Plan(args) => {
+            let pipeline = args.load()?;
+            let opts = args.hub_options(&pipeline);
+            let shape = saepipe::pipeline::plan::model_shape(&pipeline, &opts.cache_dir)
+                .with_context(|| format!("saepipe plan {}", args.pipeline.display()))?;
+            print!("{}", saepipe::pipeline::plan::render(&pipeline, &shape)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Inspect { path } => {
             print!("{}", saepipe::tools::inspect::inspect(&path)?);
             Ok(ExitCode::SUCCESS)

@@ -235,7 +235,7 @@ pub fn check_architecture(path: &Path, content: &Content) -> Result<(), ModelErr
 }
 
 /// The Hugging Face config equivalent to a llama GGUF's metadata.
-fn llama_config(path: &Path, content: &Content) -> Result<LlamaConfig, ModelError> {
+pub fn llama_config(path: &Path, content: &Content) -> Result<LlamaConfig, ModelError> {
     let meta = Meta {
         path,
         md: &content.metadata,

@@ -16,6 +16,8 @@ pub mod load;
 pub mod mlp;
 pub(crate) mod nn;
 pub mod pickle;
+pub mod shape;
+pub mod st_file;
 pub mod weights;
 
 use candle_core::{DType, Device, Tensor};

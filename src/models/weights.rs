@@ -15,20 +15,26 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 
 use super::error::{IndexError, ModelError};
 
 /// Where the tensors come from.
 enum Store {
-    /// Memory-mapped safetensors files (one, or the shards of an index) and, per tensor
-    /// name, the file that holds it.
+    /// Safetensors files (one, or the shards of an index), read tensor by tensor with
+    /// positioned reads ([`super::st_file`]: no memory map, no second copy), and, per
+    /// tensor name, the file that holds it.
     Safetensors {
-        files: Vec<(PathBuf, MmapedSafetensors)>,
+        files: Vec<(PathBuf, super::st_file::StFile)>,
         index: HashMap<String, usize>,
     },
+    /// No checkpoint: every tensor asked for has the shape asked for (`saepipe plan`'s
+    /// shape count and calibration model). `materialise = false` answers with a
+    /// zero-stride broadcast of one zero (no memory), else with [`Weights::randomize`]'s
+    /// values.
+    Synthetic { materialise: bool },
     /// Tensors already in memory (dequantised GGUF), all from `origin`.
     Memory(HashMap<String, Tensor>),
     /// PyTorch zip checkpoints, read tensor by tensor without running pickled code.
@@ -46,6 +52,8 @@ pub struct Weights {
     /// `(seed, σ)`: answer every request with a seeded random tensor instead (the
     /// randomised-LLM control); shapes are still checked against the checkpoint.
     random: Option<(u64, f32)>,
+    /// Values of every tensor asked for so far (a tied embedding counts once).
+    requested: AtomicU64,
 }
 
 impl Weights {
@@ -66,6 +74,7 @@ impl Weights {
                 dtype: DType::F32,
                 store: Store::Pickle(super::pickle::PthStore::open(&paths)?),
                 random: None,
+                requested: AtomicU64::new(0),
             });
         } else {
             return Err(ModelError::WeightsMissing {
@@ -84,15 +93,9 @@ impl Weights {
                     path,
                 });
             }
-            // SAFETY: the file is mapped read-only; like every safetensors reader we rely on
-            // nobody truncating the file while the model is loaded.
-            let st =
-                unsafe { MmapedSafetensors::new(&path) }.map_err(|e| ModelError::Safetensors {
-                    path: path.clone(),
-                    detail: e.to_string(),
-                })?;
-            for (name, _) in st.tensors() {
-                index.insert(name, i);
+            let st = super::st_file::StFile::open(&path)?;
+            for name in st.names() {
+                index.insert(name.clone(), i);
             }
             files.push((path, st));
         }
@@ -103,7 +106,35 @@ impl Weights {
             dtype: DType::F32,
             store: Store::Safetensors { files, index },
             random: None,
+            requested: AtomicU64::new(0),
         })
+    }
+
+    /// Weights without a checkpoint, for building a model of a config's shape
+    /// (`Store::Synthetic`): `random = Some((seed, σ))` gives every tensor
+    /// [`Weights::randomize`]'s values, `None` a zero-stride broadcast that costs no memory
+    /// (enough to build the model and count its parameters, not to run it).
+    pub fn synthetic(
+        origin: &Path,
+        model_type: &str,
+        device: &Device,
+        random: Option<(u64, f32)>,
+    ) -> Self {
+        Self {
+            origin: origin.to_path_buf(),
+            model_type: model_type.to_string(),
+            device: device.clone(),
+            store: Store::Synthetic {
+                materialise: random.is_some(),
+            },
+            random,
+            requested: AtomicU64::new(0),
+        }
+    }
+
+    /// Values (parameters) of every tensor asked for through [`Weights::get`] so far.
+    pub fn requested_values(&self) -> u64 {
+        self.requested.load(Ordering::Relaxed)
     }
 
     /// Tensors already in memory (e.g. dequantised from the GGUF at `origin`), moved to
@@ -121,6 +152,7 @@ impl Weights {
             dtype: DType::F32,
             store: Store::Memory(tensors),
             random: None,
+            requested: AtomicU64::new(0),
         }
     }
 
@@ -183,12 +215,23 @@ impl Weights {
             Store::Safetensors { index, .. } => index.contains_key(name),
             Store::Memory(m) => m.contains_key(name),
             Store::Pickle(p) => p.contains(name),
+            Store::Synthetic { .. } => false,
         }
     }
 
     /// The tensor `name` as contiguous [`Weights::dtype`] on the target device, checked to
     /// have `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        self.requested
+            .fetch_add(shape.iter().product::<usize>() as u64, Ordering::Relaxed);
+        if let Store::Synthetic { materialise } = self.store {
+            return match (materialise, self.random) {
+                (true, Some((seed, std))) => self.random_tensor(name, shape, seed, std),
+                _ => Tensor::zeros((), DType::F32, &self.device)
+                    .and_then(|z| z.broadcast_as(shape))
+                    .map_err(ModelError::candle(&self.origin)),
+            };
+        }
         let loaded = self.get_stored(name, shape)?;
         match self.random {
             Some((seed, std)) => self.random_tensor(name, loaded.dims(), seed, std),
@@ -203,19 +246,13 @@ impl Weights {
                     return Err(self.missing(name, files.first().map(|f| f.0.as_path())));
                 };
                 let (path, st) = &files[i];
-                let view = st.get(name).map_err(|e| ModelError::Safetensors {
-                    path: path.clone(),
-                    detail: e.to_string(),
-                })?;
-                self.check_shape(path, name, shape, view.shape())?;
+                let found = st
+                    .shape(name)
+                    .ok_or_else(|| self.missing(name, Some(path)))?;
+                self.check_shape(path, name, shape, found)?;
                 let t = st
-                    .load(name, &self.device)
-                    .map_err(|e| ModelError::Safetensors {
-                        path: path.clone(),
-                        detail: format!("tensor '{name}': {e}"),
-                    })?;
-                // The bytes now live in the tensor: let the mapped file pages go.
-                release_mapped(view.data());
+                    .load(name, &self.device)?
+                    .ok_or_else(|| self.missing(name, Some(path)))?;
                 (path.as_path(), t)
             }
             Store::Memory(m) => {
@@ -237,6 +274,9 @@ impl Weights {
                     .load(name, &self.device)?
                     .ok_or_else(|| self.missing(name, Some(path)))?;
                 (path, t)
+            }
+            Store::Synthetic { .. } => {
+                return Err(self.missing(name, None));
             }
         };
         match tensor.dtype() {
@@ -282,37 +322,6 @@ impl Weights {
         }
     }
 }
-
-/// Drop the pages under `data`, a slice of a read-only file mapping whose bytes were just
-/// copied into a tensor, from this process's resident set.
-///
-/// Decision: without this every mapped page of the checkpoint stays resident (and counted
-/// in RSS) until the model is built, so a bf16 load of an f16 file peaked at file + model
-/// instead of model. The pages stay in the page cache; a later read of them faults the same
-/// bytes back in.
-#[cfg(target_os = "linux")]
-fn release_mapped(data: &[u8]) {
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if page <= 0 || data.is_empty() {
-        return;
-    }
-    let page = page as usize;
-    let start = data.as_ptr() as usize;
-    let aligned = start & !(page - 1);
-    let len = start + data.len() - aligned;
-    // SAFETY: [aligned, aligned + len) lies inside the mapping that holds `data` (mappings
-    // start on a page boundary, so rounding down stays inside it). The mapping is read-only
-    // and never written, so MADV_DONTNEED only unmaps its pages from the page tables; every
-    // byte reads the same afterwards. The return value is ignored: failing to release is
-    // harmless.
-    unsafe {
-        libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_DONTNEED);
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn release_mapped(_data: &[u8]) {}
 
 /// `pytorch_model.bin`, or the shards of `pytorch_model.bin.index.json`, in `dir`.
 fn pytorch_paths(dir: &Path) -> Result<Option<Vec<PathBuf>>, ModelError> {

@@ -256,6 +256,14 @@ pub fn run_select(
         )
     })?;
     let revision = revision_of(&resolved)?;
+    if *select == Select::All {
+        // A keep-everything capture that cannot fit is refused before it starts.
+        super::disk::check_capture_space(
+            pipeline,
+            &activations_dir(pipeline),
+            loaded.model.info().d_model,
+        )?;
+    }
     let spec = spec_from_pipeline(pipeline, revision, &dataset.files, force);
     let hps: Vec<String> = spec.hookpoints.iter().map(|h| h.to_string()).collect();
     // One task per shard range: hold each shard's lock (waiting for a duplicate).

@@ -14,10 +14,12 @@
 
 pub mod capture;
 pub mod ce;
+pub mod disk;
 pub mod download;
 pub mod evaluate;
 pub mod export_meta;
 pub mod jsae;
+pub mod plan;
 pub mod plot;
 pub mod results;
 pub mod stream;

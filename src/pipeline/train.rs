@@ -318,13 +318,19 @@ pub(crate) fn train_chunk(
     Ok(trained)
 }
 
+/// Bytes of one SAE's training state as the group cap counts them: weights, gradients and
+/// both Adam moments (16 bytes per parameter) of its `2·d·d_sae` matrix parameters.
+pub fn sae_state_bytes(d: usize, d_sae: usize) -> u64 {
+    16 * 2 * (d * d_sae) as u64
+}
+
 /// Split units (sorted by batch size) into lockstep groups: same batch size, memory-capped.
-fn groups<'a, 'b>(units: &[&'b Unit<'a>], d: usize) -> Vec<Vec<&'b Unit<'a>>> {
+pub fn groups<'a, 'b>(units: &[&'b Unit<'a>], d: usize) -> Vec<Vec<&'b Unit<'a>>> {
     let mut out: Vec<Vec<&Unit>> = Vec::new();
     let mut bytes = 0u64;
     for &u in units {
         let d_sae = u.point.config.sae.d_sae(d);
-        let b = 16 * 2 * (d * d_sae) as u64;
+        let b = sae_state_bytes(d, d_sae);
         let same_batch = out.last().is_some_and(|g| {
             g[0].point.config.train.batch_tokens == u.point.config.train.batch_tokens
         });
