@@ -188,7 +188,7 @@ fn tensor_and_kernels_agree_on_loss_codes_and_gradients() {
 #[cfg(feature = "cuda")]
 #[test]
 fn cuda_tensor_backend_agrees_with_the_kernels() {
-    agree_on(TrainDevice::Cuda, 1e-4);
+    agree_on(TrainDevice::Cuda(0), 1e-4);
 }
 
 fn agree_on(device: TrainDevice, tol: f64) {
@@ -301,7 +301,7 @@ fn unsupported_variants_are_refused_by_name() {
         );
     }
     let c = TrainConfig {
-        device: TrainDevice::Cuda,
+        device: TrainDevice::Cuda(0),
         ..cfg(Backend::Kernels)
     };
     let mut src = InMemorySource::new(raw, D);

@@ -453,7 +453,7 @@ impl TrainSection {
     pub fn backend(&self, model: &ModelConfig) -> TrainBackend {
         self.backend.unwrap_or(match self.device(model) {
             DeviceKind::Cpu => TrainBackend::Kernels,
-            DeviceKind::Cuda => TrainBackend::Tensor,
+            DeviceKind::Cuda(_) => TrainBackend::Tensor,
         })
     }
 }

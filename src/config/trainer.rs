@@ -77,7 +77,7 @@ impl PipelineConfig {
             optimizer,
             device: match t.device(&self.model) {
                 DeviceKind::Cpu => train::TrainDevice::Cpu,
-                DeviceKind::Cuda => train::TrainDevice::Cuda,
+                DeviceKind::Cuda(n) => train::TrainDevice::Cuda(n),
             },
             backend: t.backend(&self.model),
         }

@@ -611,13 +611,15 @@ fn check_train_backend(config: &PipelineConfig, probs: &mut Problems) {
     let t = &config.train;
     let device = t.device(&config.model);
     let backend = t.backend(&config.model);
-    if device == DeviceKind::Cuda && !cfg!(feature = "cuda") {
+    // A CUDA `model.device` in a CPU build is reported under its own key (check_model_compute);
+    // here only an explicit `train.device`.
+    if t.device.is_some() && matches!(device, DeviceKind::Cuda(_)) && !cfg!(feature = "cuda") {
         probs.add(
             "train.device",
             "\"cuda\": this saepipe was built without CUDA; rebuild with `cargo build --release --features cuda`, or set train.device = \"cpu\"",
         );
     }
-    if device == DeviceKind::Cuda && backend == TrainBackend::Kernels {
+    if matches!(device, DeviceKind::Cuda(_)) && backend == TrainBackend::Kernels {
         probs.add(
             "train.backend",
             "\"kernels\" runs on the CPU only; use backend = \"tensor\" (the default on cuda) or train.device = \"cpu\"",

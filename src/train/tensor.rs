@@ -33,16 +33,17 @@ pub enum TrainDevice {
     /// The CPU.
     #[default]
     Cpu,
-    /// The first CUDA GPU (a build with `--features cuda`).
-    Cuda,
+    /// CUDA GPU number `N` (`cuda` = `cuda:0`; a build with `--features cuda`).
+    Cuda(usize),
 }
 
 impl TrainDevice {
     /// As in the pipeline file.
-    pub fn name(self) -> &'static str {
+    pub fn name(self) -> String {
         match self {
-            TrainDevice::Cpu => "cpu",
-            TrainDevice::Cuda => "cuda",
+            TrainDevice::Cpu => "cpu".to_string(),
+            TrainDevice::Cuda(0) => "cuda".to_string(),
+            TrainDevice::Cuda(n) => format!("cuda:{n}"),
         }
     }
 }
@@ -58,7 +59,7 @@ impl TensorBackend {
     pub fn new(device: TrainDevice) -> Result<Self, TrainError> {
         let device = match device {
             TrainDevice::Cpu => Device::Cpu,
-            TrainDevice::Cuda => Device::new_cuda(0).map_err(|e| {
+            TrainDevice::Cuda(n) => Device::new_cuda(n).map_err(|e| {
                 TrainError::Config(format!(
                     "train.device = \"cuda\": {e}; build saepipe with `--features cuda` on a machine with an NVIDIA GPU, or set train.device = \"cpu\""
                 ))

@@ -353,7 +353,7 @@ pub fn random_model(
         map.insert(name, t);
     }
     let model_type = if shape.neox { "gpt_neox" } else { "smollm3" };
-    let weights = Weights::from_tensors(&origin, model_type, map, device);
+    let weights = Weights::from_tensors(&origin, model_type, map, device).with_dtype(dtype);
     let json = shape.config_json();
     let bad = |e: serde_json::Error| BenchError::Usage(format!("shape {}: {e}", shape.name));
     let model: Box<dyn HookedModel> = if shape.neox {
