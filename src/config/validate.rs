@@ -635,7 +635,7 @@ fn check_train_backend(config: &PipelineConfig, probs: &mut Problems) {
             key,
             format!(
                 "train.device = \"{}\" trains on the tensor backend, which implements sae.arch kinds {}, not `{}`; use train.device = \"cpu\" (the CPU kernels) for this SAE",
-                device.name(),
+                device,
                 crate::sae::ArchConfig::tensor_kinds().join(", "),
                 config.sae.arch.kind()
             ),
@@ -646,7 +646,7 @@ fn check_train_backend(config: &PipelineConfig, probs: &mut Problems) {
             "train.backend",
             format!(
                 "the JSAE pair ([jsae]) has no tensor implementation; train it with train.device = \"cpu\" and train.backend = \"kernels\" (now device \"{}\", backend \"tensor\")",
-                device.name()
+                device
             ),
         );
     }
