@@ -124,6 +124,7 @@ impl Weights {
             origin: origin.to_path_buf(),
             model_type: model_type.to_string(),
             device: device.clone(),
+            dtype: DType::F32,
             store: Store::Synthetic {
                 materialise: random.is_some(),
             },
