@@ -5,7 +5,7 @@
 //! `checkpoint_every` in tokens becomes steps (rounded down, at least 1); absent keys
 //! keep the trainer's defaults (5% warmup, 20% decay, every 1000 steps).
 
-use super::schema::{DeviceKind, LrDecay, OptimizerConfig, PipelineConfig};
+use super::schema::{LrDecay, OptimizerConfig, PipelineConfig};
 use crate::train;
 
 impl PipelineConfig {
@@ -75,10 +75,7 @@ impl PipelineConfig {
                 .checkpoint_every
                 .map_or(defaults.checkpoint_every, |tok| (tok / batch).max(1)),
             optimizer,
-            device: match t.device(&self.model) {
-                DeviceKind::Cpu => train::TrainDevice::Cpu,
-                DeviceKind::Cuda(n) => train::TrainDevice::Cuda(n),
-            },
+            device: t.device(&self.model),
             backend: t.backend(&self.model),
         }
     }

@@ -152,6 +152,19 @@ impl BatchTopK {
     pub fn threshold(&self) -> f32 {
         self.params.extra(self.threshold)[0]
     }
+
+    /// One step of the threshold EMA from the step's smallest kept activation (none kept:
+    /// `∞`, no change).
+    fn threshold_ema(&mut self, min_kept: f32) {
+        if min_kept.is_finite() {
+            let th = &mut self.params.extra_mut(self.threshold)[0];
+            *th = if *th == 0.0 {
+                min_kept
+            } else {
+                (0.99 * *th as f64 + 0.01 * min_kept as f64) as f32
+            };
+        }
+    }
 }
 
 impl Sae for BatchTopK {
@@ -279,14 +292,22 @@ impl Sae for BatchTopK {
     /// (the batch selection's `τ` when it cut, every candidate's minimum otherwise).
     fn update_state(&mut self, _input: &StepInput, ws: &Workspace) {
         let min_kept = ws.codes.val.iter().copied().fold(f32::INFINITY, f32::min);
-        if min_kept.is_finite() {
-            let th = &mut self.params.extra_mut(self.threshold)[0];
-            *th = if *th == 0.0 {
-                min_kept
-            } else {
-                (0.99 * *th as f64 + 0.01 * min_kept as f64) as f32
-            };
-        }
+        self.threshold_ema(min_kept);
+    }
+
+    fn tensor_state_resident(&self) -> bool {
+        true
+    }
+
+    /// The same EMA from the device codes: their smallest nonzero value is one scalar.
+    fn tensor_update_state(&mut self, codes: &Tensor) -> Result<(), SaeError> {
+        let min_kept = (|| {
+            let inf = Tensor::full(f32::INFINITY, codes.shape(), codes.device())?;
+            codes.ne(0f32)?.where_cond(codes, &inf)?.min_all()?.to_scalar::<f32>()
+        })()
+        .map_err(|e| SaeError::tensor(ARCH, e))?;
+        self.threshold_ema(min_kept);
+        Ok(())
     }
 
     /// Per-token candidates (top `candidates_per_token` positive π, by bisection), then the

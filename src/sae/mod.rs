@@ -217,6 +217,26 @@ pub trait Sae: Send + Sync {
     fn update_state(&mut self, input: &StepInput, ws: &Workspace) {
         let _ = (input, ws);
     }
+
+    /// Whether the tensor backend may keep this SAE's training state on the device
+    /// (`crate::train::resident`): true when [`Sae::tensor_update_state`] is the variant's
+    /// whole state update there. Default: true exactly when the SAE has no non-trainable
+    /// parameter (then, by its contract, [`Sae::update_state`] has nothing to update);
+    /// variants with running statistics that implement `tensor_update_state` override it.
+    /// Otherwise the tensor backend trains it through its host round trip.
+    fn tensor_state_resident(&self) -> bool {
+        self.params().iter().all(|p| p.trainable)
+    }
+
+    /// The device-resident form of [`Sae::update_state`]: update the non-trainable state
+    /// (on the host) from the step's dense device codes `[n, d_sae]`, reading back only
+    /// scalars. Called after the tensor forward whose codes it reads, before the optimiser
+    /// step, when [`Sae::tensor_state_resident`]. Default: nothing.
+    fn tensor_update_state(&mut self, codes: &candle_core::Tensor) -> Result<(), SaeError> {
+        let _ = codes;
+        Ok(())
+    }
+
     /// Export tensors before folding.
     fn export_parts(&self) -> ExportParts;
 
@@ -273,7 +293,10 @@ pub trait Sae: Send + Sync {
     /// mask (`tokens_since_fired > dead_after_tokens`): a variant may reset parameters of
     /// dead latents (SA-GSAE threshold resets, sae_variants.md §6.5). Returns the
     /// `(parameter index, element index)` pairs it reset; the trainer zeroes their Adam
-    /// moments. Default: nothing.
+    /// moments. It must not read trainable parameters: on the tensor backend they live on
+    /// the device, the hook runs on the host copy and only the returned entries (and the
+    /// non-trainable state) are copied back; it is skipped on steps without dead latents.
+    /// Default: nothing.
     fn revive_dead(&mut self, _steps_done: u64, _dead: &[bool]) -> Vec<(usize, usize)> {
         Vec::new()
     }

@@ -153,6 +153,17 @@ pub enum Tensor {
     U64(Vec<u64>),
 }
 
+impl Tensor {
+    /// Borrowed, for [`save`].
+    pub fn as_ref(&self) -> TensorRef<'_> {
+        match self {
+            Tensor::F32(v) => TensorRef::F32(v),
+            Tensor::F64(v) => TensorRef::F64(v),
+            Tensor::U64(v) => TensorRef::U64(v),
+        }
+    }
+}
+
 /// Everything a checkpoint holds.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {

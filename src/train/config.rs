@@ -175,7 +175,7 @@ pub(crate) fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
     if cfg.device != TrainDevice::Cpu && cfg.backend == Backend::Kernels {
         bad.push(format!(
             "train.backend = \"kernels\" runs on the CPU only, not train.device = \"{}\"; use train.backend = \"tensor\" (the default there)",
-            cfg.device.name()
+            cfg.device
         ));
     }
     if let Optimizer::PamSgd(p) = &cfg.optimizer {

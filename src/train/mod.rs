@@ -7,9 +7,12 @@
 //! 1. scale each input by its SAE's `c`; NaN guard on the batch;
 //! 2. zero gradients; `dead[i] = tokens_since_fired[i] > dead_after_tokens` per SAE;
 //! 3. [`Model::forward_backward`] (λ multiplied by the sparsity warmup), or on the tensor
-//!    backend (`train.backend = "tensor"`, the default for `train.device = "cuda"`)
-//!    [`Model::forward_backward_tensor`]: the variants' candle-tensor forward and autograd
-//!    ([`tensor`]); everything else below is the same loop for both;
+//!    backend (`train.backend = "tensor"`, the default for `train.device = "cuda"`) the
+//!    variants' candle-tensor forward and autograd ([`tensor`]): with the training state
+//!    resident on the device ([`resident`], every single SAE under Adam or PAM-SGD), where
+//!    steps 4–7 below run as device tensor ops with only scalars coming back, or else
+//!    [`Model::forward_backward_tensor`], a host round trip after which steps 4–7 are the
+//!    host code. The backend is a strategy inside each step of this one loop;
 //! 4. [`optim::Optimizer::prepare`] (PAM-SGD: frozen decoder, proximal pull), NaN guard on
 //!    the loss terms (the error names the step and the model);
 //! 5. project unit-norm decoder gradients (§1.3 A), clip the global norm over every SAE,
@@ -24,6 +27,11 @@
 //! or the mean) on the init sample, then the variant's data-dependent init.
 //! [`Trainer::resume`] / [`Trainer::restore`] rebuild the same state from a checkpoint.
 //!
+//! On the device-resident backend the host copy of the model is behind the device between
+//! syncs: [`Trainer::save_checkpoint`] writes the device state, the last step and
+//! [`Trainer::run`] bring it back ([`Trainer::sync_host`]), mutable access
+//! ([`Trainer::sae_mut`]) brings it back and uploads the caller's changes at the next step.
+//!
 //! Decision: the LR warmup is capped at 10% of the run, so short runs are not all warmup.
 
 pub mod checkpoint;
@@ -32,6 +40,7 @@ mod init;
 pub mod model;
 pub mod optim;
 pub mod pam;
+pub mod resident;
 pub mod tensor;
 
 use std::path::{Path, PathBuf};
@@ -54,6 +63,7 @@ pub use init::geometric_median;
 use init::{mean_rows, read_init};
 pub use model::{Model, ModelOutput, SingleSae, StepCtx};
 use optim::{Adam, AdamOptimizer};
+use resident::Resident;
 use tensor::TensorBackend;
 
 /// Checkpoint file name inside the output directory.
@@ -183,6 +193,25 @@ pub struct Trainer {
     batch: Vec<f32>,
     /// `Some` on the tensor backend (`train.backend = "tensor"`).
     tensor: Option<TensorBackend>,
+    /// The tensor backend keeps this model's state on the device ([`resident`]).
+    wants_resident: bool,
+    /// That state, once uploaded (at the first step after construction or host access).
+    resident: Option<Resident>,
+    /// The device state is ahead of the host copy.
+    stale: bool,
+    /// An error of a device sync that could not be returned where it happened.
+    deferred: Option<TrainError>,
+}
+
+/// The Adam hyperparameters of a config for `model` (its recommendations where unset).
+fn adam_hp(cfg: &TrainConfig, model: &dyn Model) -> Adam {
+    let (lr0, b1, b2) = model.recommended_adam();
+    Adam {
+        lr: cfg.lr.unwrap_or(lr0),
+        beta1: cfg.adam_beta1.unwrap_or(b1),
+        beta2: cfg.adam_beta2.unwrap_or(b2),
+        eps: cfg.adam_eps,
+    }
 }
 
 /// The optimiser a config asks for, over `model`.
@@ -190,13 +219,7 @@ fn build_optimizer(
     cfg: &TrainConfig,
     model: &dyn Model,
 ) -> Result<Box<dyn optim::Optimizer>, TrainError> {
-    let (lr0, b1, b2) = model.recommended_adam();
-    let adam = Adam {
-        lr: cfg.lr.unwrap_or(lr0),
-        beta1: cfg.adam_beta1.unwrap_or(b1),
-        beta2: cfg.adam_beta2.unwrap_or(b2),
-        eps: cfg.adam_eps,
-    };
+    let adam = adam_hp(cfg, model);
     Ok(match &cfg.optimizer {
         Optimizer::Adam => Box::new(AdamOptimizer::new(adam, model)),
         Optimizer::PamSgd(p) => Box::new(pam::PamSgd::new(p, adam, model)?),
@@ -309,6 +332,8 @@ impl Trainer {
             }
             Backend::Tensor => Some(TensorBackend::new(cfg.device)?),
         };
+        let wants_resident =
+            tensor.is_some() && model.tensor_resident() && Resident::supports(&cfg.optimizer);
         let n = model.n_saes();
         let widths: Vec<usize> = (0..n).map(|s| model.sae(s).dims().1).collect();
         Ok(Self {
@@ -333,6 +358,10 @@ impl Trainer {
             log: TrainLog::default(),
             batch: Vec::new(),
             tensor,
+            wants_resident,
+            resident: None,
+            stale: false,
+            deferred: None,
             scales,
             opt,
             model,
@@ -461,28 +490,92 @@ impl Trainer {
         }
     }
 
+    /// On the tensor backend, bring the device state (parameters, optimiser state,
+    /// counters) back into the host copy that [`Trainer::model`] and [`Trainer::sae`] show.
+    /// The engine does so after the last step and at the end of [`Trainer::run`]; between
+    /// those, the host copy of a device-resident run is behind. A no-op otherwise.
+    pub fn sync_host(&mut self) -> Result<(), TrainError> {
+        if let (Some(r), true) = (&self.resident, self.stale) {
+            let mut tsf: Vec<&mut Vec<u64>> = self.firing.iter_mut().map(|f| &mut f.tsf).collect();
+            r.sync_host(&mut *self.model, &mut *self.opt, &mut tsf)?;
+            self.stale = false;
+        }
+        Ok(())
+    }
+
+    /// Sync, then drop the device state: the host copy (which the caller may change) is
+    /// uploaded again at the next step. A failed sync is returned by that step.
+    fn release_device(&mut self) {
+        if let Err(e) = self.sync_host() {
+            self.deferred.get_or_insert(e);
+        }
+        self.resident = None;
+    }
+
+    /// Train on the tensor backend's host round trip (parameters up, gradients and codes
+    /// down, the host optimiser, every step) instead of its device-resident state: the
+    /// comparison row of `saepipe bench gpu` and of the agreement tests.
+    pub fn force_host_round_trip(&mut self) {
+        self.release_device();
+        self.wants_resident = false;
+    }
+
+    /// Whether the steps run on the tensor backend's device-resident state.
+    pub fn device_resident(&self) -> bool {
+        self.wants_resident
+    }
+
+    /// Upload the host state to the device, when the tensor backend keeps it there and it
+    /// is not there yet.
+    fn ensure_resident(&mut self) -> Result<(), TrainError> {
+        if !self.wants_resident || self.resident.is_some() {
+            return Ok(());
+        }
+        let Some(b) = &self.tensor else {
+            return Ok(());
+        };
+        let hp = adam_hp(&self.cfg, &*self.model);
+        let tsf: Vec<&[u64]> = self.firing.iter().map(|f| &f.tsf[..]).collect();
+        let r = Resident::new(
+            b.device(),
+            &self.cfg.optimizer,
+            hp,
+            &*self.model,
+            &*self.opt,
+            &tsf,
+        )?;
+        r.dead_masks(self.cfg.dead_after_tokens, &mut self.dead)?;
+        self.resident = Some(r);
+        Ok(())
+    }
+
     /// The model being trained.
     pub fn model(&self) -> &dyn Model {
         &*self.model
     }
-    /// The model, mutable.
+    /// The model, mutable (on the tensor backend: brought back from the device first, and
+    /// uploaded again, with the caller's changes, at the next step).
     pub fn model_mut(&mut self) -> &mut dyn Model {
+        self.release_device();
         &mut *self.model
     }
     /// The model as its own type `M` (`None` if it is another one).
     pub fn model_as<M: Model>(&self) -> Option<&M> {
         self.model.as_any().downcast_ref()
     }
-    /// Mutable [`Trainer::model_as`].
+    /// Mutable [`Trainer::model_as`] (see [`Trainer::model_mut`]).
     pub fn model_as_mut<M: Model>(&mut self) -> Option<&mut M> {
+        self.release_device();
         self.model.as_any_mut().downcast_mut()
     }
     /// The first (for a single-SAE model: the) SAE being trained.
     pub fn sae(&self) -> &dyn Sae {
         self.model.sae(0)
     }
-    /// Mutable access to the SAE (benchmarks, custom initialisation before step 0).
+    /// Mutable access to the SAE (benchmarks, custom initialisation before step 0; see
+    /// [`Trainer::model_mut`]).
     pub fn sae_mut(&mut self) -> &mut dyn Sae {
+        self.release_device();
         self.model.sae_mut(0)
     }
     /// The input scale `c` of the first SAE (activations are multiplied by it).
@@ -551,6 +644,9 @@ impl Trainer {
 
     /// One optimiser step on `n` raw rows per SAE (`raw[i]` is `[n, d_in]` for SAE `i`).
     pub fn step_on(&mut self, raw: &[&[f32]], n: usize) -> Result<StepRecord, TrainError> {
+        if let Some(e) = self.deferred.take() {
+            return Err(e);
+        }
         let t = self.step;
         let arch = self.model.name();
         let nonfinite = |source| TrainError::NonFinite {
@@ -591,13 +687,18 @@ impl Trainer {
             }
             ensure_finite(inp, "scaled activation batch", Some(t)).map_err(nonfinite)?;
         }
-        // 2. zero grads, dead masks
-        for g in self.grads.iter_mut().flatten() {
-            kernels::zero(g);
-        }
-        for (dm, f) in self.dead.iter_mut().zip(&self.firing) {
-            for (dd, &c) in dm.iter_mut().zip(&f.tsf) {
-                *dd = c > self.cfg.dead_after_tokens;
+        // 2. zero grads, dead masks (on the device-resident backend the masks are kept by
+        //    its counters, step 6)
+        self.ensure_resident()?;
+        let on_device = self.resident.is_some();
+        if !on_device {
+            for g in self.grads.iter_mut().flatten() {
+                kernels::zero(g);
+            }
+            for (dm, f) in self.dead.iter_mut().zip(&self.firing) {
+                for (dd, &c) in dm.iter_mut().zip(&f.tsf) {
+                    *dd = c > self.cfg.dead_after_tokens;
+                }
             }
         }
         let sw = (self.cfg.sparsity_warmup_frac.clamp(0.0, 1.0) as f64 * self.total_steps as f64)
@@ -612,42 +713,91 @@ impl Trainer {
             sparsity_scale: optim::sparsity_factor(t, sw),
             dead: &self.dead,
         };
-        let mut out = match &self.tensor {
-            None => self
+        // `Some(‖g‖²)` from the device, where the norm was taken there
+        let mut device_sq = None;
+        let mut out = match (&mut self.resident, &self.tensor) {
+            (Some(r), _) => {
+                let (losses, metrics) = r.forward_backward(&mut *self.model, &ctx, &mut self.ws)?;
+                // 4. (device) the optimiser's own terms, 5a. projection, ‖g‖²: then one
+                //    download of every scalar
+                let extra = r.prepare(&*self.model)?;
+                r.project(&*self.model)?;
+                let sq = match self.cfg.grad_clip {
+                    Some(_) => Some(r.grad_sq()?),
+                    None => None,
+                };
+                let ts: Vec<&candle_core::Tensor> = losses
+                    .iter()
+                    .chain(&extra)
+                    .map(|l| &l.1)
+                    .chain(&sq)
+                    .collect();
+                let vals = r.scalars(&ts)?;
+                let named: Vec<(&'static str, f64)> = losses
+                    .iter()
+                    .chain(&extra)
+                    .map(|l| l.0)
+                    .zip(vals.iter().copied())
+                    .collect();
+                device_sq = sq.and(vals.last().copied());
+                let (model_terms, opt_terms) = named.split_at(losses.len());
+                let mut o = ModelOutput {
+                    loss: model_terms.iter().map(|l| l.1).sum(),
+                    losses: model_terms.to_vec(),
+                    metrics,
+                };
+                for &(k, v) in opt_terms {
+                    o.loss += v;
+                    o.losses.push((k, v));
+                }
+                o
+            }
+            (None, None) => self
                 .model
                 .forward_backward(&ctx, &mut self.grads, &mut self.ws)?,
-            Some(b) => {
+            (None, Some(b)) => {
                 self.model
                     .forward_backward_tensor(&ctx, &mut self.grads, &mut self.ws, b)?
             }
         };
         // 4. the optimiser's own terms (PAM-SGD), NaN guard
-        for (k, v) in self.opt.prepare(&*self.model, &mut self.grads) {
-            out.loss += v;
-            out.losses.push((k, v));
+        if !on_device {
+            for (k, v) in self.opt.prepare(&*self.model, &mut self.grads) {
+                out.loss += v;
+                out.losses.push((k, v));
+            }
         }
         let mut vals: Vec<f32> = vec![out.loss as f32];
         vals.extend(out.losses.iter().chain(&out.metrics).map(|t| t.1 as f32));
         ensure_finite(&vals, "loss terms", Some(t)).map_err(nonfinite)?;
         // 5. project, clip, update, constraints
-        for s in 0..n_saes {
-            let sae = self.model.sae(s);
-            let d = sae.dims().0;
-            for (p, g) in sae.params().iter().zip(self.grads[s].iter_mut()) {
-                if p.unit_rows {
-                    kernels::project_rows(g, &p.data, d);
-                }
-            }
-        }
-        if let Some(clip) = self.cfg.grad_clip {
-            let mut sq = 0.0f64;
+        if !on_device {
             for s in 0..n_saes {
-                for (p, g) in self.model.sae(s).params().iter().zip(&self.grads[s]) {
-                    if p.trainable {
-                        sq += optim::sum_sq(g);
+                let sae = self.model.sae(s);
+                let d = sae.dims().0;
+                for (p, g) in sae.params().iter().zip(self.grads[s].iter_mut()) {
+                    if p.unit_rows {
+                        kernels::project_rows(g, &p.data, d);
                     }
                 }
             }
+        }
+        let mut clip_scale = None;
+        if let Some(clip) = self.cfg.grad_clip {
+            let sq = match device_sq {
+                Some(sq) => sq,
+                None => {
+                    let mut sq = 0.0f64;
+                    for s in 0..n_saes {
+                        for (p, g) in self.model.sae(s).params().iter().zip(&self.grads[s]) {
+                            if p.trainable {
+                                sq += optim::sum_sq(g);
+                            }
+                        }
+                    }
+                    sq
+                }
+            };
             let norm = sq.sqrt();
             if !norm.is_finite() {
                 return Err(nonfinite(NumericError::NonFinite {
@@ -658,51 +808,76 @@ impl Trainer {
                 }));
             }
             if norm > clip as f64 {
-                let sc = (clip as f64 / norm) as f32;
-                for g in self.grads.iter_mut().flatten() {
-                    optim::scale(g, sc);
-                }
+                clip_scale = Some((clip as f64 / norm) as f32);
             }
         }
         let warm = self.cfg.lr_warmup_steps.min(self.total_steps / 10);
         let lr =
             self.opt.lr() * optim::lr_factor(t, self.total_steps, warm, self.cfg.lr_decay_frac);
-        self.opt.update(&mut *self.model, &self.grads, lr, t + 1);
-        self.opt.after_step(
-            &mut *self.model,
-            &self.inputs,
-            &self.ws,
-            t,
-            self.total_steps,
-        )?;
+        match &mut self.resident {
+            Some(r) => {
+                self.stale = true;
+                r.update(&*self.model, clip_scale, lr, t + 1)?;
+                r.after_step(&mut *self.model, t, self.total_steps)?;
+            }
+            None => {
+                if let Some(sc) = clip_scale {
+                    for g in self.grads.iter_mut().flatten() {
+                        optim::scale(g, sc);
+                    }
+                }
+                self.opt.update(&mut *self.model, &self.grads, lr, t + 1);
+                self.opt.after_step(
+                    &mut *self.model,
+                    &self.inputs,
+                    &self.ws,
+                    t,
+                    self.total_steps,
+                )?;
+            }
+        }
         // 6. firing bookkeeping
         let (mut l0, mut dead_frac) = (0.0, 0.0);
-        for (f, ws) in self.firing.iter_mut().zip(&self.ws) {
-            f.fired.iter_mut().for_each(|x| *x = false);
-            for &i in &ws.codes.idx {
-                f.fired[i as usize] = true;
-            }
-            let mut n_dead = 0usize;
-            for (c, &fi) in f.tsf.iter_mut().zip(&f.fired) {
-                *c = if fi { 0 } else { *c + n as u64 };
-                if *c > self.cfg.dead_after_tokens {
-                    n_dead += 1;
+        match &mut self.resident {
+            Some(r) => (l0, dead_frac) = r.fire(n, self.cfg.dead_after_tokens, &mut self.dead)?,
+            None => {
+                for (f, ws) in self.firing.iter_mut().zip(&self.ws) {
+                    f.fired.iter_mut().for_each(|x| *x = false);
+                    for &i in &ws.codes.idx {
+                        f.fired[i as usize] = true;
+                    }
+                    let mut n_dead = 0usize;
+                    for (c, &fi) in f.tsf.iter_mut().zip(&f.fired) {
+                        *c = if fi { 0 } else { *c + n as u64 };
+                        if *c > self.cfg.dead_after_tokens {
+                            n_dead += 1;
+                        }
+                    }
+                    l0 += ws.codes.nnz() as f64 / n as f64;
+                    dead_frac += n_dead as f64 / f.tsf.len() as f64;
                 }
             }
-            l0 += ws.codes.nnz() as f64 / n as f64;
-            dead_frac += n_dead as f64 / f.tsf.len() as f64;
         }
         self.step += 1;
         self.tokens += n as u64;
         // 7. variant-specific revival of dead latents (SA-GSAE threshold resets)
-        for s in 0..n_saes {
-            let f = &mut self.firing[s];
-            for (dd, &c) in f.dead.iter_mut().zip(&f.tsf) {
-                *dd = c > self.cfg.dead_after_tokens;
+        match &mut self.resident {
+            Some(r) => r.revive(&mut *self.model, self.step, &self.dead)?,
+            None => {
+                for s in 0..n_saes {
+                    let f = &mut self.firing[s];
+                    for (dd, &c) in f.dead.iter_mut().zip(&f.tsf) {
+                        *dd = c > self.cfg.dead_after_tokens;
+                    }
+                    for (pi, e) in self.model.sae_mut(s).revive_dead(self.step, &f.dead) {
+                        self.opt.reset_entry(s, pi, e);
+                    }
+                }
             }
-            for (pi, e) in self.model.sae_mut(s).revive_dead(self.step, &f.dead) {
-                self.opt.reset_entry(s, pi, e);
-            }
+        }
+        // the final state comes back to the host after the last step
+        if self.step == self.total_steps {
+            self.sync_host()?;
         }
         let rec = StepRecord {
             step: self.step,
@@ -769,7 +944,7 @@ impl Trainer {
             }
         }
         prog.finish();
-        Ok(())
+        self.sync_host()
     }
 
     /// Whether `checkpoint_every` asks for a checkpoint after the step just taken.
@@ -818,6 +993,11 @@ impl Trainer {
         if let serde_json::Value::Object(o) = ours {
             obj.extend(o);
         }
+        // On the device-resident backend, the same names with the device's values.
+        let device_state = match (&self.resident, self.stale) {
+            (Some(r), true) => Some(r.named(m)?),
+            _ => None,
+        };
         let mut tensors: Vec<(String, TensorRef)> = Vec::new();
         for s in 0..m.n_saes() {
             for p in m.sae(s).params() {
@@ -829,6 +1009,17 @@ impl Trainer {
             ));
         }
         tensors.extend(self.opt.state(m));
+        if let Some(dev) = &device_state {
+            for (name, t) in tensors.iter_mut() {
+                *t = dev
+                    .get(name.as_str())
+                    .ok_or_else(|| TrainError::Checkpoint {
+                        path: path.to_path_buf(),
+                        msg: format!("the tensor backend's device state has no `{name}`"),
+                    })?
+                    .as_ref();
+            }
+        }
         checkpoint::save(path, extra, &tensors, &self.log)
     }
 
@@ -839,6 +1030,11 @@ impl Trainer {
         dir: &Path,
         meta: &ExportMeta,
     ) -> Result<Folded, TrainError> {
+        if self.stale {
+            return Err(TrainError::Config(format!(
+                "exporting SAE {i} in the middle of a tensor-backend run: its parameters are on the device; call Trainer::sync_host first (the engine does after the last step)"
+            )));
+        }
         Ok(export::save_saelens(
             self.model.sae(i),
             self.scales[i],

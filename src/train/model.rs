@@ -7,9 +7,12 @@
 //! decoder constraints, gradient clipping, the LR schedule, firing counters and the dead
 //! mask, checkpoints and the log. A model only computes its loss and gradients.
 
+use candle_core::Tensor;
+
 use super::tensor::TensorBackend;
 use super::TrainError;
 use crate::kernels::Workspace;
+use crate::sae::tensor::TensorInput;
 use crate::sae::{ArchConfig, Sae, StepInput};
 
 /// One training step's inputs, as the engine hands them to [`Model::forward_backward`].
@@ -41,6 +44,17 @@ pub struct ModelOutput {
     pub losses: Vec<(&'static str, f64)>,
     /// Diagnostics that are not part of the loss (logged beside it).
     pub metrics: Vec<(&'static str, f64)>,
+}
+
+/// What [`Model::tensor_step`] returns.
+#[derive(Debug)]
+pub struct TensorStep {
+    /// Named loss parts (device scalars, each already weighted); their sum is differentiated.
+    pub losses: Vec<(&'static str, Tensor)>,
+    /// Diagnostics that are not part of the loss.
+    pub metrics: Vec<(&'static str, f64)>,
+    /// Dense training codes `[n, d_sae]` of each SAE, detached.
+    pub codes: Vec<Tensor>,
 }
 
 /// Something the engine can train.
@@ -78,6 +92,31 @@ pub trait Model: Send + std::any::Any {
         let _ = (ctx, grads, ws, backend);
         Err(TrainError::Config(format!(
             "the tensor backend cannot train {}",
+            self.name()
+        )))
+    }
+    /// Whether the tensor backend can keep this model's training state on the device
+    /// ([`Model::tensor_step`], `super::resident`); otherwise it runs
+    /// [`Model::forward_backward_tensor`], a host round trip of the parameters per step.
+    fn tensor_resident(&self) -> bool {
+        false
+    }
+    /// One step's loss on the device, for [`Model::tensor_resident`] models: `x[i]` the
+    /// scaled inputs of SAE `i` and `params[i]` its parameters (in `sae(i).params()` order;
+    /// trainable ones are autograd variables), all on the backend's device. Returns the
+    /// loss parts the engine differentiates and each SAE's dense codes, and updates the
+    /// model's non-trainable state ([`Sae::tensor_update_state`]; `ws` is the engine's
+    /// host workspace, for a model whose update needs one). The default refuses.
+    fn tensor_step(
+        &mut self,
+        ctx: &StepCtx,
+        x: &[Tensor],
+        params: &[Vec<Tensor>],
+        ws: &mut [Workspace],
+    ) -> Result<TensorStep, TrainError> {
+        let _ = (ctx, x, params, ws);
+        Err(TrainError::Config(format!(
+            "the tensor backend cannot keep {} on the device",
             self.name()
         )))
     }
@@ -154,6 +193,34 @@ impl Model for SingleSae {
     }
     fn supports_tensor(&self) -> bool {
         self.arch.supports_tensor()
+    }
+    fn tensor_resident(&self) -> bool {
+        self.arch.supports_tensor() && self.sae.tensor_state_resident()
+    }
+    fn tensor_step(
+        &mut self,
+        ctx: &StepCtx,
+        x: &[Tensor],
+        params: &[Vec<Tensor>],
+        _ws: &mut [Workspace],
+    ) -> Result<TensorStep, TrainError> {
+        let out = self.sae.tensor_forward(
+            &params[0],
+            &TensorInput {
+                x: &x[0],
+                n: ctx.n,
+                step: ctx.step,
+                sparsity_scale: ctx.sparsity_scale,
+                dead: &ctx.dead[0],
+            },
+        )?;
+        // State updates right after the pass whose codes they read, as on the kernels.
+        self.sae.tensor_update_state(&out.codes)?;
+        Ok(TensorStep {
+            losses: out.losses,
+            metrics: out.metrics,
+            codes: vec![out.codes],
+        })
     }
     fn forward_backward_tensor(
         &mut self,

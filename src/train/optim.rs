@@ -139,6 +139,12 @@ pub trait Optimizer: Send {
     fn restore(&mut self, model: &dyn Model, ck: &Checkpoint) -> Result<(), TrainError>;
 }
 
+/// The checkpoint name of Adam's moment `which` (`m` or `v`) of parameter `name` of SAE `s`
+/// (shared with the tensor backend's device-resident Adam).
+pub fn moment_key(s: usize, which: &str, name: &str) -> String {
+    format!("sae{s}.adam_{which}.{name}")
+}
+
 /// Adam on every trainable parameter of every SAE of the model (except those `frozen`).
 pub struct AdamOptimizer {
     /// Hyperparameters.
@@ -232,14 +238,8 @@ impl Optimizer for AdamOptimizer {
         for s in 0..model.n_saes() {
             for (i, p) in model.sae(s).params().iter().enumerate() {
                 if p.trainable {
-                    out.push((
-                        format!("sae{s}.adam_m.{}", p.name),
-                        TensorRef::F32(&self.m[s][i]),
-                    ));
-                    out.push((
-                        format!("sae{s}.adam_v.{}", p.name),
-                        TensorRef::F32(&self.v[s][i]),
-                    ));
+                    out.push((moment_key(s, "m", p.name), TensorRef::F32(&self.m[s][i])));
+                    out.push((moment_key(s, "v", p.name), TensorRef::F32(&self.v[s][i])));
                 }
             }
         }
@@ -250,8 +250,8 @@ impl Optimizer for AdamOptimizer {
             for (i, p) in model.sae(s).params().iter().enumerate() {
                 if p.trainable {
                     let n = p.data.len();
-                    self.m[s][i].copy_from_slice(ck.f32(&format!("sae{s}.adam_m.{}", p.name), n)?);
-                    self.v[s][i].copy_from_slice(ck.f32(&format!("sae{s}.adam_v.{}", p.name), n)?);
+                    self.m[s][i].copy_from_slice(ck.f32(&moment_key(s, "m", p.name), n)?);
+                    self.v[s][i].copy_from_slice(ck.f32(&moment_key(s, "v", p.name), n)?);
                 }
             }
         }

@@ -171,6 +171,29 @@ impl PamState {
         }
     }
 
+    /// Statistics accumulated elsewhere (the tensor backend's device GEMMs), for a host
+    /// [`PamState::solve`]; no anchors.
+    pub fn from_stats(g: Vec<f64>, c: Vec<f64>, sz: Vec<f64>, sx: Vec<f64>, n: f64) -> Self {
+        Self {
+            g,
+            c,
+            sz,
+            sx,
+            n,
+            ..Default::default()
+        }
+    }
+
+    /// The encoder proximal weight of a parameter of shape `shape`: `μ_enc` for matrices,
+    /// `ν_enc` for vectors.
+    pub fn prox_weight(cfg: &PamConfig, shape: &[usize]) -> f32 {
+        if shape.len() >= 2 {
+            cfg.encoder_prox
+        } else {
+            cfg.encoder_bias_prox
+        }
+    }
+
     /// Add the proximal gradient `2μ(p − p^t)` of every encoder parameter to `grads`.
     pub fn add_prox_grads(
         &self,

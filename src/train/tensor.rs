@@ -1,52 +1,39 @@
 //! The tensor backend of the training engine (issue #13 item 2; `train.backend = "tensor"`,
-//! the default for `train.device = "cuda"`): one step's loss and gradients from a variant's
-//! [`Sae::tensor_forward`] and candle autograd, on a CPU or CUDA [`Device`].
+//! the default for `train.device = "cuda"`): each step's loss and gradients from a
+//! variant's [`Sae::tensor_forward`] and candle autograd, on a CPU or CUDA [`Device`].
 //!
-//! Per step ([`TensorBackend::forward_backward`]):
-//! 1. upload every parameter (trainable ones as [`Var`]s) and the scaled batch;
-//! 2. the variant's tensor forward; the loss is the sum of its parts;
-//! 3. `backward()`; copy each trainable parameter's gradient into the engine's buffer;
-//! 4. the dense codes come back as CSR into `ws.codes`, for the engine's firing counters,
-//!    L0, BatchTopK's threshold and PAM-SGD's statistics.
+//! Two ways to run it, both inside the engine's one loop (`train/mod.rs`):
+//! - **device-resident** (`super::resident`), for models with a device-resident form
+//!   ([`super::Model::tensor_resident`]: every single SAE with a tensor forward) and the
+//!   optimisers with a device form (Adam, PAM-SGD): parameters, optimiser state, unit-norm
+//!   projection and renormalisation, clipping, the schedules' application and the dead
+//!   counters stay on the device for the whole run; the batch goes up and the scalars come
+//!   back each step; the full state only for checkpoints, the final save and the variants'
+//!   host hooks that need it;
+//! - **host round trip** ([`TensorBackend::forward_backward`]), for the rest (the JSAE pair,
+//!   other optimisers) and as the agreement tests' reference:
+//!   1. upload every parameter (trainable ones as [`Var`]s) and the scaled batch;
+//!   2. the variant's tensor forward; the loss is the sum of its parts;
+//!   3. `backward()`; copy each trainable parameter's gradient into the engine's buffer;
+//!   4. the dense codes come back as CSR into `ws.codes`, for the engine's firing counters,
+//!      L0, BatchTopK's threshold and PAM-SGD's statistics; the engine's host optimiser,
+//!      constraints and counters then run as on the kernels.
 //!
-//! Everything else of the step (input scaling, `b_dec` init, schedules, unit-norm
-//! projection and renormalisation, clipping, Adam or PAM-SGD, dead counters, revival,
-//! checkpoints) is the engine's one loop in `train/mod.rs`, shared with the kernels.
-//!
-//! Decision: parameters live on the host and travel to the device every step (and the
-//! gradients and dense codes back) so that the engine, its checkpoints and its optimisers
-//! stay one code path; the device does the `B × d_sae` work (encoder GEMM, selection, dense
-//! backward), which is what dominates a step.
+//! Decision: the round trip is kept (not deleted) because it is the tensor forward with
+//! the engine's host optimiser: comparing it with the resident path isolates the device
+//! optimiser, and models whose loss spans two SAEs (the JSAE pair) train through it until
+//! they get a [`super::Model::tensor_step`].
 
 use candle_core::{DType, Device, Tensor, Var};
-use serde::{Deserialize, Serialize};
 
 use super::TrainError;
-use crate::kernels::Workspace;
+use crate::kernels::{Codes, Workspace};
 use crate::sae::tensor::TensorInput;
 use crate::sae::{ArchConfig, Sae, SaeError, StepInput, StepOutput};
 
-/// Where the training step runs (`train.device`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum TrainDevice {
-    /// The CPU.
-    #[default]
-    Cpu,
-    /// CUDA GPU number `N` (`cuda` = `cuda:0`; a build with `--features cuda`).
-    Cuda(usize),
-}
-
-impl TrainDevice {
-    /// As in the pipeline file.
-    pub fn name(self) -> String {
-        match self {
-            TrainDevice::Cpu => "cpu".to_string(),
-            TrainDevice::Cuda(0) => "cuda".to_string(),
-            TrainDevice::Cuda(n) => format!("cuda:{n}"),
-        }
-    }
-}
+/// Where the training step runs (`train.device`): the models' device type, so that
+/// `train.device` defaults to `model.device` without a conversion.
+pub type TrainDevice = crate::models::DeviceSpec;
 
 /// The device a tensor step runs on.
 #[derive(Debug, Clone)]
@@ -57,14 +44,9 @@ pub struct TensorBackend {
 impl TensorBackend {
     /// Open `device` (`cuda` needs a build with `--features cuda` and a visible GPU).
     pub fn new(device: TrainDevice) -> Result<Self, TrainError> {
-        let device = match device {
-            TrainDevice::Cpu => Device::Cpu,
-            TrainDevice::Cuda(n) => Device::new_cuda(n).map_err(|e| {
-                TrainError::Config(format!(
-                    "train.device = \"cuda\": {e}; build saepipe with `--features cuda` on a machine with an NVIDIA GPU, or set train.device = \"cpu\""
-                ))
-            })?,
-        };
+        let device = device
+            .open("train.device")
+            .map_err(|e| TrainError::Config(e.to_string()))?;
         Ok(Self { device })
     }
 
@@ -77,7 +59,7 @@ impl TensorBackend {
     pub fn unsupported(name: &str, device: TrainDevice) -> TrainError {
         TrainError::Config(format!(
             "train.device = \"{}\" with train.backend = \"tensor\" cannot train {name}: the tensor backend implements sae.arch kinds {} (single SAEs); use train.device = \"cpu\" with train.backend = \"kernels\"",
-            device.name(),
+            device,
             ArchConfig::tensor_kinds().join(", ")
         ))
     }
@@ -152,21 +134,27 @@ impl TensorBackend {
             debug_assert_eq!(g.len(), p.data.len());
         }
         // 4. codes as CSR
-        let codes = out.codes.to_vec2::<f32>().map_err(terr)?;
-        ws.codes.clear();
-        for row in &codes {
-            for (i, &v) in row.iter().enumerate() {
-                if v != 0.0 {
-                    ws.codes.idx.push(i as u32);
-                    ws.codes.val.push(v);
-                }
-            }
-            ws.codes.indptr.push(ws.codes.idx.len());
-        }
+        codes_to_csr(&out.codes, &mut ws.codes).map_err(terr)?;
         Ok(StepOutput {
             loss: losses.iter().map(|l| l.1).sum(),
             losses,
             metrics: out.metrics,
         })
     }
+}
+
+/// Dense device codes `[n, d_sae]` into host CSR (a download of the whole matrix).
+pub fn codes_to_csr(codes: &Tensor, out: &mut Codes) -> candle_core::Result<()> {
+    let dense = codes.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    out.clear();
+    for row in &dense {
+        for (i, &v) in row.iter().enumerate() {
+            if v != 0.0 {
+                out.idx.push(i as u32);
+                out.val.push(v);
+            }
+        }
+        out.indptr.push(out.idx.len());
+    }
+    Ok(())
 }

@@ -434,6 +434,11 @@ impl Sae for SaGsae {
             .map_err(|e| SaeError::tensor(ARCH, e))
     }
 
+    /// No state update: the non-trainable `revived` counter is [`Sae::revive_dead`]'s.
+    fn tensor_state_resident(&self) -> bool {
+        true
+    }
+
     fn revive_dead(&mut self, steps_done: u64, dead: &[bool]) -> Vec<(usize, usize)> {
         let every = self.cfg.threshold_reset_every;
         if every == 0 || steps_done == 0 || !steps_done.is_multiple_of(every) {

@@ -26,11 +26,15 @@
 //! minus what was in use just before the row: candle has no allocator statistics); the
 //! torch rows report `torch.cuda.max_memory_reserved`.
 //!
-//! Decision: the TopK training step here is plain candle tensor ops with candle's autograd
-//! and AdamW (weight decay 0 = Adam), parameters and Adam state in the row's dtype: encode,
-//! per-row top-k by bisection on a threshold (candle's CUDA argsort cannot sort rows this
-//! long, candle issue #2361), ReLU·mask, dense decode, squared error, backward, Adam. It
-//! measures what candle's kernels give; no decoder renormalisation or AuxK.
+//! Decision: the TopK training rows run the training engine itself (`train::Trainer` on
+//! its tensor backend, `train.backend = "tensor"`, on `--device`): the step a pipeline runs
+//! — host batch up, input scaling, the variant's tensor forward with exact top-k by
+//! bisection and AuxK, candle autograd, unit-norm projection, clipping, Adam, decoder
+//! renormalisation, dead counters, the scalars back — on its device-resident state
+//! (`--train-paths resident`, the default) and, with `--train-paths resident,round-trip`,
+//! also on the host round trip it replaced (parameters up, gradients and codes down, host
+//! Adam, every step), for comparison. The engine trains in f32 only, so bf16/f16 training
+//! rows are listed as not run rather than timed in another precision.
 //!
 //! Decision: the models' compute dtype is what their weights were built with; a build
 //! whose models always compute in f32 is caught by checking the dtype of a recorded
@@ -44,8 +48,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_core::{DType, Device, Tensor};
 use clap::Parser;
 use rand::{Rng, SeedableRng};
 
@@ -53,7 +56,10 @@ use super::BenchError;
 use crate::models::gpt_neox::{GptNeoX, GptNeoXConfig};
 use crate::models::llama::{Llama, LlamaConfig};
 use crate::models::weights::Weights;
-use crate::models::{HookedModel, Hookpoint, NoHooks, Recorder, Site};
+use crate::models::{DeviceSpec, HookedModel, Hookpoint, NoHooks, Recorder, Site};
+use crate::sae::ArchConfig;
+use crate::store::InMemorySource;
+use crate::train::{BDecInit, Backend, TrainConfig, Trainer};
 
 /// Arguments of `saepipe bench gpu`.
 #[derive(Debug, Clone, Parser)]
@@ -98,9 +104,10 @@ pub struct GpuArgs {
     /// Timed training steps per row.
     #[arg(long, default_value_t = 5)]
     pub train_steps: usize,
-    /// Bisection rounds of the per-row top-k threshold.
-    #[arg(long, default_value_t = 24)]
-    pub bisect_iters: usize,
+    /// The engine's tensor-backend paths of the training rows: resident (device-resident
+    /// state, what training runs) and/or round-trip (the host round trip, for comparison).
+    #[arg(long, value_delimiter = ',', default_value = "resident")]
+    pub train_paths: Vec<String>,
     /// What to run: forward, train or both.
     #[arg(long, value_delimiter = ',', default_value = "forward,train")]
     pub only: Vec<String>,
@@ -536,12 +543,19 @@ pub fn run(a: &GpuArgs) -> Result<Vec<Row>, BenchError> {
             }
         }
     }
+    let paths = a
+        .train_paths
+        .iter()
+        .map(|s| TrainPath::parse(s))
+        .collect::<Result<Vec<_>, _>>()?;
     if a.only.iter().any(|o| o == "train") {
         for &d_sae in &a.train_d_sae {
             for &dt in &dtypes {
-                let r = train_row(a, &device, dt, d_sae, &mon)?;
-                eprintln!("{}", row_line(&r, a.peak_tflops));
-                rows.push(r);
+                for &path in &paths {
+                    let r = train_row(a, dt, d_sae, path, &mon)?;
+                    eprintln!("{}", row_line(&r, a.peak_tflops));
+                    rows.push(r);
+                }
                 if let Some(py) = &a.reference_python {
                     let r = reference_train(a, py, dt, d_sae);
                     eprintln!("{}", row_line(&r, a.peak_tflops));
@@ -634,144 +648,128 @@ fn forward_rows(
     Ok(rows)
 }
 
-/// The per-row top-k mask of `pre` (rows × latents): 1 where a value is at or above the
-/// row's threshold, found by bisection so that at least `k` values pass (ties and the
-/// threshold's resolution can let a few more through).
-pub fn topk_mask(pre: &Tensor, k: usize, iters: usize) -> candle_core::Result<Tensor> {
-    let p = pre.to_dtype(DType::F32)?;
-    let mut lo = p.min_keepdim(1)?;
-    let mut hi = p.max_keepdim(1)?;
-    for _ in 0..iters {
-        let mid = ((&lo + &hi)? * 0.5)?;
-        let count = p.broadcast_ge(&mid)?.to_dtype(DType::F32)?.sum_keepdim(1)?;
-        let enough = count.ge(k as f64)?;
-        lo = enough.where_cond(&mid, &lo)?;
-        hi = enough.where_cond(&hi, &mid)?;
-    }
-    p.broadcast_ge(&lo)?.to_dtype(pre.dtype())
+/// Which of the engine's tensor-backend paths a training row runs (`--train-paths`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrainPath {
+    /// Device-resident state (`train::resident`): what `train.backend = "tensor"` runs.
+    Resident,
+    /// The host round trip (parameters up, gradients and codes down, host Adam, every
+    /// step): the tensor backend before device residency, for comparison.
+    RoundTrip,
 }
 
-/// A TopK SAE and its optimiser, every tensor in one dtype on one device.
-pub struct TopKStep {
-    w_enc: Var,
-    b_enc: Var,
-    w_dec: Var,
-    b_dec: Var,
-    opt: AdamW,
-    k: usize,
-    bisect_iters: usize,
+impl TrainPath {
+    fn parse(s: &str) -> Result<Self, BenchError> {
+        match s {
+            "resident" => Ok(TrainPath::Resident),
+            "round-trip" => Ok(TrainPath::RoundTrip),
+            other => Err(BenchError::Usage(format!(
+                "--train-paths: unknown path '{other}'; use resident, round-trip or both"
+            ))),
+        }
+    }
+    fn name(self) -> &'static str {
+        match self {
+            TrainPath::Resident => "resident",
+            TrainPath::RoundTrip => "round trip",
+        }
+    }
 }
 
-impl TopKStep {
-    /// Decoder rows of unit norm, encoder = decoder transposed, biases 0, Adam lr 2e-4.
-    pub fn new(
-        d_in: usize,
-        d_sae: usize,
-        k: usize,
-        bisect_iters: usize,
-        dt: DType,
-        device: &Device,
-    ) -> candle_core::Result<Self> {
-        let w = Tensor::randn(0f32, 1f32, (d_sae, d_in), device)?;
-        let w = w.broadcast_div(&w.sqr()?.sum_keepdim(1)?.sqrt()?)?;
-        let w_dec = Var::from_tensor(&w.to_dtype(dt)?)?;
-        let w_enc = Var::from_tensor(&w.t()?.contiguous()?.to_dtype(dt)?)?;
-        let b_enc = Var::zeros(d_sae, dt, device)?;
-        let b_dec = Var::zeros(d_in, dt, device)?;
-        let opt = AdamW::new(
-            vec![w_enc.clone(), b_enc.clone(), w_dec.clone(), b_dec.clone()],
-            ParamsAdamW {
-                lr: 2e-4,
-                weight_decay: 0.0,
-                ..Default::default()
-            },
-        )?;
-        Ok(Self {
-            w_enc,
-            b_enc,
-            w_dec,
-            b_dec,
-            opt,
-            k,
-            bisect_iters,
-        })
-    }
-
-    /// One step on `x` (batch × d_in): returns the loss tensor (not synchronised) and the
-    /// mask's active count (a tensor, so reading it is the caller's choice).
-    pub fn step(&mut self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-        let pre = x
-            .broadcast_sub(self.b_dec.as_tensor())?
-            .matmul(self.w_enc.as_tensor())?
-            .broadcast_add(self.b_enc.as_tensor())?;
-        let mask = topk_mask(&pre.detach(), self.k, self.bisect_iters)?;
-        let acts = (pre.relu()? * &mask)?;
-        let recon = acts
-            .matmul(self.w_dec.as_tensor())?
-            .broadcast_add(self.b_dec.as_tensor())?;
-        let loss = (recon - x)?
-            .to_dtype(DType::F32)?
-            .sqr()?
-            .sum(1)?
-            .mean_all()?;
-        self.opt.backward_step(&loss)?;
-        let active = mask.to_dtype(DType::F32)?.sum_all()?;
-        Ok((loss, active))
-    }
+/// A TopK SAE (`k = --train-k`, AuxK on) in the training engine on its tensor backend on
+/// `device`: `train_batch`-row steps of the real engine loop (input scaling, candle
+/// autograd, unit-norm projection, clipping, Adam, renormalisation, dead counters), timed
+/// per step from the host batch to the scalars back.
+pub fn engine_trainer(
+    a: &GpuArgs,
+    device: DeviceSpec,
+    d_sae: usize,
+    x: &[f32],
+) -> Result<Trainer, BenchError> {
+    let arch = ArchConfig::new(crate::sae::topk::Config {
+        k: a.train_k,
+        ..Default::default()
+    });
+    let b = a.train_batch;
+    let cfg = TrainConfig {
+        batch_tokens: b,
+        // long enough that no timed step is the last one (whose state comes back)
+        total_tokens: 1000 * (a.warmup + a.train_steps + 1) as u64 * b as u64,
+        lr: Some(2e-4),
+        lr_warmup_steps: 0,
+        lr_decay_frac: 0.0,
+        b_dec_init: BDecInit::Mean,
+        init_tokens: b,
+        checkpoint_every: 0,
+        log_every: 1,
+        device,
+        backend: Backend::Tensor,
+        ..Default::default()
+    };
+    let mut src = InMemorySource::new(x.to_vec(), a.train_d_in);
+    Trainer::new(cfg, &arch, d_sae, &mut src).map_err(|e| BenchError::Train(e.to_string()))
 }
 
 fn train_row(
     a: &GpuArgs,
-    device: &Device,
     dt: DType,
     d_sae: usize,
+    path: TrainPath,
     mon: &MemMonitor,
 ) -> Result<Row, BenchError> {
     let (d_in, b) = (a.train_d_in, a.train_batch);
-    let base = mon.reset();
-    let mut sae = TopKStep::new(d_in, d_sae, a.train_k, a.bisect_iters, dt, device)?;
-    // Two fixed batches of Gaussian data, alternated: throughput does not depend on it.
-    let xs = [
-        Tensor::randn(0f32, 1f32, (b, d_in), device)?.to_dtype(dt)?,
-        Tensor::randn(0f32, 1f32, (b, d_in), device)?.to_dtype(dt)?,
-    ];
-    for i in 0..a.warmup {
-        sae.step(&xs[i % 2])?;
+    let mut row = Row {
+        what: "train topk".into(),
+        case: format!("{d_in}x{d_sae}"),
+        depth: format!("k={} B={b}", a.train_k),
+        dtype: dtype_name(dt).into(),
+        implementation: format!("{OURS}, engine {}", path.name()),
+        tokens_per_s: None,
+        flops_per_token: 12.0 * (d_in * d_sae) as f64,
+        peak_mib: None,
+        note: String::new(),
+    };
+    if dt != DType::F32 {
+        row.note = "not run: the engine's tensor backend trains in f32 (weights, Adam and GEMMs); it has no bf16 compute option yet".into();
+        return Ok(row);
     }
-    device.synchronize()?;
+    let device = DeviceSpec::parse_for("--device", &a.device)
+        .map_err(|e| BenchError::Usage(e.to_string()))?;
+    let base = mon.reset();
+    // Two fixed host batches of Gaussian rows, alternated: throughput does not depend on
+    // the data, and every step uploads its batch as a real run does.
+    let mut rng = crate::util::rng::Rng::new(1);
+    let xs: [Vec<f32>; 2] =
+        std::array::from_fn(|_| (0..b * d_in).map(|_| rng.normal() as f32).collect());
+    let mut tr = engine_trainer(a, device, d_sae, &xs[0])?;
+    if path == TrainPath::RoundTrip {
+        tr.force_host_round_trip();
+    }
+    let terr = |e: crate::train::TrainError| BenchError::Train(e.to_string());
+    for i in 0..a.warmup {
+        tr.step_on(&[&xs[i % 2]], b).map_err(terr)?;
+    }
     let steps = a.train_steps.max(1);
     let t0 = Instant::now();
     let mut last = None;
     for i in 0..steps {
-        last = Some(sae.step(&xs[i % 2])?);
+        last = Some(tr.step_on(&[&xs[i % 2]], b).map_err(terr)?);
     }
-    device.synchronize()?;
     let secs = t0.elapsed().as_secs_f64();
-    let peak = mon.peak_above(base);
-    let (loss, l0) = match last {
-        Some((loss, active)) => (
-            loss.to_scalar::<f32>()?,
-            active.to_scalar::<f32>()? / b as f32,
-        ),
-        None => (f32::NAN, f32::NAN),
-    };
+    row.peak_mib = mon.peak_above(base);
+    let (loss, l0) = last.map_or((f64::NAN, f64::NAN), |r| (r.loss, r.l0));
     if !loss.is_finite() {
         return Err(BenchError::Usage(format!(
             "TopK training d_sae {d_sae} {}: the loss is {loss}",
             dtype_name(dt)
         )));
     }
-    Ok(Row {
-        what: "train topk".into(),
-        case: format!("{d_in}x{d_sae}"),
-        depth: format!("k={} B={b}", a.train_k),
-        dtype: dtype_name(dt).into(),
-        implementation: OURS.into(),
-        tokens_per_s: Some((steps * b) as f64 / secs),
-        flops_per_token: 12.0 * (d_in * d_sae) as f64,
-        peak_mib: peak,
-        note: format!("L0 {l0:.1}, loss {loss:.3}"),
-    })
+    row.tokens_per_s = Some((steps * b) as f64 / secs);
+    row.note = format!(
+        "L0 {l0:.1}, loss {loss:.3}, {:.1} ms/step",
+        1e3 * secs / steps as f64
+    );
+    Ok(row)
 }
 
 /// Run the reference script with `args`; its last `{...}` line is the result.
@@ -963,41 +961,29 @@ mod tests {
     }
 
     #[test]
-    fn topk_mask_keeps_about_k_per_row() {
-        let x = Tensor::randn(0f32, 1f32, (8, 300), &Device::Cpu).unwrap();
-        let m = topk_mask(&x, 10, 30).unwrap();
-        let per_row: Vec<f32> = m.sum(1).unwrap().to_vec1().unwrap();
-        for c in per_row {
-            assert!((10.0..=11.0).contains(&c), "{c}");
-        }
-        // The kept entries are each row's largest.
-        let xs: Vec<Vec<f32>> = x.to_vec2().unwrap();
-        let ms: Vec<Vec<f32>> = m.to_vec2().unwrap();
-        for (row, mrow) in xs.iter().zip(&ms) {
-            let mut sorted = row.clone();
-            sorted.sort_by(|a, b| b.total_cmp(a));
-            for (v, keep) in row.iter().zip(mrow) {
-                if *v > sorted[10] {
-                    assert_eq!(*keep, 1.0);
-                }
-                if *v < sorted[9] {
-                    assert_eq!(*keep, 0.0);
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn topk_training_lowers_the_loss_on_cpu() {
-        let dev = Device::Cpu;
-        let mut sae = TopKStep::new(16, 64, 4, 20, DType::F32, &dev).unwrap();
-        let x = Tensor::randn(0f32, 1f32, (32, 16), &dev).unwrap();
-        let first = sae.step(&x).unwrap().0.to_scalar::<f32>().unwrap();
+    fn engine_topk_training_lowers_the_loss_on_cpu() {
+        let a = GpuArgs::try_parse_from([
+            "gpu",
+            "--device",
+            "cpu",
+            "--train-d-in",
+            "16",
+            "--train-k",
+            "4",
+            "--train-batch",
+            "32",
+        ])
+        .unwrap();
+        let mut rng = crate::util::rng::Rng::new(3);
+        let x: Vec<f32> = (0..32 * 16).map(|_| rng.normal() as f32).collect();
+        let mut tr = engine_trainer(&a, DeviceSpec::Cpu, 64, &x).unwrap();
+        let first = tr.step_on(&[&x], 32).unwrap().loss;
         let mut last = first;
         for _ in 0..30 {
-            last = sae.step(&x).unwrap().0.to_scalar::<f32>().unwrap();
+            last = tr.step_on(&[&x], 32).unwrap().loss;
         }
         assert!(last < first, "{first} -> {last}");
+        assert!(TrainPath::parse("sideways").is_err());
     }
 
     #[test]
