@@ -303,7 +303,11 @@ impl Sae for BatchTopK {
     fn tensor_update_state(&mut self, codes: &Tensor) -> Result<(), SaeError> {
         let min_kept = (|| {
             let inf = Tensor::full(f32::INFINITY, codes.shape(), codes.device())?;
-            codes.ne(0f32)?.where_cond(codes, &inf)?.min_all()?.to_scalar::<f32>()
+            codes
+                .ne(0f32)?
+                .where_cond(codes, &inf)?
+                .min_all()?
+                .to_scalar::<f32>()
         })()
         .map_err(|e| SaeError::tensor(ARCH, e))?;
         self.threshold_ema(min_kept);

@@ -280,8 +280,8 @@ impl Resident {
             for (dp, p) in ps.iter_mut().zip(model.sae(s).params()) {
                 if let DevParam::Fixed { t, last } = dp {
                     if *last != p.data {
-                        *t = Tensor::from_slice(&p.data, p.shape.as_slice(), &device)
-                            .map_err(&e)?;
+                        *t =
+                            Tensor::from_slice(&p.data, p.shape.as_slice(), &device).map_err(&e)?;
                         last.copy_from_slice(&p.data);
                     }
                 }
@@ -319,7 +319,10 @@ impl Resident {
 
     /// Step 2a: the optimiser's gradient adjustment and loss terms (PAM-SGD: decoder
     /// gradients dropped, `2μ(p − p^t)` added to the encoder's, the `prox` term).
-    pub fn prepare(&mut self, model: &dyn Model) -> Result<Vec<(&'static str, Tensor)>, TrainError> {
+    pub fn prepare(
+        &mut self,
+        model: &dyn Model,
+    ) -> Result<Vec<(&'static str, Tensor)>, TrainError> {
         let e = terr(self.arch);
         let Some(pam) = &self.pam else {
             return Ok(Vec::new());
@@ -467,7 +470,12 @@ impl Resident {
 
     /// Step 3b: PAM-SGD's statistics from this step's codes and inputs, and the decoder
     /// solve every `solve_every` steps and at the end (`t` 0-based).
-    pub fn after_step(&mut self, model: &mut dyn Model, t: u64, total: u64) -> Result<(), TrainError> {
+    pub fn after_step(
+        &mut self,
+        model: &mut dyn Model,
+        t: u64,
+        total: u64,
+    ) -> Result<(), TrainError> {
         let e = terr(self.arch);
         let Some(pam) = &mut self.pam else {
             return Ok(());
@@ -516,8 +524,8 @@ impl Resident {
         sae.install_decoder(&w, &b)?;
         for (i, p) in sae.params().iter().enumerate() {
             if let DevParam::Train(var) = &self.params[0][i] {
-                let t = Tensor::from_slice(&p.data, p.shape.as_slice(), var.device())
-                    .map_err(&e)?;
+                let t =
+                    Tensor::from_slice(&p.data, p.shape.as_slice(), var.device()).map_err(&e)?;
                 var.set(&t).map_err(&e)?;
             }
             if pam.anchors[i].is_some() {
@@ -550,7 +558,10 @@ impl Resident {
                 let nz = codes.ne(0f32)?.to_dtype(DType::F32)?;
                 let fired = nz.max(0)?.ne(0f32)?;
                 let next = fired.where_cond(&tsf.zeros_like()?, &(&*tsf + n as f64)?)?;
-                let n_dead = next.gt(dead_after as f64)?.to_dtype(DType::F32)?.sum_all()?;
+                let n_dead = next
+                    .gt(dead_after as f64)?
+                    .to_dtype(DType::F32)?
+                    .sum_all()?;
                 Ok((next, nz.sum_all()?, n_dead))
             };
             let (next, nnz, n_dead) = run().map_err(&e)?;
@@ -665,7 +676,10 @@ impl Resident {
     /// Everything the next step depends on, by checkpoint name: parameters (non-trainable
     /// ones from the host copy), counters, and the optimiser state under
     /// [`Optimizer::state`]'s names.
-    pub fn named(&self, model: &dyn Model) -> Result<HashMap<String, checkpoint::Tensor>, TrainError> {
+    pub fn named(
+        &self,
+        model: &dyn Model,
+    ) -> Result<HashMap<String, checkpoint::Tensor>, TrainError> {
         let e = terr(self.arch);
         let mut out = HashMap::new();
         for (s, ps) in self.params.iter().enumerate() {
@@ -675,7 +689,10 @@ impl Resident {
                     DevParam::Train(v) => f32s(v.as_tensor()).map_err(&e)?,
                     DevParam::Fixed { .. } => p.data.clone(),
                 };
-                out.insert(format!("sae{s}.param.{}", p.name), checkpoint::Tensor::F32(data));
+                out.insert(
+                    format!("sae{s}.param.{}", p.name),
+                    checkpoint::Tensor::F32(data),
+                );
                 if let (Some(m), Some(v)) = (&self.m[s][i], &self.v[s][i]) {
                     out.insert(
                         moment_key(s, "m", p.name),
