@@ -140,12 +140,8 @@ fn unit_rows(w: &Tensor, d: usize) -> candle_core::Result<Tensor> {
 impl Resident {
     /// Whether the optimiser has a device form (Adam, PAM-SGD); other optimisers train on
     /// the tensor backend's host round trip.
-    #[allow(unreachable_patterns)]
     pub fn supports(opt: &OptKind) -> bool {
-        match opt {
-            OptKind::Adam | OptKind::PamSgd(_) => true,
-            _ => false,
-        }
+        matches!(opt, OptKind::Adam | OptKind::PamSgd(_))
     }
 
     /// Upload the engine's host state: `model`'s parameters, the optimiser's state (by the
