@@ -166,6 +166,9 @@ pub struct Format {
     /// Encode `n` rows of `ws.xt` (raw input, minus `b_dec` when `apply_b_dec_to_input`)
     /// into `ws.codes` with the loaded tensors.
     pub encode: fn(&Folded, usize, &mut Workspace),
+    /// The same encode on candle tensors (the evaluation encode of the tensor backend,
+    /// [`super::export_tensor`]).
+    pub tensor_encode: super::export_tensor::TensorEncode,
 }
 
 /// [`Format::read_cfg`] for architectures without extra keys.
