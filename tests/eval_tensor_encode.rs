@@ -92,7 +92,12 @@ fn tensor_and_kernel_encodes_give_the_same_metrics() {
         assert!(k.l0 > 0.0, "{what}: nothing fires");
         let close = |a: f64, b: f64, tol: f64| (a - b).abs() <= tol * b.abs().max(1e-12);
         assert!(close(t.r2, k.r2, 1e-4), "{what}: R² {} vs {}", t.r2, k.r2);
-        assert!(close(t.mse, k.mse, 1e-4), "{what}: MSE {} vs {}", t.mse, k.mse);
+        assert!(
+            close(t.mse, k.mse, 1e-4),
+            "{what}: MSE {} vs {}",
+            t.mse,
+            k.mse
+        );
         assert!(close(t.l1, k.l1, 1e-4), "{what}: L1 {} vs {}", t.l1, k.l1);
         assert!(close(t.l0, k.l0, 1e-2), "{what}: L0 {} vs {}", t.l0, k.l0);
         for (name, a, b) in [
@@ -104,17 +109,20 @@ fn tensor_and_kernel_encodes_give_the_same_metrics() {
         }
         let (ck, ct) = (wk.codes.to_dense(F), wt.codes.to_dense(F));
         let differ = (0..n)
-            .filter(|&b| {
-                (0..F).any(|i| (ck[b * F + i] != 0.0) != (ct[b * F + i] != 0.0))
-            })
+            .filter(|&b| (0..F).any(|i| (ck[b * F + i] != 0.0) != (ct[b * F + i] != 0.0)))
             .count();
-        assert!(differ * 200 <= n, "{what}: codes differ on {differ} of {n} tokens");
+        assert!(
+            differ * 200 <= n,
+            "{what}: codes differ on {differ} of {n} tokens"
+        );
         // the CE splice: the same spliced activations, specials kept exactly
         let x = Tensor::from_slice(&held[..64 * D], (4, 16, D), &Device::Cpu).unwrap();
         let windows: Vec<saepipe::data::pack::Window> = (0..4u32)
             .map(|w| saepipe::data::pack::Window {
                 index: w as u64,
-                ids: (0..16u32).map(|i| if i == 0 || i == 7 + w { 1 } else { 5 + i }).collect(),
+                ids: (0..16u32)
+                    .map(|i| if i == 0 || i == 7 + w { 1 } else { 5 + i })
+                    .collect(),
                 n_real: 16,
             })
             .collect();
@@ -131,7 +139,10 @@ fn tensor_and_kernel_encodes_give_the_same_metrics() {
             .to_vec1::<f32>()
             .unwrap();
         let scale = sk.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let err = sk.iter().zip(&st).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let err = sk
+            .iter()
+            .zip(&st)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
         assert!(err <= 1e-4 * scale, "{what}: splice differs by {err}");
         for (w, win) in windows.iter().enumerate() {
             for (p, id) in win.ids.iter().enumerate() {
@@ -142,7 +153,19 @@ fn tensor_and_kernel_encodes_give_the_same_metrics() {
             }
         }
     }
-    for f in ["standard", "topk", "jumprelu", "gated", "kmeans", "bi_jumprelu", "sa_gsae", "abs_topk"] {
-        assert!(formats.iter().any(|a| a == f), "format {f} tested: {formats:?}");
+    for f in [
+        "standard",
+        "topk",
+        "jumprelu",
+        "gated",
+        "kmeans",
+        "bi_jumprelu",
+        "sa_gsae",
+        "abs_topk",
+    ] {
+        assert!(
+            formats.iter().any(|a| a == f),
+            "format {f} tested: {formats:?}"
+        );
     }
 }

@@ -120,12 +120,20 @@ fn kmeans_baselines_train_the_same_on_both_backends() {
             .find(|a| a.kind() == kind)
             .unwrap();
         assert!(arch.supports_tensor(), "{kind} has a tensor implementation");
-        let mut tk =
-            Trainer::new(cfg(Backend::Kernels), &arch, F, &mut InMemorySource::new(raw.clone(), D))
-                .unwrap();
-        let mut tt =
-            Trainer::new(cfg(Backend::Tensor), &arch, F, &mut InMemorySource::new(raw.clone(), D))
-                .unwrap();
+        let mut tk = Trainer::new(
+            cfg(Backend::Kernels),
+            &arch,
+            F,
+            &mut InMemorySource::new(raw.clone(), D),
+        )
+        .unwrap();
+        let mut tt = Trainer::new(
+            cfg(Backend::Tensor),
+            &arch,
+            F,
+            &mut InMemorySource::new(raw.clone(), D),
+        )
+        .unwrap();
         let scale = tk.scale();
         assert_eq!(scale, tt.scale());
         let mut fit_passes = Vec::new();
@@ -158,7 +166,10 @@ fn kmeans_baselines_train_the_same_on_both_backends() {
         let lk = tk.log().column("loss").unwrap().to_vec();
         let lt = tt.log().column("loss").unwrap().to_vec();
         for (s, (a, b)) in lt.iter().zip(&lk).enumerate() {
-            assert!((a - b).abs() <= 1e-2 * b.abs(), "{kind} step {s}: {a} vs {b}");
+            assert!(
+                (a - b).abs() <= 1e-2 * b.abs(),
+                "{kind} step {s}: {a} vs {b}"
+            );
         }
     }
 }
@@ -172,9 +183,8 @@ fn sa_gsae_threshold_quantile_calibrates_the_same_on_tensors() {
     });
     assert!(arch.supports_tensor());
     let raw = data(STEPS * N, 22);
-    let make = |b| {
-        Trainer::new(cfg(b), &arch, F, &mut InMemorySource::new(raw.clone(), D)).unwrap()
-    };
+    let make =
+        |b| Trainer::new(cfg(b), &arch, F, &mut InMemorySource::new(raw.clone(), D)).unwrap();
     let (mut tk, mut tt) = (make(Backend::Kernels), make(Backend::Tensor));
     let x: Vec<f32> = raw[..N * D].iter().map(|v| v * tk.scale()).collect();
     let dead = vec![false; F];
@@ -192,7 +202,10 @@ fn sa_gsae_threshold_quantile_calibrates_the_same_on_tensors() {
     // kernels: calibration inside the step; tensor: calibrated in the forward, installed by
     // update_state
     let (mut gk, mut wk) = (grads(tk.sae()), Workspace::default());
-    let ok = tk.sae_mut().forward_backward(&input, &mut gk, &mut wk).unwrap();
+    let ok = tk
+        .sae_mut()
+        .forward_backward(&input, &mut gk, &mut wk)
+        .unwrap();
     tk.sae_mut().update_state(&input, &wk);
     let (mut gt, mut wt) = (grads(tt.sae()), Workspace::default());
     let backend = TensorBackend::new(TrainDevice::Cpu).unwrap();

@@ -43,6 +43,7 @@ use super::ce::{ce_context, ce_of, CeContext, Mode};
 use super::results::{self, MetricsRow};
 use super::train::{read_done, units, Unit};
 use crate::config::Pipeline;
+use crate::config::TrainBackend;
 use crate::data::pack::Window;
 use crate::data::Split;
 use crate::eval::power::{self, PowerConfig, PowerSpec, PowerStats};
@@ -50,7 +51,6 @@ use crate::eval::Metrics;
 use crate::hub::HubOptions;
 use crate::models::Hookpoint;
 use crate::pipeline::capture::activations_dir;
-use crate::config::TrainBackend;
 use crate::sae::export::LoadedSae;
 use crate::sae::export_tensor::DeviceSae;
 use crate::sae::Workspace;
@@ -420,8 +420,8 @@ fn evaluate_unit(
     let dsae = device_sae(u, &sae)?;
     // TopK / AbsTopK files: the same encode, plus the power-diagram candidates (eval/power.rs;
     // kernels only: a tensor-encoded unit leaves the pd_* columns null)
-    let power_spec = PowerSpec::of(&sae.t)
-        .filter(|_| cfg.power_candidates != Some(0) && dsae.is_none());
+    let power_spec =
+        PowerSpec::of(&sae.t).filter(|_| cfg.power_candidates != Some(0) && dsae.is_none());
     let mut pd = power_spec.map(|spec| {
         let pc = PowerConfig {
             candidates: cfg.power_candidates.unwrap_or(power::DEFAULT_CANDIDATES),
@@ -568,7 +568,6 @@ fn evaluate_unit(
     })
 }
 
-
 /// The unit's SAE on its `train.device` when it was trained on the tensor backend
 /// (`train.backend = "tensor"`, the default for `train.device = "cuda"`): evaluation then
 /// encodes on tensors ([`DeviceSae`]); `None` = the kernels.
@@ -578,9 +577,9 @@ fn device_sae(u: &Unit, sae: &LoadedSae) -> Result<Option<DeviceSae>> {
         return Ok(None);
     }
     let device = c.train.device(&c.model).open("train.device")?;
-    Ok(Some(DeviceSae::new(&sae.t, &device).with_context(|| {
-        format!("{}: loading the SAE onto train.device", u.point.id)
-    })?))
+    Ok(Some(DeviceSae::new(&sae.t, &device).with_context(
+        || format!("{}: loading the SAE onto train.device", u.point.id),
+    )?))
 }
 
 /// `x [b, s, d]` with every position replaced by the SAE's reconstruction, except those

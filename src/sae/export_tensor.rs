@@ -90,7 +90,10 @@ impl DeviceSae {
 
     /// An extra `cfg.json` key.
     pub fn extra(&self, key: &str) -> Option<&serde_json::Value> {
-        self.extra_cfg.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+        self.extra_cfg
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v)
     }
 
     /// `xt W_encᵀ (+ the per-latent bias `bias`)`, `[n, d_sae]`.

@@ -281,11 +281,8 @@ pub fn centroid_rows(w: &Tensor, k: usize, s: usize) -> Result<Tensor> {
 pub fn cluster_sums(y: &Tensor, assign: &Tensor, k: usize) -> Result<(Vec<f64>, Vec<f64>)> {
     let (n, d) = y.dims2()?;
     let dev = y.device();
-    let sums = Tensor::zeros((k, d), DType::F64, dev)?.index_add(
-        assign,
-        &y.to_dtype(DType::F64)?,
-        0,
-    )?;
+    let sums =
+        Tensor::zeros((k, d), DType::F64, dev)?.index_add(assign, &y.to_dtype(DType::F64)?, 0)?;
     let m = Tensor::zeros(k, DType::F64, dev)?.index_add(
         assign,
         &Tensor::ones(n, DType::F64, dev)?,

@@ -166,6 +166,8 @@ pub(super) fn encode_loaded(
     let assign = t::row_argmax(&score)?;
     let mask = t::cluster_mask(&assign, k, s, f)?;
     let cen = t::centroid_latents(k, s, f, xt)?;
-    let vals = (pre.broadcast_mul(&cen.affine(-1.0, 1.0)?)? + cen.broadcast_mul(cv)?)?;
+    let vals = pre
+        .broadcast_mul(&cen.affine(-1.0, 1.0)?)?
+        .broadcast_add(&cen.broadcast_mul(cv)?)?;
     vals.broadcast_mul(&mask)
 }
