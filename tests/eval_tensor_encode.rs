@@ -15,7 +15,6 @@ use candle_core::{Device, Tensor};
 use saepipe::eval::Metrics;
 use saepipe::kernels::Workspace;
 use saepipe::sae::export::{ExportMeta, LoadedSae};
-use saepipe::sae::export_tensor::DeviceSae;
 use saepipe::sae::ArchConfig;
 use saepipe::store::InMemorySource;
 use saepipe::synthetic::{SyntheticConfig, SyntheticData};
@@ -83,7 +82,7 @@ fn tensor_and_kernel_encodes_give_the_same_metrics() {
         let mut mk = Metrics::new(D, F);
         mk.update(&held, &rk, &wk.codes);
         // tensors
-        let ds = DeviceSae::new(&sae.t, &Device::Cpu).unwrap();
+        let ds = sae.t.to_device(&Device::Cpu).unwrap();
         let (mut wt, mut rt) = (Workspace::default(), Vec::new());
         ds.run(&held, n, &mut wt, &mut rt).unwrap();
         let mut mt = Metrics::new(D, F);

@@ -577,9 +577,9 @@ fn device_sae(u: &Unit, sae: &LoadedSae) -> Result<Option<DeviceSae>> {
         return Ok(None);
     }
     let device = c.train.device(&c.model).open("train.device")?;
-    Ok(Some(DeviceSae::new(&sae.t, &device).with_context(
-        || format!("{}: loading the SAE onto train.device", u.point.id),
-    )?))
+    Ok(Some(sae.t.to_device(&device).with_context(|| {
+        format!("{}: loading the SAE onto train.device", u.point.id)
+    })?))
 }
 
 /// `x [b, s, d]` with every position replaced by the SAE's reconstruction, except those

@@ -1,8 +1,9 @@
 //! The evaluation encode on candle tensors (issue #13 item 2): a loaded SAE
 //! ([`super::export::LoadedSae`]) with its tensors on a [`Device`], encoding and decoding
-//! raw activations there. Each `architecture` brings its tensor encode in its [`Format`]
-//! ([`Format::tensor_encode`], beside the kernels' `encode`, in the variant file that owns
-//! it), so the evaluate stage and CE splicing stay generic.
+//! raw activations there (built by [`super::export::Folded::to_device`]). Each
+//! `architecture` brings its tensor encode in its [`super::export::Format`]
+//! (`tensor_encode`, beside the kernels' `encode`, in the variant file that owns it), so
+//! the evaluate stage and CE splicing stay generic.
 //!
 //! The tensor encode computes the same codes as the kernels' (the same pre-activations up
 //! to f32 summation order, the same selections: top-k by [`super::tensor::topk_mask`], ties
@@ -11,11 +12,9 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use super::export::{Folded, Format};
-use super::registry;
 use crate::kernels::Workspace;
 
-/// [`Format::tensor_encode`]: dense codes `[n, d_sae]` of `xt` (raw input rows, minus
+/// `Format::tensor_encode`: dense codes `[n, d_sae]` of `xt` (raw input rows, minus
 /// `b_dec` when `apply_b_dec_to_input`) with the device tensors.
 pub type TensorEncode = fn(&DeviceSae, &Tensor) -> Result<Tensor>;
 
@@ -28,42 +27,16 @@ pub struct DeviceSae {
     pub w_dec: Tensor,
     /// `b_dec [1, d_in]`.
     pub b_dec: Tensor,
-    per_latent: Vec<(String, Tensor)>,
-    k: Option<usize>,
-    extra_cfg: Vec<(String, serde_json::Value)>,
-    apply_b_dec_to_input: bool,
-    d_in: usize,
-    d_sae: usize,
-    encode: TensorEncode,
+    pub(crate) per_latent: Vec<(String, Tensor)>,
+    pub(crate) k: Option<usize>,
+    pub(crate) extra_cfg: Vec<(String, serde_json::Value)>,
+    pub(crate) apply_b_dec_to_input: bool,
+    pub(crate) d_in: usize,
+    pub(crate) d_sae: usize,
+    pub(crate) encode: TensorEncode,
 }
 
 impl DeviceSae {
-    /// Upload `t` to `device`.
-    pub fn new(t: &Folded, device: &Device) -> Result<Self> {
-        let (d, f) = (t.d_in, t.d_sae);
-        // a hand-built `Folded` of an unknown architecture runs as `standard`, as the kernels'
-        let format: &Format = registry::format(&t.architecture)
-            .or_else(|| registry::format("standard"))
-            .expect("invariant: relu_l1 registers the `standard` format");
-        let w_enc = Tensor::from_slice(&t.w_enc, (f, d), device)?;
-        Ok(Self {
-            w_enc_t: w_enc.t()?.contiguous()?,
-            w_dec: Tensor::from_slice(&t.w_dec, (f, d), device)?,
-            b_dec: Tensor::from_slice(&t.b_dec, (1, d), device)?,
-            per_latent: t
-                .per_latent
-                .iter()
-                .map(|(n, v)| Ok((n.clone(), Tensor::from_slice(v, (1, f), device)?)))
-                .collect::<Result<_>>()?,
-            k: t.k,
-            extra_cfg: t.extra_cfg.clone(),
-            apply_b_dec_to_input: t.apply_b_dec_to_input,
-            d_in: d,
-            d_sae: f,
-            encode: format.tensor_encode,
-        })
-    }
-
     /// The device.
     pub fn device(&self) -> &Device {
         self.w_dec.device()
