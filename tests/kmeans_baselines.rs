@@ -1,7 +1,7 @@
 //! The k-means baselines (`jsae_pamsgd.md` §2.4) fit what they should, through the shared
 //! trainer: k-means finds well-separated clusters; k-means + local PCA recovers per-cluster
 //! planes (R² → 1 where k-means alone cannot); both evaluate identically after export.
-//! The exact local-PCA baselines (`local_pca`, `kflats`, src/sae/local_pca.rs): k-flats is
+//! The exact local-PCA baselines (`local_pca`, `kflats`, src/sae/local_pca/): k-flats is
 //! monotone in MSE over its passes on random data, both recover planted flats better than
 //! k-means at equal parameters, and their exports assign exactly as training did.
 

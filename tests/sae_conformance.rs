@@ -108,7 +108,7 @@ fn loss_falls_and_invariants_hold_after_every_update() {
         // The k-means baselines are seeded by k-means++ on their first batch, so their first
         // loss is already near the k-means optimum (here it falls 6-11% in 60 steps); their
         // fitting is tested in tests/kmeans_baselines.rs. `local_pca` fits its subspaces at
-        // the run's last step (src/sae/local_pca.rs), so its training loss is k-means's.
+        // the run's last step (src/sae/local_pca/), so its training loss is k-means's.
         let loss_must_fall = !arch.kind().starts_with("kmeans") && arch.kind() != "local_pca";
         let mut src = InMemorySource::new(data(4096, 3), D);
         let mut t = Trainer::new(cfg(60), &arch, F, &mut src).unwrap();

@@ -2,6 +2,8 @@
 //! every variant with a tensor implementation ([`ArchConfig::tensor_kinds`]) and its
 //! hand-written kernels agree on the loss parts, the codes and every gradient, on a few
 //! training steps from the same init, with and without dead latents (AuxK).
+//! (The k-means baselines' state updates, and SA-GSAE's step-0 threshold calibration, are
+//! compared in `tensor_oracle_state.rs`.)
 //!
 //! "Agree" is `max |tensor − kernel| ≤ 1e-5 · max |kernel|` per tensor (loss parts: the
 //! same on the scalar): both sides are f32 with different summation orders, so elementwise
@@ -205,6 +207,10 @@ fn agree_on(device: TrainDevice, tol: f64) {
         "gated",
         "abs_topk",
         "sa_gsae",
+        "kmeans",
+        "kmeans_pca",
+        "local_pca",
+        "kflats",
     ] {
         assert!(
             archs.iter().any(|a| a.kind() == kind),

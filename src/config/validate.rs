@@ -645,7 +645,7 @@ fn check_train_backend(config: &PipelineConfig, probs: &mut Problems) {
         probs.add(
             "train.backend",
             format!(
-                "the JSAE pair ([jsae]) has no tensor implementation; train it with train.device = \"cpu\" and train.backend = \"kernels\" (now device \"{}\", backend \"tensor\")",
+                "the JSAE pair ([jsae]) has no tensor implementation (its step, two TopK SAEs and the Jacobian sparsity term, exists only as the hand-written kernels of src/jsae/); train it with train.device = \"cpu\" and train.backend = \"kernels\" (now device \"{}\", backend \"tensor\")",
                 device
             ),
         );

@@ -43,6 +43,7 @@ use super::ce::{ce_context, ce_of, CeContext, Mode};
 use super::results::{self, MetricsRow};
 use super::train::{read_done, units, Unit};
 use crate::config::Pipeline;
+use crate::config::TrainBackend;
 use crate::data::pack::Window;
 use crate::data::Split;
 use crate::eval::power::{self, PowerConfig, PowerSpec, PowerStats};
@@ -51,6 +52,7 @@ use crate::hub::HubOptions;
 use crate::models::Hookpoint;
 use crate::pipeline::capture::activations_dir;
 use crate::sae::export::LoadedSae;
+use crate::sae::export_tensor::DeviceSae;
 use crate::sae::Workspace;
 use crate::store::reader::{ActivationSet, Expect};
 use crate::store::set_dir;
@@ -414,8 +416,12 @@ fn evaluate_unit(
     let cfg = &pipeline.config.eval;
     let limit = cfg.eval_tokens.unwrap_or(u64::MAX).min(data.n_tokens());
     let mut metrics = Metrics::new(d, f);
-    // TopK / AbsTopK files: the same encode, plus the power-diagram candidates (eval/power.rs)
-    let power_spec = PowerSpec::of(&sae.t).filter(|_| cfg.power_candidates != Some(0));
+    // A unit trained on the tensor backend is evaluated on tensors too, on train.device
+    let dsae = device_sae(u, &sae)?;
+    // TopK / AbsTopK files: the same encode, plus the power-diagram candidates (eval/power.rs;
+    // kernels only: a tensor-encoded unit leaves the pd_* columns null)
+    let power_spec =
+        PowerSpec::of(&sae.t).filter(|_| cfg.power_candidates != Some(0) && dsae.is_none());
     let mut pd = power_spec.map(|spec| {
         let pc = PowerConfig {
             candidates: cfg.power_candidates.unwrap_or(power::DEFAULT_CANDIDATES),
@@ -434,13 +440,18 @@ fn evaluate_unit(
         }
         let x = &act[..n * d];
         crate::util::error::ensure_finite(x, "held-out activations", None)?;
-        match &pd {
-            Some((spec, p)) => power::encode(&sae.t, *spec, p.candidates(), x, n, &mut ws),
-            None => sae.encode(x, n, &mut ws),
+        if let Some(ds) = &dsae {
+            ds.run(x, n, &mut ws, &mut recon)
+                .with_context(|| format!("{}: tensor evaluation encode", u.point.id))?;
+        } else {
+            match &pd {
+                Some((spec, p)) => power::encode(&sae.t, *spec, p.candidates(), x, n, &mut ws),
+                None => sae.encode(x, n, &mut ws),
+            }
+            let codes = std::mem::take(&mut ws.codes);
+            sae.decode(&codes, &mut recon, &mut ws);
+            ws.codes = codes;
         }
-        let codes = std::mem::take(&mut ws.codes);
-        sae.decode(&codes, &mut recon, &mut ws);
-        ws.codes = codes;
         crate::util::error::ensure_finite(&recon, "SAE reconstruction", None)?;
         metrics.update(x, &recon, &ws.codes);
         if let Some((_, p)) = pd.as_mut() {
@@ -493,23 +504,8 @@ fn evaluate_unit(
     let (ce_clean, ce_spliced, ce_zero) = match ce {
         Some(ctx) => {
             // Splice the reconstruction in, keeping special-token positions clean.
-            let mut splice = |x: &Tensor, windows: &[Window]| -> candle_core::Result<Tensor> {
-                let (b, s, dd) = x.dims3()?;
-                let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let mut ws = Workspace::default();
-                let mut out = Vec::new();
-                sae.encode(&v, b * s, &mut ws);
-                let codes = std::mem::take(&mut ws.codes);
-                sae.decode(&codes, &mut out, &mut ws);
-                for (bi, w) in windows.iter().enumerate().take(b) {
-                    for (t, id) in w.ids.iter().enumerate().take(s) {
-                        if ctx.special.contains(id) {
-                            let at = (bi * s + t) * dd;
-                            out[at..at + dd].copy_from_slice(&v[at..at + dd]);
-                        }
-                    }
-                }
-                Tensor::from_vec(out, (b, s, dd), x.device())?.to_dtype(x.dtype())
+            let mut splice = |x: &Tensor, windows: &[Window]| {
+                splice_sae(&sae, dsae.as_ref(), &ctx.special, x, windows)
             };
             let spliced = ce_of(ctx, u.hookpoint, Mode::Splice(&mut splice))?;
             (Some(ctx.clean), Some(spliced), zero)
@@ -570,6 +566,64 @@ fn evaluate_unit(
         sae_path: u.dir.display().to_string(),
         power: power_values,
     })
+}
+
+/// The unit's SAE on its `train.device` when it was trained on the tensor backend
+/// (`train.backend = "tensor"`, the default for `train.device = "cuda"`): evaluation then
+/// encodes on tensors ([`DeviceSae`]); `None` = the kernels.
+fn device_sae(u: &Unit, sae: &LoadedSae) -> Result<Option<DeviceSae>> {
+    let c = &u.point.config;
+    if c.train.backend(&c.model) != TrainBackend::Tensor {
+        return Ok(None);
+    }
+    let device = c.train.device(&c.model).open("train.device")?;
+    Ok(Some(sae.t.to_device(&device).with_context(|| {
+        format!("{}: loading the SAE onto train.device", u.point.id)
+    })?))
+}
+
+/// `x [b, s, d]` with every position replaced by the SAE's reconstruction, except those
+/// holding a special token of `windows`: on the kernels (`dsae = None`) or on tensors.
+pub fn splice_sae(
+    sae: &LoadedSae,
+    dsae: Option<&DeviceSae>,
+    special: &[u32],
+    x: &Tensor,
+    windows: &[Window],
+) -> candle_core::Result<Tensor> {
+    let (b, s, dd) = x.dims3()?;
+    let keep: Vec<bool> = (0..b * s)
+        .map(|at| {
+            windows
+                .get(at / s)
+                .and_then(|w| w.ids.get(at % s))
+                .is_some_and(|id| special.contains(id))
+        })
+        .collect();
+    if let Some(ds) = dsae {
+        let xf = x
+            .to_dtype(DType::F32)?
+            .to_device(ds.device())?
+            .reshape((b * s, dd))?;
+        let out = ds.decode(&ds.encode(&xf)?)?;
+        let k: Vec<f32> = keep.iter().map(|&k| if k { 1.0 } else { 0.0 }).collect();
+        let k = Tensor::from_vec(k, (b * s, 1), ds.device())?;
+        let out = (k.broadcast_mul(&xf)? + k.affine(-1.0, 1.0)?.broadcast_mul(&out)?)?;
+        return out
+            .reshape((b, s, dd))?
+            .to_device(x.device())?
+            .to_dtype(x.dtype());
+    }
+    let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let mut ws = Workspace::default();
+    let mut out = Vec::new();
+    sae.encode(&v, b * s, &mut ws);
+    let codes = std::mem::take(&mut ws.codes);
+    sae.decode(&codes, &mut out, &mut ws);
+    for (at, _) in keep.iter().enumerate().filter(|(_, &k)| k) {
+        out[at * dd..(at + 1) * dd].copy_from_slice(&v[at * dd..(at + 1) * dd]);
+    }
+    Tensor::from_vec(out, (b, s, dd), x.device())?.to_dtype(x.dtype())
 }
 
 /// Per hookpoint and arch: the best R² in each L0 band, and the dead fraction there.

@@ -80,6 +80,7 @@ pub static VARIANT: Variant = Variant {
         per_latent: &["b_enc"],
         read_cfg,
         encode: encode_loaded,
+        tensor_encode: tensor_encode_loaded,
     }],
 };
 
@@ -135,6 +136,17 @@ fn encode_loaded(t: &Folded, n: usize, ws: &mut Workspace) {
         |_, row, buf| select_abs(row, k, buf),
     );
 }
+
+/// [`encode_loaded`] on tensors ([`crate::sae::export_tensor`]).
+fn tensor_encode_loaded(
+    s: &crate::sae::export_tensor::DeviceSae,
+    xt: &candle_core::Tensor,
+) -> candle_core::Result<candle_core::Tensor> {
+    let pre = s.pre(xt, Some("b_enc"))?;
+    let sel = crate::sae::tensor::topk_mask(&pre.abs()?, s.k())?;
+    pre * sel
+}
+
 
 /// The AbsTopK activation of one token, appended to `buf.main`: the `k` largest `|π_i|`
 /// (ties: lower index first) with their signed values `π_i`, exact zeros dropped.

@@ -129,6 +129,37 @@ pub struct Folded {
 }
 
 impl Folded {
+    /// These tensors on `device`, for the tensor evaluation encode
+    /// ([`super::export_tensor`]).
+    pub fn to_device(
+        &self,
+        device: &candle_core::Device,
+    ) -> candle_core::Result<super::export_tensor::DeviceSae> {
+        use candle_core::Tensor;
+        let (d, f) = (self.d_in, self.d_sae);
+        // a hand-built `Folded` of an unknown architecture runs as `standard`, as the kernels'
+        let format = registry::format(&self.architecture)
+            .or_else(|| registry::format("standard"))
+            .expect("invariant: relu_l1 registers the `standard` format");
+        let w_enc = Tensor::from_slice(&self.w_enc, (f, d), device)?;
+        Ok(super::export_tensor::DeviceSae {
+            w_enc_t: w_enc.t()?.contiguous()?,
+            w_dec: Tensor::from_slice(&self.w_dec, (f, d), device)?,
+            b_dec: Tensor::from_slice(&self.b_dec, (1, d), device)?,
+            per_latent: self
+                .per_latent
+                .iter()
+                .map(|(n, v)| Ok((n.clone(), Tensor::from_slice(v, (1, f), device)?)))
+                .collect::<candle_core::Result<_>>()?,
+            k: self.k,
+            extra_cfg: self.extra_cfg.clone(),
+            apply_b_dec_to_input: self.apply_b_dec_to_input,
+            d_in: d,
+            d_sae: f,
+            encode: format.tensor_encode,
+        })
+    }
+
     /// The per-latent tensor `name`.
     pub fn per(&self, name: &str) -> &[f32] {
         &self
@@ -166,6 +197,9 @@ pub struct Format {
     /// Encode `n` rows of `ws.xt` (raw input, minus `b_dec` when `apply_b_dec_to_input`)
     /// into `ws.codes` with the loaded tensors.
     pub encode: fn(&Folded, usize, &mut Workspace),
+    /// The same encode on candle tensors (the evaluation encode of the tensor backend,
+    /// [`super::export_tensor`]).
+    pub tensor_encode: super::export_tensor::TensorEncode,
 }
 
 /// [`Format::read_cfg`] for architectures without extra keys.

@@ -92,6 +92,7 @@ pub static VARIANT: Variant = Variant {
         per_latent: &["b_gate", "b_mag", "r_mag"],
         read_cfg: super::export::no_extra_cfg,
         encode: encode_loaded,
+        tensor_encode: tensor_encode_loaded,
     }],
 };
 
@@ -140,6 +141,20 @@ fn encode_loaded(t: &Folded, n: usize, ws: &mut Workspace) {
         }
     });
 }
+
+/// [`encode_loaded`] on tensors ([`crate::sae::export_tensor`]).
+fn tensor_encode_loaded(
+    s: &crate::sae::export_tensor::DeviceSae,
+    xt: &candle_core::Tensor,
+) -> candle_core::Result<candle_core::Tensor> {
+    let u = s.pre(xt, None)?;
+    let gate = crate::sae::export_tensor::mask(u.broadcast_add(s.per("b_gate")?)?.gt(0f32)?)?;
+    let m = u
+        .broadcast_mul(&s.per("r_mag")?.exp()?)?
+        .broadcast_add(s.per("b_mag")?)?;
+    m.relu()? * gate
+}
+
 
 /// The Gated SAE.
 pub struct Gated {

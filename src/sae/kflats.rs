@@ -3,7 +3,7 @@
 //! residual to each region's affine subspace and exact refit of its mean and top-r principal
 //! components. Monotone non-increasing in MSE when each pass sees the same tokens. The model,
 //! its fitting passes, its exact export (the `kmeans` format with `assignment = "residual"`)
-//! and its memory cost are documented in `local_pca.rs`.
+//! and its memory cost are documented in `local_pca/`.
 
 use serde::{Deserialize, Serialize};
 
@@ -35,7 +35,7 @@ impl Default for Config {
     }
 }
 
-/// The registration of `kflats` (exports in the `kmeans` format of `kmeans.rs`).
+/// The registration of `kflats` (exports in the `kmeans` format of `kmeans/`).
 pub static VARIANT: Variant = Variant {
     kind: ARCH,
     parse: Variant::parse::<Config>,
@@ -83,5 +83,8 @@ impl ArchSpec for Config {
     }
     fn recommended_adam(&self, _d_sae: usize) -> (f32, f32, f32) {
         ADAM
+    }
+    fn supports_tensor(&self) -> bool {
+        true
     }
 }

@@ -27,6 +27,7 @@
 //! vectors, and [`ExportParts`] lists per-latent tensors with how they fold.
 
 pub mod export;
+pub mod export_tensor;
 pub mod registry;
 pub mod tensor;
 pub mod topk_family;

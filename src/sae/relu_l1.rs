@@ -69,6 +69,7 @@ pub static VARIANT: Variant = Variant {
         per_latent: &["b_enc"],
         read_cfg: super::export::no_extra_cfg,
         encode: encode_loaded,
+        tensor_encode: tensor_encode_loaded,
     }],
 };
 
@@ -125,6 +126,16 @@ fn encode_loaded(t: &Folded, n: usize, ws: &mut Workspace) {
         },
     );
 }
+
+/// [`encode_loaded`] on tensors ([`crate::sae::export_tensor`]).
+fn tensor_encode_loaded(
+    s: &crate::sae::export_tensor::DeviceSae,
+    xt: &candle_core::Tensor,
+) -> candle_core::Result<candle_core::Tensor> {
+    let pre = s.pre(xt, Some("b_enc"))?;
+    pre.relu()
+}
+
 
 /// The ReLU+L1 SAE.
 pub struct ReluL1 {

@@ -198,6 +198,107 @@ pub fn zero_with_grad(t: &Tensor) -> Result<Tensor> {
     t - t.detach()
 }
 
+/// What a k-means baseline's tensor forward leaves for its [`super::Sae::update_state`]
+/// (`kmeans/`, `local_pca/`): the step's centred inputs `x̃ = x − b_dec` and its assignment,
+/// on the device, so that the state update (cluster sums, second moments) runs on device
+/// results instead of recomputing them on the host.
+#[derive(Debug)]
+pub struct ClusterStep {
+    /// Step it belongs to.
+    pub step: u64,
+    /// Tokens.
+    pub n: usize,
+    /// `x̃ [n, d]`, `f32`, detached.
+    pub xt: Tensor,
+    /// Cluster of every token, `u32 [n]`.
+    pub assign: Tensor,
+}
+
+/// The hand-over slot of [`ClusterStep`]: filled by the `&self` tensor forward, emptied by
+/// the `&mut self` state update of the same step (and by the kernels' step, so a stale
+/// entry is never used).
+///
+/// Decision: a slot inside the variant instead of an engine hook, so that the engine keeps
+/// calling only `tensor_forward` then `update_state`, as for every variant.
+#[derive(Debug, Default)]
+pub struct StepSlot(std::sync::Mutex<Option<ClusterStep>>);
+
+impl StepSlot {
+    /// Keep `s` for the state update.
+    pub fn put(&self, s: ClusterStep) {
+        // a poisoned slot only held a previous step's tensors
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *g = Some(s);
+    }
+
+    /// Take what the tensor forward of step `step` on `n` tokens left, if anything.
+    pub fn take(&mut self, step: u64, n: usize) -> Option<ClusterStep> {
+        let g = self.0.get_mut().unwrap_or_else(|e| e.into_inner());
+        g.take().filter(|s| s.step == step && s.n == n)
+    }
+
+    /// Forget any pending step.
+    pub fn clear(&mut self) {
+        *self.0.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// Index of the largest entry of every row (`u32 [n]`), ties to the lower index as the
+/// kernels' argmax.
+pub fn row_argmax(scores: &Tensor) -> Result<Tensor> {
+    scores.argmax(1)?.to_dtype(DType::U32)
+}
+
+/// `f32` 0/1 mask `[n, f]` of the `s` latents `c·s … c·s + s − 1` of each token's cluster
+/// `c = assign[b]` (the latent layout of the k-means baselines; latents past `k·s` stay 0).
+pub fn cluster_mask(assign: &Tensor, k: usize, s: usize, f: usize) -> Result<Tensor> {
+    let n = assign.dims1()?;
+    let ids = Tensor::arange(0u32, k as u32, assign.device())?.reshape((1, k))?;
+    let onehot = ids
+        .broadcast_eq(&assign.reshape((n, 1))?)?
+        .to_dtype(DType::F32)?;
+    onehot
+        .reshape((n, k, 1))?
+        .broadcast_as((n, k, s))?
+        .reshape((n, k * s))?
+        .pad_with_zeros(1, 0, f - k * s)
+}
+
+/// `[1, f]` `f32` indicator of the centroid latents `c·s` (`c < k`).
+pub fn centroid_latents(k: usize, s: usize, f: usize, like: &Tensor) -> Result<Tensor> {
+    let mask: Vec<bool> = (0..f).map(|i| i < k * s && i % s == 0).collect();
+    bool_mask(&mask, like)
+}
+
+/// Rows `0, s, 2s, …` (`k` of them) of `w`: the centroid rows of the k-means layout.
+pub fn centroid_rows(w: &Tensor, k: usize, s: usize) -> Result<Tensor> {
+    let idx = Tensor::arange_step(0u32, (k * s) as u32, s as u32, w.device())?;
+    w.index_select(&idx, 0)
+}
+
+/// Per-cluster row sums of `y [n, d]` and token counts, accumulated in `f64` on the device
+/// and brought back: `(Σ_{b ∈ c} y_b` as `[k·d]`, `m_c` as `[k]`).
+pub fn cluster_sums(y: &Tensor, assign: &Tensor, k: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (n, d) = y.dims2()?;
+    let dev = y.device();
+    let sums =
+        Tensor::zeros((k, d), DType::F64, dev)?.index_add(assign, &y.to_dtype(DType::F64)?, 0)?;
+    let m = Tensor::zeros(k, DType::F64, dev)?.index_add(
+        assign,
+        &Tensor::ones(n, DType::F64, dev)?,
+        0,
+    )?;
+    Ok((sums.flatten_all()?.to_vec1()?, m.to_vec1()?))
+}
+
+/// Second moment `Σ_{b ∈ toks} y_b y_bᵀ` (`[d, d]` row-major, `f64`) of the rows `toks` of
+/// `y`: one device GEMM on the gathered rows.
+pub fn second_moment(y: &Tensor, toks: &[u32]) -> Result<Vec<f64>> {
+    let idx = Tensor::from_slice(toks, toks.len(), y.device())?;
+    let yc = y.index_select(&idx, 0)?.to_dtype(DType::F64)?;
+    yc.t()?.matmul(&yc)?.flatten_all()?.to_vec1()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -69,6 +69,7 @@ pub static VARIANT: Variant = Variant {
         per_latent: &["b_enc"],
         read_cfg,
         encode: encode_loaded,
+        tensor_encode: tensor_encode_loaded,
     }],
 };
 
@@ -137,6 +138,17 @@ fn encode_loaded(t: &Folded, n: usize, ws: &mut Workspace) {
         },
     );
 }
+
+/// [`encode_loaded`] on tensors ([`crate::sae::export_tensor`]).
+fn tensor_encode_loaded(
+    s: &crate::sae::export_tensor::DeviceSae,
+    xt: &candle_core::Tensor,
+) -> candle_core::Result<candle_core::Tensor> {
+    let pre = s.pre(xt, Some("b_enc"))?;
+    let sel = crate::sae::tensor::topk_mask(&pre, s.k())?;
+    pre.relu()? * sel
+}
+
 
 /// The TopK SAE.
 pub struct TopK {

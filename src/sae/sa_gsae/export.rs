@@ -5,6 +5,8 @@
 
 use super::*;
 use crate::sae::export::{Folded, Format};
+use crate::sae::export_tensor::{mask, DeviceSae};
+use candle_core::Tensor;
 
 impl SaGsae {
     pub(super) fn export(&self) -> ExportParts {
@@ -92,6 +94,7 @@ pub(super) const FORMATS: &[Format] = &[
         per_latent: &["b_enc", "threshold_pos", "threshold_neg"],
         read_cfg,
         encode: encode_bi_jumprelu,
+        tensor_encode: tensor_bi_jumprelu,
     },
     Format {
         architecture: ARCH,
@@ -106,6 +109,7 @@ pub(super) const FORMATS: &[Format] = &[
         ],
         read_cfg,
         encode: encode_gate_form,
+        tensor_encode: tensor_gate_form,
     },
 ];
 
@@ -139,6 +143,36 @@ fn encode_bi_jumprelu(t: &Folded, n: usize, ws: &mut Workspace) {
             }
         },
     );
+}
+
+/// [`encode_bi_jumprelu`] on tensors.
+fn tensor_bi_jumprelu(s: &DeviceSae, xt: &Tensor) -> candle_core::Result<Tensor> {
+    let m = s.pre(xt, Some("b_enc"))?;
+    let open = (mask(m.broadcast_gt(s.per("threshold_pos")?)?)?
+        + mask(m.broadcast_lt(s.per("threshold_neg")?)?)?)?
+    .minimum(1f32)?;
+    m * open
+}
+
+/// [`encode_gate_form`] on tensors.
+fn tensor_gate_form(s: &DeviceSae, xt: &Tensor) -> candle_core::Result<Tensor> {
+    let sign = !s
+        .extra("sign_consistent")
+        .is_some_and(|v| v == &serde_json::Value::Bool(false));
+    let u = s.pre(xt, None)?;
+    let pi = u.broadcast_add(s.per("b_gate")?)?;
+    let g0 = mask(pi.broadcast_gt(s.per("threshold_pos")?)?)?;
+    let g1 = (mask(pi.neg()?.broadcast_gt(s.per("threshold_neg")?)?)? * g0.affine(-1.0, 1.0)?)?;
+    let mag = |r: &str, b: &str| -> candle_core::Result<Tensor> {
+        u.broadcast_mul(&s.per(r)?.exp()?)?.broadcast_add(s.per(b)?)
+    };
+    let (m0, m1) = (mag("r_mag_pos", "b_mag_pos")?, mag("r_mag_neg", "b_mag_neg")?);
+    let (k0, k1) = if sign {
+        (mask(m0.gt(0f32)?)?, mask(m1.lt(0f32)?)?)
+    } else {
+        (mask(m0.ne(0f32)?)?, mask(m1.ne(0f32)?)?)
+    };
+    (m0 * (g0 * k0)?)? + (m1 * (g1 * k1)?)?
 }
 
 /// `sa_gsae` (gate form, untied magnitudes).

@@ -223,10 +223,9 @@ impl ArchSpec for Config {
         }
         out
     }
-    /// Not with `init_threshold_quantile`, whose step-0 calibration changes the parameters
-    /// inside the kernels' step.
+    /// Every option (`init_threshold_quantile`: `tensor_step.rs`).
     fn supports_tensor(&self) -> bool {
-        self.init_threshold_quantile.is_none()
+        true
     }
 }
 
@@ -259,6 +258,9 @@ pub struct SaGsae {
     side: Vec<u8>,
     /// G on aux entries (STE only).
     band_g: Vec<f32>,
+    /// `init_threshold_quantile` on the tensor backend: the log-thresholds calibrated by
+    /// the step-0 tensor forward, installed by [`Sae::update_state`] (`tensor_step.rs`).
+    calibrated: std::sync::Mutex<Option<Vec<f32>>>,
 }
 
 impl SaGsae {
@@ -345,6 +347,7 @@ impl SaGsae {
             jump: [Vec::new(), Vec::new()],
             side: Vec::new(),
             band_g: Vec::new(),
+            calibrated: std::sync::Mutex::new(None),
         })
     }
 
@@ -424,19 +427,30 @@ impl Sae for SaGsae {
         params: &[candle_core::Tensor],
         input: &crate::sae::tensor::TensorInput,
     ) -> Result<crate::sae::tensor::TensorForward, SaeError> {
-        if self.cfg.init_threshold_quantile.is_some() {
-            return Err(SaeError::Config {
-                arch: ARCH,
-                msg: "init_threshold_quantile is not implemented on the tensor backend (train.device = \"cuda\" or train.backend = \"tensor\"); leave it unset or use the CPU kernels".into(),
-            });
-        }
-        self.tensor_step(params, input)
+        self.tensor_calibrated_step(params, input)
             .map_err(|e| SaeError::tensor(ARCH, e))
     }
 
-    /// No state update: the non-trainable `revived` counter is [`Sae::revive_dead`]'s.
+    /// Device-resident unless `init_threshold_quantile` is set: the `revived` counter is
+    /// [`Sae::revive_dead`]'s, and the step-0 calibration is installed by
+    /// [`Sae::update_state`] on the host round trip.
     fn tensor_state_resident(&self) -> bool {
-        true
+        self.cfg.init_threshold_quantile.is_none()
+    }
+
+    /// Installs the thresholds a step-0 tensor forward calibrated
+    /// (`init_threshold_quantile`); nothing else of SA-GSAE is state.
+    fn update_state(&mut self, input: &StepInput, _ws: &Workspace) {
+        let cal = self
+            .calibrated
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let (0, Some(t)) = (input.step, cal) {
+            for s in 0..2 {
+                self.params[self.ix.t[s]].data.copy_from_slice(&t);
+            }
+        }
     }
 
     fn revive_dead(&mut self, steps_done: u64, dead: &[bool]) -> Vec<(usize, usize)> {

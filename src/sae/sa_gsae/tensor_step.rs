@@ -14,6 +14,45 @@ fn m(t: Tensor) -> CResult<Tensor> {
 }
 
 impl SaGsae {
+    /// [`Self::tensor_step`], with `init_threshold_quantile`'s step-0 calibration: π of the
+    /// first ≤ [`c::CHUNK`] tokens on the device (the forward's own GEMM), the per-latent
+    /// quantile on the host (`train::log_quantiles`, as the kernels), the forward run with
+    /// θ = the calibrated values (a constant plus `zero_with_grad(θ)`, so the gradient still
+    /// reaches the parameter) and the values kept for `update_state` to install.
+    pub(super) fn tensor_calibrated_step(
+        &self,
+        p: &[Tensor],
+        input: &TensorInput,
+    ) -> CResult<TensorForward> {
+        let q = match (input.step, self.cfg.init_threshold_quantile) {
+            (0, Some(q)) => q,
+            _ => return self.tensor_step(p, input),
+        };
+        let ix = self.ix;
+        let rows = input.n.min(c::CHUNK);
+        let xt = if self.cfg.pre_encoder_bias {
+            input.x.broadcast_sub(&p[ix.b_dec])?
+        } else {
+            input.x.clone()
+        };
+        let pre = xt
+            .matmul(&p[ix.w_enc].t()?)?
+            .broadcast_add(&p[ix.b_gate])?
+            .narrow(0, 0, rows)?
+            .detach()
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let cal = super::train::log_quantiles(&pre, rows, self.f, q);
+        let mut p2 = p.to_vec();
+        for s in 0..2 {
+            let i = ix.t[s];
+            let fixed = Tensor::from_slice(&cal, p[i].shape(), p[i].device())?;
+            p2[i] = (fixed + t::zero_with_grad(&p[i])?)?;
+        }
+        *self.calibrated.lock().unwrap_or_else(|e| e.into_inner()) = Some(cal);
+        self.tensor_step(&p2, input)
+    }
+
     pub(super) fn tensor_step(&self, p: &[Tensor], input: &TensorInput) -> CResult<TensorForward> {
         let cfg = &self.cfg;
         let ix = self.ix;

@@ -12,6 +12,8 @@ impl SaGsae {
     ) -> Result<StepOutput, SaeError> {
         let (d, f, n) = (self.d, self.f, input.n);
         check_width(ARCH, d, input.x, n)?;
+        // a tensor step's calibration is not this step's
+        *self.calibrated.get_mut().unwrap_or_else(|e| e.into_inner()) = None;
         if let (0, Some(q)) = (input.step, self.cfg.init_threshold_quantile) {
             self.calibrate_thresholds(input.x, n, q);
         }
@@ -272,18 +274,26 @@ impl SaGsae {
             Some(&p[self.ix.b_gate].data),
             &mut pre,
         );
-        let k = ((q as f64 * rows as f64) as usize).min(rows - 1);
-        let mut col = vec![0.0f32; rows];
-        let mut t = vec![0.0f32; f];
-        for (i, ti) in t.iter_mut().enumerate() {
-            for (b, v) in col.iter_mut().enumerate() {
-                *v = pre[b * f + i].abs();
-            }
-            col.select_nth_unstable_by(k, f32::total_cmp);
-            *ti = col[k].max(1e-6).ln();
-        }
+        let t = log_quantiles(&pre, rows, f, q);
         for s in 0..2 {
             self.params[self.ix.t[s]].data.copy_from_slice(&t);
         }
     }
+}
+
+/// `ln max(quantile q of |π_i|, 1e-6)` per latent `i` of `pre [rows, f]` (the element of rank
+/// `⌊q·rows⌋`, as `select_nth`): the calibrated log-thresholds of `init_threshold_quantile`,
+/// for the kernels' and the tensor step alike.
+pub(super) fn log_quantiles(pre: &[f32], rows: usize, f: usize, q: f32) -> Vec<f32> {
+    let k = ((q as f64 * rows as f64) as usize).min(rows - 1);
+    let mut col = vec![0.0f32; rows];
+    let mut t = vec![0.0f32; f];
+    for (i, ti) in t.iter_mut().enumerate() {
+        for (b, v) in col.iter_mut().enumerate() {
+            *v = pre[b * f + i].abs();
+        }
+        col.select_nth_unstable_by(k, f32::total_cmp);
+        *ti = col[k].max(1e-6).ln();
+    }
+    t
 }

@@ -54,10 +54,10 @@
 //! Decision: covariances, not a randomised top-r, so the subspaces are exact for the data
 //! seen (cost `d²/2` per token and `K·O(d³)` per refit, §2.4).
 //!
-//! Export: SAELens has no such architecture; the `kmeans` format of `kmeans.rs` (centroid
+//! Export: SAELens has no such architecture; the `kmeans` format of `kmeans/` (centroid
 //! latents with `code_value`, linear subspace latents) with `cfg.json` keys `rank`,
 //! `n_clusters` and `assignment` = `"nearest_centroid"` (local_pca) or `"residual"` (kflats),
-//! so saepipe's loader assigns exactly as training did (see `kmeans.rs`).
+//! so saepipe's loader assigns exactly as training did (see `kmeans/`).
 
 use nalgebra::{DMatrix, SymmetricEigen};
 use rayon::prelude::*;
@@ -68,7 +68,10 @@ use super::{
     StepOutput, Variant,
 };
 use crate::kernels::{self as c, Workspace};
+use crate::sae::tensor::StepSlot;
 use crate::util::rng::Rng;
+
+mod tensor;
 
 /// Variant name of the one-shot k-means + local-PCA autoencoder.
 pub const ARCH: &str = "local_pca";
@@ -88,7 +91,7 @@ impl Default for Config {
     }
 }
 
-/// The registration of `local_pca` (exports in the `kmeans` format of `kmeans.rs`).
+/// The registration of `local_pca` (exports in the `kmeans` format of `kmeans/`).
 pub static VARIANT: Variant = Variant {
     kind: ARCH,
     parse: Variant::parse::<Config>,
@@ -118,6 +121,9 @@ impl ArchSpec for Config {
     fn recommended_adam(&self, _d_sae: usize) -> (f32, f32, f32) {
         ADAM
     }
+    fn supports_tensor(&self) -> bool {
+        true
+    }
 }
 
 const W_ENC: usize = 0;
@@ -139,6 +145,8 @@ pub struct Flats {
     seed: u64,
     total_steps: u64,
     params: Vec<Param>,
+    /// What the tensor forward leaves for [`Sae::update_state`] (`tensor.rs`).
+    slot: StepSlot,
 }
 
 /// f64 entries per cluster accumulator: count, first moment, packed upper triangle.
@@ -230,6 +238,7 @@ impl Flats {
                 state("seeded", vec![1], vec![0.0]),
                 state("acc", vec![k, 2 * e], vec![0.0; k * 2 * e]),
             ],
+            slot: StepSlot::default(),
         })
     }
 
@@ -254,6 +263,24 @@ impl Flats {
             i += 1;
         }
         (i, t + 1 == end(i))
+    }
+
+    /// `T < S`: the run is too short for the fitting passes.
+    fn check_schedule(&self) -> Result<(), SaeError> {
+        if self.total_steps > 0 && self.total_steps < self.segments() {
+            return Err(SaeError::Config {
+                arch: self.arch,
+                msg: format!(
+                    "{} fits in {} passes (k-means, PCA{}) but the run has {} steps; raise train.total_tokens to at least {} batches",
+                    self.arch,
+                    self.segments(),
+                    if self.iterations > 0 { ", k-flats iterations" } else { "" },
+                    self.total_steps,
+                    self.segments()
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Assignment by residual (kflats) or nearest centroid (local_pca).
@@ -345,27 +372,60 @@ impl Flats {
 
     /// One mini-batch k-means step (per-centroid rate `m_c / n_c`).
     fn update_centroids(&mut self, xt: &[f32], groups: &[Vec<usize>]) {
-        let (d, s) = (self.d, self.stride());
+        let d = self.d;
+        let mut sums = vec![0.0f64; self.k * d];
+        let mut m = vec![0.0f64; self.k];
         for (cl, toks) in groups.iter().enumerate() {
-            if toks.is_empty() {
-                continue;
-            }
-            let mut sum = vec![0.0f64; d];
             for &b in toks {
-                for (a, v) in sum.iter_mut().zip(&xt[b * d..(b + 1) * d]) {
+                for (a, v) in sums[cl * d..(cl + 1) * d]
+                    .iter_mut()
+                    .zip(&xt[b * d..(b + 1) * d])
+                {
                     *a += *v as f64;
                 }
             }
-            let m = toks.len() as f64;
-            self.params[COUNTS].data[cl] += toks.len() as f32;
+            m[cl] = toks.len() as f64;
+        }
+        self.apply_centroid_step(&sums, &m);
+    }
+
+    /// `μ_c ← μ_c + (Σ_{b∈c} x̃_b − m_c μ_c)/n_c` from per-cluster sums `[k·d]` and counts
+    /// (host sums, or the tensor step's device sums).
+    fn apply_centroid_step(&mut self, sums: &[f64], m: &[f64]) {
+        let (d, s) = (self.d, self.stride());
+        for (cl, &mc) in m.iter().enumerate().take(self.k) {
+            if mc == 0.0 {
+                continue;
+            }
+            self.params[COUNTS].data[cl] += mc as f32;
             let inv = 1.0 / self.params[COUNTS].data[cl] as f64;
             let lat = cl * s;
             let row = &mut self.params[W_DEC].data[lat * d..(lat + 1) * d];
-            for (mu, sm) in row.iter_mut().zip(&sum) {
-                *mu = (*mu as f64 + (sm - m * *mu as f64) * inv) as f32;
+            for (mu, sm) in row.iter_mut().zip(&sums[cl * d..(cl + 1) * d]) {
+                *mu = (*mu as f64 + (sm - mc * *mu as f64) * inv) as f32;
             }
             let row = row.to_vec();
             self.params[W_ENC].data[lat * d..(lat + 1) * d].copy_from_slice(&row);
+        }
+    }
+
+    /// Add cluster `cl`'s batch moments (`m` tokens, `Σ y [d]`, `Σ y yᵀ [d, d]` row-major,
+    /// from the tensor step) to its accumulators.
+    fn add_moments(&mut self, cl: usize, m: f64, s1: &[f64], s2: &[f64]) {
+        let d = self.d;
+        let e = acc_entries(d);
+        let a = &mut self.params[ACC].data[cl * 2 * e..(cl + 1) * 2 * e];
+        put(a, 0, get(a, 0) + m);
+        for (i, v) in s1.iter().enumerate() {
+            put(a, 1 + i, get(a, 1 + i) + v);
+        }
+        let mut off = 1 + d;
+        for i in 0..d {
+            for j in i..d {
+                let at = off + j - i;
+                put(a, at, get(a, at) + s2[i * d + j]);
+            }
+            off += d - i;
         }
     }
 
@@ -520,19 +580,8 @@ impl Sae for Flats {
     ) -> Result<StepOutput, SaeError> {
         let (d, n) = (self.d, input.n);
         check_width(self.arch, d, input.x, n)?;
-        if self.total_steps > 0 && self.total_steps < self.segments() {
-            return Err(SaeError::Config {
-                arch: self.arch,
-                msg: format!(
-                    "{} fits in {} passes (k-means, PCA{}) but the run has {} steps; raise train.total_tokens to at least {} batches",
-                    self.arch,
-                    self.segments(),
-                    if self.iterations > 0 { ", k-flats iterations" } else { "" },
-                    self.total_steps,
-                    self.segments()
-                ),
-            });
-        }
+        self.slot.clear();
+        self.check_schedule()?;
         c::prepare_input(input.x, d, Some(&self.params[B_DEC].data), &mut ws.xt);
         if self.params[SEEDED].data[0] == 0.0 {
             let xt = std::mem::take(&mut ws.xt);
@@ -561,8 +610,23 @@ impl Sae for Flats {
         })
     }
 
-    /// Segment 0: mini-batch k-means; later segments: accumulate, and refit at their end.
+    fn tensor_forward(
+        &self,
+        params: &[candle_core::Tensor],
+        input: &crate::sae::tensor::TensorInput,
+    ) -> Result<crate::sae::tensor::TensorForward, SaeError> {
+        self.check_schedule()?;
+        self.tensor_step(params, input)
+            .map_err(|e| SaeError::tensor(self.arch, e))
+    }
+
+    /// Segment 0: mini-batch k-means; later segments: accumulate, and refit at their end
+    /// (after a tensor step, from its device results: `tensor.rs`).
     fn update_state(&mut self, input: &StepInput, ws: &Workspace) {
+        if let Some(st) = self.slot.take(input.step, input.n) {
+            self.tensor_update_state(st, input, ws);
+            return;
+        }
         if ws.xt.len() != input.n * self.d || ws.codes.n() != input.n {
             return;
         }

@@ -40,7 +40,7 @@
 //! bias `−½‖μ_i‖` become `μ_i` and `−½‖μ_i‖²/c`, i.e. `(⟨μ_i, x̃_s⟩ − ½‖μ_i‖²)/c`.
 //! `code_value` (1 before folding) becomes `‖μ_i‖/c` with a unit decoder row. Subspace
 //! latents are linear (`b_enc = −⟨e_j, μ_c⟩`) and fold like any linear code. The optional
-//! key `assignment = "residual"` (written by `kflats`, `local_pca.rs`) makes the loader assign
+//! key `assignment = "residual"` (written by `kflats`, `local_pca/`) makes the loader assign
 //! by residual to each cluster's flat instead of by nearest centroid ([`encode_loaded`]).
 
 use rayon::prelude::*;
@@ -52,7 +52,10 @@ use super::{
     StepOutput, Variant,
 };
 use crate::kernels::{self as c, Workspace};
+use crate::sae::tensor::StepSlot;
 use crate::util::rng::Rng;
+
+mod tensor;
 
 /// Variant name of the k-means autoencoder.
 pub const ARCH: &str = "kmeans";
@@ -91,6 +94,7 @@ pub static VARIANT: Variant = Variant {
         per_latent: &["b_enc", "code_value"],
         read_cfg,
         encode: encode_loaded,
+        tensor_encode: tensor::encode_loaded,
     }],
 };
 
@@ -122,6 +126,9 @@ impl ArchSpec for Config {
     fn recommended_adam(&self, _d_sae: usize) -> (f32, f32, f32) {
         ADAM
     }
+    fn supports_tensor(&self) -> bool {
+        true
+    }
 }
 
 impl ArchSpec for PcaConfig {
@@ -148,6 +155,9 @@ impl ArchSpec for PcaConfig {
     }
     fn recommended_adam(&self, _d_sae: usize) -> (f32, f32, f32) {
         ADAM
+    }
+    fn supports_tensor(&self) -> bool {
+        true
     }
     fn problems(&self, d_sae: Option<usize>) -> Vec<(&'static str, String)> {
         if self.rank == 0 {
@@ -275,6 +285,8 @@ pub struct KMeans {
     k: usize,
     seed: u64,
     params: Vec<Param>,
+    /// What the tensor forward leaves for [`Sae::update_state`] (`tensor.rs`).
+    slot: StepSlot,
 }
 
 impl KMeans {
@@ -320,6 +332,7 @@ impl KMeans {
             k,
             seed: rng.next_u64(),
             params: vec![enc, dec, bd, counts],
+            slot: StepSlot::default(),
         })
     }
 
@@ -431,12 +444,12 @@ impl KMeans {
 
     /// One mini-batch k-means step on the assigned rows of `xt`.
     fn update_centroids(&mut self, xt: &[f32], assign: &[u32]) {
-        let (d, s, k) = (self.d, self.stride(), self.k);
+        let (d, k) = (self.d, self.k);
         let mut sums = vec![0.0f64; k * d];
-        let mut m = vec![0u64; k];
+        let mut m = vec![0.0f64; k];
         for (b, &cl) in assign.iter().enumerate() {
             let cl = cl as usize;
-            m[cl] += 1;
+            m[cl] += 1.0;
             for (a, v) in sums[cl * d..(cl + 1) * d]
                 .iter_mut()
                 .zip(&xt[b * d..(b + 1) * d])
@@ -444,16 +457,23 @@ impl KMeans {
                 *a += *v as f64;
             }
         }
-        for cl in 0..k {
-            if m[cl] == 0 {
+        self.apply_centroid_step(&sums, &m);
+    }
+
+    /// `μ_c ← μ_c + (Σ_{b∈c} x̃_b − m_c μ_c)/n_c` from the batch's per-cluster sums `[k·d]`
+    /// and counts `m_c` (host or device sums, [`Self::update_centroids`] / `tensor.rs`).
+    fn apply_centroid_step(&mut self, sums: &[f64], m: &[f64]) {
+        let (d, s) = (self.d, self.stride());
+        for (cl, &mc) in m.iter().enumerate().take(self.k) {
+            if mc == 0.0 {
                 continue;
             }
-            self.params[COUNTS].data[cl] += m[cl] as f32;
+            self.params[COUNTS].data[cl] += mc as f32;
             let inv = 1.0 / self.params[COUNTS].data[cl] as f64;
             let lat = cl * s;
             let row = &mut self.params[W_DEC].data[lat * d..(lat + 1) * d];
             for (mu, sm) in row.iter_mut().zip(&sums[cl * d..(cl + 1) * d]) {
-                *mu = (*mu as f64 + (sm - m[cl] as f64 * *mu as f64) * inv) as f32;
+                *mu = (*mu as f64 + (sm - mc * *mu as f64) * inv) as f32;
             }
             let row = row.to_vec();
             self.params[W_ENC].data[lat * d..(lat + 1) * d].copy_from_slice(&row);
@@ -504,6 +524,7 @@ impl Sae for KMeans {
     ) -> Result<StepOutput, SaeError> {
         let (d, f, n) = (self.d, self.f, input.n);
         check_width(self.arch(), d, input.x, n)?;
+        self.slot.clear();
         c::prepare_input(input.x, d, Some(&self.params[B_DEC].data), &mut ws.xt);
         if self.params[COUNTS].data.iter().all(|&v| v == 0.0) {
             if self.k > n {
@@ -598,11 +619,22 @@ impl Sae for KMeans {
     }
 
     /// Mini-batch k-means step on `ws.xt` (`x̃` of the step) with the assignment
-    /// `forward_backward` left in `ws.dead`.
+    /// `forward_backward` left in `ws.dead`; after a tensor step, on its device results
+    /// (`tensor.rs`).
     fn update_state(&mut self, input: &StepInput, ws: &Workspace) {
-        if ws.dead.len() == input.n && ws.xt.len() == input.n * self.d {
+        if let Some(st) = self.slot.take(input.step, input.n) {
+            self.tensor_update_state(st, input, ws);
+        } else if ws.dead.len() == input.n && ws.xt.len() == input.n * self.d {
             self.update_centroids(&ws.xt, &ws.dead);
         }
+    }
+
+    fn tensor_forward(
+        &self,
+        params: &[candle_core::Tensor],
+        input: &crate::sae::tensor::TensorInput,
+    ) -> Result<crate::sae::tensor::TensorForward, SaeError> {
+        self.tensor_step(params, input)
     }
 
     fn export_parts(&self) -> ExportParts {
