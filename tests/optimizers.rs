@@ -170,7 +170,11 @@ fn resume_mid_run_is_bit_exact() {
             let ck = out.join(saepipe::train::CHECKPOINT_FILE);
             let mut src = InMemorySource::new(data(700, 5), D);
             let mut resumed = Trainer::resume(&ck, c.clone(), &arch, &mut src).unwrap();
-            assert_eq!(resumed.step_count(), 6, "stopped (and checkpointed) at step 6");
+            assert_eq!(
+                resumed.step_count(),
+                6,
+                "stopped (and checkpointed) at step 6"
+            );
             resumed.run(&mut src, None, &Silent, None).unwrap();
             assert_eq!(
                 bits(resumed.sae().params()),
