@@ -55,7 +55,10 @@ def read_split(folder):
 
 def find_split(run, hookpoint, held_out):
     base = os.path.join(run, "activations")
-    cands = [os.path.join(base, "eval", hookpoint)] if held_out else [os.path.join(base, hookpoint)]
+    if held_out:
+        cands = [os.path.join(base, hookpoint, "eval"), os.path.join(base, "eval", hookpoint)]
+    else:
+        cands = [os.path.join(base, hookpoint)]
     for c in cands:
         if glob.glob(os.path.join(c, "part-*.parquet")):
             return c
