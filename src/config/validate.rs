@@ -294,6 +294,7 @@ pub fn check(mut raw: Table, probs: &mut Problems) -> Option<PipelineConfig> {
         );
     }
     check_train_backend(&config, probs);
+    check_cpu_optimizers(&config, probs);
     let train_tokens = config.train.train_tokens.unwrap_or(config.data.n_tokens);
     check_streaming(&config, train_tokens, probs);
     if train_tokens < config.train.batch_tokens as u64 {
@@ -603,6 +604,33 @@ fn check_train(t: &TrainSection, probs: &mut Problems) {
                 t.grad_clip
             ),
         );
+    }
+}
+
+/// `train.optimizer.kind = "signum"` or `"muon"`: their settings, and the CPU kernels only.
+fn check_cpu_optimizers(config: &PipelineConfig, probs: &mut Problems) {
+    let o = &config.train.optimizer;
+    let problems = match *o {
+        OptimizerConfig::Signum {
+            momentum,
+            warmup_steps,
+            ..
+        } => crate::train::schedule_free::SignumConfig {
+            momentum,
+            warmup_steps,
+        }
+        .problems(),
+        OptimizerConfig::Muon { .. } => o.muon().map(|c| c.problems()).unwrap_or_default(),
+        _ => return,
+    };
+    for p in problems {
+        let (key, msg) = p.split_once(' ').unwrap_or((&p, ""));
+        probs.add(key.to_string(), msg.to_string());
+    }
+    if config.train.backend(&config.model) == TrainBackend::Tensor {
+        let msg = crate::train::config::cpu_only_optimizer(o.kind());
+        let msg = msg.strip_prefix("train.optimizer.kind = ").unwrap_or(&msg);
+        probs.add("train.optimizer.kind", msg.to_string());
     }
 }
 

@@ -4,7 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::muon::MuonConfig;
 use super::pam;
+use super::schedule_free::SignumConfig;
 pub use super::tensor::TrainDevice;
 use super::TrainError;
 
@@ -53,15 +55,29 @@ pub enum Optimizer {
     /// PAM-SGD (`jsae_pamsgd.md` §2.2): Adam with a proximal term on the encoder, the
     /// decoder by a closed-form solve every `solve_every` steps. TopK and ReLU+L1 only.
     PamSgd(pam::PamConfig),
+    /// EleutherAI sparsify's default: sign descent inside schedule-free averaging
+    /// ([`super::schedule_free`]); lr default 5e-3/√(d_sae/2^14). CPU kernels only.
+    Signum(SignumConfig),
+    /// Newton–Schulz-orthogonalised momentum for the matrices, Adam for the rest
+    /// ([`super::muon`]); lr default 2e-3. CPU kernels only.
+    Muon(MuonConfig),
 }
 
 impl Optimizer {
-    /// Name as in the metrics tables (`adam`, `pam_sgd`).
+    /// Name as in the metrics tables (`adam`, `pam_sgd`, `signum`, `muon`).
     pub fn name(&self) -> &'static str {
         match self {
             Optimizer::Adam => "adam",
             Optimizer::PamSgd(_) => "pam_sgd",
+            Optimizer::Signum(_) => "signum",
+            Optimizer::Muon(_) => "muon",
         }
+    }
+
+    /// Whether it runs on the tensor backend (Adam and PAM-SGD; `signum` and `muon` are
+    /// CPU-kernel only while the tensor backend keeps its own optimiser state).
+    pub fn supports_tensor(&self) -> bool {
+        matches!(self, Optimizer::Adam | Optimizer::PamSgd(_))
     }
 }
 
@@ -73,7 +89,8 @@ pub struct TrainConfig {
     pub batch_tokens: usize,
     /// Tokens to train on (steps = total_tokens / batch_tokens). Default 100_000_000.
     pub total_tokens: u64,
-    /// Adam learning rate; `None` = the variant's recommendation (§9). Default None.
+    /// Adam learning rate (signum: its γ); `None` = the variant's recommendation (§9; signum:
+    /// 5e-3/√(d_sae/2^14)). Default None.
     pub lr: Option<f32>,
     /// Adam β1; `None` = the variant's recommendation (0 for Gated/JumpReLU, else 0.9). Default None.
     pub adam_beta1: Option<f32>,
@@ -103,7 +120,8 @@ pub struct TrainConfig {
     pub log_every: u64,
     /// Checkpoint every this many steps (0 = only at the end). Default 1000.
     pub checkpoint_every: u64,
-    /// Optimiser: Adam (default) or PAM-SGD (whose encoder step uses the Adam settings above).
+    /// Optimiser: Adam (default), PAM-SGD (whose encoder step uses the Adam settings above),
+    /// schedule-free `signum` (which uses `lr` only, and none of the LR schedule) or `muon`.
     pub optimizer: Optimizer,
     /// Device of the training step. Default cpu.
     pub device: TrainDevice,
@@ -146,6 +164,11 @@ impl TrainConfig {
     }
 }
 
+/// Why an optimiser `kind` is refused on the tensor backend (also the config check's text).
+pub fn cpu_only_optimizer(kind: &str) -> String {
+    format!("train.optimizer.kind = \"{kind}\" runs on the CPU kernels only, not train.backend = \"tensor\" (the default on train.device = \"cuda\"); set train.backend = \"kernels\" and train.device = \"cpu\", or use kind = \"adam\" there")
+}
+
 /// Every problem with `cfg`, in one error.
 pub(crate) fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
     let mut bad = Vec::new();
@@ -180,6 +203,14 @@ pub(crate) fn validate(cfg: &TrainConfig) -> Result<(), TrainError> {
     }
     if let Optimizer::PamSgd(p) = &cfg.optimizer {
         bad.extend(p.problems());
+    }
+    match &cfg.optimizer {
+        Optimizer::Signum(c) => bad.extend(c.problems()),
+        Optimizer::Muon(c) => bad.extend(c.problems()),
+        _ => {}
+    }
+    if cfg.backend == Backend::Tensor && !cfg.optimizer.supports_tensor() {
+        bad.push(cpu_only_optimizer(cfg.optimizer.name()));
     }
     if bad.is_empty() {
         Ok(())

@@ -20,7 +20,8 @@
 //!    [`optim::Optimizer::after_step`] (PAM-SGD statistics and decoder solve);
 //! 6. firing bookkeeping in tokens since last fired (§1.5), log row;
 //! 7. [`crate::sae::Sae::revive_dead`] with the updated dead mask (the optimiser forgets the
-//!    moments of reset entries).
+//!    moments of reset entries); after the last step, [`optim::Optimizer::finish`] (schedule-free
+//!    `signum` puts its averaged point into the model, the one exported and evaluated).
 //!
 //! Before step 0 ([`Trainer::with_model`]): per SAE, estimate `c = √d / E‖x‖₂` (§1.1, SAELens
 //! `expected_average_only_in`) and initialise `b_dec` (geometric median by Weiszfeld, §1.2,
@@ -38,9 +39,11 @@ pub mod checkpoint;
 pub mod config;
 mod init;
 pub mod model;
+pub mod muon;
 pub mod optim;
 pub mod pam;
 pub mod resident;
+pub mod schedule_free;
 pub mod tensor;
 
 use std::path::{Path, PathBuf};
@@ -223,6 +226,8 @@ fn build_optimizer(
     Ok(match &cfg.optimizer {
         Optimizer::Adam => Box::new(AdamOptimizer::new(adam, model)),
         Optimizer::PamSgd(p) => Box::new(pam::PamSgd::new(p, adam, model)?),
+        Optimizer::Signum(c) => Box::new(schedule_free::Signum::new(c, cfg.lr, model)),
+        Optimizer::Muon(c) => Box::new(muon::Muon::new(c, cfg.lr, adam, model)),
     })
 }
 
@@ -812,8 +817,9 @@ impl Trainer {
             }
         }
         let warm = self.cfg.lr_warmup_steps.min(self.total_steps / 10);
-        let lr =
-            self.opt.lr() * optim::lr_factor(t, self.total_steps, warm, self.cfg.lr_decay_frac);
+        let lr = self
+            .opt
+            .scheduled_lr(t, self.total_steps, warm, self.cfg.lr_decay_frac);
         match &mut self.resident {
             Some(r) => {
                 self.stale = true;
@@ -878,6 +884,7 @@ impl Trainer {
         // the final state comes back to the host after the last step
         if self.step == self.total_steps {
             self.sync_host()?;
+            self.opt.finish(&mut *self.model);
         }
         let rec = StepRecord {
             step: self.step,

@@ -107,12 +107,18 @@ pub fn sparsity_factor(t: u64, warmup: u64) -> f32 {
 ///    decoder solve).
 ///
 /// Its state goes into the engine's checkpoint through [`Optimizer::state`] and comes back
-/// through [`Optimizer::restore`].
+/// through [`Optimizer::restore`]; after the last step, [`Optimizer::finish`].
 pub trait Optimizer: Send {
-    /// Name as in the metrics tables (`adam`, `pam_sgd`).
+    /// Name as in the metrics tables (`adam`, `pam_sgd`, `signum`).
     fn name(&self) -> &'static str;
     /// The peak learning rate (before the schedule).
     fn lr(&self) -> f32;
+    /// The learning rate at 0-based step `t` of `total`, from the engine's warmup and decay
+    /// (`train.lr_warmup_steps`, `lr_decay`). An optimiser with its own schedule (or none,
+    /// schedule-free `signum`) overrides it.
+    fn scheduled_lr(&self, t: u64, total: u64, warmup: u64, decay_frac: f32) -> f32 {
+        self.lr() * lr_factor(t, total, warmup, decay_frac)
+    }
     /// Adjust the gradients before clipping; returns loss terms it adds.
     fn prepare(
         &mut self,
@@ -131,6 +137,11 @@ pub trait Optimizer: Send {
         t: u64,
         total: u64,
     ) -> Result<(), TrainError>;
+    /// Called once after the last step: leave in the model the parameters to evaluate and
+    /// export (schedule-free `signum`: the averaged point). Default: nothing.
+    fn finish(&mut self, model: &mut dyn Model) {
+        let _ = model;
+    }
     /// Forget the moments of entry `e` of parameter `p` of SAE `s` (a revived latent).
     fn reset_entry(&mut self, s: usize, p: usize, e: usize);
     /// Everything the next step depends on, by name.

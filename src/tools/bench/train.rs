@@ -212,6 +212,28 @@ fn calibrate_l0(tr: &mut Trainer, x: &[f32], d: usize, target: f64) -> Result<()
     Ok(())
 }
 
+/// Seconds of the encoder GEMM alone at the bench's shape (`x [batch, d_in]` times
+/// `W_enc [d_sae, d_in]`ᵀ plus the bias, [`crate::kernels::gemm_xwt`], which the CPU kernels'
+/// encoders call, there chunk by chunk), over the whole batch in one call: the best of
+/// `warmup + steps` (at least 3) repetitions after one untimed call. An SAE whose only dense
+/// work is this GEMM trains at most at `batch / t` tokens/s.
+fn gemm_ceiling(a: &BenchTrainArgs, data: &[f32]) -> f64 {
+    let x = &data[..a.batch * a.d_in];
+    let w: Vec<f32> = (0..a.d_sae * a.d_in)
+        .map(|i| ((i % 97) as f32 - 48.0) * 1e-3)
+        .collect();
+    let bias = vec![0.0f32; a.d_sae];
+    let mut out = vec![0.0f32; a.batch * a.d_sae];
+    crate::kernels::gemm_xwt(x, a.batch, a.d_in, &w, a.d_sae, Some(&bias), &mut out);
+    let mut best = f64::INFINITY;
+    for _ in 0..(a.steps + a.warmup).max(3) {
+        let t0 = Instant::now();
+        crate::kernels::gemm_xwt(x, a.batch, a.d_in, &w, a.d_sae, Some(&bias), &mut out);
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    best
+}
+
 /// Run the benchmark with command-line `args` (after `bench train`); returns the table.
 pub fn run(args: &[String]) -> Result<String, BenchError> {
     let a = BenchTrainArgs::try_parse_from(
@@ -229,10 +251,6 @@ pub fn run(args: &[String]) -> Result<String, BenchError> {
         rayon::current_num_threads(),
         loadavg()
     );
-    table += &format!(
-        "{:<10} {:>8} {:>10} {:>12} {:>10} {:>14} {:>9}\n",
-        "variant", "L0", "ms/step", "tokens/s", "peakRSS", "torch tok/s", "speedup"
-    );
     let synth = SyntheticData::new(SyntheticConfig {
         d: a.d_in,
         n_features: 4 * a.d_in,
@@ -242,6 +260,22 @@ pub fn run(args: &[String]) -> Result<String, BenchError> {
         seed: 1,
     });
     let data = synth.sample(2 * a.batch, 7);
+    let ceiling = gemm_ceiling(&a, &data);
+    table += &format!(
+        "one-GEMM ceiling: the encoder GEMM alone ([{}, {}] x [{}, {}]^T, kernels::gemm_xwt, the trainer's) takes {:.1} ms = {:.0} tokens/s ({:.0} GFLOP/s)\n",
+        a.batch,
+        a.d_in,
+        a.d_sae,
+        a.d_in,
+        ceiling * 1e3,
+        a.batch as f64 / ceiling,
+        2.0 * (a.batch * a.d_in * a.d_sae) as f64 / ceiling / 1e9
+    );
+    let ceiling_tps = a.batch as f64 / ceiling;
+    table += &format!(
+        "{:<10} {:>8} {:>10} {:>12} {:>9} {:>10} {:>14} {:>9}\n",
+        "variant", "L0", "ms/step", "tokens/s", "ceiling", "peakRSS", "torch tok/s", "speedup"
+    );
     let mut ref_cache: Vec<(String, f64)> = Vec::new();
     for kind in &a.variants {
         let arch = arch_for(kind, a.k)?;
@@ -298,11 +332,12 @@ pub fn run(args: &[String]) -> Result<String, BenchError> {
             None => ("-".into(), "-".into()),
         };
         let line = format!(
-            "{:<10} {:>8.1} {:>10.0} {:>12.0} {:>10} {:>14} {:>9}\n",
+            "{:<10} {:>8.1} {:>10.0} {:>12.0} {:>8.0}% {:>10} {:>14} {:>9}\n",
             kind,
             l0,
             secs * 1000.0 / a.steps as f64,
             tps,
+            100.0 * tps / ceiling_tps,
             rss,
             tcol,
             scol
