@@ -346,3 +346,30 @@ pub fn render(pipeline: &Pipeline, shape: &Shape, calibrate: bool) -> Result<Str
     }
     Ok(o)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    /// The formula's inputs, pinned: weights at the model dtype's width (measured: a
+    /// Pythia-1B-shaped f32 capture and a SmolLM3-3B-shaped bf16 one peak within 2% of it,
+    /// README), plus one batch's working set and each hookpoint's recording.
+    #[test]
+    fn capture_peak_is_weights_in_the_model_dtype_plus_one_batch() {
+        let text = std::fs::read_to_string("pipelines/smoke.toml").unwrap();
+        let (_, pythia) = super::KNOWN_CONFIGS[0];
+        let s = crate::models::shape::shape_of_config(Path::new("c.json"), pythia).unwrap();
+        // smoke.toml: batch 4, context 32, 2 hookpoints; Pythia-1B: d 2048, d_ff 8192, 8 heads.
+        let (b, t, d, ff, h) = (4u64, 32u64, 2048u64, 8192u64, 8u64);
+        let batch = 4 * b * t * (8 * d + 3 * ff) + 8 * b * h * t * t + 2 * 12 * b * t * d;
+        for (dtype, width) in [("f32", 4), ("bf16", 2), ("f16", 2)] {
+            let sets = [format!("model.dtype={dtype}")];
+            let p = crate::config::from_str(&text, Path::new("smoke.toml"), &sets).unwrap();
+            assert_eq!(
+                super::capture_peak_bytes(&p.config, &s),
+                width * s.params + batch,
+                "{dtype}"
+            );
+        }
+    }
+}
