@@ -260,7 +260,7 @@ fn the_streamed_section_follows_the_chunk_arithmetic_at_the_configured_budget() 
     // shard; 4096 training rows, 1024 held-out; 2 hookpoints.
     let shards = |tokens: u64| {
         let mut r = vec![496u64; (tokens / 496) as usize];
-        if tokens % 496 > 0 {
+        if !tokens.is_multiple_of(496) {
             r.push(tokens % 496);
         }
         r

@@ -223,9 +223,12 @@ fn store_cost_in(pipeline: &Pipeline, d: usize, dir: &std::path::Path) -> Result
     Ok((write / rows as f64, read / rows as f64))
 }
 
-/// Seconds per training step and per evaluated row of one unit's SAE at its real size,
-/// and whether that was scaled from a smaller one.
-fn sae_cost(u: &Unit, d: usize) -> Result<(f64, f64, bool)> {
+/// Seconds per training step and per evaluated row of one SAE, and whether they were
+/// scaled from a smaller one.
+type SaeCost = (f64, f64, bool);
+
+/// [`SaeCost`] of one unit's SAE at its real size.
+fn sae_cost(u: &Unit, d: usize) -> Result<SaeCost> {
     let mut cfg = u.point.config.trainer_config();
     let real_batch = cfg.batch_tokens.max(1);
     let real_d_sae = u.point.config.sae.d_sae(d);
@@ -359,7 +362,7 @@ pub fn calibrate(pipeline: &Pipeline, shape: &ModelShape) -> Result<Calibration>
 
     // Training, and the SAE half of the evaluation.
     let all = units(pipeline, None)?;
-    let mut costs: Vec<(String, Result<(f64, f64, bool)>)> = Vec::new();
+    let mut costs: Vec<(String, Result<SaeCost>)> = Vec::new();
     for u in &all {
         let key = cost_key(u, d);
         if !costs.iter().any(|(k, _)| *k == key) {
@@ -367,7 +370,7 @@ pub fn calibrate(pipeline: &Pipeline, shape: &ModelShape) -> Result<Calibration>
             costs.push((key, r));
         }
     }
-    let cost_of = |u: &Unit| -> Result<(f64, f64, bool)> {
+    let cost_of = |u: &Unit| -> Result<SaeCost> {
         let key = cost_key(u, d);
         match costs.iter().find(|(k, _)| *k == key).map(|(_, r)| r) {
             Some(Ok(v)) => Ok(*v),

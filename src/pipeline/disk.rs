@@ -79,7 +79,7 @@ pub fn planned_shard_rows(c: &PipelineConfig, tokens: u64) -> Vec<u64> {
     let per = shard_windows(c) * kept_per_window(c);
     let full = tokens / per;
     let mut rows = vec![per; full as usize];
-    if tokens % per > 0 {
+    if !tokens.is_multiple_of(per) {
         rows.push(tokens % per);
     }
     rows
