@@ -56,8 +56,9 @@ pub enum Command {
     /// Write Kubernetes Indexed Jobs for a pipeline.
     K8s(cluster::K8sArgs),
     /// Print what a pipeline costs before anything runs: tokens, windows, disk per stage
-    /// (keep-everything and streamed), peak memory of capture and of each training group.
-    Plan(PipelineArgs),
+    /// (keep-everything and streamed), peak memory of capture and of each training group,
+    /// and time per stage from a short calibration on this machine.
+    Plan(PlanArgs),
     /// Show schema, metadata and a summary of any file saepipe writes.
     Inspect {
         /// A Parquet activation set, an SAE folder or a metrics file.
@@ -120,6 +121,17 @@ impl PipelineArgs {
         opts.offline |= self.offline || pipeline.config.run.offline;
         opts
     }
+}
+
+/// `saepipe plan`.
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Skip the calibration (a few forward passes and training steps on random data):
+    /// no time estimate.
+    #[arg(long)]
+    pub no_calibrate: bool,
 }
 
 /// `saepipe train`.
@@ -362,12 +374,16 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Results(args) => cluster::results(args),
         Command::Slurm(args) => cluster::slurm(args, cli.global.progress),
         Command::K8s(args) => cluster::k8s(args, cli.global.progress),
-        Command::Plan(args) => {
+        Command::Plan(pargs) => {
+            let args = &pargs.pipeline;
             let pipeline = args.load()?;
             let opts = args.hub_options(&pipeline);
             let shape = saepipe::pipeline::plan::model_shape(&pipeline, &opts.cache_dir)
                 .with_context(|| format!("saepipe plan {}", args.pipeline.display()))?;
-            print!("{}", saepipe::pipeline::plan::render(&pipeline, &shape)?);
+            print!(
+                "{}",
+                saepipe::pipeline::plan::render(&pipeline, &shape, !pargs.no_calibrate)?
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Inspect { path } => {

@@ -193,3 +193,138 @@ fn a_real_small_filesystem_refuses_the_capture() {
         "{err}"
     );
 }
+
+/// The seconds of the time section's line `  <stage>: <seconds> s …`.
+fn stage_seconds(plan: &str, stage: &str) -> f64 {
+    let time = &plan[plan
+        .find("\ntime (estimate from a calibration")
+        .unwrap_or_else(|| panic!("no calibrated time section in\n{plan}"))..];
+    let prefix = format!("  {stage}: ");
+    let line = time
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no {stage} line in\n{time}"));
+    let num = line[prefix.len()..].split_whitespace().next().unwrap();
+    num.parse()
+        .unwrap_or_else(|_| panic!("{stage}: not a number of seconds in {line:?}"))
+}
+
+#[test]
+fn calibration_prints_finite_positive_times_per_stage() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sets = setup(tmp.path());
+    let plan = ok(cmd("plan", &sets).output().unwrap(), "plan");
+    assert!(
+        plan.contains("calibration on this machine that took"),
+        "{plan}"
+    );
+    for stage in ["capture", "train", "evaluate", "total"] {
+        let s = stage_seconds(&plan, stage);
+        assert!(s.is_finite() && s > 0.0, "{stage}: {s} in\n{plan}");
+    }
+    assert!(plan.contains("extrapolated"), "{plan}");
+    // Nothing was captured or trained: the plan only measures.
+    assert!(!tmp.path().join("data/smoke/activations").exists());
+}
+
+#[test]
+fn no_calibrate_prints_no_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sets = setup(tmp.path());
+    let mut c = cmd("plan", &sets);
+    c.arg("--no-calibrate");
+    let plan = ok(c.output().unwrap(), "plan --no-calibrate");
+    assert!(
+        plan.contains("time: not estimated (--no-calibrate)"),
+        "{plan}"
+    );
+    assert!(!plan.contains("calibration on this machine"), "{plan}");
+    assert!(!plan.contains("  total: "), "{plan}");
+}
+
+/// stream.rs's estimate of one shard of `rows` rows at width `d`, f32 (its module doc).
+fn stream_shard_bytes(rows: u64, d: u64) -> u64 {
+    rows * (d * 4 + 16) * 17 / 16 + (64 << 10)
+}
+
+#[test]
+fn the_streamed_section_follows_the_chunk_arithmetic_at_the_configured_budget() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut sets = setup(tmp.path());
+    let plan = ok(
+        cmd("plan", &sets).arg("--no-calibrate").output().unwrap(),
+        "plan",
+    );
+    let d = num_after(&plan, "model:", "d_model");
+    // smoke.toml with 512-token shards: 16 windows of 31 rows (BOS excluded) = 496 rows a
+    // shard; 4096 training rows, 1024 held-out; 2 hookpoints.
+    let shards = |tokens: u64| {
+        let mut r = vec![496u64; (tokens / 496) as usize];
+        if !tokens.is_multiple_of(496) {
+            r.push(tokens % 496);
+        }
+        r
+    };
+    let (train, eval) = (shards(4096), shards(1024));
+    let per = |r: u64| 2 * stream_shard_bytes(r, d);
+    let eval_est: u64 = eval.iter().map(|&r| per(r)).sum();
+    let pair = train
+        .windows(2)
+        .map(|w| per(w[0]) + per(w[1]))
+        .max()
+        .unwrap();
+    let slack = 64 << 10;
+    let minimum = eval_est + slack + pair;
+    // Room for three full shards a chunk: chunks of 3, 3, 3 and the rest.
+    let budget = eval_est + slack + 3 * per(496);
+    let avail = budget - eval_est - slack;
+    let mut sizes: Vec<usize> = Vec::new(); // shards per chunk, packed as stream.rs does
+    let mut used = 0;
+    for &r in &train {
+        match sizes.last_mut() {
+            Some(n) if used + per(r) <= avail => {
+                *n += 1;
+                used += per(r);
+            }
+            _ => {
+                sizes.push(1);
+                used = per(r);
+            }
+        }
+    }
+    let chunks = sizes.len() as u64;
+    assert!(chunks > 1, "the budget must split the training shards");
+    sets.push("capture.keep=false".to_string());
+    sets.push(format!("capture.disk_budget_bytes={budget}"));
+    let plan = ok(
+        cmd("plan", &sets).arg("--no-calibrate").output().unwrap(),
+        "plan",
+    );
+    let line = "streamed at the configured capture.disk_budget_bytes";
+    assert_eq!(num_after(&plan, line, "): "), chunks, "{plan}");
+    let (lo, hi) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+    assert!(
+        plan.contains(&format!("{chunks} chunks of {lo}..={hi} training shards")),
+        "{plan}"
+    );
+    assert_eq!(
+        bytes_after(&plan, line, "minimum budget"),
+        minimum,
+        "{plan}"
+    );
+    assert_eq!(
+        bytes_after(&plan, line, "peak disk"),
+        eval_est + slack + 3 * per(496),
+        "{plan}"
+    );
+
+    // One byte below the minimum: flagged, as `saepipe run` would refuse it.
+    let n = sets.len();
+    sets[n - 1] = format!("capture.disk_budget_bytes={}", minimum - 1);
+    let plan = ok(
+        cmd("plan", &sets).arg("--no-calibrate").output().unwrap(),
+        "plan",
+    );
+    assert!(plan.contains("BELOW THE MINIMUM"), "{plan}");
+    assert_eq!(bytes_after(&plan, line, "MINIMUM"), minimum, "{plan}");
+}

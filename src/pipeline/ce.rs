@@ -135,10 +135,7 @@ pub(crate) fn ce_with(ctx: &CeContext, label: &str, forward: &mut ChunkForward) 
                 if t + 1 >= w.n_real || ctx.special.contains(&target) {
                     continue;
                 }
-                let row = &flat[(bi * s2 + t) * v..(bi * s2 + t + 1) * v];
-                let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-                let lse = m + row.iter().map(|&z| (z as f64 - m).exp()).sum::<f64>().ln();
-                sum += lse - row[target as usize] as f64;
+                sum += row_nll(&flat[(bi * s2 + t) * v..(bi * s2 + t + 1) * v], target);
                 count += 1;
             }
         }
@@ -147,4 +144,12 @@ pub(crate) fn ce_with(ctx: &CeContext, label: &str, forward: &mut ChunkForward) 
     let ce = sum / count as f64;
     anyhow::ensure!(ce.is_finite(), "CE is not finite ({ce}) at {label}");
     Ok(ce)
+}
+
+/// −log softmax(`row`)[`target`] in f64 (one predicted position of [`ce_with`]; also what
+/// `saepipe plan`'s calibration times per position).
+pub(crate) fn row_nll(row: &[f32], target: u32) -> f64 {
+    let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = m + row.iter().map(|&z| (z as f64 - m).exp()).sum::<f64>().ln();
+    lse - row[target as usize] as f64
 }

@@ -71,6 +71,20 @@ pub fn set_plan(c: &PipelineConfig, d: usize, tokens: u64) -> SetPlan {
     }
 }
 
+/// Rows of each shard of a set of `tokens` rows, as the plan estimates them: full shards of
+/// `windows per shard × rows per window` and a last partial one (an upper bound per shard,
+/// like the windows: excluded separators shorten a window). What `saepipe plan` hands to
+/// the streamed chunk plan ([`super::stream::stream_plan`]) in place of the measured rows.
+pub fn planned_shard_rows(c: &PipelineConfig, tokens: u64) -> Vec<u64> {
+    let per = shard_windows(c) * kept_per_window(c);
+    let full = tokens / per;
+    let mut rows = vec![per; full as usize];
+    if !tokens.is_multiple_of(per) {
+        rows.push(tokens % per);
+    }
+    rows
+}
+
 /// Bytes every hookpoint's training and held-out sets take with `capture.keep = true`.
 pub fn capture_bytes(c: &PipelineConfig, d: usize) -> u64 {
     let n_hp = c.capture.hookpoints.len() as u64;
@@ -174,5 +188,10 @@ mod tests {
         let small = ["capture.shard_tokens=512".to_string()];
         let p = crate::config::from_str(&text, std::path::Path::new("smoke.toml"), &small).unwrap();
         assert!(super::streamed_min_bytes(&p.config, 64) < super::capture_bytes(&p.config, 64));
+        // 512-token shards of 32-token windows: 16 windows of 31 rows = 496 rows a shard.
+        let rows = super::planned_shard_rows(&p.config, 4096);
+        assert_eq!(rows.len() as u64, 4096u64.div_ceil(496));
+        assert_eq!(rows.iter().sum::<u64>(), 4096);
+        assert!(rows[..rows.len() - 1].iter().all(|&r| r == 496));
     }
 }

@@ -12,6 +12,7 @@
 //!
 //! [`units`] addresses one unit of a stage by index, for cluster array tasks.
 
+pub mod calibrate;
 pub mod capture;
 pub mod ce;
 pub mod disk;

@@ -84,6 +84,77 @@ pub struct StreamRecord {
     pub high_water_bytes: u64,
 }
 
+/// The chunk plan of a streamed run at a budget: what [`run_streamed`] follows and what
+/// `saepipe plan` prints (from estimated shard rows there, measured ones here).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamPlan {
+    /// The budget planned for.
+    pub budget_bytes: u64,
+    /// Estimated bytes of the held-out split (every hookpoint).
+    pub eval_est_bytes: u64,
+    /// Estimated bytes of the two largest consecutive training shards (every hookpoint).
+    pub pair_bytes: u64,
+    /// The least budget that works: held-out split + room for markers + two shards.
+    pub min_budget: u64,
+    /// The chunks (empty when the budget is below [`StreamPlan::min_budget`]).
+    pub chunks: Vec<Chunk>,
+}
+
+impl StreamPlan {
+    /// Whether the budget holds the held-out split and two shards.
+    pub fn fits(&self) -> bool {
+        self.budget_bytes >= self.min_budget
+    }
+
+    /// Estimated peak bytes of the activations folder: the held-out split plus the largest
+    /// chunk (plus manifests and markers).
+    pub fn peak_bytes(&self) -> u64 {
+        self.eval_est_bytes + SLACK + self.chunks.iter().map(|c| c.est_bytes).max().unwrap_or(0)
+    }
+}
+
+/// Plan the chunks of a streamed run (module doc): training shards of `train_rows` rows
+/// each and held-out shards of `eval_rows`, `n_hp` distinct hookpoints of width `d_model`
+/// stored as `dtype`, within `budget` bytes.
+pub fn stream_plan(
+    train_rows: &[u64],
+    eval_rows: &[u64],
+    n_hp: u64,
+    d_model: usize,
+    dtype: ActDtype,
+    budget: u64,
+) -> StreamPlan {
+    let per_shard = |r: u64| n_hp * shard_bytes(r, d_model, dtype);
+    let eval_est: u64 = eval_rows.iter().map(|&r| per_shard(r)).sum();
+    // The budget must hold the held-out split and two shards (the two largest in a row).
+    let pair = train_rows
+        .windows(2)
+        .map(|w| per_shard(w[0]) + per_shard(w[1]))
+        .max()
+        .unwrap_or_else(|| train_rows.iter().map(|&r| per_shard(r)).sum());
+    let minimum = eval_est + SLACK + pair;
+    let chunks = if budget >= minimum {
+        plan_chunks(train_rows, &per_shard, budget - eval_est - SLACK)
+    } else {
+        Vec::new()
+    };
+    StreamPlan {
+        budget_bytes: budget,
+        eval_est_bytes: eval_est,
+        pair_bytes: pair,
+        min_budget: minimum,
+        chunks,
+    }
+}
+
+/// Distinct hookpoints of a pipeline (what the chunk estimate counts).
+pub fn distinct_hookpoints(cfg: &crate::config::PipelineConfig) -> u64 {
+    let mut h = cfg.capture.hookpoints.clone();
+    h.sort();
+    h.dedup();
+    h.len() as u64
+}
+
 /// Pack the training shards (`rows[i]` rows each) into chunks of at most `avail` bytes
 /// (`per_row`/`per_shard`: the estimate for all hookpoints together).
 fn plan_chunks(rows: &[u64], per_shard: &dyn Fn(u64) -> u64, avail: u64) -> Vec<Chunk> {
@@ -206,33 +277,21 @@ pub fn run_streamed(
     let prep = prepare(pipeline, opts, force, reporter)?;
     let model = prep.loaded.model.as_ref();
     let d_model = model.info().d_model;
-    let n_hp = {
-        let mut h = cfg.capture.hookpoints.clone();
-        h.sort();
-        h.dedup();
-        h.len() as u64
-    };
+    let n_hp = distinct_hookpoints(cfg);
     let dtype = cfg.capture.dtype;
     let [train_rows, eval_rows] = shard_rows(model, prep.tokenizer.clone(), &prep.spec)
         .context("planning the chunks of the streamed run")?;
-    let per_shard = |r: u64| n_hp * shard_bytes(r, d_model, dtype);
-    let eval_est: u64 = eval_rows.iter().map(|&r| per_shard(r)).sum();
-    // The budget must hold the held-out split and two shards (the two largest in a row).
-    let pair = train_rows
-        .windows(2)
-        .map(|w| per_shard(w[0]) + per_shard(w[1]))
-        .max()
-        .unwrap_or_else(|| train_rows.iter().map(|&r| per_shard(r)).sum());
-    let minimum = eval_est + SLACK + pair;
-    if budget < minimum {
+    let plan = stream_plan(&train_rows, &eval_rows, n_hp, d_model, dtype, budget);
+    if !plan.fits() {
         bail!(
-            "capture.disk_budget_bytes = {budget} is too small for this pipeline: the held-out split takes about {} and two training shards about {} ({n_hp} hookpoint(s) of d_model {d_model}, {}), so it must be at least {minimum}; raise it, or lower capture.shard_tokens / data.eval_tokens",
-            human_bytes(eval_est),
-            human_bytes(pair),
-            dtype.name()
+            "capture.disk_budget_bytes = {budget} is too small for this pipeline: the held-out split takes about {} and two training shards about {} ({n_hp} hookpoint(s) of d_model {d_model}, {}), so it must be at least {}; raise it, or lower capture.shard_tokens / data.eval_tokens",
+            human_bytes(plan.eval_est_bytes),
+            human_bytes(plan.pair_bytes),
+            dtype.name(),
+            plan.min_budget
         );
     }
-    let chunks = plan_chunks(&train_rows, &per_shard, budget - eval_est - SLACK);
+    let (chunks, eval_est) = (plan.chunks, plan.eval_est_bytes);
     let n_rows: u64 = train_rows.iter().sum();
     let record_path = acts.join(STREAM_FILE);
     let old_high = std::fs::read(&record_path)

@@ -347,6 +347,21 @@ pub fn groups<'a, 'b>(units: &[&'b Unit<'a>], d: usize) -> Vec<Vec<&'b Unit<'a>>
     out
 }
 
+/// Every unit's lockstep group as a full train stage forms them (by hookpoint in name
+/// order, then by batch size): what `saepipe plan` costs.
+pub fn all_groups<'a, 'b>(all: &'b [Unit<'a>], d: usize) -> Vec<Vec<&'b Unit<'a>>> {
+    let mut hps: Vec<_> = all.iter().map(|u| u.hookpoint).collect();
+    hps.sort();
+    hps.dedup();
+    let mut out = Vec::new();
+    for hp in hps {
+        let mut mine: Vec<&Unit> = all.iter().filter(|u| u.hookpoint == hp).collect();
+        mine.sort_by_key(|u| u.point.config.train.batch_tokens);
+        out.extend(groups(&mine, d));
+    }
+    out
+}
+
 struct Running<'u, 'a> {
     unit: &'u Unit<'a>,
     trainer: Trainer,
