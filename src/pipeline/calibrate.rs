@@ -290,6 +290,8 @@ fn cost_key(u: &Unit, d: usize) -> String {
         match cfg.optimizer {
             crate::train::Optimizer::Adam => "adam",
             crate::train::Optimizer::PamSgd(_) => "pam_sgd",
+            crate::train::Optimizer::Signum(_) => "signum",
+            crate::train::Optimizer::Muon(_) => "muon",
         },
         cfg.device,
         cfg.backend
