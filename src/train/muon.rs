@@ -29,7 +29,7 @@ use super::checkpoint::{Checkpoint, TensorRef};
 use super::model::Model;
 use super::optim::{Adam, Optimizer};
 use super::TrainError;
-use crate::kernels::{self, Workspace};
+use crate::kernels;
 
 const CHUNK: usize = 1 << 14;
 const NS: (f32, f32, f32) = (3.4445, -4.7750, 2.0315);
@@ -241,16 +241,6 @@ impl Optimizer for Muon {
                 }
             }
         }
-    }
-    fn after_step(
-        &mut self,
-        _: &mut dyn Model,
-        _: &[Vec<f32>],
-        _: &[Workspace],
-        _: u64,
-        _: u64,
-    ) -> Result<(), TrainError> {
-        Ok(())
     }
     fn reset_entry(&mut self, s: usize, p: usize, e: usize) {
         if let Some(m) = self.m[s][p].get_mut(e) {

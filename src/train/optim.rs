@@ -128,7 +128,8 @@ pub trait Optimizer: Send {
     /// Update the trainable parameters it owns at 1-based step `t` with learning rate `lr`,
     /// renormalising unit-norm rows it changed.
     fn update(&mut self, model: &mut dyn Model, grads: &[Vec<Vec<f32>>], lr: f32, t: u64);
-    /// After the update, with the step's scaled inputs and training codes; `t` is 0-based.
+    /// After the update, with the step's scaled inputs and training codes; `t` is 0-based
+    /// (PAM-SGD's statistics and decoder solve). Default: nothing.
     fn after_step(
         &mut self,
         model: &mut dyn Model,
@@ -136,7 +137,10 @@ pub trait Optimizer: Send {
         ws: &[Workspace],
         t: u64,
         total: u64,
-    ) -> Result<(), TrainError>;
+    ) -> Result<(), TrainError> {
+        let _ = (model, inputs, ws, t, total);
+        Ok(())
+    }
     /// Called once after the last step: leave in the model the parameters to evaluate and
     /// export (schedule-free `signum`: the averaged point). Default: nothing.
     fn finish(&mut self, model: &mut dyn Model) {
@@ -227,16 +231,6 @@ impl Optimizer for AdamOptimizer {
                 }
             }
         }
-    }
-    fn after_step(
-        &mut self,
-        _: &mut dyn Model,
-        _: &[Vec<f32>],
-        _: &[Workspace],
-        _: u64,
-        _: u64,
-    ) -> Result<(), TrainError> {
-        Ok(())
     }
     fn reset_entry(&mut self, s: usize, p: usize, e: usize) {
         if let (Some(m), Some(v)) = (self.m[s][p].get_mut(e), self.v[s][p].get_mut(e)) {

@@ -39,7 +39,7 @@ use super::checkpoint::{Checkpoint, TensorRef};
 use super::model::Model;
 use super::optim::Optimizer;
 use super::TrainError;
-use crate::kernels::{self, Workspace};
+use crate::kernels;
 
 const CHUNK: usize = 1 << 14;
 
@@ -278,16 +278,6 @@ impl Optimizer for Signum {
                 }
             }
         }
-    }
-    fn after_step(
-        &mut self,
-        _: &mut dyn Model,
-        _: &[Vec<f32>],
-        _: &[Workspace],
-        _: u64,
-        _: u64,
-    ) -> Result<(), TrainError> {
-        Ok(())
     }
     fn finish(&mut self, model: &mut dyn Model) {
         if self.marks[0] == 0 {
