@@ -513,6 +513,11 @@ pub struct TrainSection {
     /// `ArchConfig::tensor_kinds`). Absent: kernels on the CPU, tensor on cuda.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<TrainBackend>,
+    /// Operand dtype of the tensor backend's encoder/decoder GEMMs: `"f32"` (default),
+    /// `"bf16"` or `"f16"` (mixed precision: weights, optimiser state, selection and
+    /// reductions stay f32). Tensor backend only.
+    #[serde(default)]
+    pub compute_dtype: crate::train::ComputeDtype,
 }
 
 impl TrainSection {

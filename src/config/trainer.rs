@@ -92,6 +92,7 @@ impl PipelineConfig {
             optimizer,
             device: t.device(&self.model),
             backend: t.backend(&self.model),
+            compute_dtype: t.compute_dtype,
         }
     }
 }

@@ -647,6 +647,15 @@ fn check_train_backend(config: &PipelineConfig, probs: &mut Problems) {
             "\"cuda\": this saepipe was built without CUDA; rebuild with `cargo build --release --features cuda`, or set train.device = \"cpu\"",
         );
     }
+    if t.compute_dtype != crate::train::ComputeDtype::F32 && backend == TrainBackend::Kernels {
+        probs.add(
+            "train.compute_dtype",
+            format!(
+                "\"{}\" needs train.backend = \"tensor\" (the CPU kernels compute in f32 only); set train.backend = \"tensor\" or remove compute_dtype",
+                t.compute_dtype.name()
+            ),
+        );
+    }
     if matches!(device, DeviceKind::Cuda(_)) && backend == TrainBackend::Kernels {
         probs.add(
             "train.backend",
@@ -666,15 +675,6 @@ fn check_train_backend(config: &PipelineConfig, probs: &mut Problems) {
                 device,
                 crate::sae::ArchConfig::tensor_kinds().join(", "),
                 config.sae.arch.kind()
-            ),
-        );
-    }
-    if backend == TrainBackend::Tensor && config.jsae.is_some() {
-        probs.add(
-            "train.backend",
-            format!(
-                "the JSAE pair ([jsae]) has no tensor implementation (its step, two TopK SAEs and the Jacobian sparsity term, exists only as the hand-written kernels of src/jsae/); train it with train.device = \"cpu\" and train.backend = \"kernels\" (now device \"{}\", backend \"tensor\")",
-                device
             ),
         );
     }

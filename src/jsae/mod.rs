@@ -7,11 +7,14 @@
 //! 2. [`jacobian`]: the exact active `k×k` block per token and the penalty's gradient;
 //! 3. [`pair`]: the pair as a model of the training engine (its loss and hand-written
 //!    gradients) and its metrics;
+//! 3a. [`tensor`]: the same step on candle tensors with autograd (`train.backend =
+//!    "tensor"`, any device), the kernels' oracle;
 //! 4. `crate::pipeline::jsae`: the `[jsae]` pipeline stage (train JSAE and plain pairs, evaluate, CE with
 //!    both SAEs spliced in, rows in `metrics.parquet`).
 
 pub mod jacobian;
 pub mod pair;
+pub mod tensor;
 
 pub use jacobian::{JacStats, JacTables, THRESHOLDS};
 pub use pair::{JacAt, JsaePair, PairConfig, PairError, PairEval};

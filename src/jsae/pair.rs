@@ -40,11 +40,17 @@
 
 use serde::{Deserialize, Serialize};
 
+use candle_core::{DType, Tensor};
+
 use super::jacobian::{self, JacGrads, JacStats, JacTables};
+use super::tensor::{self as jt, DeviceMlp};
 use crate::eval::{ReconStats, SparsityStats};
 use crate::models::MlpWeights;
+use crate::sae::tensor::TensorInput;
 use crate::sae::topk::{self, TopK};
 use crate::sae::{Sae, SaeError, StepInput, Workspace};
+use crate::train::model::TensorStep;
+use crate::train::tensor::TensorBackend;
 use crate::train::{Model, ModelOutput, StepCtx, TrainError};
 use crate::util::rng::Rng;
 
@@ -143,6 +149,8 @@ pub struct JsaePair {
     gains: Vec<f32>,
     raw: Vec<f32>,
     fy: Vec<f32>,
+    /// The MLP on the tensor backend's device (uploaded at its first tensor step).
+    dev_mlp: Option<DeviceMlp>,
 }
 
 fn scaled(x: &[f32], s: f32, out: &mut Vec<f32>) {
@@ -175,6 +183,7 @@ impl JsaePair {
             gains: Vec::new(),
             raw: Vec::new(),
             fy: Vec::new(),
+            dev_mlp: None,
         })
     }
 
@@ -253,6 +262,138 @@ impl Model for JsaePair {
     }
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
         self
+    }
+    fn supports_tensor(&self) -> bool {
+        true
+    }
+    fn tensor_resident(&self) -> bool {
+        true
+    }
+    fn forward_backward_tensor(
+        &mut self,
+        ctx: &StepCtx,
+        grads: &mut [Vec<Vec<f32>>],
+        ws: &mut [Workspace],
+        backend: &TensorBackend,
+    ) -> Result<ModelOutput, TrainError> {
+        crate::train::tensor::round_trip(self, ctx, grads, ws, backend)
+    }
+
+    /// [`Model::forward_backward`] on tensors: both SAEs' tensor forwards, then the
+    /// Jacobian term of [`super::tensor::penalty`] (its gradient by autograd) at the point
+    /// and with the output latents `jac_at` says.
+    fn tensor_step(
+        &mut self,
+        ctx: &StepCtx,
+        x: &[Tensor],
+        params: &[Vec<Tensor>],
+        _ws: &mut [Workspace],
+    ) -> Result<TensorStep, TrainError> {
+        let terr = |e| TrainError::Sae(SaeError::tensor("jsae_pair", e));
+        let (d, n) = (self.mlp.d, ctx.n);
+        let input = |x| TensorInput {
+            x,
+            n,
+            step: ctx.step,
+            sparsity_scale: 1.0,
+            dead: &[],
+            gemm: ctx.gemm,
+        };
+        let out_x = self.sae_x.tensor_forward(&params[0], &input(&x[0]))?;
+        self.sae_x.tensor_update_state(&out_x.codes)?;
+        let out_y = self.sae_y.tensor_forward(&params[1], &input(&x[1]))?;
+        self.sae_y.tensor_update_state(&out_y.codes)?;
+        let dev = x[0].device().clone();
+        let sum = |ls: &[(&'static str, Tensor)]| -> Result<Tensor, TrainError> {
+            let mut t = Tensor::zeros((), DType::F32, &dev).map_err(terr)?;
+            for (_, l) in ls {
+                t = (t + l.to_dtype(DType::F32).map_err(terr)?).map_err(terr)?;
+            }
+            Ok(t)
+        };
+        let (mse_x, mse_y) = (sum(&out_x.losses)?, sum(&out_y.losses)?);
+        let mut metrics = Vec::new();
+        let jac_loss = if self.cfg.lambda == 0.0 {
+            Tensor::zeros((), DType::F32, &dev).map_err(terr)?
+        } else {
+            if !self
+                .dev_mlp
+                .as_ref()
+                .is_some_and(|m| m.device().same_device(&dev))
+            {
+                self.dev_mlp = Some(DeviceMlp::new(&self.mlp, &dev).map_err(terr)?);
+            }
+            let Some(mlp) = self.dev_mlp.as_ref() else {
+                return Err(TrainError::Config("JSAE pair: no device MLP".into()));
+            };
+            let find = |s: &dyn Sae, name: &str| {
+                s.params()
+                    .iter()
+                    .position(|p| p.name == name)
+                    .ok_or_else(|| {
+                        TrainError::Config(format!("JSAE pair: the TopK SAE has no `{name}`"))
+                    })
+            };
+            let w_dec_x = &params[0][find(&self.sae_x, "W_dec")?];
+            let b_dec_x = &params[0][find(&self.sae_x, "b_dec")?];
+            let w_enc_y = &params[1][find(&self.sae_y, "W_enc")?];
+            let at = self.cfg.jac_at;
+            let selected;
+            let (gains, codes_y) = if at.at_reconstruction() {
+                // x̂ in raw units, detached (the gains depend on data only)
+                let raw_hat = out_x
+                    .codes
+                    .matmul(&w_dec_x.detach())
+                    .and_then(|r| r.broadcast_add(&b_dec_x.detach()))
+                    .and_then(|r| r.affine(1.0 / self.scale_x as f64, 0.0))
+                    .map_err(terr)?;
+                let gains = mlp.gains(&raw_hat).map_err(terr)?;
+                if at == JacAt::Reconstruction {
+                    let ys = mlp
+                        .forward(&raw_hat)
+                        .and_then(|y| y.affine(self.scale_y as f64, 0.0))
+                        .map_err(terr)?;
+                    let detached: Vec<Tensor> = params[1].iter().map(|p| p.detach()).collect();
+                    selected = self.sae_y.tensor_forward(&detached, &input(&ys))?.codes;
+                    (gains, &selected)
+                } else {
+                    (gains, &out_y.codes)
+                }
+            } else {
+                let raw = Tensor::from_slice(ctx.raw[0], (n, d), &dev).map_err(terr)?;
+                (mlp.gains(&raw).map_err(terr)?, &out_y.codes)
+            };
+            let lam = self.cfg.lambda * ctx.sparsity_scale;
+            let coef = lam * d as f32 / (n as f64 * self.k2()) as f32;
+            let p = jt::penalty(
+                mlp,
+                w_dec_x,
+                w_enc_y,
+                &out_x.codes,
+                codes_y,
+                &gains,
+                self.cfg.k,
+                self.ratio(),
+                coef,
+            )
+            .map_err(terr)?;
+            let denom = (n as f64 * self.k2()).max(1.0);
+            let host = |t: &Tensor| {
+                t.to_dtype(DType::F64)
+                    .and_then(|t| t.to_scalar::<f64>())
+                    .map_err(terr)
+            };
+            metrics.extend([
+                ("jac_mean_abs", host(&p.sum_abs_export)? / denom),
+                ("jac_frac_0_01", host(&p.above_0_01)? / denom),
+            ]);
+            p.loss
+        };
+        Ok(TensorStep {
+            losses: vec![("mse_x", mse_x), ("mse_y", mse_y), ("jacobian", jac_loss)],
+            metrics,
+            codes: vec![out_x.codes, out_y.codes],
+        })
     }
 
     /// Both SAEs' reconstruction losses and gradients, then the Jacobian term on the active

@@ -454,14 +454,14 @@ impl Sae for Gated {
             );
             let (x, n) = (input.x, input.n as f64);
             // 1. u = (x − b_dec) W_gateᵀ: [n, d_sae]; both paths
-            let u = x.broadcast_sub(b_dec)?.matmul(&w_gate.t()?)?;
+            let u = tensor::mm(&x.broadcast_sub(b_dec)?, &w_gate.t()?, input.gemm)?;
             let pg = u.broadcast_add(b_gate)?;
             let pm = u.broadcast_mul(&r_mag.exp()?)?.broadcast_add(b_mag)?;
             let gate = tensor::positive(&pg)?;
             let on = (&gate * tensor::positive(&pm)?)?;
             // 2. f = H(π_gate) ReLU(π_mag); main reconstruction
             let feat = (&pm * &on)?;
-            let recon = feat.matmul(w_dec)?.broadcast_add(b_dec)?;
+            let recon = tensor::mm(&feat, w_dec, input.gemm)?.broadcast_add(b_dec)?;
             let mse = (tensor::sse(&recon, x)? / n)?;
             // 3. λ ‖ReLU(π_gate)‖₁ / B and the aux reconstruction with a frozen decoder
             let rg = (&pg * &gate)?;

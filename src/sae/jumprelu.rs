@@ -352,7 +352,7 @@ impl Sae for JumpRelu {
             let (x, n) = (input.x, input.n as f64);
             let f = w_enc.dim(0)?;
             // 1. π = x W_encᵀ + b_enc: [n, d_sae]; θ: [1, d_sae]
-            let pre = x.matmul(&w_enc.t()?)?.broadcast_add(b_enc)?;
+            let pre = tensor::mm(x, &w_enc.t()?, input.gemm)?.broadcast_add(b_enc)?;
             let theta = log_th.exp()?.reshape((1, f))?;
             let diff = pre.detach().broadcast_sub(&theta.detach())?;
             let active = diff.gt(0f32)?.to_dtype(DType::F32)?;
@@ -362,7 +362,7 @@ impl Sae for JumpRelu {
             let coef = band.broadcast_mul(&(theta.detach() * (-1.0 / eps as f64))?)?;
             let codes = (&pre * &active)?;
             let feat = (&codes + coef.broadcast_mul(&st)?)?;
-            let recon = feat.matmul(w_dec)?.broadcast_add(b_dec)?;
+            let recon = tensor::mm(&feat, w_dec, input.gemm)?.broadcast_add(b_dec)?;
             let mse = (tensor::sse(&recon, x)? / n)?;
             // 3. λ L0 / B with the STE
             let l0 = (active.sum_all()? + (band * (-1.0 / eps as f64))?.broadcast_mul(&st)?.sum_all()?)?;

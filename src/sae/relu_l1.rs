@@ -324,10 +324,10 @@ impl Sae for ReluL1 {
             );
             let (x, n) = (input.x, input.n as f64);
             // 1. f = ReLU(π): [n, d_sae]
-            let pre = x.matmul(&w_enc.t()?)?.broadcast_add(b_enc)?;
+            let pre = tensor::mm(x, &w_enc.t()?, input.gemm)?.broadcast_add(b_enc)?;
             let f = (&pre * tensor::positive(&pre)?)?;
             // 2. x̂ = f W_dec + b_dec: [n, d]
-            let recon = f.matmul(w_dec)?.broadcast_add(b_dec)?;
+            let recon = tensor::mm(&f, w_dec, input.gemm)?.broadcast_add(b_dec)?;
             let mse = (tensor::sse(&recon, x)? / n)?;
             // 3. λ Σ_b Σ_i f_{b,i} ‖d_i‖ / B
             let norms = w_dec.sqr()?.sum_keepdim(1)?.sqrt()?; // [d_sae, 1]

@@ -37,6 +37,20 @@ pub struct TensorInput<'a> {
     pub sparsity_scale: f32,
     /// `dead[i]`: latent `i` has not fired for more than the dead window (AuxK input).
     pub dead: &'a [bool],
+    /// Operand dtype of the encoder/decoder GEMMs ([`mm`]; `train.compute_dtype`).
+    pub gemm: DType,
+}
+
+/// `a · b` with both operands in `dt` and the product back in f32 (mixed precision as in
+/// autocast; autograd casts the gradients back to the f32 parameters). f32: a plain matmul.
+pub fn mm(a: &Tensor, b: &Tensor, dt: DType) -> Result<Tensor> {
+    if dt == DType::F32 {
+        a.matmul(b)
+    } else {
+        a.to_dtype(dt)?
+            .matmul(&b.to_dtype(dt)?)?
+            .to_dtype(DType::F32)
+    }
 }
 
 /// The result of one tensor forward pass.

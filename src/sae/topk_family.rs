@@ -283,10 +283,7 @@ pub(crate) fn tensor_forward(
     let x = input.x;
     let (_, d) = x.dims2()?;
     // 1. π = (x − b_dec) W_encᵀ + b_enc: [n, d_sae]; z = π on the selected positive entries
-    let pre = x
-        .broadcast_sub(b_dec)?
-        .matmul(&w_enc.t()?)?
-        .broadcast_add(b_enc)?;
+    let pre = t::mm(&x.broadcast_sub(b_dec)?, &w_enc.t()?, input.gemm)?.broadcast_add(b_enc)?;
     let (scores, keep) = if signed {
         let p = pre.detach();
         (p.abs()?, p.ne(0f32)?.to_dtype(candle_core::DType::F32)?)
@@ -296,7 +293,7 @@ pub(crate) fn tensor_forward(
     let mask = (select(&scores)? * &keep)?;
     let z = (&pre * &mask)?;
     // 2. x̂ = z W_dec + b_dec: [n, d]; SumD-MeanB
-    let recon = z.matmul(w_dec)?.broadcast_add(b_dec)?;
+    let recon = t::mm(&z, w_dec, input.gemm)?.broadcast_add(b_dec)?;
     let mse = (t::sse(&recon, x)? / input.n as f64)?;
     let mut losses = vec![("mse", mse)];
     // 3. AuxK over the dead latents

@@ -23,6 +23,41 @@ pub enum BDecInit {
     Zeros,
 }
 
+/// Operand dtype of the tensor backend's GEMMs (`train.compute_dtype`): mixed precision as
+/// in autocast — the encoder and decoder products take their operands in this dtype and
+/// return f32; parameters, Adam's moments, the selection, every elementwise op and every
+/// reduction stay f32. The CPU kernels compute in f32 only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ComputeDtype {
+    /// f32 GEMMs (default).
+    #[default]
+    F32,
+    /// bf16 operands (tensor cores on a GPU).
+    Bf16,
+    /// f16 operands.
+    F16,
+}
+
+impl ComputeDtype {
+    /// The candle dtype.
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            ComputeDtype::F32 => candle_core::DType::F32,
+            ComputeDtype::Bf16 => candle_core::DType::BF16,
+            ComputeDtype::F16 => candle_core::DType::F16,
+        }
+    }
+    /// As in the pipeline file.
+    pub fn name(self) -> &'static str {
+        match self {
+            ComputeDtype::F32 => "f32",
+            ComputeDtype::Bf16 => "bf16",
+            ComputeDtype::F16 => "f16",
+        }
+    }
+}
+
 /// Which implementation computes each step's loss and gradients (`train.backend`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -128,6 +163,9 @@ pub struct TrainConfig {
     /// Implementation of the training step: the CPU kernels (default) or candle tensors on
     /// `device` (the only one for cuda).
     pub backend: Backend,
+    /// Operand dtype of the tensor backend's GEMMs ([`ComputeDtype`]). Default f32.
+    #[serde(default)]
+    pub compute_dtype: ComputeDtype,
 }
 
 impl Default for TrainConfig {
@@ -153,6 +191,7 @@ impl Default for TrainConfig {
             optimizer: Optimizer::Adam,
             device: TrainDevice::Cpu,
             backend: Backend::Kernels,
+            compute_dtype: ComputeDtype::F32,
         }
     }
 }

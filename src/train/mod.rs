@@ -61,7 +61,7 @@ use crate::util::rng::Rng;
 pub use checkpoint::TrainLog;
 use checkpoint::{Checkpoint, TensorRef};
 use config::validate;
-pub use config::{BDecInit, Backend, Optimizer, TrainConfig, TrainDevice};
+pub use config::{BDecInit, Backend, ComputeDtype, Optimizer, TrainConfig, TrainDevice};
 pub use init::geometric_median;
 use init::{mean_rows, read_init};
 pub use model::{Model, ModelOutput, SingleSae, StepCtx};
@@ -335,7 +335,9 @@ impl Trainer {
             Backend::Tensor if !model.supports_tensor() => {
                 return Err(TensorBackend::unsupported(model.name(), cfg.device))
             }
-            Backend::Tensor => Some(TensorBackend::new(cfg.device)?),
+            Backend::Tensor => {
+                Some(TensorBackend::new(cfg.device)?.with_gemm(cfg.compute_dtype.dtype()))
+            }
         };
         let wants_resident =
             tensor.is_some() && model.tensor_resident() && Resident::supports(&cfg.optimizer);
@@ -717,6 +719,7 @@ impl Trainer {
             total_steps: self.total_steps,
             sparsity_scale: optim::sparsity_factor(t, sw),
             dead: &self.dead,
+            gemm: self.cfg.compute_dtype.dtype(),
         };
         // `Some(‖g‖²)` from the device, where the norm was taken there
         let mut device_sq = None;

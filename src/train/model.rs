@@ -33,6 +33,8 @@ pub struct StepCtx<'a> {
     pub sparsity_scale: f32,
     /// `dead[i][j]`: latent `j` of SAE `i` has not fired for more than the dead window.
     pub dead: &'a [Vec<bool>],
+    /// Operand dtype of the tensor backend's GEMMs (`train.compute_dtype`).
+    pub gemm: candle_core::DType,
 }
 
 /// What a model reports for one step.
@@ -212,6 +214,7 @@ impl Model for SingleSae {
                 step: ctx.step,
                 sparsity_scale: ctx.sparsity_scale,
                 dead: &ctx.dead[0],
+                gemm: ctx.gemm,
             },
         )?;
         // State updates right after the pass whose codes they read, as on the kernels.

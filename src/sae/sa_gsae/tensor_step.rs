@@ -70,7 +70,7 @@ impl SaGsae {
         } else {
             x.clone()
         };
-        let u = xt.matmul(&p[ix.w_enc].t()?)?;
+        let u = t::mm(&xt, &p[ix.w_enc].t()?, input.gemm)?;
         let pi = u.broadcast_add(&p[ix.b_gate])?;
         let row = |i: usize| p[i].reshape((1, f));
         let th = [row(ix.t[0])?.exp()?, row(ix.t[1])?.exp()?];
@@ -136,7 +136,7 @@ impl SaGsae {
             }
         }
         // 5. main reconstruction
-        let recon = feat.matmul(w_dec)?.broadcast_add(b_dec)?;
+        let recon = t::mm(&feat, w_dec, input.gemm)?.broadcast_add(b_dec)?;
         let mse = (t::sse(&recon, x)? / n)?;
         // 6. s = (π − θ⁺) on side 0, (π + θ⁻) on side 1; sparsity; aux reconstruction
         let s_val = ((pi.broadcast_sub(&th[0])? * &g0)? + (pi.broadcast_add(&th[1])? * &g1)?)?;

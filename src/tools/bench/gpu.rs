@@ -33,8 +33,10 @@
 //! renormalisation, dead counters, the scalars back — on its device-resident state
 //! (`--train-paths resident`, the default) and, with `--train-paths resident,round-trip`,
 //! also on the host round trip it replaced (parameters up, gradients and codes down, host
-//! Adam, every step), for comparison. The engine trains in f32 only, so bf16/f16 training
-//! rows are listed as not run rather than timed in another precision.
+//! Adam, every step), for comparison. A bf16/f16 training row is the engine with
+//! `train.compute_dtype` = that dtype: the encoder and decoder GEMMs take bf16/f16 operands
+//! (tensor cores), while parameters, Adam's moments, the top-k selection and every
+//! reduction stay f32 (mixed precision as in autocast).
 //!
 //! Decision: the models' compute dtype is what their weights were built with; a build
 //! whose models always compute in f32 is caught by checking the dtype of a recorded
@@ -684,6 +686,7 @@ pub fn engine_trainer(
     a: &GpuArgs,
     device: DeviceSpec,
     d_sae: usize,
+    dt: DType,
     x: &[f32],
 ) -> Result<Trainer, BenchError> {
     let arch = ArchConfig::new(crate::sae::topk::Config {
@@ -704,6 +707,11 @@ pub fn engine_trainer(
         log_every: 1,
         device,
         backend: Backend::Tensor,
+        compute_dtype: match dt {
+            DType::BF16 => crate::train::ComputeDtype::Bf16,
+            DType::F16 => crate::train::ComputeDtype::F16,
+            _ => crate::train::ComputeDtype::F32,
+        },
         ..Default::default()
     };
     let mut src = InMemorySource::new(x.to_vec(), a.train_d_in);
@@ -729,10 +737,6 @@ fn train_row(
         peak_mib: None,
         note: String::new(),
     };
-    if dt != DType::F32 {
-        row.note = "not run: the engine's tensor backend trains in f32 (weights, Adam and GEMMs); it has no bf16 compute option yet".into();
-        return Ok(row);
-    }
     let device = DeviceSpec::parse_for("--device", &a.device)
         .map_err(|e| BenchError::Usage(e.to_string()))?;
     let base = mon.reset();
@@ -741,7 +745,7 @@ fn train_row(
     let mut rng = crate::util::rng::Rng::new(1);
     let xs: [Vec<f32>; 2] =
         std::array::from_fn(|_| (0..b * d_in).map(|_| rng.normal() as f32).collect());
-    let mut tr = engine_trainer(a, device, d_sae, &xs[0])?;
+    let mut tr = engine_trainer(a, device, d_sae, dt, &xs[0])?;
     if path == TrainPath::RoundTrip {
         tr.force_host_round_trip();
     }
@@ -976,7 +980,7 @@ mod tests {
         .unwrap();
         let mut rng = crate::util::rng::Rng::new(3);
         let x: Vec<f32> = (0..32 * 16).map(|_| rng.normal() as f32).collect();
-        let mut tr = engine_trainer(&a, DeviceSpec::Cpu, 64, &x).unwrap();
+        let mut tr = engine_trainer(&a, DeviceSpec::Cpu, 64, DType::F32, &x).unwrap();
         let first = tr.step_on(&[&x], 32).unwrap().loss;
         let mut last = first;
         for _ in 0..30 {
