@@ -142,8 +142,13 @@ const READER_KEYS: &[(&str, &str)] = &[
 
 /// Keys whose other values cannot run here: `train.device = "cuda"` needs a CUDA build and a
 /// GPU; its mapping and refusals are tested in `config::trainer`, the backend it selects in
-/// `tests/tensor_oracle.rs`.
-const DEVICE_KEYS: &[(&str, &str)] = &[("train.device", "src/config/trainer.rs")];
+/// `tests/tensor_oracle.rs`; `train.compute_dtype` only runs with `train.backend =
+/// "tensor"` (it is refused on the kernels), so its effect (narrow GEMMs: other losses, still
+/// training) and its mapping are tested in `tests/compute_dtype.rs`.
+const DEVICE_KEYS: &[(&str, &str)] = &[
+    ("train.device", "src/config/trainer.rs"),
+    ("train.compute_dtype", "tests/compute_dtype.rs"),
+];
 
 #[test]
 fn every_train_and_sae_key_changes_training() {

@@ -276,7 +276,7 @@ impl Model for JsaePair {
         ws: &mut [Workspace],
         backend: &TensorBackend,
     ) -> Result<ModelOutput, TrainError> {
-        crate::train::tensor::round_trip(self, ctx, grads, ws, backend)
+        crate::train::model::round_trip(self, ctx, grads, ws, backend)
     }
 
     /// [`Model::forward_backward`] on tensors: both SAEs' tensor forwards, then the

@@ -26,7 +26,6 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 
-use super::model::{Model, ModelOutput, StepCtx};
 use super::TrainError;
 use crate::kernels::{Codes, Workspace};
 use crate::sae::tensor::TensorInput;
@@ -153,77 +152,6 @@ impl TensorBackend {
             metrics: out.metrics,
         })
     }
-}
-
-/// The host round trip of a model's [`Model::tensor_step`] (a model whose loss spans
-/// several SAEs, such as the JSAE pair): upload every SAE's parameters (trainable ones as
-/// [`Var`]s) and scaled batch, the model's tensor step, `backward()`, each trainable
-/// parameter's gradient into `grads[i]` and each SAE's codes as CSR into `ws[i].codes`;
-/// the engine's host optimiser, constraints and counters then run as on the kernels.
-pub fn round_trip(
-    model: &mut dyn Model,
-    ctx: &StepCtx,
-    grads: &mut [Vec<Vec<f32>>],
-    ws: &mut [Workspace],
-    backend: &TensorBackend,
-) -> Result<ModelOutput, TrainError> {
-    let arch = model.name();
-    let terr = |e| TrainError::Sae(SaeError::tensor(arch, e));
-    let dev = &backend.device;
-    let n_saes = model.n_saes();
-    let mut vars: Vec<Vec<Option<Var>>> = Vec::with_capacity(n_saes);
-    let mut params: Vec<Vec<Tensor>> = Vec::with_capacity(n_saes);
-    let mut xs = Vec::with_capacity(n_saes);
-    for s in 0..n_saes {
-        let sae = model.sae(s);
-        let (mut vs, mut ts) = (Vec::new(), Vec::new());
-        for p in sae.params() {
-            let t = Tensor::from_slice(&p.data, p.shape.as_slice(), dev).map_err(terr)?;
-            if p.trainable {
-                let v = Var::from_tensor(&t).map_err(terr)?;
-                ts.push(v.as_tensor().clone());
-                vs.push(Some(v));
-            } else {
-                ts.push(t);
-                vs.push(None);
-            }
-        }
-        vars.push(vs);
-        params.push(ts);
-        xs.push(Tensor::from_slice(&ctx.inputs[s], (ctx.n, sae.dims().0), dev).map_err(terr)?);
-    }
-    let out = model.tensor_step(ctx, &xs, &params, ws)?;
-    let mut total = Tensor::zeros((), DType::F32, dev).map_err(terr)?;
-    let mut losses = Vec::with_capacity(out.losses.len());
-    for (name, l) in &out.losses {
-        total = (&total + l.to_dtype(DType::F32).map_err(terr)?).map_err(terr)?;
-        let v = l.to_dtype(DType::F64).and_then(|l| l.to_scalar::<f64>());
-        losses.push((*name, v.map_err(terr)?));
-    }
-    let store = total.backward().map_err(terr)?;
-    for (vs, gs) in vars.iter().zip(grads.iter_mut()) {
-        for (v, g) in vs.iter().zip(gs.iter_mut()) {
-            let Some(v) = v else { continue };
-            match store.get(v.as_tensor()) {
-                Some(gt) => {
-                    let gv = gt
-                        .flatten_all()
-                        .and_then(|t| t.to_vec1::<f32>())
-                        .map_err(terr)?;
-                    g.copy_from_slice(&gv);
-                }
-                None => g.iter_mut().for_each(|x| *x = 0.0),
-            }
-        }
-    }
-    for (c, w) in out.codes.iter().zip(ws.iter_mut()) {
-        codes_to_csr(c, &mut w.codes).map_err(terr)?;
-    }
-    Ok(ModelOutput {
-        loss: losses.iter().map(|l| l.1).sum(),
-        losses,
-        metrics: out.metrics,
-    })
 }
 
 /// Dense device codes `[n, d_sae]` into host CSR (a download of the whole matrix).
