@@ -7,9 +7,9 @@
 //! 2. [`jacobian`]: the exact active `k×k` block per token and the penalty's gradient;
 //! 3. [`pair`]: the pair as a model of the training engine (its loss and hand-written
 //!    gradients) and its metrics;
-//! 3a. [`tensor`]: the same step on candle tensors with autograd (`train.backend =
+//! 4. [`tensor`]: the same step on candle tensors with autograd (`train.backend =
 //!    "tensor"`, any device), the kernels' oracle;
-//! 4. `crate::pipeline::jsae`: the `[jsae]` pipeline stage (train JSAE and plain pairs, evaluate, CE with
+//! 5. `crate::pipeline::jsae`: the `[jsae]` pipeline stage (train JSAE and plain pairs, evaluate, CE with
 //!    both SAEs spliced in, rows in `metrics.parquet`).
 
 pub mod jacobian;
