@@ -28,7 +28,7 @@ lint:
 
 ## The Python of the interop tests (SAEPIPE_PYTHON): python3 when it has pyarrow, else a
 ## local .venv-test with pyarrow, made on first use (scripts/test_python.sh says how).
-## The moto S3 server of tests/s3.rs (SAEPIPE_MOTO): a local .venv-moto, made on first use
+## The moto S3 server of tests/it/s3.rs (SAEPIPE_MOTO): a local .venv-moto, made on first use
 ## (scripts/test_moto.sh).
 WITH_TEST_PYTHON = py="$$(PYTHON='$(PYTHON)' bash scripts/test_python.sh)" && \
 	moto="$$(PYTHON='$(PYTHON)' bash scripts/test_moto.sh)" && \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Start a one-node Slurm cluster on localhost (munged, slurmctld, slurmd), as root, for the
-# real end-to-end test of `saepipe slurm` (tests/slurm.rs). Needs Debian's slurm-wlm and
+# real end-to-end test of `saepipe slurm` (tests/it/slurm.rs). Needs Debian's slurm-wlm and
 # munge (`apt-get install -y slurm-wlm munge`). No cgroups: proctrack/linuxproc and
 # task/none, so it works in an unprivileged container. State, spool and logs go under
 # $SLURM_STATE (default: a fresh temp dir); the config goes to $SLURM_CONF (default

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Print a Python interpreter that has moto's S3 server (`python -m moto.server`) and boto3,
-# for tests/s3.rs (it reads the path from SAEPIPE_MOTO), setting one up first if needed, so
+# for tests/it/s3.rs (it reads the path from SAEPIPE_MOTO), setting one up first if needed, so
 # that `make test` runs the object-storage tests on a fresh machine with nothing but Python 3:
 #   1. $SAEPIPE_MOTO when set (your choice, not checked);
 #   2. .venv-moto/bin/python (git-ignored) when it imports moto.server and boto3;
@@ -31,7 +31,7 @@ if [ -x "$venv/bin/python" ] && has_moto "$venv/bin/python"; then
 fi
 command -v "$py" >/dev/null 2>&1 || fail "$py not found; the S3 tests need Python 3"
 
-echo "make test: installing moto[server] (a local S3 server for tests/s3.rs) into $venv (once)" >&2
+echo "make test: installing moto[server] (a local S3 server for tests/it/s3.rs) into $venv (once)" >&2
 t0=$(date +%s)
 rm -rf "$venv"
 pip_quiet=(--quiet --disable-pip-version-check --no-input)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Print the Python interpreter the interop tests run (tests/interop_pyarrow.rs reads it
+# Print the Python interpreter the interop tests run (tests/it/interop_pyarrow.rs reads it
 # from SAEPIPE_PYTHON), setting one up first if needed, so that `make test` works on a
 # fresh machine with nothing but Python 3:
 #   1. $SAEPIPE_PYTHON when set (your choice, not checked);

@@ -15,7 +15,7 @@
 //! The contract users see is `../shared/specs/pipeline.md`.
 
 //! Layout, from the bottom up (a module imports only from lines above its own; the test
-//! `tests/layers.rs` keeps it so):
+//! `tests/it/layers.rs` keeps it so):
 //!
 //! | layer | modules | what |
 //! |---|---|---|

@@ -1,7 +1,7 @@
 //! The JSAE pair's Jacobian term on candle tensors (issue #13 items 2–3): the second
 //! implementation of [`super::jacobian::penalty_step`], on any [`Device`], with its gradient
 //! from candle autograd instead of the hand-written one (so on the CPU device it is the
-//! oracle of the kernels, `tests/jsae_tensor.rs`).
+//! oracle of the kernels, `tests/it/jsae_tensor.rs`).
 //!
 //! ```text
 //! P_p = W^x_dec W_pᵀ [m_x, h]     Qᵀ = W^y_enc W_out [m_y, h]           (per step)

@@ -7,7 +7,7 @@
 //!
 //! The tensor encode computes the same codes as the kernels' (the same pre-activations up
 //! to f32 summation order, the same selections: top-k by [`super::tensor::topk_mask`], ties
-//! to the lower index); `tests/eval_tensor_encode.rs` checks R², L0 and dead fraction for
+//! to the lower index); `tests/it/eval_tensor_encode.rs` checks R², L0 and dead fraction for
 //! every format.
 
 use candle_core::{DType, Device, Result, Tensor};

@@ -21,7 +21,7 @@
 //! Decision: each variant also has (or may have) a second implementation on candle tensors,
 //! [`Sae::tensor_forward`], differentiated by candle autograd: on a GPU a dense `B × d_sae`
 //! gradient is what every peer does, and on the CPU device it is the kernels' oracle
-//! (`tests/tensor_oracle.rs`). Shared tensor pieces are in [`tensor`].
+//! (`tests/it/tensor_oracle.rs`). Shared tensor pieces are in [`tensor`].
 //! Decision: the trait is written so that a signed, gated variant (SA-GSAE, §6) fits: codes
 //! carry signed values (`≠ 0` means active), parameters are a named list with per-latent
 //! vectors, and [`ExportParts`] lists per-latent tensors with how they fold.
@@ -245,7 +245,7 @@ pub trait Sae: Send + Sync {
     /// [`tensor`]): `params` are this SAE's parameters in [`Sae::params`] order, on the
     /// input's device (trainable ones are autograd variables). Returns the loss parts whose
     /// sum the backend differentiates and the dense codes; must agree with
-    /// [`Sae::forward_backward`] (`tests/tensor_oracle.rs`). Variants without one keep this
+    /// [`Sae::forward_backward`] (`tests/it/tensor_oracle.rs`). Variants without one keep this
     /// default, which refuses, and leave [`ArchSpec::supports_tensor`] false.
     fn tensor_forward(
         &self,

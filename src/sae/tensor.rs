@@ -5,7 +5,7 @@
 //! A tensor forward computes the training loss with standard candle ops on any
 //! [`candle_core::Device`]; the trainer's tensor backend (`crate::train::tensor`) gets every
 //! gradient from candle autograd. On the CPU device the two implementations must agree on
-//! loss, codes and gradients (`tests/tensor_oracle.rs`): the tensor path is the oracle of the
+//! loss, codes and gradients (`tests/it/tensor_oracle.rs`): the tensor path is the oracle of the
 //! hand-written backward passes.
 //!
 //! Decision: top-k without a sort (candle has no top-k and its CUDA argsort fails on rows of

@@ -16,7 +16,7 @@
 //! at d_model 2048 that is 16,384 fragments; a 4096-token batch then has about
 //! `(R/c)·(1 − e^{−B·c/R})` ≈ 3,620 distinct windows, where a perfect shuffle of 200M
 //! tokens in 1024-token windows gives ≈ 4,050 (R buffer rows, c chunk rows, B batch rows);
-//! `tests/shuffle_quality.rs` measures this ratio on a scaled-down set.
+//! `tests/it/shuffle_quality.rs` measures this ratio on a scaled-down set.
 //! Decision: a chunk is read by random access (row group + row selection, only the `act`
 //! column, the offset index skips the other pages), so every row is read once per pass.
 //! `chunk_rows = 0` reads the shards in order (the previous behaviour; tests use it).

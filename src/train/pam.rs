@@ -24,7 +24,7 @@
 //! variant): a solve every `solve_every` steps is one outer iteration. `stats_decay` = 0
 //! starts the statistics afresh after each solve; d ∈ (0, 1) keeps an exponential average
 //! across outer iterations. Defaults `solve_every = 8`, `stats_decay = 0.5` were the best of
-//! {1, 2, 4, 8, 16} × {0, 0.5, 0.7, 0.9} on the synthetic comparison of `tests/pam_sgd.rs`
+//! {1, 2, 4, 8, 16} × {0, 0.5, 0.7, 0.9} on the synthetic comparison of `tests/it/pam_sgd.rs`
 //! (fresh statistics over few tokens make the m×m system noisy: N should be ≫ d_sae).
 //! Decision: the decoder penalties are per token (μ = μ̃·N etc., the spec's recommendation),
 //! so their effect does not depend on how many tokens an outer iteration has. The encoder

@@ -33,7 +33,7 @@
 //!    covariance `Σ y yᵀ − (Σy)(Σy)ᵀ/n` (clusters without tokens keep their flat).
 //!
 //! When each segment is one pass over the same tokens (train.total_tokens = S × the
-//! training tokens, tests/kmeans_baselines.rs), the mean training loss of segments 1, 2, …
+//! training tokens, tests/it/kmeans_baselines.rs), the mean training loss of segments 1, 2, …
 //! is non-increasing: each assignment is optimal for the previous flats and each refit is
 //! the exact optimum for that assignment. With fresh tokens per segment it is a stochastic
 //! version of the same alternation.

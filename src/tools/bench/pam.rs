@@ -4,7 +4,7 @@
 //!
 //! Both optimisers train the same SAE from the same initialisation on the same batches with
 //! the same encoder Adam settings (lr 2e-3, no warmup or decay, no AuxK); only the decoder
-//! update differs. `tests/pam_sgd.rs` asserts the measured ordering.
+//! update differs. `tests/it/pam_sgd.rs` asserts the measured ordering.
 
 use clap::Parser;
 
