@@ -231,8 +231,10 @@ fn default_row_group_rows() -> usize {
 pub enum OptimizerConfig {
     /// Adam.
     Adam {
-        /// Peak learning rate (after warmup). Absent: the variant's recommendation
-        /// (sae_variants.md §9, e.g. 2e-4/√(d_sae/2^14) for TopK).
+        /// Peak learning rate (after warmup). Absent: the variant's recommendation for
+        /// the run's number of steps (sae_variants.md §9 for long runs, e.g.
+        /// 2e-4/√(d_sae/2^14) for TopK; a measured larger one for short runs such as the
+        /// default sweep's, `sae::registry::budget_lr`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         lr: Option<f64>,
         /// First-moment decay. Absent: the variant's recommendation (0 for Gated and

@@ -248,7 +248,7 @@ impl Model for JsaePair {
     fn config_json(&self) -> serde_json::Value {
         serde_json::to_value(&self.cfg).unwrap_or(serde_json::Value::Null)
     }
-    fn recommended_adam(&self) -> (f32, f32, f32) {
+    fn recommended_adam(&self, _steps: u64) -> (f32, f32, f32) {
         (self.cfg.lr, 0.9, 0.999)
     }
     fn set_scales(&mut self, scales: &[f32]) {

@@ -101,8 +101,8 @@ impl ArchSpec for Config {
     fn sparsity_param(&self) -> (&'static str, f64) {
         ("k", self.k as f64)
     }
-    fn recommended_adam(&self, d_sae: usize) -> (f32, f32, f32) {
-        super::topk::recommended_adam(d_sae)
+    fn recommended_adam(&self, d_sae: usize, steps: u64) -> (f32, f32, f32) {
+        super::topk::recommended_adam(d_sae, steps)
     }
     fn supports_pam_sgd(&self) -> bool {
         true

@@ -2,13 +2,14 @@
 //!
 //! ```text
 //! π = W_enc x + b_enc                    (no pre-encoder b_dec subtraction, GDM default)
-//! θ = exp(t)                              (t = log_threshold, learnable, per latent)
+//! θ = exp(s·u)                            (u = scaled_log_threshold, learnable, per latent;
+//!                                          s = threshold_lr_scale, fixed)
 //! f = π · H(π − θ)
 //! x̂ = Σ_i f_i d_i + b_dec
 //! L = (1/B) Σ_b [ ‖x_b − x̂_b‖² + λ_t Σ_i H(π_{b,i} − θ_i) ]
 //! ∂L/∂π = G·H(π − θ)   (exact; no L0 gradient reaches the encoder)
 //! ∂L/∂θ_i = Σ_b (1/ε) K((π_{b,i} − θ_i)/ε) (−θ_i G_{b,i} − λ_t/B),  K = 1[−½ < u < ½]
-//! ∂L/∂t = θ ∂L/∂θ
+//! ∂L/∂u = s θ ∂L/∂θ
 //! ```
 //! with `G_{b,i} = d_i·2(x̂_b − x_b)/B`, computed for the band latents too (§8). Unit-norm
 //! decoder rows (§1.3 A).
@@ -16,6 +17,17 @@
 //! Decision: log-parameterised θ (SAELens) and λ·L0 (the paper), not dictionary_learning's
 //! `(L0/target − 1)²`. Decision: ε = θ_init = 0.05 in `E‖x‖ = √d` units (≈ GDM's 0.001 at
 //! unit mean-square scale times √d for d ≈ 2048; SAELens's bandwidth).
+//!
+//! Decision: measured — the log-threshold moves `s` times faster than the other parameters
+//! (θ = exp(s·u): an Adam step of at most `lr` on `u` is one of `s·lr` on log θ). With `s = 1`
+//! the thresholds travel at most `lr` per step in log space, so at the default sweep's
+//! 128–512 steps θ stays near `init_threshold` and λ has no effect on L0 (measured on
+//! SmolLM2 mlp_out at 128 steps, lr 1e-3: L0 549–550 at λ 5, 15 and 50). The grid s × λ
+//! at 128 steps, lr 1e-3 (mean of 2 seeds; R² / L0 / dead): s = 10 is still too slow
+//! (λ 1/4/16: L0 297/353/404, ordered wrongly), s = 100 overshoots and kills latents
+//! (λ 1: 0.600 / 71 / 12%; λ 4: 11 / 29% dead), s = 30 follows λ with no dead latents
+//! (λ 1: 0.641 / 77 / 0; λ 4: 0.422 / 26 / 0). GDM's recipe is in the same spirit: it
+//! trains θ itself (not log θ) at lr 7e-5 from θ ≈ 1e-3, relative steps of up to ~7%.
 
 use serde::{Deserialize, Serialize};
 
@@ -42,7 +54,13 @@ pub struct Config {
     pub bandwidth: f32,
     /// Initial threshold θ for every latent. Default 0.05.
     pub init_threshold: f32,
+    /// How many times faster log θ moves than the other parameters (θ = exp(s·u), `u`
+    /// trained). Default [`DEFAULT_THRESHOLD_LR_SCALE`].
+    pub threshold_lr_scale: f32,
 }
+
+/// Default [`Config::threshold_lr_scale`] (measured: issue 16).
+pub const DEFAULT_THRESHOLD_LR_SCALE: f32 = 30.0;
 
 impl Default for Config {
     fn default() -> Self {
@@ -50,6 +68,7 @@ impl Default for Config {
             l0_coefficient: 1.0,
             bandwidth: 0.05,
             init_threshold: 0.05,
+            threshold_lr_scale: DEFAULT_THRESHOLD_LR_SCALE,
         }
     }
 }
@@ -91,8 +110,9 @@ impl ArchSpec for Config {
     fn sparsity_param(&self) -> (&'static str, f64) {
         ("l0_coefficient", self.l0_coefficient as f64)
     }
-    fn recommended_adam(&self, _d_sae: usize) -> (f32, f32, f32) {
-        (7e-5, 0.0, 0.999)
+    /// 7e-5 for long runs (§9); 1e-3 at 128 steps. Decision: measured (issue 16's note).
+    fn recommended_adam(&self, _d_sae: usize, steps: u64) -> (f32, f32, f32) {
+        (crate::sae::registry::budget_lr(7e-5, 1e-3, steps), 0.0, 0.999)
     }
     fn supports_tensor(&self) -> bool {
         true
@@ -102,6 +122,7 @@ impl ArchSpec for Config {
         crate::sae::registry::check_nonneg(&mut out, "l0_coefficient", self.l0_coefficient);
         crate::sae::registry::check_positive(&mut out, "bandwidth", self.bandwidth);
         crate::sae::registry::check_positive(&mut out, "init_threshold", self.init_threshold);
+        crate::sae::registry::check_positive(&mut out, "threshold_lr_scale", self.threshold_lr_scale);
         out
     }
 }
@@ -152,12 +173,17 @@ pub struct JumpRelu {
 impl JumpRelu {
     /// Initialise (§5.3): unit decoder rows, `W_enc = W_decᵀ`, zero biases, θ = θ_init.
     pub fn new(cfg: Config, d: usize, f: usize, rng: &mut Rng) -> Result<Self, SaeError> {
-        if !(cfg.bandwidth > 0.0 && cfg.init_threshold > 0.0 && cfg.l0_coefficient >= 0.0) {
+        if !(cfg.bandwidth > 0.0
+            && cfg.init_threshold > 0.0
+            && cfg.threshold_lr_scale > 0.0
+            && cfg.threshold_lr_scale.is_finite()
+            && cfg.l0_coefficient >= 0.0)
+        {
             return Err(SaeError::Config {
                 arch: ARCH,
                 msg: format!(
-                    "bandwidth ({}) and init_threshold ({}) must be > 0 and l0_coefficient ({}) >= 0",
-                    cfg.bandwidth, cfg.init_threshold, cfg.l0_coefficient
+                    "bandwidth ({}), init_threshold ({}) and threshold_lr_scale ({}) must be > 0 and l0_coefficient ({}) >= 0",
+                    cfg.bandwidth, cfg.init_threshold, cfg.threshold_lr_scale, cfg.l0_coefficient
                 ),
             });
         }
@@ -169,7 +195,11 @@ impl JumpRelu {
             Param::new("b_enc", vec![f], vec![0.0; f]),
             dec,
             Param::new("b_dec", vec![d], vec![0.0; d]),
-            Param::new("log_threshold", vec![f], vec![cfg.init_threshold.ln(); f]),
+            Param::new(
+                "scaled_log_threshold",
+                vec![f],
+                vec![cfg.init_threshold.ln() / cfg.threshold_lr_scale; f],
+            ),
         ];
         Ok(Self {
             cfg,
@@ -180,9 +210,10 @@ impl JumpRelu {
         })
     }
 
-    fn thetas(params: &[Param], out: &mut Vec<f32>) {
+    fn thetas(&self, out: &mut Vec<f32>) {
+        let s = self.cfg.threshold_lr_scale;
         out.clear();
-        out.extend(params[LOG_TH].data.iter().map(|t| t.exp()));
+        out.extend(self.params[LOG_TH].data.iter().map(|u| (s * u).exp()));
     }
 }
 
@@ -207,7 +238,7 @@ impl Sae for JumpRelu {
         check_width(ARCH, self.d, x, n)?;
         let p = &self.params;
         let mut theta = std::mem::take(&mut ws.lat2);
-        Self::thetas(p, &mut theta);
+        self.thetas(&mut theta);
         c::prepare_input(x, self.d, None, &mut ws.xt);
         c::encode_collect(
             ws,
@@ -240,9 +271,9 @@ impl Sae for JumpRelu {
         check_width(ARCH, d, input.x, n)?;
         let lambda = self.cfg.l0_coefficient * input.sparsity_scale;
         let eps = self.cfg.bandwidth;
+        let mut theta = std::mem::take(&mut self.theta);
+        self.thetas(&mut theta);
         let p = &self.params;
-        Self::thetas(p, &mut self.theta);
-        let theta = &self.theta;
         // 1. π = W_enc x + b_enc; active (π > θ) → codes, band (|π − θ| < ε/2) → aux
         c::prepare_input(input.x, d, None, &mut ws.xt);
         c::encode_collect(
@@ -253,7 +284,7 @@ impl Sae for JumpRelu {
             f,
             Some(&p[B_ENC].data),
             |_, row, buf| {
-                for (i, (&v, &t)) in row.iter().zip(theta).enumerate() {
+                for (i, (&v, &t)) in row.iter().zip(&theta).enumerate() {
                     if v > t {
                         buf.main.push((i as u32, v));
                     }
@@ -314,13 +345,15 @@ impl Sae for JumpRelu {
             &mut grads[W_DEC],
         );
         c::col_sums(&ws.resid, n, d, &mut grads[B_DEC]);
-        // 4. threshold STE: ∂L/∂t_i = θ_i Σ_band (1/ε)(−θ_i G − λ/B)
+        // 4. threshold STE: ∂L/∂u_i = s θ_i Σ_band (1/ε)(−θ_i G − λ/B)
         let lb = lambda / n as f32;
+        let s = self.cfg.threshold_lr_scale;
         let gt = &mut grads[LOG_TH];
         for (&i, &g) in ws.aux.idx.iter().zip(&ws.aux_gvals) {
             let th = theta[i as usize];
-            gt[i as usize] += th * (-th * g - lb) / eps;
+            gt[i as usize] += s * th * (-th * g - lb) / eps;
         }
+        self.theta = theta;
         let mse = sse / n as f64;
         let l0 = lambda as f64 * ws.codes.nnz() as f64 / n as f64;
         Ok(StepOutput {
@@ -333,7 +366,8 @@ impl Sae for JumpRelu {
     /// The same loss on tensors, with the rectangle-kernel STE composed from detached
     /// masks: `f = π ⊙ H + (−θ K/ε) ⊙ zero_with_grad(θ)` and
     /// `L0 = Σ H + (−K/ε) ⊙ zero_with_grad(θ)` (values unchanged, `∂/∂θ` as in the header),
-    /// `H = 1[π > θ]`, `K = 1[|π − θ| < ε/2]`, `θ = exp(t)` so autograd gives `∂L/∂t = θ ∂L/∂θ`.
+    /// `H = 1[π > θ]`, `K = 1[|π − θ| < ε/2]`, `θ = exp(s·u)` so autograd gives
+    /// `∂L/∂u = s θ ∂L/∂θ`.
     fn tensor_forward(
         &self,
         params: &[Tensor],
@@ -353,7 +387,9 @@ impl Sae for JumpRelu {
             let f = w_enc.dim(0)?;
             // 1. π = x W_encᵀ + b_enc: [n, d_sae]; θ: [1, d_sae]
             let pre = tensor::mm(x, &w_enc.t()?, input.gemm)?.broadcast_add(b_enc)?;
-            let theta = log_th.exp()?.reshape((1, f))?;
+            let theta = (log_th * self.cfg.threshold_lr_scale as f64)?
+                .exp()?
+                .reshape((1, f))?;
             let diff = pre.detach().broadcast_sub(&theta.detach())?;
             let active = diff.gt(0f32)?.to_dtype(DType::F32)?;
             let band = diff.abs()?.lt(0.5 * eps)?.to_dtype(DType::F32)?;
@@ -379,7 +415,7 @@ impl Sae for JumpRelu {
     fn export_parts(&self) -> ExportParts {
         let p = &self.params;
         let mut theta = Vec::new();
-        Self::thetas(p, &mut theta);
+        self.thetas(&mut theta);
         ExportParts {
             architecture: "jumprelu",
             w_enc: p[W_ENC].data.clone(),

@@ -206,9 +206,10 @@ pub struct Trainer {
     deferred: Option<TrainError>,
 }
 
-/// The Adam hyperparameters of a config for `model` (its recommendations where unset).
+/// The Adam hyperparameters of a config for `model` (its recommendations for the config's
+/// number of steps where unset).
 fn adam_hp(cfg: &TrainConfig, model: &dyn Model) -> Adam {
-    let (lr0, b1, b2) = model.recommended_adam();
+    let (lr0, b1, b2) = model.recommended_adam(cfg.total_steps());
     Adam {
         lr: cfg.lr.unwrap_or(lr0),
         beta1: cfg.adam_beta1.unwrap_or(b1),

@@ -71,8 +71,9 @@ pub trait Model: Send + std::any::Any {
     fn sae_mut(&mut self, i: usize) -> &mut dyn Sae;
     /// The model's configuration as JSON: a checkpoint made with another one is refused.
     fn config_json(&self) -> serde_json::Value;
-    /// Recommended Adam `(lr, β1, β2)` when the training config leaves them unset.
-    fn recommended_adam(&self) -> (f32, f32, f32);
+    /// Recommended Adam `(lr, β1, β2)` for a run of `steps` optimiser steps, when the
+    /// training config leaves them unset.
+    fn recommended_adam(&self, steps: u64) -> (f32, f32, f32);
     /// Whether PAM-SGD can train it (a single SAE of a variant that installs a decoder).
     fn supports_pam_sgd(&self) -> bool {
         false
@@ -187,8 +188,8 @@ impl Model for SingleSae {
     fn config_json(&self) -> serde_json::Value {
         serde_json::to_value(&self.arch).unwrap_or(serde_json::Value::Null)
     }
-    fn recommended_adam(&self) -> (f32, f32, f32) {
-        self.arch.recommended_adam(self.sae.dims().1)
+    fn recommended_adam(&self, steps: u64) -> (f32, f32, f32) {
+        self.arch.recommended_adam(self.sae.dims().1, steps)
     }
     fn supports_pam_sgd(&self) -> bool {
         self.arch.supports_pam_sgd()

@@ -18,7 +18,7 @@
 //! - stop-gradients: the Gated (§4.2) and unit-decoder SA-GSAE (§6.2) aux terms use
 //!   `sg(W_dec)` and `sg(b_dec)`, so the loss is not the potential of those two gradients and
 //!   they are excluded; AuxK (§3.3) uses `e = sg(x − x̂)`, see [`check_auxk`];
-//! - straight-through estimators: JumpReLU's `log_threshold` gradient (§5.2) is a
+//! - straight-through estimators: JumpReLU's `scaled_log_threshold` gradient (§5.2) is a
 //!   pseudo-gradient; it is checked against the spec's formula recomputed here from the
 //!   parameters (see [`check_jumprelu_ste`]);
 //! - state updated by `forward_backward` (BatchTopK's θ, k-means centroids and counts): every
@@ -81,7 +81,7 @@ fn policy(kind: &str, name: &str, cfg: &serde_json::Value) -> Policy {
         {
             Policy::Excluded("§6.4: rectangle-kernel STE / L0 pseudo-gradient")
         }
-        ("jumprelu", "log_threshold") => Policy::Ste,
+        ("jumprelu", "scaled_log_threshold") => Policy::Ste,
         ("kmeans_pca", "W_enc" | "W_dec") => Policy::FdSubspaceRows,
         _ => Policy::Fd,
     }
@@ -286,7 +286,7 @@ fn knob(sae: &dyn Sae, kind: &str) -> Option<(usize, f32)> {
     ) {
         return None; // density set by k, or L0 = 1 (+ rank)
     }
-    if let Some(i) = index(sae, "log_threshold") {
+    if let Some(i) = index(sae, "log_threshold").or_else(|| index(sae, "scaled_log_threshold")) {
         return Some((i, 1.0));
     }
     index(sae, "b_gate")
@@ -478,7 +478,8 @@ fn check_case(c: &mut Case, dens: Density, rows: &mut Vec<Row>) {
     }
 }
 
-/// JumpReLU threshold (§5.2): `∂L/∂t_i = θ_i Σ_b (1/ε) K((π_{b,i} − θ_i)/ε) (−θ_i G_{b,i} − λ/B)`
+/// JumpReLU threshold (§5.2): `∂L/∂u_i = s θ_i Σ_b (1/ε) K((π_{b,i} − θ_i)/ε) (−θ_i G_{b,i} − λ/B)`
+/// with `θ = exp(s·u)`, `s = threshold_lr_scale`,
 /// with `π = W_enc x + b_enc` (§5.1, no pre-encoder bias), `f = π·H(π − θ)`,
 /// `G_{b,i} = d_i·2(x̂_b − x_b)/B`, all recomputed here in f64 from the parameters.
 /// Returns the number of band entries.
@@ -489,12 +490,13 @@ fn check_jumprelu_ste(c: &Case, base: &Run, pi: usize) -> usize {
         p("b_enc"),
         p("W_dec"),
         p("b_dec"),
-        p("log_threshold"),
+        p("scaled_log_threshold"),
     );
+    let s = c.cfg["threshold_lr_scale"].as_f64().unwrap();
     let eps = c.cfg["bandwidth"].as_f64().unwrap();
     let lambda = c.cfg["l0_coefficient"].as_f64().unwrap();
     let (f, n) = (c.f, c.x.len() / D);
-    let theta: Vec<f64> = t.iter().map(|&v| (v as f64).exp()).collect();
+    let theta: Vec<f64> = t.iter().map(|&v| (s * v as f64).exp()).collect();
     let mut pre = vec![0.0f64; n * f];
     for b in 0..n {
         for i in 0..f {
@@ -523,7 +525,7 @@ fn check_jumprelu_ste(c: &Case, base: &Run, pi: usize) -> usize {
             if u.abs() < 0.5 {
                 band += 1;
                 let gi: f64 = (0..D).map(|j| w_dec[i * D + j] as f64 * g[j]).sum();
-                want[i] += theta[i] * (-theta[i] * gi - lambda / n as f64) / eps;
+                want[i] += s * theta[i] * (-theta[i] * gi - lambda / n as f64) / eps;
             }
         }
     }
@@ -537,7 +539,7 @@ fn check_jumprelu_ste(c: &Case, base: &Run, pi: usize) -> usize {
         let got = got as f64;
         assert!(
             (got - w).abs() <= 1e-3 * w.abs().max(1.0),
-            "{}: log_threshold[{i}]: hand-written {got:.6e} vs spec STE {w:.6e}",
+            "{}: scaled_log_threshold[{i}]: hand-written {got:.6e} vs spec STE {w:.6e}",
             c.label
         );
         max_w = max_w.max(w.abs());

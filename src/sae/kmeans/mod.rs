@@ -123,7 +123,7 @@ impl ArchSpec for Config {
     fn sparsity_param(&self) -> (&'static str, f64) {
         ("rank", 0.0)
     }
-    fn recommended_adam(&self, _d_sae: usize) -> (f32, f32, f32) {
+    fn recommended_adam(&self, _d_sae: usize, _steps: u64) -> (f32, f32, f32) {
         ADAM
     }
     fn supports_tensor(&self) -> bool {
@@ -153,7 +153,7 @@ impl ArchSpec for PcaConfig {
     fn sparsity_param(&self) -> (&'static str, f64) {
         ("rank", self.rank as f64)
     }
-    fn recommended_adam(&self, _d_sae: usize) -> (f32, f32, f32) {
+    fn recommended_adam(&self, _d_sae: usize, _steps: u64) -> (f32, f32, f32) {
         ADAM
     }
     fn supports_tensor(&self) -> bool {
