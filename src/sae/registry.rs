@@ -466,7 +466,10 @@ mod tests {
         let (long, short) = (5e-5f32, 3e-3f32);
         let close = |a: f32, b: f32| (a - b).abs() <= 1e-6 * b;
         assert!(close(budget_lr(long, short, SHORT_BUDGET_STEPS), short));
-        assert!(close(budget_lr(long, short, 1), short), "below the short budget: short");
+        assert!(
+            close(budget_lr(long, short, 1), short),
+            "below the short budget: short"
+        );
         assert!(close(budget_lr(long, short, LONG_BUDGET_STEPS), long));
         assert!(close(budget_lr(long, short, 10 * LONG_BUDGET_STEPS), long));
         // the geometric mean halfway in log steps, and monotone in between
@@ -475,7 +478,10 @@ mod tests {
         let mut last = f32::INFINITY;
         for steps in [128, 256, 512, 2048, 10_000, 50_000] {
             let lr = budget_lr(long, short, steps);
-            assert!(lr < last, "lr must fall with the budget: {lr} at {steps} after {last}");
+            assert!(
+                lr < last,
+                "lr must fall with the budget: {lr} at {steps} after {last}"
+            );
             last = lr;
         }
     }
@@ -486,8 +492,16 @@ mod tests {
             let arch = (v.example)();
             let (short, _, _) = arch.recommended_adam(2304, SHORT_BUDGET_STEPS);
             let (long, _, _) = arch.recommended_adam(2304, LONG_BUDGET_STEPS);
-            assert!(short.is_finite() && long.is_finite() && long > 0.0, "{}", v.kind);
-            assert!(short >= long, "{}: {short} at 128 steps < {long} at 50k", v.kind);
+            assert!(
+                short.is_finite() && long.is_finite() && long > 0.0,
+                "{}",
+                v.kind
+            );
+            assert!(
+                short >= long,
+                "{}: {short} at 128 steps < {long} at 50k",
+                v.kind
+            );
         }
     }
 }

@@ -89,5 +89,9 @@ fn every_test_file_is_a_module() {
         missing.is_empty(),
         "tests/it/ has files that tests/it/main.rs does not name, so they never run: {missing:?}; add `mod NAME;` for each"
     );
-    assert!(declared.len() > 40, "expected the suite's modules in main.rs, found {}", declared.len());
+    assert!(
+        declared.len() > 40,
+        "expected the suite's modules in main.rs, found {}",
+        declared.len()
+    );
 }
