@@ -17,15 +17,34 @@ pub mod cholesky;
 use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
+use crate::util::profile::{self, Phase};
 use crate::util::rng::Rng;
 
-/// Tokens per encoder chunk: the `[chunk, d_sae]` pre-activation buffer is the largest
-/// scratch buffer (64 MiB at d_sae = 16384).
+/// Tokens per chunk of the dense fallbacks' `[chunk, d_sae]` buffers (64 MiB at d_sae =
+/// 16384), and the fewest tokens per encoder GEMM call ([`PRE_BYTES`]).
 pub const CHUNK: usize = 1024;
+/// Bytes of the encoder's `[chunk, d_sae]` pre-activation buffer. The encoder takes as many
+/// tokens per GEMM call as fit (at least [`CHUNK`]): every call packs all of `W_enc`, so at
+/// d_sae 16384 four calls of 1024 tokens took 17% longer than one of 4096 (issue 16).
+const PRE_BYTES: usize = 256 << 20;
+
+/// Tokens per encoder GEMM call at width `f` (see [`PRE_BYTES`]).
+fn encode_chunk(f: usize) -> usize {
+    (PRE_BYTES / (4 * f.max(1))).max(CHUNK)
+}
+
 /// Density of active pairs above which the dense-GEMM fallback is used.
 pub const DENSE_FALLBACK: f64 = 0.05;
 /// Tokens per rayon task in the per-token passes.
 const TOKENS_PER_TASK: usize = 16;
+/// Tokens from which sparse decode, the per-entry dots and the accumulations run
+/// latent-major over column blocks ([`Csc`]): each pass then streams the weight matrix once
+/// and gathers only `[n, block]` strips of the token rows, which stay in cache; below it the
+/// token-major loops need no transpose.
+const CSC_MIN_TOKENS: usize = 256;
+/// Column width of one block of the blocked per-entry dots. Fixed, not derived from the thread
+/// count, so that the summation order, and so the result, is the same on every machine.
+const DOT_BLOCK: usize = 256;
 
 /// Sparse latent codes in CSR form: token `b` owns entries `indptr[b]..indptr[b+1]`.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -135,7 +154,69 @@ pub struct Scratch {
     csc_ptr: Vec<usize>,
     csc_tok: Vec<u32>,
     csc_coef: Vec<f32>,
+    csc_ent: Vec<u32>,
+    partial: Vec<f32>,
     fill: Vec<usize>,
+}
+
+/// A raw pointer to an output buffer that parallel tasks write in disjoint column blocks.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: only used by `strip`, whose callers write disjoint ranges from different tasks.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    /// `len` elements from `at`.
+    ///
+    /// # Safety
+    /// `at + len` is within the buffer, and no other live slice overlaps the range.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn strip(&self, at: usize, len: usize) -> &mut [f32] {
+        std::slice::from_raw_parts_mut(self.0.add(at), len)
+    }
+}
+
+/// Column blocks `(j0, j1)` covering `0..d` for the blocked sparse passes: about four per
+/// thread, at least 64 columns, multiples of 16. Results do not depend on the split (each
+/// output element is summed in the same order whatever the blocks).
+fn col_blocks(d: usize) -> Vec<(usize, usize)> {
+    let nb = (d / 64).clamp(1, 4 * rayon::current_num_threads().max(1));
+    let w = d.div_ceil(nb).next_multiple_of(16).max(1);
+    (0..d.div_ceil(w))
+        .map(|b| (b * w, ((b + 1) * w).min(d)))
+        .collect()
+}
+
+/// Transpose `codes` CSR→CSC into `s` by a counting sort on the latent index, stable in token
+/// order: latent `i` owns positions `csc_ptr[i]..csc_ptr[i+1]`, each with its token
+/// (`csc_tok`), its CSR entry (`csc_ent`) and `coef` of that entry (`csc_coef`).
+fn build_csc(codes: &Codes, coef: &[f32], f: usize, s: &mut Scratch) {
+    s.csc_ptr.clear();
+    s.csc_ptr.resize(f + 1, 0);
+    for &i in &codes.idx {
+        s.csc_ptr[i as usize + 1] += 1;
+    }
+    for i in 0..f {
+        s.csc_ptr[i + 1] += s.csc_ptr[i];
+    }
+    s.fill.clear();
+    s.fill.extend_from_slice(&s.csc_ptr[..f]);
+    let nnz = codes.nnz();
+    s.csc_tok.resize(nnz, 0);
+    s.csc_coef.resize(nnz, 0.0);
+    s.csc_ent.resize(nnz, 0);
+    for b in 0..codes.n() {
+        let (lo, hi) = (codes.indptr[b], codes.indptr[b + 1]);
+        for (e, (&i, &cf)) in codes.idx[lo..hi].iter().zip(&coef[lo..hi]).enumerate() {
+            let i = i as usize;
+            let p = s.fill[i];
+            s.fill[i] += 1;
+            s.csc_tok[p] = b as u32;
+            s.csc_coef[p] = cf;
+            s.csc_ent[p] = (lo + e) as u32;
+        }
+    }
 }
 
 /// Resize `v` to `n` elements (contents unspecified, capacity kept).
@@ -280,7 +361,7 @@ pub fn encode_collect<F>(
 {
     ws.codes.clear();
     ws.aux.clear();
-    let chunk = CHUNK.min(n.max(1));
+    let chunk = encode_chunk(f).min(n.max(1));
     resize(&mut ws.scratch.pre, chunk * f);
     let n_tasks = chunk.div_ceil(TOKENS_PER_TASK);
     if ws.scratch.tasks.len() < n_tasks {
@@ -290,7 +371,10 @@ pub fn encode_collect<F>(
     while start < n {
         let c = chunk.min(n - start);
         let pre = &mut ws.scratch.pre[..c * f];
+        let t_gemm = profile::time(Phase::EncoderGemm);
         gemm_xwt(&ws.xt[start * d..(start + c) * d], c, d, w, f, bias, pre);
+        drop(t_gemm);
+        let _t_select = profile::time(Phase::Selection);
         let pre = &ws.scratch.pre[..c * f];
         ws.scratch.tasks[..c.div_ceil(TOKENS_PER_TASK)]
             .par_iter_mut()
@@ -373,23 +457,32 @@ pub fn topk_select(
     let cap = 2 * k.max(16);
     let mut thr = (f32::NEG_INFINITY, u32::MAX);
     let mut have_thr = false;
-    for (i, &v) in row.iter().enumerate() {
-        let cand = (v, i as u32);
-        if have_thr && better(cand, thr) != std::cmp::Ordering::Less {
+    // Blocks of SKIP entries all strictly below the threshold's value (IEEE `<`, false for
+    // NaN and for equal values, which go the exact way) cannot enter: one vectorised test
+    // skips them, which is most of a row once the threshold has settled.
+    const SKIP: usize = 16;
+    for (blk, vals) in row.chunks(SKIP).enumerate() {
+        if have_thr && vals.iter().fold(true, |all, &v| all & (v < thr.0)) {
             continue;
         }
-        scratch.push(cand);
-        if scratch.len() == cap {
-            scratch.select_nth_unstable_by(k - 1, |a, b| better(*a, *b));
-            scratch.truncate(k);
-            thr = scratch[k - 1];
-            // The k-th best seen so far; later candidates must beat it.
-            for e in scratch.iter() {
-                if better(*e, thr) == std::cmp::Ordering::Greater {
-                    thr = *e;
-                }
+        for (q, &v) in vals.iter().enumerate() {
+            let cand = (v, (blk * SKIP + q) as u32);
+            if have_thr && better(cand, thr) != std::cmp::Ordering::Less {
+                continue;
             }
-            have_thr = true;
+            scratch.push(cand);
+            if scratch.len() == cap {
+                scratch.select_nth_unstable_by(k - 1, |a, b| better(*a, *b));
+                scratch.truncate(k);
+                thr = scratch[k - 1];
+                // The k-th best seen so far; later candidates must beat it.
+                for e in scratch.iter() {
+                    if better(*e, thr) == std::cmp::Ordering::Greater {
+                        thr = *e;
+                    }
+                }
+                have_thr = true;
+            }
         }
     }
     if scratch.len() > k {
@@ -439,6 +532,7 @@ pub fn decode(
     bias: Option<&[f32]>,
     out: &mut Vec<f32>,
 ) {
+    let _t = profile::time(Phase::Decode);
     let n = codes.n();
     resize(out, n * d);
     if density(codes, f) > DENSE_FALLBACK && n > 0 {
@@ -456,6 +550,33 @@ pub fn decode(
                 }
             });
         }
+        return;
+    }
+    if n >= CSC_MIN_TOKENS {
+        // Latent-major: each column block streams its strip of every decoder row once and
+        // adds it to the `[n, block]` strip of the output rows that use it.
+        build_csc(codes, &codes.val, f, ws_dense);
+        let (ptr, tok, cf) = (&ws_dense.csc_ptr, &ws_dense.csc_tok, &ws_dense.csc_coef);
+        let o = Shared(out.as_mut_ptr());
+        col_blocks(d).into_par_iter().for_each(|(j0, j1)| {
+            let wd = j1 - j0;
+            for b in 0..n {
+                // SAFETY: out is [n, d]; this task alone owns columns j0..j1.
+                let r = unsafe { o.strip(b * d + j0, wd) };
+                match bias {
+                    Some(bb) => r.copy_from_slice(&bb[j0..j1]),
+                    None => r.fill(0.0),
+                }
+            }
+            for i in 0..f {
+                let wi = &w[i * d + j0..i * d + j1];
+                for p in ptr[i]..ptr[i + 1] {
+                    // SAFETY: as above.
+                    let r = unsafe { o.strip(tok[p] as usize * d + j0, wd) };
+                    axpy(cf[p], wi, r);
+                }
+            }
+        });
         return;
     }
     out.par_chunks_mut(d).enumerate().for_each(|(b, row)| {
@@ -480,6 +601,7 @@ pub fn entry_dots(
     v: &[f32],
     out: &mut Vec<f32>,
 ) {
+    let _t = profile::time(Phase::Dots);
     let n = codes.n();
     resize(out, codes.nnz());
     if density(codes, f) > DENSE_FALLBACK && n > 0 {
@@ -508,6 +630,53 @@ pub fn entry_dots(
             });
             lo = hi;
         }
+        return;
+    }
+    if n >= CSC_MIN_TOKENS && codes.nnz() > 0 {
+        // Latent-major over DOT_BLOCK-wide column blocks: block c's partial dots of every
+        // entry into `partial[c]` (each weight strip read once, token strips from cache),
+        // then the blocks summed in block order and scattered back to CSR order.
+        let nnz = codes.nnz();
+        build_csc(codes, &codes.val, f, ws_dense);
+        let nb = d.div_ceil(DOT_BLOCK);
+        resize(&mut ws_dense.partial, nb * nnz);
+        let Scratch {
+            csc_ptr: ptr,
+            csc_tok: tok,
+            csc_ent: ent,
+            partial,
+            ..
+        } = ws_dense;
+        let (ptr, tok, ent) = (&*ptr, &*tok, &*ent);
+        partial
+            .par_chunks_mut(nnz)
+            .enumerate()
+            .for_each(|(c, part)| {
+                let (j0, j1) = (c * DOT_BLOCK, ((c + 1) * DOT_BLOCK).min(d));
+                for i in 0..f {
+                    let wi = &w[i * d + j0..i * d + j1];
+                    for p in ptr[i]..ptr[i + 1] {
+                        let b = tok[p] as usize;
+                        part[p] = dot(wi, &v[b * d + j0..b * d + j1]);
+                    }
+                }
+            });
+        let (first, rest) = partial.split_at_mut(nnz);
+        let o = Shared(out.as_mut_ptr());
+        first
+            .par_chunks_mut(1 << 12)
+            .enumerate()
+            .for_each(|(ci, ch)| {
+                let p0 = ci << 12;
+                for (q, acc) in ch.iter_mut().enumerate() {
+                    let p = p0 + q;
+                    for c in 0..nb - 1 {
+                        *acc += rest[c * nnz + p];
+                    }
+                    // SAFETY: `ent` is a permutation of 0..nnz, so each entry is written once.
+                    unsafe { o.strip(ent[p] as usize, 1)[0] = *acc };
+                }
+            });
         return;
     }
     let ip = &codes.indptr;
@@ -542,6 +711,7 @@ pub fn accumulate_rows(
     f: usize,
     out: &mut [f32],
 ) {
+    let _t = profile::time(Phase::Accumulate);
     let n = codes.n();
     if n == 0 || codes.nnz() == 0 {
         return;
@@ -556,34 +726,28 @@ pub fn accumulate_rows(
         }
         return;
     }
-    // CSR -> CSC by counting sort on the latent index (stable in token order).
-    ws.csc_ptr.clear();
-    ws.csc_ptr.resize(f + 1, 0);
-    for &i in &codes.idx {
-        ws.csc_ptr[i as usize + 1] += 1;
-    }
-    for i in 0..f {
-        ws.csc_ptr[i + 1] += ws.csc_ptr[i];
-    }
-    ws.fill.clear();
-    ws.fill.extend_from_slice(&ws.csc_ptr[..f]);
-    ws.csc_tok.resize(codes.nnz(), 0);
-    ws.csc_coef.resize(codes.nnz(), 0.0);
-    for b in 0..n {
-        let (s, e) = (codes.indptr[b], codes.indptr[b + 1]);
-        for (&i, &cf) in codes.idx[s..e].iter().zip(&coef[s..e]) {
-            let i = i as usize;
-            let p = ws.fill[i];
-            ws.fill[i] += 1;
-            ws.csc_tok[p] = b as u32;
-            ws.csc_coef[p] = cf;
-        }
-    }
+    build_csc(codes, coef, f, ws);
     let (ptr, tok, cf) = (&ws.csc_ptr, &ws.csc_tok, &ws.csc_coef);
-    out.par_chunks_mut(d).enumerate().for_each(|(i, row)| {
-        for p in ptr[i]..ptr[i + 1] {
-            let b = tok[p] as usize;
-            axpy(cf[p], &v[b * d..(b + 1) * d], row);
+    if n < CSC_MIN_TOKENS {
+        out.par_chunks_mut(d).enumerate().for_each(|(i, row)| {
+            for p in ptr[i]..ptr[i + 1] {
+                let b = tok[p] as usize;
+                axpy(cf[p], &v[b * d..(b + 1) * d], row);
+            }
+        });
+        return;
+    }
+    // Column blocks: each task gathers `[n, block]` strips of `v` (cache-resident) instead
+    // of whole rows; every output element is still summed in token order.
+    let o = Shared(out.as_mut_ptr());
+    col_blocks(d).into_par_iter().for_each(|(j0, j1)| {
+        for i in 0..f {
+            // SAFETY: out is [f, d]; this task alone owns columns j0..j1.
+            let row = unsafe { o.strip(i * d + j0, j1 - j0) };
+            for p in ptr[i]..ptr[i + 1] {
+                let b = tok[p] as usize;
+                axpy(cf[p], &v[b * d + j0..b * d + j1], row);
+            }
         }
     });
 }
@@ -598,6 +762,7 @@ pub fn scatter_add(codes: &Codes, vals: &[f32], out: &mut [f32]) {
 /// `out[j] += Σ_i s[i]·w[i, j]` over the latents with `s[i] ≠ 0`, parallel over column
 /// blocks (the encoder's contribution to the `b_dec` gradient when `x̃ = x − b_dec`).
 pub fn add_weighted_rows(scratch: &mut Scratch, s: &[f32], w: &[f32], d: usize, out: &mut [f32]) {
+    let _t = profile::time(Phase::Backward);
     scratch.fill.clear();
     scratch.fill.extend((0..s.len()).filter(|&i| s[i] != 0.0));
     let nz = &scratch.fill;
@@ -613,6 +778,7 @@ pub fn add_weighted_rows(scratch: &mut Scratch, s: &[f32], w: &[f32], d: usize, 
 
 /// Column sums `out[j] = Σ_b v[b, j]` for `v: [n, d]`, parallel over column blocks.
 pub fn col_sums(v: &[f32], n: usize, d: usize, out: &mut [f32]) {
+    let _t = profile::time(Phase::Backward);
     let block = 64;
     out.par_chunks_mut(block).enumerate().for_each(|(cb, o)| {
         o.fill(0.0);
@@ -629,6 +795,7 @@ pub fn col_sums(v: &[f32], n: usize, d: usize, out: &mut [f32]) {
 /// Residual gradient and loss of SumD-MeanB: `g = scale·(x̂ − x)`; returns `Σ_b ‖x̂_b − x_b‖²`
 /// (f64, summed per token in a fixed order).
 pub fn residual(xhat: &[f32], x: &[f32], d: usize, scale: f32, g: &mut Vec<f32>) -> f64 {
+    let _t = profile::time(Phase::Backward);
     resize(g, x.len());
     let per: Vec<f64> = g
         .par_chunks_mut(d)
@@ -646,17 +813,63 @@ pub fn residual(xhat: &[f32], x: &[f32], d: usize, scale: f32, g: &mut Vec<f32>)
     per.iter().sum()
 }
 
-/// `y += a·x`.
-#[inline]
-pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+/// Runtime SIMD dispatch for the hot elementwise loops: the crate is built for baseline
+/// x86-64 (SSE2, four lanes), so `$name` runs `$generic` compiled for AVX-512F or AVX2 when
+/// the CPU has it (detected once, cached by std). Rust never fuses `a·x + y` into an FMA, so
+/// each lane computes exactly what the SSE2 code does: the results are bit-identical.
+macro_rules! simd_dispatch {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)? = $generic:ident;
+     $avx512:ident, $avx2:ident) => {
+        $(#[$m])*
+        #[inline]
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F (checked just above).
+                    return unsafe { $avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    // SAFETY: the CPU has AVX2 (checked just above).
+                    return unsafe { $avx2($($arg),*) };
+                }
+            }
+            $generic($($arg),*)
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        fn $avx512($($arg: $ty),*) $(-> $ret)? {
+            $generic($($arg),*)
+        }
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        fn $avx2($($arg: $ty),*) $(-> $ret)? {
+            $generic($($arg),*)
+        }
+    };
+}
+
+simd_dispatch! {
+    /// `y += a·x`.
+    pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) = axpy_generic;
+    axpy_avx512, axpy_avx2
+}
+
+simd_dispatch! {
+    /// Dot product with 8 independent accumulators (vectorises; fixed order).
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 = dot_generic;
+    dot_avx512, dot_avx2
+}
+
+#[inline(always)]
+fn axpy_generic(a: f32, x: &[f32], y: &mut [f32]) {
     for (yy, xx) in y.iter_mut().zip(x) {
         *yy += a * xx;
     }
 }
 
-/// Dot product with 8 independent accumulators (vectorises; fixed order).
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+#[inline(always)]
+fn dot_generic(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let n8 = a.len() / 8 * 8;
     for (ca, cb) in a[..n8].chunks_exact(8).zip(b[..n8].chunks_exact(8)) {
@@ -695,13 +908,17 @@ pub fn project_rows(grad: &mut [f32], w: &[f32], d: usize) {
 
 /// Rescale every row of `w` to unit norm (§1.3 A step 3). Zero rows are left alone.
 pub fn normalize_rows(w: &mut [f32], d: usize) {
-    w.par_chunks_mut(d).for_each(|r| {
-        let n = dot(r, r).sqrt();
-        if n > 0.0 {
-            let inv = 1.0 / n;
-            r.iter_mut().for_each(|v| *v *= inv);
-        }
-    });
+    w.par_chunks_mut(d).for_each(normalize_row);
+}
+
+/// Rescale one row to unit norm (left alone if zero), as [`normalize_rows`] does to each.
+#[inline]
+pub fn normalize_row(r: &mut [f32]) {
+    let n = dot(r, r).sqrt();
+    if n > 0.0 {
+        let inv = 1.0 / n;
+        r.iter_mut().for_each(|v| *v *= inv);
+    }
 }
 
 /// Install a PAM-SGD decoder solution `new_w` into `w_dec` with unit rows, moving each
@@ -857,6 +1074,35 @@ mod tests {
     }
 
     #[test]
+    fn blocked_passes_do_not_depend_on_the_thread_count() {
+        // The column blocks follow the thread count; the results must not (resume on another
+        // machine is bit-exact).
+        let mut r = Rng::new(8);
+        let (n, d, f) = (CSC_MIN_TOKENS + 40, DOT_BLOCK + 100, 96);
+        let codes = random_codes(&mut r, n, f, 0.02, 5);
+        let w: Vec<f32> = (0..f * d).map(|_| r.normal() as f32).collect();
+        let v: Vec<f32> = (0..n * d).map(|_| r.normal() as f32).collect();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("thread pool");
+            pool.install(|| {
+                let mut s = Scratch::default();
+                let (mut rec, mut dots, mut acc) = (Vec::new(), Vec::new(), vec![0.5f32; f * d]);
+                decode(&mut s, &codes, &w, d, f, None, &mut rec);
+                entry_dots(&mut s, &codes, &w, d, f, &v, &mut dots);
+                accumulate_rows(&mut s, &codes, &dots, &v, d, f, &mut acc);
+                (rec, dots, acc)
+            })
+        };
+        let one = run(1);
+        for t in [2, 3, 7] {
+            assert!(run(t) == one, "{t} threads differ from 1");
+        }
+    }
+
+    #[test]
     fn sparse_paths_match_naive_references() {
         // Codes below DENSE_FALLBACK take the sparse branches of decode, entry_dots and
         // accumulate_rows (the branch is decided by `density(codes, f)` alone). Shapes with n
@@ -867,6 +1113,8 @@ mod tests {
             (CHUNK, 16, 200, 0.01),
             (CHUNK + 37, 9, 300, 0.004),
             (2 * CHUNK + 1, 3, 128, 0.02),
+            // column-blocked CSC passes with several dot blocks, the last one partial
+            (CSC_MIN_TOKENS + 3, 2 * DOT_BLOCK + 7, 80, 0.015),
         ] {
             let codes = random_codes(&mut r, n, f, p, 3);
             let dn = density(&codes, f);

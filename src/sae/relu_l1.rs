@@ -12,6 +12,7 @@
 //! Decision: SumD-MeanB loss; λ default 5 (the update's value, in `E‖x‖ = √d` scaling).
 //! Decision: decoder init norm 0.1 with `W_enc = W_decᵀ` (SAELens "heuristic" init).
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::export::{Folded, Format};
@@ -289,16 +290,15 @@ impl Sae for ReluL1 {
         c::resize(&mut ws.lat, f);
         ws.lat.fill(0.0);
         c::scatter_add(&ws.codes, &ws.codes.val, &mut ws.lat);
-        for i in 0..f {
-            if ws.lat[i] != 0.0 && self.norms[i] > 0.0 {
-                let s = lb * ws.lat[i] / self.norms[i];
-                c::axpy(
-                    s,
-                    &p[W_DEC].data[i * d..(i + 1) * d],
-                    &mut gd[i * d..(i + 1) * d],
-                );
-            }
-        }
+        let (lat, norms) = (&ws.lat, &self.norms);
+        gd.par_chunks_mut(d)
+            .zip(p[W_DEC].data.par_chunks(d))
+            .enumerate()
+            .for_each(|(i, (g, w))| {
+                if lat[i] != 0.0 && norms[i] > 0.0 {
+                    c::axpy(lb * lat[i] / norms[i], w, g);
+                }
+            });
         c::col_sums(&ws.resid, n, d, &mut grads[B_DEC]);
         let mse = sse / n as f64;
         let l1 = lambda as f64 * penalty / n as f64;

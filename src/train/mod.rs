@@ -56,6 +56,7 @@ use crate::sae::export::{self, ExportError, ExportMeta, Folded};
 use crate::sae::{ArchConfig, Sae, SaeError};
 use crate::store::{ActivationSource, DataError};
 use crate::util::error::{ensure_finite, NumericError};
+use crate::util::profile::{self, Phase};
 use crate::util::progress::Reporter;
 use crate::util::rng::Rng;
 pub use checkpoint::TrainLog;
@@ -700,6 +701,7 @@ impl Trainer {
         self.ensure_resident()?;
         let on_device = self.resident.is_some();
         if !on_device {
+            let _t = profile::time(Phase::Backward);
             for g in self.grads.iter_mut().flatten() {
                 kernels::zero(g);
             }
@@ -780,6 +782,7 @@ impl Trainer {
         vals.extend(out.losses.iter().chain(&out.metrics).map(|t| t.1 as f32));
         ensure_finite(&vals, "loss terms", Some(t)).map_err(nonfinite)?;
         // 5. project, clip, update, constraints
+        let t_opt = profile::time(Phase::Optimizer);
         if !on_device {
             for s in 0..n_saes {
                 let sae = self.model.sae(s);
@@ -846,6 +849,7 @@ impl Trainer {
                 )?;
             }
         }
+        drop(t_opt);
         // 6. firing bookkeeping
         let (mut l0, mut dead_frac) = (0.0, 0.0);
         match &mut self.resident {

@@ -37,20 +37,44 @@ impl Adam {
     /// One update of `p` with gradient `g` and moments `m`, `v` at 1-based step `t`, learning
     /// rate `lr` (already scheduled).
     pub fn update(&self, lr: f32, t: u64, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        self.update_rows(lr, t, p, g, m, v, None)
+    }
+
+    /// [`Adam::update`], then with `unit_rows = Some(d)` each length-`d` row of `p` rescaled
+    /// to unit norm ([`kernels::normalize_row`]) while it is still in cache: the same result
+    /// as `update` followed by [`kernels::normalize_rows`], one pass over `p` fewer.
+    #[allow(clippy::too_many_arguments)]
+    pub fn update_rows(
+        &self,
+        lr: f32,
+        t: u64,
+        p: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        unit_rows: Option<usize>,
+    ) {
+        let chunk = match unit_rows {
+            Some(d) if d > 0 => d * (CHUNK / d).max(1),
+            _ => CHUNK,
+        };
         let (b1, b2) = (self.beta1, self.beta2);
         let bc1 = 1.0 - (b1 as f64).powi(t as i32);
         let bc2 = 1.0 - (b2 as f64).powi(t as i32);
         let step = (lr as f64 * bc2.sqrt() / bc1.max(1e-30)) as f32;
         let eps = (self.eps as f64 * bc2.sqrt()) as f32;
-        p.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK))
-            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+        p.par_chunks_mut(chunk)
+            .zip(g.par_chunks(chunk))
+            .zip(m.par_chunks_mut(chunk).zip(v.par_chunks_mut(chunk)))
             .for_each(|((p, g), (m, v))| {
                 for i in 0..p.len() {
                     let gi = g[i];
                     m[i] = b1 * m[i] + (1.0 - b1) * gi;
                     v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
                     p[i] -= step * m[i] / (v[i].sqrt() + eps);
+                }
+                if let Some(d) = unit_rows.filter(|&d| d > 0) {
+                    p.chunks_mut(d).for_each(kernels::normalize_row);
                 }
             });
     }
@@ -218,17 +242,15 @@ impl Optimizer for AdamOptimizer {
                 if !p.trainable || self.frozen[s][i] {
                     continue;
                 }
-                self.hp.update(
+                self.hp.update_rows(
                     lr,
                     t,
                     &mut p.data,
                     &grads[i],
                     &mut self.m[s][i],
                     &mut self.v[s][i],
+                    p.unit_rows.then_some(d),
                 );
-                if p.unit_rows {
-                    kernels::normalize_rows(&mut p.data, d);
-                }
             }
         }
     }
@@ -283,6 +305,31 @@ mod tests {
             (p[0] - 0.9).abs() < 1e-5 && (p[1] - 1.1).abs() < 1e-5,
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn fused_unit_rows_equal_update_then_normalize() {
+        let a = Adam {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        };
+        let mut r = crate::util::rng::Rng::new(4);
+        for d in [7usize, 576, CHUNK + 3] {
+            let n = 3 * d + (CHUNK / d).max(1) * d;
+            let mk = |r: &mut crate::util::rng::Rng| -> Vec<f32> {
+                (0..n).map(|_| r.normal() as f32).collect()
+            };
+            let (p0, g, m0) = (mk(&mut r), mk(&mut r), mk(&mut r));
+            let v0: Vec<f32> = mk(&mut r).iter().map(|x| x * x).collect();
+            let (mut p1, mut m1, mut v1) = (p0.clone(), m0.clone(), v0.clone());
+            a.update(0.01, 3, &mut p1, &g, &mut m1, &mut v1);
+            kernels::normalize_rows(&mut p1, d);
+            let (mut p2, mut m2, mut v2) = (p0, m0, v0);
+            a.update_rows(0.01, 3, &mut p2, &g, &mut m2, &mut v2, Some(d));
+            assert!(p1 == p2 && m1 == m2 && v1 == v2, "d = {d}");
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 mod common;
 
 mod advice;
+mod bench_train;
 mod capture_bad_input;
 mod capture_resume;
 mod cli_messages;

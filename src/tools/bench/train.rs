@@ -15,10 +15,12 @@ use std::time::Instant;
 
 use clap::Parser;
 
+use crate::sae::registry::LONG_BUDGET_STEPS;
 use crate::sae::{abs_topk, batchtopk, gated, jumprelu, relu_l1, topk, ArchConfig};
 use crate::store::InMemorySource;
 use crate::synthetic::{SyntheticConfig, SyntheticData};
 use crate::train::{BDecInit, TrainConfig, TrainError, Trainer};
+use crate::util::profile::{self, Phase};
 
 /// Bench errors.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +82,11 @@ pub struct BenchTrainArgs {
     /// Torch threads for the reference.
     #[arg(long, default_value_t = 2)]
     pub reference_threads: usize,
+    /// Also time each phase of the timed steps (encoder GEMM, selection, sparse decode, the
+    /// backward's dots, accumulations and rest, optimiser, the rest) and print them per
+    /// variant in ms/step and % of the step.
+    #[arg(long)]
+    pub breakdown: bool,
 }
 
 /// Peak resident set size in MiB (`VmHWM`), if readable.
@@ -234,6 +241,32 @@ fn gemm_ceiling(a: &BenchTrainArgs, data: &[f32]) -> f64 {
     best
 }
 
+/// The per-phase table of `--breakdown`: for each variant, every phase's ms/step and share of
+/// the step, and what no timer covered (input copy and checks, firing bookkeeping).
+fn breakdown_table(rows: &[(String, f64, [(Phase, f64); 7])], steps: u64) -> String {
+    let mut t = String::from("time per step by phase, ms (% of the step):\n");
+    t += &format!("{:<10}", "variant");
+    for p in Phase::ALL {
+        t += &format!(" {:>16}", p.name());
+    }
+    t += &format!(" {:>16}\n", "other");
+    for (kind, step, totals) in rows {
+        t += &format!("{kind:<10}");
+        let mut covered = 0.0;
+        for (_, secs) in totals {
+            let per = secs / steps as f64;
+            covered += per;
+            t += &format!(" {:>16}", share(per, *step));
+        }
+        t += &format!(" {:>16}\n", share((step - covered).max(0.0), *step));
+    }
+    t
+}
+
+fn share(secs: f64, step: f64) -> String {
+    format!("{:.1} ({:.0}%)", secs * 1e3, 100.0 * secs / step.max(1e-12))
+}
+
 /// Run the benchmark with command-line `args` (after `bench train`); returns the table.
 pub fn run(args: &[String]) -> Result<String, BenchError> {
     let a = BenchTrainArgs::try_parse_from(
@@ -277,15 +310,23 @@ pub fn run(args: &[String]) -> Result<String, BenchError> {
         "variant", "L0", "ms/step", "tokens/s", "ceiling", "peakRSS", "torch tok/s", "speedup"
     );
     let mut ref_cache: Vec<(String, f64)> = Vec::new();
+    let mut phases = Vec::new();
     for kind in &a.variants {
         let arch = arch_for(kind, a.k)?;
-        let total = a.steps + a.warmup;
+        // The schedule of a long run (the recipe's long-budget learning rate), and with
+        // --start-l0 a long warm-up too, so the few timed steps keep the calibrated L0: a first
+        // full-size Adam step would move every pre-activation and undo it. A step's cost does
+        // not depend on the learning rate.
         let cfg = TrainConfig {
             batch_tokens: a.batch,
-            total_tokens: total * a.batch as u64 * 100,
+            total_tokens: 2 * LONG_BUDGET_STEPS * a.batch as u64,
             b_dec_init: BDecInit::Mean,
             init_tokens: a.batch,
-            lr_warmup_steps: 0,
+            lr_warmup_steps: if a.start_l0 > 0.0 {
+                LONG_BUDGET_STEPS
+            } else {
+                0
+            },
             ..Default::default()
         };
         reset_peak_rss();
@@ -303,11 +344,19 @@ pub fn run(args: &[String]) -> Result<String, BenchError> {
         for _ in 0..a.warmup {
             tr.step(&mut src)?;
         }
+        profile::reset();
+        profile::enable(a.breakdown);
         let t0 = Instant::now();
-        for _ in 0..a.steps {
+        let timed: Result<(), TrainError> = (0..a.steps).try_for_each(|_| {
             l0 = tr.step(&mut src)?.l0;
-        }
+            Ok(())
+        });
         let secs = t0.elapsed().as_secs_f64();
+        profile::enable(false);
+        timed?;
+        if a.breakdown {
+            phases.push((kind.clone(), secs / a.steps as f64, profile::totals()));
+        }
         let tps = (a.steps as usize * a.batch) as f64 / secs;
         let rss = peak_rss_mib().map_or("?".into(), |m| format!("{m:.0} MiB"));
         drop(tr);
@@ -344,6 +393,9 @@ pub fn run(args: &[String]) -> Result<String, BenchError> {
         );
         eprint!("{line}");
         table += &line;
+    }
+    if a.breakdown {
+        table += &breakdown_table(&phases, a.steps);
     }
     table += &format!("load avg at end {}\n", loadavg());
     Ok(table)
