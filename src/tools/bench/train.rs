@@ -243,7 +243,10 @@ fn gemm_ceiling(a: &BenchTrainArgs, data: &[f32]) -> f64 {
 
 /// The per-phase table of `--breakdown`: for each variant, every phase's ms/step and share of
 /// the step, and what no timer covered (input copy and checks, firing bookkeeping).
-fn breakdown_table(rows: &[(String, f64, [(Phase, f64); 7])], steps: u64) -> String {
+/// One variant's row of the breakdown: its name, seconds per step, and each phase's total.
+type PhaseRow = (String, f64, [(Phase, f64); 7]);
+
+fn breakdown_table(rows: &[PhaseRow], steps: u64) -> String {
     let mut t = String::from("time per step by phase, ms (% of the step):\n");
     t += &format!("{:<10}", "variant");
     for p in Phase::ALL {
