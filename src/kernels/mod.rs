@@ -21,7 +21,7 @@ use crate::util::profile::{self, Phase};
 use crate::util::rng::Rng;
 
 /// Tokens per chunk of the dense fallbacks' `[chunk, d_sae]` buffers (64 MiB at d_sae =
-/// 16384), and the fewest tokens per encoder GEMM call ([`PRE_BYTES`]).
+/// 16384), and the fewest tokens per encoder GEMM call (see `PRE_BYTES`).
 pub const CHUNK: usize = 1024;
 /// Bytes of the encoder's `[chunk, d_sae]` pre-activation buffer. The encoder takes as many
 /// tokens per GEMM call as fit (at least [`CHUNK`]): every call packs all of `W_enc`, so at
@@ -38,7 +38,7 @@ pub const DENSE_FALLBACK: f64 = 0.05;
 /// Tokens per rayon task in the per-token passes.
 const TOKENS_PER_TASK: usize = 16;
 /// Tokens from which sparse decode, the per-entry dots and the accumulations run
-/// latent-major over column blocks ([`Csc`]): each pass then streams the weight matrix once
+/// latent-major over column blocks (CSC order, `build_csc`): each pass streams the weights once
 /// and gathers only `[n, block]` strips of the token rows, which stay in cache; below it the
 /// token-major loops need no transpose.
 const CSC_MIN_TOKENS: usize = 256;
