@@ -293,7 +293,7 @@ impl Sae for Gated {
             &mut ws.recon,
         );
         let sse = c::residual(&ws.recon, input.x, d, 2.0 / n as f32, &mut ws.resid);
-        c::entry_dots(
+        c::dots_and_accumulate(
             &mut ws.scratch,
             &ws.codes,
             w_dec,
@@ -301,6 +301,8 @@ impl Sae for Gated {
             f,
             &ws.resid,
             &mut ws.gvals,
+            &ws.codes.val,
+            &mut grads[W_DEC],
         );
         // 3. aux reconstruction through the gate with a frozen decoder: h = 2(x̂_aux − x)/B, A = d_i·h
         c::decode(
@@ -360,15 +362,6 @@ impl Sae for Gated {
                 gr[i as usize] += g * (v - bm[i as usize]);
             }
         }
-        c::accumulate_rows(
-            &mut ws.scratch,
-            &ws.codes,
-            &ws.codes.val,
-            &ws.resid,
-            d,
-            f,
-            &mut grads[W_DEC],
-        );
         c::col_sums(&ws.resid, n, d, &mut grads[B_DEC]);
         c::resize(&mut ws.lat, f);
         ws.lat.fill(0.0);

@@ -305,7 +305,7 @@ impl Sae for JumpRelu {
             &mut ws.recon,
         );
         let sse = c::residual(&ws.recon, input.x, d, 2.0 / n as f32, &mut ws.resid);
-        c::entry_dots(
+        c::dots_and_accumulate(
             &mut ws.scratch,
             &ws.codes,
             &p[W_DEC].data,
@@ -313,6 +313,8 @@ impl Sae for JumpRelu {
             f,
             &ws.resid,
             &mut ws.gvals,
+            &ws.codes.val,
+            &mut grads[W_DEC],
         );
         c::entry_dots(
             &mut ws.scratch,
@@ -335,15 +337,6 @@ impl Sae for JumpRelu {
             &mut ge[W_ENC],
         );
         c::scatter_add(&ws.codes, &ws.gvals, &mut rest[0]);
-        c::accumulate_rows(
-            &mut ws.scratch,
-            &ws.codes,
-            &ws.codes.val,
-            &ws.resid,
-            d,
-            f,
-            &mut grads[W_DEC],
-        );
         c::col_sums(&ws.resid, n, d, &mut grads[B_DEC]);
         // 4. threshold STE: ∂L/∂u_i = s θ_i Σ_band (1/ε)(−θ_i G − λ/B)
         let lb = lambda / n as f32;

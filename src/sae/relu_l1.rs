@@ -249,7 +249,7 @@ impl Sae for ReluL1 {
             .zip(&ws.codes.val)
             .map(|(&i, &v)| v as f64 * self.norms[i as usize] as f64)
             .sum();
-        c::entry_dots(
+        c::dots_and_accumulate(
             &mut ws.scratch,
             &ws.codes,
             &p[W_DEC].data,
@@ -257,6 +257,8 @@ impl Sae for ReluL1 {
             f,
             &ws.resid,
             &mut ws.gvals,
+            &ws.codes.val,
+            &mut grads[W_DEC],
         );
         // 4. δ = ∂L/∂π = G + λ‖d_i‖/B on active entries
         let lb = lambda / n as f32;
@@ -277,15 +279,6 @@ impl Sae for ReluL1 {
         );
         c::scatter_add(&ws.codes, &ws.coef, &mut rest[0]);
         let gd = &mut grads[W_DEC];
-        c::accumulate_rows(
-            &mut ws.scratch,
-            &ws.codes,
-            &ws.codes.val,
-            &ws.resid,
-            d,
-            f,
-            gd,
-        );
         // penalty gradient on the decoder: λ/B (Σ_b f_{b,i}) d_i/‖d_i‖
         c::resize(&mut ws.lat, f);
         ws.lat.fill(0.0);

@@ -153,8 +153,9 @@ impl TopKParams {
         );
         let sse = c::residual(&ws.recon, x, d, 2.0 / n as f32, &mut ws.resid);
         c::col_sums(&ws.resid, n, d, &mut grads[B_DEC]);
-        // 2. δ_{b,i} = d_i·g_b on the selected latents (ReLU'd-out ones are not stored)
-        c::entry_dots(
+        // 2. δ_{b,i} = d_i·g_b on the selected latents (ReLU'd-out ones are not stored), and
+        //    in the same pass over g the decoder gradient Σ_b z_{b,i}·g_b
+        c::dots_and_accumulate(
             &mut ws.scratch,
             &ws.codes,
             w_dec,
@@ -162,6 +163,8 @@ impl TopKParams {
             f,
             &ws.resid,
             &mut ws.gvals,
+            &ws.codes.val,
+            &mut grads[W_DEC],
         );
         let mut auxk = 0.0;
         if ws.aux.nnz() > 0 {
@@ -191,7 +194,7 @@ impl TopKParams {
                 &mut ws.aux_resid,
             );
             auxk = alpha as f64 * sse_aux / var;
-            c::entry_dots(
+            c::dots_and_accumulate(
                 &mut ws.scratch,
                 &ws.aux,
                 w_dec,
@@ -199,12 +202,13 @@ impl TopKParams {
                 f,
                 &ws.aux_resid,
                 &mut ws.aux_gvals,
+                &ws.aux.val,
+                &mut grads[W_DEC],
             );
         }
-        // 4. gradients: W_enc, b_enc from δ (main + aux), W_dec from f·g (+ z_aux·h)
+        // 4. gradients: W_enc, b_enc from δ (main + aux); W_dec's (z·g + z_aux·h) are done
         let (ge, rest) = grads.split_at_mut(B_ENC);
-        let (gb, rest) = rest.split_at_mut(1);
-        let gd = &mut rest[0];
+        let gb = &mut rest[..1];
         c::accumulate_rows(
             &mut ws.scratch,
             &ws.codes,
@@ -215,15 +219,6 @@ impl TopKParams {
             &mut ge[W_ENC],
         );
         c::scatter_add(&ws.codes, &ws.gvals, &mut gb[0]);
-        c::accumulate_rows(
-            &mut ws.scratch,
-            &ws.codes,
-            &ws.codes.val,
-            &ws.resid,
-            d,
-            f,
-            gd,
-        );
         if ws.aux.nnz() > 0 {
             c::accumulate_rows(
                 &mut ws.scratch,
@@ -235,15 +230,6 @@ impl TopKParams {
                 &mut ge[W_ENC],
             );
             c::scatter_add(&ws.aux, &ws.aux_gvals, &mut gb[0]);
-            c::accumulate_rows(
-                &mut ws.scratch,
-                &ws.aux,
-                &ws.aux.val,
-                &ws.aux_resid,
-                d,
-                f,
-                gd,
-            );
         }
         // 5. b_dec through x̃ = x − b_dec: −Σ_i (Σ_b δ_{b,i}) w_i
         c::resize(&mut ws.lat, f);

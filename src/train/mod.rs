@@ -834,12 +834,8 @@ impl Trainer {
                 r.after_step(&mut *self.model, t, self.total_steps)?;
             }
             None => {
-                if let Some(sc) = clip_scale {
-                    for g in self.grads.iter_mut().flatten() {
-                        optim::scale(g, sc);
-                    }
-                }
-                self.opt.update(&mut *self.model, &self.grads, lr, t + 1);
+                self.opt
+                    .update_scaled(&mut *self.model, &mut self.grads, clip_scale, lr, t + 1);
                 self.opt.after_step(
                     &mut *self.model,
                     &self.inputs,

@@ -37,12 +37,13 @@ impl Adam {
     /// One update of `p` with gradient `g` and moments `m`, `v` at 1-based step `t`, learning
     /// rate `lr` (already scheduled).
     pub fn update(&self, lr: f32, t: u64, p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
-        self.update_rows(lr, t, p, g, m, v, None)
+        self.update_rows(lr, t, p, g, m, v, None, None)
     }
 
-    /// [`Adam::update`], then with `unit_rows = Some(d)` each length-`d` row of `p` rescaled
-    /// to unit norm ([`kernels::normalize_row`]) while it is still in cache: the same result
-    /// as `update` followed by [`kernels::normalize_rows`], one pass over `p` fewer.
+    /// [`Adam::update`] on the gradient `gscale·g` (the global-norm clip; `None` = 1), then
+    /// with `unit_rows = Some(d)` each length-`d` row of `p` rescaled to unit norm
+    /// ([`kernels::normalize_row`]) while it is still in cache: the same result as
+    /// [`scale`], `update` and [`kernels::normalize_rows`], two passes fewer.
     #[allow(clippy::too_many_arguments)]
     pub fn update_rows(
         &self,
@@ -53,6 +54,7 @@ impl Adam {
         m: &mut [f32],
         v: &mut [f32],
         unit_rows: Option<usize>,
+        gscale: Option<f32>,
     ) {
         let chunk = match unit_rows {
             Some(d) if d > 0 => d * (CHUNK / d).max(1),
@@ -67,12 +69,7 @@ impl Adam {
             .zip(g.par_chunks(chunk))
             .zip(m.par_chunks_mut(chunk).zip(v.par_chunks_mut(chunk)))
             .for_each(|((p, g), (m, v))| {
-                for i in 0..p.len() {
-                    let gi = g[i];
-                    m[i] = b1 * m[i] + (1.0 - b1) * gi;
-                    v[i] = b2 * v[i] + (1.0 - b2) * gi * gi;
-                    p[i] -= step * m[i] / (v[i].sqrt() + eps);
-                }
+                kernels::adam_chunk((b1, b2), step, eps, gscale, p, g, m, v);
                 if let Some(d) = unit_rows.filter(|&d| d > 0) {
                     p.chunks_mut(d).for_each(kernels::normalize_row);
                 }
@@ -82,10 +79,7 @@ impl Adam {
 
 /// Sum of squares of `g` in f64 (fixed chunking, fixed combination order).
 pub fn sum_sq(g: &[f32]) -> f64 {
-    let parts: Vec<f64> = g
-        .par_chunks(CHUNK)
-        .map(|c| c.iter().map(|&v| (v as f64) * (v as f64)).sum())
-        .collect();
+    let parts: Vec<f64> = g.par_chunks(CHUNK).map(kernels::sum_sq_f64).collect();
     parts.iter().sum()
 }
 
@@ -152,6 +146,24 @@ pub trait Optimizer: Send {
     /// Update the trainable parameters it owns at 1-based step `t` with learning rate `lr`,
     /// renormalising unit-norm rows it changed.
     fn update(&mut self, model: &mut dyn Model, grads: &[Vec<Vec<f32>>], lr: f32, t: u64);
+    /// [`Optimizer::update`] on the gradients times `gscale` (the global-norm clip's factor;
+    /// `None` = 1). Default: scale the buffers, then `update`; Adam folds the factor into its
+    /// own pass (the same numbers, one pass over the gradients fewer).
+    fn update_scaled(
+        &mut self,
+        model: &mut dyn Model,
+        grads: &mut [Vec<Vec<f32>>],
+        gscale: Option<f32>,
+        lr: f32,
+        t: u64,
+    ) {
+        if let Some(sc) = gscale {
+            for g in grads.iter_mut().flatten() {
+                scale(g, sc);
+            }
+        }
+        self.update(model, grads, lr, t);
+    }
     /// After the update, with the step's scaled inputs and training codes; `t` is 0-based
     /// (PAM-SGD's statistics and decoder solve). Default: nothing.
     fn after_step(
@@ -222,19 +234,16 @@ impl AdamOptimizer {
             frozen,
         }
     }
-}
 
-impl Optimizer for AdamOptimizer {
-    fn name(&self) -> &'static str {
-        "adam"
-    }
-    fn lr(&self) -> f32 {
-        self.hp.lr
-    }
-    fn prepare(&mut self, _: &dyn Model, _: &mut [Vec<Vec<f32>>]) -> Vec<(&'static str, f64)> {
-        Vec::new()
-    }
-    fn update(&mut self, model: &mut dyn Model, grads: &[Vec<Vec<f32>>], lr: f32, t: u64) {
+    /// Adam on every parameter it owns, on the gradients times `gscale`.
+    fn update_fused(
+        &mut self,
+        model: &mut dyn Model,
+        grads: &[Vec<Vec<f32>>],
+        gscale: Option<f32>,
+        lr: f32,
+        t: u64,
+    ) {
         for (s, grads) in grads.iter().enumerate().take(model.n_saes()) {
             let sae = model.sae_mut(s);
             let d = sae.dims().0;
@@ -250,9 +259,35 @@ impl Optimizer for AdamOptimizer {
                     &mut self.m[s][i],
                     &mut self.v[s][i],
                     p.unit_rows.then_some(d),
+                    gscale,
                 );
             }
         }
+    }
+}
+
+impl Optimizer for AdamOptimizer {
+    fn name(&self) -> &'static str {
+        "adam"
+    }
+    fn lr(&self) -> f32 {
+        self.hp.lr
+    }
+    fn prepare(&mut self, _: &dyn Model, _: &mut [Vec<Vec<f32>>]) -> Vec<(&'static str, f64)> {
+        Vec::new()
+    }
+    fn update(&mut self, model: &mut dyn Model, grads: &[Vec<Vec<f32>>], lr: f32, t: u64) {
+        self.update_fused(model, grads, None, lr, t);
+    }
+    fn update_scaled(
+        &mut self,
+        model: &mut dyn Model,
+        grads: &mut [Vec<Vec<f32>>],
+        gscale: Option<f32>,
+        lr: f32,
+        t: u64,
+    ) {
+        self.update_fused(model, grads, gscale, lr, t);
     }
     fn reset_entry(&mut self, s: usize, p: usize, e: usize) {
         if let (Some(m), Some(v)) = (self.m[s][p].get_mut(e), self.v[s][p].get_mut(e)) {
@@ -326,9 +361,32 @@ mod tests {
             let (mut p1, mut m1, mut v1) = (p0.clone(), m0.clone(), v0.clone());
             a.update(0.01, 3, &mut p1, &g, &mut m1, &mut v1);
             kernels::normalize_rows(&mut p1, d);
-            let (mut p2, mut m2, mut v2) = (p0, m0, v0);
-            a.update_rows(0.01, 3, &mut p2, &g, &mut m2, &mut v2, Some(d));
+            let (mut p2, mut m2, mut v2) = (p0.clone(), m0.clone(), v0.clone());
+            a.update_rows(0.01, 3, &mut p2, &g, &mut m2, &mut v2, Some(d), None);
             assert!(p1 == p2 && m1 == m2 && v1 == v2, "d = {d}");
+            // the clip factor folded in equals scaling the gradient first
+            let mut gs = g.clone();
+            scale(&mut gs, 0.37);
+            let (mut p3, mut m3, mut v3) = (p0.clone(), m0.clone(), v0.clone());
+            a.update(0.01, 3, &mut p3, &gs, &mut m3, &mut v3);
+            let (mut p4, mut m4, mut v4) = (p0, m0, v0);
+            a.update_rows(0.01, 3, &mut p4, &g, &mut m4, &mut v4, None, Some(0.37));
+            assert!(p3 == p4 && m3 == m4 && v3 == v4, "scaled, d = {d}");
+            assert!(p3 != p1, "the scale changed nothing");
+        }
+    }
+
+    #[test]
+    fn sum_sq_matches_f64_reference() {
+        let mut r = crate::util::rng::Rng::new(9);
+        for n in [0usize, 1, 7, 8, 9, CHUNK + 5, 3 * CHUNK] {
+            let g: Vec<f32> = (0..n).map(|_| r.normal() as f32 * 3.0).collect();
+            let want: f64 = g.iter().map(|&v| v as f64 * v as f64).sum();
+            let got = sum_sq(&g);
+            assert!(
+                (got - want).abs() <= 1e-12 * want.max(1.0),
+                "{n}: {got} vs {want}"
+            );
         }
     }
 

@@ -500,6 +500,16 @@ impl Optimizer for PamSgd {
     fn update(&mut self, model: &mut dyn Model, grads: &[Vec<Vec<f32>>], lr: f32, t: u64) {
         self.adam.update(model, grads, lr, t);
     }
+    fn update_scaled(
+        &mut self,
+        model: &mut dyn Model,
+        grads: &mut [Vec<Vec<f32>>],
+        gscale: Option<f32>,
+        lr: f32,
+        t: u64,
+    ) {
+        self.adam.update_scaled(model, grads, gscale, lr, t);
+    }
     fn after_step(
         &mut self,
         model: &mut dyn Model,

@@ -58,7 +58,7 @@ impl SaGsae {
             &mut ws.recon,
         );
         let sse = c::residual(&ws.recon, input.x, d, 2.0 / n as f32, &mut ws.resid);
-        c::entry_dots(
+        c::dots_and_accumulate(
             &mut ws.scratch,
             &codes,
             w_dec,
@@ -66,6 +66,8 @@ impl SaGsae {
             f,
             &ws.resid,
             &mut ws.gvals,
+            &codes.val,
+            &mut grads[ix.w_dec],
         );
         if ste {
             c::entry_dots(
@@ -181,15 +183,6 @@ impl SaGsae {
         );
         c::scatter_add(&aux, &ws.aux_coef, &mut grads[ix.b_gate]);
         // 7. decoder and b_dec
-        c::accumulate_rows(
-            &mut ws.scratch,
-            &codes,
-            &codes.val,
-            &ws.resid,
-            d,
-            f,
-            &mut grads[ix.w_dec],
-        );
         c::col_sums(&ws.resid, n, d, &mut grads[ix.b_dec]);
         if !unit {
             // live decoder in the aux term, and the norm-weighted penalty λ/B Σ|s| d_i/‖d_i‖
