@@ -710,25 +710,7 @@ pub fn entry_dots(
         // Latent-major over DOT_BLOCK-wide column blocks: block c's partial dots of every
         // entry into `partial[c]` (each weight strip read once, token strips from cache),
         // then the blocks summed in block order and scattered back to CSR order.
-        let nnz = codes.nnz();
-        build_csc(codes, &codes.val, f, ws_dense);
-        let nb = d.div_ceil(DOT_BLOCK);
-        resize(&mut ws_dense.partial, nb * nnz);
-        let Scratch {
-            csc_ptr: ptr,
-            csc_tok: tok,
-            csc_ent: ent,
-            partial,
-            ..
-        } = ws_dense;
-        let (ptr, tok, ent) = (&*ptr, &*tok, &*ent);
-        let part = Shared(partial.as_mut_ptr());
-        csc_tasks(ptr, d, f).into_par_iter().for_each(|(c, lats)| {
-            // SAFETY: each task writes `partial[c·nnz + p]` for its own block c and the entries
-            // p of its own latents only; token indices are < n.
-            unsafe { csc_dots_block(ptr, tok, w, d, v, lats, c, part, None) };
-        });
-        sum_partial_dots(partial, nnz, nb, ent, out);
+        csc_dots(ws_dense, codes, w, d, f, v, out, None);
         return;
     }
     let ip = &codes.indptr;
@@ -824,7 +806,30 @@ pub fn dots_and_accumulate(
     let _t = profile::time(Phase::Dots);
     assert_eq!(acc.len(), f * d, "invariant: callers size acc as [f, d]");
     resize(dots, nnz);
-    build_csc(codes, acc_coef, f, ws);
+    csc_dots(ws, codes, w, d, f, v, dots, Some((acc_coef, acc)));
+}
+
+/// The CSC path of [`entry_dots`] (`acc = None`) and of [`dots_and_accumulate`]
+/// (`acc = Some((coef, out))`: also `out[i] += Σ coef·v[token]` from the same strips): each
+/// block's partial dots into `partial[c]`, then summed in block order and scattered back to
+/// CSR order into `dots`.
+#[allow(clippy::too_many_arguments)]
+fn csc_dots(
+    ws: &mut Scratch,
+    codes: &Codes,
+    w: &[f32],
+    d: usize,
+    f: usize,
+    v: &[f32],
+    dots: &mut [f32],
+    acc: Option<(&[f32], &mut [f32])>,
+) {
+    let nnz = codes.nnz();
+    let (coef, acc) = match acc {
+        Some((c, o)) => (c, Some(Shared(o.as_mut_ptr()))),
+        None => (&codes.val[..], None),
+    };
+    build_csc(codes, coef, f, ws);
     let nb = d.div_ceil(DOT_BLOCK);
     resize(&mut ws.partial, nb * nnz);
     let Scratch {
@@ -837,11 +842,10 @@ pub fn dots_and_accumulate(
     } = ws;
     let (ptr, tok, cf, ent) = (&*ptr, &*tok, &*cf, &*ent);
     let part = Shared(partial.as_mut_ptr());
-    let o = Shared(acc.as_mut_ptr());
     csc_tasks(ptr, d, f).into_par_iter().for_each(|(c, lats)| {
-        // SAFETY: each task writes the partial dots of its own (block, latents) and the
-        // columns of block c of its own latents' rows of acc; token indices are < n.
-        unsafe { csc_dots_block(ptr, tok, w, d, v, lats, c, part, Some((cf, o))) };
+        // SAFETY: each task writes the partial dots of its own (block, latents) and, with
+        // `acc`, the columns of block c of its own latents' rows; token indices are < n.
+        unsafe { csc_dots_block(ptr, tok, w, d, v, lats, c, part, acc.map(|o| (&cf[..], o))) };
     });
     sum_partial_dots(partial, nnz, nb, ent, dots);
 }
